@@ -1,0 +1,39 @@
+# Two commands on a fresh Debian machine:  make demo   and   make test
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PGR_PORT ?= 54329
+export POSTGRES_URL ?= postgresql://postgres@127.0.0.1:$(PGR_PORT)/postgres
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+
+.PHONY: demo test setup postgres install bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+postgres:
+	PGR_PORT=$(PGR_PORT) ./scripts/local-postgres
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+setup: install postgres $(DAGSTER_HOME)/dagster.yaml
+
+demo: setup
+	$(BIN)/python -m pg_replication.demo
+
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/backfill.py --rows 2000000
+
+clean:
+	-./scripts/local-postgres stop
+	rm -rf $(VENV) .pg .dagster_home warehouse.duckdb

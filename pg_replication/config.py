@@ -1,0 +1,213 @@
+"""replication.yaml: the pydantic model, ``${VAR}`` expansion, and errors that name the key.
+
+The file is read from ``PG_REPLICATION_CONFIG`` (default ``./replication.yaml``). Connections
+never live in it: Postgres comes from ``POSTGRES_URL`` or the standard ``PG*`` variables, DuckDB's
+file from ``DUCKDB_PATH`` (which overrides ``warehouse.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pg_replication.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "replication.yaml"
+CONFIG_ENV_VAR = "PG_REPLICATION_CONFIG"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SourceConfig(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")] = Field(
+        "postgres", description="Name of this source in Dagster (sensor and pool names derive from it)."
+    )
+    slot: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,63}$")] = Field(
+        "pg_replication", description="Logical replication slot (lower case, digits, _)."
+    )
+    publication: Annotated[str, Field(min_length=1, max_length=63)] = Field(
+        "pg_replication", description="Publication holding exactly the configured tables."
+    )
+    pool: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")] = Field(
+        "postgres_source", description="Dagster concurrency pool that limits reads of the source."
+    )
+    readers: Annotated[int, Field(ge=1, le=16)] = Field(
+        2, description="Parallel COPY streams per backfill slice."
+    )
+    sensor_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
+
+
+class WarehouseConfig(_Model):
+    kind: Literal["duckdb"] = "duckdb"
+    path: str = Field("warehouse.duckdb", description="DuckDB file; DUCKDB_PATH overrides it.")
+
+
+class Defaults(_Model):
+    partitions: Annotated[int, Field(ge=1, le=4096)] = 4
+
+
+class TableEntry(_Model):
+    """One line of ``tables:``: an exact table or a ``schema.*`` pattern, with options."""
+
+    name: str = Field(description="schema.table, a pattern such as sales.* or sales.order_*")
+    exclude: list[str] = Field(default_factory=list, description="Patterns a wildcard name skips.")
+    primary_key: list[str] | None = Field(None, description="Key columns when the table has no PK.")
+    exclude_columns: list[str] = Field(default_factory=list)
+    partitions: Annotated[int, Field(ge=1, le=4096)] | None = None
+    row_limit: Annotated[int, Field(ge=1)] | None = Field(None, description="Copy at most N rows (trials).")
+    max_partitions_per_run: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Backfill N partitions per run (multi-run); default: one run for any range.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_qualified(cls, value: str) -> str:
+        split_qualified_name(value)  # raises ValueError with the reason
+        return value
+
+    @model_validator(mode="after")
+    def _exclude_needs_pattern(self) -> TableEntry:
+        if self.exclude and not self.is_pattern:
+            raise ValueError("'exclude' only applies to a pattern name such as schema.*")
+        if self.is_pattern and self.primary_key:
+            raise ValueError("'primary_key' applies to one table, not to a pattern")
+        return self
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(ch in part for part in split_qualified_name(self.name) for ch in "*?")
+
+
+class ReplicationConfig(_Model):
+    source: SourceConfig = SourceConfig()
+    warehouse: WarehouseConfig = WarehouseConfig()
+    defaults: Defaults = Defaults()
+    tables: list[TableEntry] = Field(min_length=1)
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _strings_are_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    def duckdb_path(self) -> str:
+        return os.environ.get("DUCKDB_PATH") or self.warehouse.path
+
+
+def split_qualified_name(name: str) -> tuple[str, str]:
+    """Split ``schema.table``; either part may be double-quoted to hold dots or quotes."""
+    parts: list[str] = []
+    i = 0
+    while i <= len(name):
+        if i < len(name) and name[i] == '"':
+            j, buf = i + 1, []
+            while True:
+                if j >= len(name):
+                    raise ValueError(f"unterminated quote in {name!r}")
+                if name[j] == '"':
+                    if j + 1 < len(name) and name[j + 1] == '"':
+                        buf.append('"')
+                        j += 2
+                        continue
+                    break
+                buf.append(name[j])
+                j += 1
+            parts.append("".join(buf))
+            i = j + 1
+        else:
+            j = name.find(".", i)
+            j = len(name) if j < 0 else j
+            parts.append(name[i:j])
+            i = j
+        if i < len(name) and name[i] != ".":
+            raise ValueError(f"unexpected character after quoted name in {name!r}")
+        i += 1
+    if len(parts) == 1:
+        parts.insert(0, "public")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"{name!r} is not 'schema.table' (quote parts that contain dots)")
+    return parts[0], parts[1]
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{where}: environment variable {name} is not set",
+                hint=f"export {name}=... or write ${{{name}:-default}}",
+                setting=name,
+            )
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> ReplicationConfig:
+    """Read and validate replication.yaml; every problem becomes a ConfigError naming the key."""
+    file = Path(path) if path is not None else config_path()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{file}: configuration file not found",
+            hint=f"create it (see replication.example.yaml) or set {CONFIG_ENV_VAR}",
+            setting=CONFIG_ENV_VAR,
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            f"{file}: not valid YAML{where}: {getattr(exc, 'problem', exc)}",
+            hint="fix the YAML syntax",
+        ) from None
+    return parse_config(raw, source=str(file))
+
+
+def parse_config(raw: Any, source: str = "replication.yaml") -> ReplicationConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping with a 'tables:' list, got {type(raw).__name__}",
+            hint="start from replication.example.yaml",
+        )
+    try:
+        return ReplicationConfig.model_validate(_expand_env(raw, source))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{key}: {msg}")
+        raise ConfigError(
+            f"{source}: " + "; ".join(problems),
+            setting=".".join(str(p) for p in exc.errors()[0]["loc"]),
+        ) from None

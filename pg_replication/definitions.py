@@ -1,0 +1,57 @@
+"""The only place that wires: replication.yaml + the source catalog -> Dagster Definitions."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from pg_replication.assets import (
+    WAREHOUSE_IO_MANAGER_KEY,
+    TableAssetTranslator,
+    build_table_asset,
+    check_unique_keys,
+)
+from pg_replication.config import ReplicationConfig, load_config
+from pg_replication.resources import PostgresSource
+from pg_replication.source.catalog import introspect
+from pg_replication.source.connection import connect, source_conninfo
+
+
+def build_source_resource() -> PostgresSource:
+    # EnvVar keeps the URL (and any password in it) out of the UI and of run configs.
+    if os.environ.get("POSTGRES_URL"):
+        return PostgresSource(conninfo=dg.EnvVar("POSTGRES_URL"))
+    return PostgresSource()
+
+
+def build_warehouse_io_manager(config: ReplicationConfig) -> dg.ConfigurableIOManager:
+    from dagster_duckdb import DuckDBResource
+
+    from pg_replication.io_managers import DuckDBWarehouseIOManager
+
+    return DuckDBWarehouseIOManager(duckdb=DuckDBResource(database=config.duckdb_path()))
+
+
+def build_definitions(
+    config: ReplicationConfig | None = None,
+    translator_class: type[TableAssetTranslator] = TableAssetTranslator,
+) -> dg.Definitions:
+    config = config or load_config()
+    with connect(source_conninfo()) as conn:
+        tables = introspect(conn, config)
+    translator = translator_class(config)
+    assets = [build_table_asset(t, config, translator) for t in tables]
+    check_unique_keys(assets, tables)
+    return dg.Definitions(
+        assets=assets,
+        resources={
+            "source": build_source_resource(),
+            WAREHOUSE_IO_MANAGER_KEY: build_warehouse_io_manager(config),
+        },
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions()

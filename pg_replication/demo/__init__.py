@@ -1,0 +1,1 @@
+"""The quickstart: demo tables in a local Postgres, backfilled through the dagster CLI."""

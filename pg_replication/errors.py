@@ -1,0 +1,100 @@
+"""The errors pg_replication raises: one base class, one subclass per kind of operator action.
+
+Every error carries a one-line ``hint`` (what to do) and whether retrying without a change can
+help. Attributes are plain values so errors pickle across Dagster's process boundaries, and no
+message ever includes a password: connection strings are redacted before they are shown.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class PgReplicationError(Exception):
+    """Base class. ``str(err)`` is the message followed by the hint."""
+
+    retryable: bool = False
+    default_hint: str = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        table: str | None = None,
+        lsn: str | None = None,
+        setting: str | None = None,
+    ) -> None:
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+        self.table = table
+        self.lsn = lsn
+        self.setting = setting
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+    def __reduce__(self):  # keep keyword attributes when pickled
+        return (
+            _rebuild,
+            (type(self), self.message, self.hint, self.table, self.lsn, self.setting),
+        )
+
+
+def _rebuild(cls, message, hint, table, lsn, setting):
+    return cls(message, hint=hint, table=table, lsn=lsn, setting=setting)
+
+
+class ConfigError(PgReplicationError):
+    """replication.yaml or an environment variable is wrong: fix the file and reload."""
+
+    default_hint = "fix the named key in replication.yaml (see README, Configuration)"
+
+
+class SourceUnavailableError(PgReplicationError):
+    """Postgres cannot be reached or refused the login."""
+
+    retryable = True
+    default_hint = "check that Postgres is running and that POSTGRES_URL (or PG* variables) point to it"
+
+
+class SourceNotReadyError(PgReplicationError):
+    """Postgres is reachable but not set up for replication (wal_level, privileges...)."""
+
+    default_hint = "see README, Operations: source prerequisites"
+
+
+class TableNotReplicableError(PgReplicationError):
+    """A configured table is missing, has no primary key, or cannot be sliced."""
+
+    default_hint = "fix the table's entry in replication.yaml"
+
+
+class SchemaChangeError(PgReplicationError):
+    """The source table changed in a way the warehouse table cannot follow in place."""
+
+    default_hint = "resync the table: pg-replication resync TABLE"
+
+
+class WarehouseError(PgReplicationError):
+    """The warehouse refused a write; nothing of the batch was committed."""
+
+    retryable = True
+    default_hint = "fix the warehouse problem named above, then re-run; no data was lost"
+
+
+class PlanMismatchError(PgReplicationError):
+    """The stored backfill plan no longer fits the configuration."""
+
+    default_hint = "restore the old partition count or resync the table to plan again"
+
+
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Replace passwords in connection URLs and key=value conninfo strings with ``***``."""
+    text = _PASSWORD_IN_URL.sub(r"\1***\3", text)
+    return _PASSWORD_KV.sub(r"\1***", text)

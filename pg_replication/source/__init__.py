@@ -1,0 +1,1 @@
+"""The Postgres side: connections, catalog introspection, snapshot slices."""

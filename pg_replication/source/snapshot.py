@@ -1,0 +1,254 @@
+"""Backfill slices: plan them over CTID page ranges, then stream one as Arrow record batches.
+
+A plan fixes, once per table, which pages each partition covers: the page count of every leaf
+relation is read when the plan is made, each leaf's last segment is open-ended so rows written
+later to new pages still belong to a slice, and no two slices share a page. Slices never use
+OFFSET and never scan the whole table: Postgres 14+ answers ``ctid`` ranges with a TID range scan.
+
+Reading a slice runs ``readers`` COPY streams in parallel threads, all inside one exported
+snapshot, so a slice is a consistent picture even though its pages are read by several sessions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+from pg_replication.source.catalog import Table
+from pg_replication.source.connection import connect
+from pg_replication.types import COPY_SESSION_OPTIONS, TypeMapping, map_column
+
+CSV_BLOCK_BYTES = 32 << 20  # ~130k rows of a 250-byte row: DuckDB's row-group size
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Pages [start, end) of one relation; ``end`` None means 'to the end of the relation'."""
+
+    schema: str
+    relation: str
+    start: int
+    end: int | None
+
+    def split(self, pieces: int, current_pages: int) -> list[Segment]:
+        stop = self.end if self.end is not None else max(current_pages, self.start)
+        if pieces <= 1 or stop - self.start < 2 * pieces:
+            return [self]
+        step = math.ceil((stop - self.start) / pieces)
+        bounds = list(range(self.start, stop, step)) + [stop]
+        parts = [Segment(self.schema, self.relation, a, b) for a, b in zip(bounds, bounds[1:])]
+        last = parts[-1]
+        parts[-1] = Segment(last.schema, last.relation, last.start, self.end)
+        return parts
+
+
+@dataclass(frozen=True)
+class BackfillPlan:
+    """Where each backfill partition reads from, and the LSN from which changes must be replayed."""
+
+    lsn: str
+    slices: tuple[tuple[Segment, ...], ...]
+
+    @property
+    def partitions(self) -> int:
+        return len(self.slices)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"lsn": self.lsn, "slices": [[[s.schema, s.relation, s.start, s.end] for s in sl] for sl in self.slices]}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> BackfillPlan:
+        data = json.loads(text)
+        return cls(data["lsn"], tuple(tuple(Segment(*seg) for seg in sl) for sl in data["slices"]))
+
+
+def relation_pages(conn: psycopg.Connection, schema: str, relation: str) -> int:
+    row = conn.execute(
+        "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
+        (sql.Identifier(schema, relation).as_string(conn),),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def make_plan(conn: psycopg.Connection, table: Table, partitions: int, lsn: str) -> BackfillPlan:
+    """Cut the table's pages (over all its leaf partitions) into ``partitions`` contiguous slices."""
+    pages = [(schema, rel, relation_pages(conn, schema, rel)) for schema, rel in table.leaves]
+    total = sum(p for *_, p in pages)
+    bounds = [round(k * total / partitions) for k in range(partitions + 1)]
+    slices: list[list[Segment]] = [[] for _ in range(partitions)]
+    offset = 0
+    for schema, rel, count in pages:
+        owning = [k for k in range(partitions) if bounds[k] < offset + count and bounds[k + 1] > offset]
+        if not owning:  # an empty leaf: give it to the slice its position falls in
+            k = min(partitions - 1, max(i for i in range(partitions) if bounds[i] <= offset))
+            slices[k].append(Segment(schema, rel, 0, None))
+        for k in owning:
+            lo, hi = max(bounds[k], offset) - offset, min(bounds[k + 1], offset + count) - offset
+            slices[k].append(Segment(schema, rel, lo, None if hi == count else hi))
+        offset += count
+    return BackfillPlan(lsn, tuple(tuple(s) for s in slices))
+
+
+def column_mappings(table: Table) -> list[tuple[str, TypeMapping]]:
+    return [(c.name, map_column(c)) for c in table.columns]
+
+
+def copy_query(table: Table, segment: Segment, limit: int | None) -> sql.Composed:
+    columns = sql.SQL(", ").join(m.select_sql(name) for name, m in column_mappings(table))
+    where = [sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({segment.start},0)"))]
+    if segment.end is not None:
+        where.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({segment.end},0)")))
+    query = sql.SQL("SELECT {} FROM ONLY {} WHERE {}").format(
+        columns, sql.Identifier(segment.schema, segment.relation), sql.SQL(" AND ").join(where)
+    )
+    if limit is not None:
+        query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(limit))
+    return sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+
+
+def staging_schema(table: Table) -> pa.Schema:
+    return pa.schema([pa.field(f"c{i}", m.arrow) for i, (_, m) in enumerate(column_mappings(table))])
+
+
+class _CopyStream(io.RawIOBase):
+    """A file object over a COPY OUT stream, so pyarrow's CSV reader can pull from it."""
+
+    def __init__(self, copy: psycopg.Copy) -> None:
+        self._copy = copy
+        self._buf = bytearray()
+        self._eof = False
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        buf = self._buf
+        while (size < 0 or len(buf) < size) and not self._eof:
+            chunk = self._copy.read()
+            if not chunk:
+                self._eof = True
+                break
+            buf += chunk
+        if size < 0 or size >= len(buf):
+            out = bytes(buf)
+            buf.clear()
+        else:
+            out = bytes(buf[:size])
+            del buf[:size]
+        self.bytes_read += len(out)
+        return out
+
+    def readinto(self, b) -> int:  # pragma: no cover - pyarrow calls read()
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _csv_options(schema: pa.Schema) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
+    return (
+        pacsv.ReadOptions(column_names=schema.names, block_size=CSV_BLOCK_BYTES, use_threads=True),
+        pacsv.ParseOptions(newlines_in_values=True, double_quote=True),
+        pacsv.ConvertOptions(
+            column_types={f.name: f.type for f in schema},
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
+
+
+@dataclass
+class _Done:
+    error: BaseException | None = None
+
+
+def read_slice(
+    conninfo: str,
+    table: Table,
+    segments: tuple[Segment, ...],
+    *,
+    readers: int = 2,
+    row_limit: int | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the rows of one slice as record batches with ``staging_schema(table)``.
+
+    Memory stays bounded: at most ``2 * readers`` batches wait between the readers and the consumer.
+    Closing the iterator early stops the readers and closes their connections.
+    """
+    schema = staging_schema(table)
+    with connect(conninfo, autocommit=False, options=COPY_SESSION_OPTIONS) as coordinator:
+        coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snapshot = coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+        work: queue.SimpleQueue[Segment] = queue.SimpleQueue()
+        pieces = [p for seg in segments for p in seg.split(readers, relation_pages(coordinator, seg.schema, seg.relation))]
+        for piece in pieces:
+            work.put(piece)
+        per_piece_limit = math.ceil(row_limit / len(pieces)) if row_limit and pieces else None
+        out: queue.Queue[pa.RecordBatch | _Done] = queue.Queue(maxsize=2 * readers)
+        stop = threading.Event()
+
+        def put(item: pa.RecordBatch | _Done) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+
+        def reader() -> None:
+            done = _Done()
+            try:
+                with connect(conninfo, autocommit=False, options=COPY_SESSION_OPTIONS) as conn:
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                    while not stop.is_set():
+                        try:
+                            piece = work.get_nowait()
+                        except queue.Empty:
+                            break
+                        with conn.cursor().copy(copy_query(table, piece, per_piece_limit)) as copy:
+                            stream = _CopyStream(copy)
+                            csv = pacsv.open_csv(stream, *_csv_options(schema))
+                            for batch in csv:
+                                if stop.is_set():
+                                    break
+                                put(batch)
+                            if stop.is_set():
+                                conn.cancel_safe()
+            except BaseException as exc:  # forwarded to the consumer, which re-raises it
+                done.error = exc
+            put(done)
+
+        threads = [threading.Thread(target=reader, name=f"pgr-reader-{i}", daemon=True) for i in range(min(readers, max(1, len(pieces))))]
+        for t in threads:
+            t.start()
+        finished = 0
+        try:
+            while finished < len(threads):
+                item = out.get()
+                if isinstance(item, _Done):
+                    finished += 1
+                    if item.error is not None:
+                        raise item.error
+                    continue
+                yield item
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+            coordinator.rollback()

@@ -1,0 +1,167 @@
+"""One table of truth: Postgres type -> how it is read (COPY expression, Arrow staging type) ->
+what it becomes in the warehouse (DuckDB DDL and the expression that converts the staged value).
+
+Values travel as PostgreSQL's own text output (COPY ... FORMAT csv) into Arrow. Numbers and
+booleans are parsed by pyarrow's CSV reader; everything else is staged as a string and converted
+by DuckDB in the INSERT (vectorized, and exact: DuckDB parses the same ISO formats Postgres
+prints). Types without a native warehouse equivalent keep their exact text form. The README's
+type table is generated from ``TYPE_TABLE`` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+from psycopg import sql
+
+from pg_replication.source.catalog import Column, PgType
+
+# Session settings the COPY stream relies on for its text formats.
+COPY_SESSION_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres "
+    "-c extra_float_digits=1 -c bytea_output=hex -c lc_monetary=C"
+)
+
+DECIMAL_MAX_PRECISION = 38
+
+
+@dataclass(frozen=True)
+class TypeMapping:
+    """How one column is read from Postgres and written to the warehouse."""
+
+    arrow: pa.DataType  # type of the staged column in the Arrow batches
+    duckdb: str  # DuckDB DDL type
+    load: str = "{0}"  # DuckDB expression over the staged column ({0} is the column)
+    select: str = "{0}"  # Postgres expression for the COPY query ({0} is the column)
+    fallback: bool = False  # True when the type is not known: its text form is kept
+
+    def select_sql(self, column: str) -> sql.Composable:
+        return sql.SQL(self.select).format(sql.Identifier(column))  # type: ignore[arg-type]
+
+    def load_sql(self, quoted_column: str) -> str:
+        return self.load.replace("{0}", quoted_column)
+
+
+_TEXT = TypeMapping(pa.string(), "VARCHAR")
+
+
+def _cast(duck: str) -> TypeMapping:
+    return TypeMapping(pa.string(), duck, load=f"CAST({{0}} AS {duck})")
+
+
+# Dates and timestamps before year 1: Postgres prints "0044-03-15 BC"; DuckDB reads "0044-03-15 (BC)".
+_BC = "CASE WHEN ends_with({0}, ' BC') THEN regexp_replace(left({0}, -3), '^(\\d+-\\d+-\\d+)', '\\1 (BC)') ELSE {0} END"
+
+
+def _datetime(duck: str) -> TypeMapping:
+    return TypeMapping(pa.string(), duck, load=f"CAST({_BC} AS {duck})")
+
+
+# Interval as its three exact fields; DuckDB's INTERVAL has the same months/days/µs model.
+_INTERVAL_SELECT = (
+    "((extract(year from {0}) * 12 + extract(month from {0}))::int8 || ' months '"
+    " || extract(day from {0})::int8 || ' days '"
+    " || (extract(hour from {0}) * 3600000000 + extract(minute from {0}) * 60000000"
+    " + extract(microseconds from {0}))::int8 || ' microseconds')"
+)
+
+# Base types by name (pg_catalog). Anything not here falls back to text.
+TYPE_TABLE: dict[str, TypeMapping] = {
+    "int2": TypeMapping(pa.int16(), "SMALLINT"),
+    "int4": TypeMapping(pa.int32(), "INTEGER"),
+    "int8": TypeMapping(pa.int64(), "BIGINT"),
+    "oid": TypeMapping(pa.int64(), "UINTEGER", load="CAST({0} AS UINTEGER)"),
+    "float4": TypeMapping(pa.float32(), "FLOAT"),
+    "float8": TypeMapping(pa.float64(), "DOUBLE"),
+    "bool": TypeMapping(pa.bool_(), "BOOLEAN"),
+    "text": _TEXT,
+    "varchar": _TEXT,
+    "bpchar": _TEXT,
+    "name": _TEXT,
+    "char": _TEXT,
+    "citext": _TEXT,
+    "bytea": TypeMapping(pa.string(), "BLOB", load="unhex(substr({0}, 3))"),
+    "uuid": _cast("UUID"),
+    "json": _cast("JSON"),
+    "jsonb": _cast("JSON"),
+    "date": _datetime("DATE"),
+    "timestamp": _datetime("TIMESTAMP"),
+    "timestamptz": _datetime("TIMESTAMPTZ"),
+    "time": _cast("TIME"),
+    "timetz": _cast("TIMETZ"),
+    "interval": TypeMapping(pa.string(), "INTERVAL", load="CAST({0} AS INTERVAL)", select=_INTERVAL_SELECT),
+    "money": TypeMapping(pa.string(), "DECIMAL(19,2)", load="CAST({0} AS DECIMAL(19,2))", select="{0}::numeric"),
+    # Kept as their exact text form (no lossless native DuckDB type):
+    "inet": _TEXT,
+    "cidr": _TEXT,
+    "macaddr": _TEXT,
+    "macaddr8": _TEXT,
+    "bit": _TEXT,
+    "varbit": _TEXT,
+    "tsvector": _TEXT,
+    "tsquery": _TEXT,
+    "xml": _TEXT,
+}
+
+# Element types whose JSON form (to_json) DuckDB casts exactly into a typed LIST.
+_JSON_NATIVE_ELEMENTS = {"int2", "int4", "int8", "float4", "float8", "bool", "text", "varchar", "bpchar", "name", "char", "citext", "json", "jsonb"}
+# Element types whose Postgres text form DuckDB parses exactly (cast from VARCHAR elements).
+_TEXT_CAST_ELEMENTS = {"uuid", "date", "timestamp", "timestamptz", "time", "timetz", "numeric", "oid"}
+
+
+def numeric_mapping(typmod: int) -> TypeMapping:
+    """numeric(p,s) with p <= 38 -> DECIMAL(p,s); unconstrained or wider numeric keeps its text."""
+    if typmod < 4:  # no precision declared
+        return _TEXT
+    precision, scale = ((typmod - 4) >> 16) & 0xFFFF, (typmod - 4) & 0xFFFF
+    if precision > DECIMAL_MAX_PRECISION or scale > precision:
+        return _TEXT
+    return _cast(f"DECIMAL({precision},{scale})")
+
+
+def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
+    if t.kind == "enum":
+        return _TEXT
+    if t.kind == "composite":
+        return TypeMapping(pa.string(), "JSON", load="CAST({0} AS JSON)", select="to_json({0})")
+    if t.name == "numeric" and t.schema == "pg_catalog":
+        return numeric_mapping(typmod)
+    if t.schema == "pg_catalog" and t.name in TYPE_TABLE:
+        return TYPE_TABLE[t.name]
+    if t.name == "citext":
+        return _TEXT
+    return TypeMapping(pa.string(), "VARCHAR", fallback=True)
+
+
+def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
+    elem, elem_mod = element.resolved(typmod)
+    dims = "[]" * max(ndims, 1)
+    if elem.kind == "enum" or (elem.schema == "pg_catalog" and elem.name in _JSON_NATIVE_ELEMENTS):
+        target = "VARCHAR" if elem.kind == "enum" else TYPE_TABLE[elem.name].duckdb
+        select = "to_json({0}::text[])" if elem.kind == "enum" else "to_json({0})"
+        return TypeMapping(pa.string(), f"{target}{dims}", load=f"CAST(CAST({{0}} AS JSON) AS {target}{dims})", select=select)
+    if elem.schema == "pg_catalog" and elem.name in _TEXT_CAST_ELEMENTS:
+        target = _base_mapping(elem, elem_mod).duckdb
+        return TypeMapping(
+            pa.string(),
+            f"{target}{dims}",
+            load=f"CAST(CAST(CAST({{0}} AS JSON) AS VARCHAR{dims}) AS {target}{dims})",
+            select="to_json({0}::text[])",
+        )
+    # Everything else (bytea, interval, inet, ranges, composites, unknown): text elements.
+    return TypeMapping(
+        pa.string(),
+        f"VARCHAR{dims}",
+        load=f"CAST(CAST({{0}} AS JSON) AS VARCHAR{dims})",
+        select="to_json({0}::text[])",
+        fallback=_base_mapping(elem, elem_mod).fallback,
+    )
+
+
+def map_column(column: Column) -> TypeMapping:
+    """The mapping for one column: domains resolve to their base type, arrays map elementwise."""
+    t, typmod = column.type.resolved(column.typmod)
+    if t.kind == "array" and t.element is not None:
+        return _array_mapping(t.element, typmod, column.ndims)
+    return _base_mapping(t, typmod)

@@ -1,0 +1,1 @@
+"""Warehouses: the protocol (base.py) and one module per warehouse."""

@@ -1,0 +1,64 @@
+"""The warehouse protocol: what every target must do, and what it guarantees.
+
+Contract:
+- ``ensure_table`` creates the warehouse table from the source's catalog (primary key declared)
+  or evolves it: new source columns are added; a column whose type changed raises
+  SchemaChangeError naming it; a dropped source column is kept (nullable) so no data is lost.
+- ``write_slice`` replaces exactly the rows one backfill slice wrote before and records the
+  slice as done, in one transaction: a failure leaves the table and the state as they were.
+  Re-running a slice any number of times gives the same result.
+- Replication state (plan, slices, schema, applied LSN) lives in the warehouse itself, in the
+  ``_pg_replication`` schema, and is only ever written in the same transaction as the data it
+  describes. Stored progress never moves backward.
+- One writer at a time per warehouse file or table: the Dagster layer enforces it with pools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
+
+from pg_replication.source.catalog import Table
+from pg_replication.source.snapshot import BackfillPlan
+
+STATE_SCHEMA = "_pg_replication"
+SLICE_COLUMN = "_pg_slice"
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TableState:
+    table_key: str
+    plan: BackfillPlan | None
+    slices_done: frozenset[int]
+
+
+Progress = Callable[[int, int], None]  # (rows so far, bytes so far)
+
+
+class Warehouse(Protocol):
+    name: str
+
+    def ensure_table(self, table: Table) -> None: ...
+
+    def load_state(self, table: Table) -> TableState: ...
+
+    def save_plan(self, table: Table, plan: BackfillPlan) -> BackfillPlan:
+        """Store the plan unless one exists; return the stored one (first writer wins)."""
+        ...
+
+    def write_slice(
+        self, table: Table, index: int, batches: Iterable[pa.RecordBatch], progress: Progress | None = None
+    ) -> SliceResult: ...
+
+    def row_count(self, table: Table) -> int: ...
+
+    def table_name(self, table: Table) -> str: ...

@@ -1,0 +1,80 @@
+"""A real Postgres for every test: one server per session (scripts/local-postgres, wal_level=logical),
+one fresh database per test, dropped afterwards with any replication slots it created."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from pg_replication.config import ReplicationConfig, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    url = os.environ.get("PGR_TEST_SERVER_URL")
+    if not url:
+        out = subprocess.run([str(ROOT / "scripts" / "local-postgres")], check=True, capture_output=True, text=True)
+        url = out.stdout.strip().splitlines()[-1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
+        assert level == "logical", f"the test server needs wal_level=logical, has {level}"
+    return url
+
+
+def _with_dbname(url: str, dbname: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**params)
+
+
+@pytest.fixture
+def pg_url(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database; POSTGRES_URL points at it for the test's duration."""
+    name = f"pgr_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = _with_dbname(server_url, name)
+    monkeypatch.setenv("POSTGRES_URL", url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            for (slot,) in admin.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)):
+                admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg(pg_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def duckdb_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "warehouse.duckdb"
+    monkeypatch.setenv("DUCKDB_PATH", str(path))
+    return path
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Write a replication.yaml for the test and point PG_REPLICATION_CONFIG at it."""
+
+    def write(raw: dict) -> ReplicationConfig:
+        path = tmp_path / "replication.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+        monkeypatch.setenv("PG_REPLICATION_CONFIG", str(path))
+        return parse_config(raw)
+
+    return write
