@@ -119,7 +119,8 @@ def copy_query(table: Table, segment: Segment, limit: int | None) -> sql.Compose
 
 
 def staging_schema(table: Table) -> pa.Schema:
-    return pa.schema([pa.field(f"c{i}", m.arrow) for i, (_, m) in enumerate(column_mappings(table))])
+    # Staged columns carry the source names, so warehouse errors name the real column.
+    return pa.schema([pa.field(name, m.arrow) for name, m in column_mappings(table)])
 
 
 class _CopyStream(io.RawIOBase):
@@ -133,6 +134,16 @@ class _CopyStream(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def at_eof(self) -> bool:
+        """True when the stream has no data at all (pyarrow refuses an empty CSV)."""
+        if not self._buf and not self._eof:
+            chunk = self._copy.read()
+            if chunk:
+                self._buf += chunk
+            else:
+                self._eof = True
+        return self._eof and not self._buf
 
     def read(self, size: int = -1) -> bytes:
         buf = self._buf
@@ -223,6 +234,8 @@ def read_slice(
                             break
                         with conn.cursor().copy(copy_query(table, piece, per_piece_limit)) as copy:
                             stream = _CopyStream(copy)
+                            if stream.at_eof():
+                                continue
                             csv = pacsv.open_csv(stream, *_csv_options(schema))
                             for batch in csv:
                                 if stop.is_set():

@@ -145,7 +145,7 @@ class DuckDBWarehouse:
         target = self.table_name(table)
         names = [q(name) for name, _ in column_mappings(table)] + [q(SLICE_COLUMN)]
         select = ", ".join(
-            [m.load_sql(q(f"c{i}")) for i, (_, m) in enumerate(column_mappings(table))] + [str(int(index))]
+            [m.load_sql(q(name)) for name, m in column_mappings(table)] + [str(int(index))]
         )
         insert = f"INSERT OR REPLACE INTO {target} ({', '.join(names)}) SELECT {select} FROM pgr_batch"
         rows = nbytes = 0
@@ -160,13 +160,12 @@ class DuckDBWarehouse:
                     conn.execute(insert)
                 except duckdb.Error as exc:
                     raise WarehouseError(
-                        f"{table.display}: DuckDB refused slice {index} at rows {rows}..{rows + batch.num_rows}: {exc}",
+                        f"{table.display}: DuckDB refused slice {index} at rows {rows}..{rows + batch.num_rows}: "
+                        + str(exc).splitlines()[0],
                         table=table.display,
                         hint="if a value does not fit its warehouse type (e.g. NaN in numeric(p,s)), "
                         "see README, Type mapping; nothing of this slice was committed",
                     ) from None
-                finally:
-                    conn.unregister("pgr_batch")
                 rows += batch.num_rows
                 nbytes += batch.nbytes
                 if progress is not None:
@@ -180,6 +179,8 @@ class DuckDBWarehouse:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        finally:
+            conn.unregister("pgr_batch")
         return SliceResult(rows, nbytes)
 
     def row_count(self, table: Table) -> int:

@@ -1,0 +1,188 @@
+"""The type corpus: one column per Postgres type, with edge values, and how to compare each side.
+
+Each column names SQL literals for its values (row i gets value i; later rows get NULL), an
+expression that renders the Postgres value canonically, the same for DuckDB, and a Python
+normaliser applied to both. Canonical forms are exact (epoch microseconds, interval fields,
+parsed JSON), never a lossy cast, so "equal" means the value survived.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Callable
+
+SETUP_SQL = """
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy ☺');
+CREATE DOMAIN positive_int AS int CHECK (VALUE > 0);
+CREATE TYPE address AS (street text, zip int, tags text[]);
+"""
+
+
+def _same(v: Any) -> Any:
+    return v
+
+
+def _float(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_float(x) for x in v]
+    if v is None:
+        return None
+    return "nan" if math.isnan(v) else v
+
+
+def _float4(v: Any) -> Any:
+    return None if v is None else _float(struct.unpack("f", struct.pack("f", v))[0])
+
+
+def _json(v: Any) -> Any:
+    if v is None:
+        return None
+    return json.loads(v) if isinstance(v, str) else v
+
+
+def _json_list(v: Any) -> Any:
+    return None if v is None else [_json(x) for x in v]
+
+
+def _epoch_us(v: Any) -> Any:
+    if v is None or isinstance(v, (int, str)):
+        return v
+    return int(v * 1_000_000) if v.is_finite() else str(v)
+
+
+def _timetz(v: Any) -> Any:
+    return None if v is None else (v.replace(tzinfo=None), v.utcoffset())
+
+
+@dataclass
+class CorpusColumn:
+    name: str
+    pg_type: str
+    values: list[str]
+    pg_canon: str = "{c}"
+    duck_canon: str = "{c}"
+    normalize: Callable[[Any], Any] = _same
+    duck_normalize: Callable[[Any], Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_TS_PG = "extract(epoch from {c})"
+_TS_DUCK = "CASE WHEN isinf({c}) THEN CASE WHEN {c} > '2000-01-01' THEN 'Infinity' ELSE '-Infinity' END ELSE CAST(epoch_us({c}) AS VARCHAR) END"
+_DATE_PG = "CASE WHEN isfinite({c}) THEN ({c} - date '1970-01-01')::text ELSE {c}::text END"
+_DATE_DUCK = "CASE WHEN isinf({c}) THEN CASE WHEN {c} > DATE '2000-01-01' THEN 'infinity' ELSE '-infinity' END ELSE CAST(datediff('day', DATE '1970-01-01', {c}) AS VARCHAR) END"
+_INTERVAL_PG = "ARRAY[(extract(year from {c}) * 12 + extract(month from {c}))::int8, extract(day from {c})::int8, (extract(hour from {c}) * 3600000000 + extract(minute from {c}) * 60000000 + extract(microseconds from {c}))::int8]"
+_INTERVAL_DUCK = "[datepart('year', {c}) * 12 + datepart('month', {c}), datepart('day', {c}), datepart('hour', {c}) * 3600000000 + datepart('minute', {c}) * 60000000 + datepart('microseconds', {c})]"
+_TIME_PG = "(extract(epoch from {c}) * 1000000)::int8"
+_TIME_DUCK = "datepart('hour', {c}) * 3600000000 + datepart('minute', {c}) * 60000000 + datepart('microseconds', {c})"
+_OUTPUT_TEXT = "CASE WHEN {c} IS NOT NULL THEN format('%s', {c}) END"  # the type's output function, exactly as COPY writes it
+
+
+def _ts_normalize(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v if v in ("Infinity", "-Infinity") else int(v)
+    return _epoch_us(v)
+
+
+CORPUS: list[CorpusColumn] = [
+    CorpusColumn("c_int2", "int2", ["-32768", "32767", "0"]),
+    CorpusColumn("c_int4", "int4", ["-2147483648", "2147483647", "0"]),
+    CorpusColumn("c_int8", "int8", ["-9223372036854775808", "9223372036854775807", "0"]),
+    CorpusColumn("c_num_ps", "numeric(12,2)", ["-9999999999.99", "0.01", "0", "1234.50"]),
+    CorpusColumn("c_num_38", "numeric(38,10)", ["9999999999999999999999999999.9999999999", "-0.0000000001"]),
+    CorpusColumn(
+        "c_num", "numeric",
+        ["'123456789012345678901234567890.123456789012345678901234567890'", "'NaN'", "'Infinity'", "'-Infinity'", "'-0.000001'", "'1e-300'"],
+        pg_canon=_OUTPUT_TEXT,
+    ),
+    CorpusColumn("c_float4", "float4", ["'NaN'", "'Infinity'", "'-Infinity'", "3.4028235e38", "-1.17549435e-38", "0.1"], normalize=_float4),
+    CorpusColumn("c_float8", "float8", ["'NaN'", "'Infinity'", "'-Infinity'", "1.7976931348623157e308", "5e-324", "0.1", "-0.0"], normalize=_float),
+    CorpusColumn("c_bool", "bool", ["true", "false"]),
+    CorpusColumn("c_text", "text", ["''", "'\"quoted\", with comma\nand newline\r\n'", "'ünïcødé 🐘 ; DROP TABLE x; --'", "'\\N'", "'NULL'", "repeat('toast-me ', 131072)"]),
+    CorpusColumn("c_varchar", "varchar(10)", ["'abc'", "''"]),
+    CorpusColumn("c_char", "char(5)", ["'ab'", "'abcde'"]),
+    CorpusColumn("c_bytea", "bytea", ["'\\x'::bytea", "'\\x00ff2c0a22'::bytea", "decode(repeat('ab', 5000), 'hex')"]),
+    CorpusColumn("c_uuid", "uuid", ["'00000000-0000-0000-0000-000000000000'", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'"]),
+    CorpusColumn("c_json", "json", ["'{\"b\": [1, 2.50, null], \"a\": \"x\"}'", "'[]'", "'\"s\"'", "'null'"], duck_normalize=_json),
+    CorpusColumn("c_jsonb", "jsonb", ["'{\"k\": {\"n\": 1.5e3, \"u\": \"ü\"}}'", "'[1, \"two\", false]'"], duck_normalize=_json),
+    CorpusColumn("c_date", "date", ["'2024-02-29'", "'infinity'", "'-infinity'", "'0044-03-15 BC'", "'5874897-12-31'", "'4713-01-01 BC'"], pg_canon=_DATE_PG, duck_canon=_DATE_DUCK),
+    CorpusColumn("c_ts", "timestamp", ["'2024-02-29 23:59:59.999999'", "'infinity'", "'-infinity'", "'0044-03-15 12:00:00 BC'", "'1970-01-01 00:00:00'"], pg_canon=_TS_PG, duck_canon=_TS_DUCK, normalize=_ts_normalize),
+    CorpusColumn("c_tstz", "timestamptz", ["'2024-02-29 23:59:59.999999+05:30'", "'infinity'", "'-infinity'", "'2000-01-01 00:00:00.000001 UTC'"], pg_canon=_TS_PG, duck_canon=_TS_DUCK, normalize=_ts_normalize),
+    CorpusColumn("c_time", "time", ["'00:00:00'", "'23:59:59.999999'", "'24:00:00'"], pg_canon=_TIME_PG, duck_canon=_TIME_DUCK),
+    CorpusColumn("c_timetz", "timetz", ["'12:34:56.789+05:30'", "'00:00:00-12'"], normalize=_timetz),
+    CorpusColumn("c_interval", "interval", ["'1 year 2 months 3 days 04:05:06.789'", "'-1 month +30 days'", "'100 hours'", "'-178000000 years'", "'1 mon -1 us'"], pg_canon=_INTERVAL_PG, duck_canon=_INTERVAL_DUCK),
+    CorpusColumn("c_money", "money", ["'-92233720368547758.08'", "'1234.56'"], pg_canon="{c}::numeric"),
+    CorpusColumn("c_inet", "inet", ["'192.168.0.1'", "'10.0.0.0/8'", "'::1'", "'2001:db8::1/64'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_cidr", "cidr", ["'10.0.0.0/8'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_macaddr", "macaddr", ["'08:00:2b:01:02:03'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_bit", "bit(4)", ["B'1010'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_varbit", "varbit", ["B''", "B'1'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_range", "int4range", ["'[1,10)'", "'empty'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_tsrange", "tstzrange", ["'[2020-01-01 00:00+00,)'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_tsvector", "tsvector", ["to_tsvector('simple', 'a fat cat')"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_xml", "xml", ["'<a b=\"1\">ü</a>'"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("c_oid", "oid", ["4294967295", "0"]),
+    CorpusColumn("c_enum", "mood", ["'happy ☺'", "'sad'"], pg_canon="{c}::text"),
+    CorpusColumn("c_domain", "positive_int", ["1", "2147483647"]),
+    CorpusColumn("c_composite", "address", ["ROW('Main St, 1', 12345, ARRAY['a', NULL])::address", "ROW(NULL, NULL, NULL)::address"], pg_canon="to_json({c})", duck_normalize=_json),
+    CorpusColumn("c_point", "point", ["'(1.5,-2)'"], pg_canon=_OUTPUT_TEXT),  # no mapping: text fallback
+    CorpusColumn("c_lsn", "pg_lsn", ["'16/B374D848'"], pg_canon=_OUTPUT_TEXT),  # no mapping: text fallback
+    CorpusColumn("a_int4", "int4[]", ["ARRAY[1, NULL, -3]", "'{}'", "ARRAY[NULL]::int4[]"]),
+    CorpusColumn("a_int8_2d", "int8[][]", ["ARRAY[[1, 2], [3, NULL]]", "'{}'"]),
+    CorpusColumn("a_text", "text[]", ["ARRAY['a', NULL, '', 'ü \"q\" ,', 'NULL']", "'{}'"]),
+    CorpusColumn("a_float8", "float8[]", ["ARRAY['NaN', 'Infinity', '-Infinity', 0.1]::float8[]"], normalize=_float),
+    CorpusColumn("a_bool", "bool[]", ["ARRAY[true, false, NULL]"]),
+    CorpusColumn("a_numeric", "numeric(10,2)[]", ["ARRAY[1.50, -99999999.99, NULL]"]),
+    CorpusColumn("a_date", "date[]", ["ARRAY['2024-02-29'::date, NULL]"]),
+    CorpusColumn("a_tstz", "timestamptz[]", ["ARRAY['2024-02-29 10:00:00.123456+02'::timestamptz]"]),
+    CorpusColumn("a_uuid", "uuid[]", ["ARRAY['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid]"]),
+    CorpusColumn("a_jsonb", "jsonb[]", ["ARRAY['{\"a\": 1}'::jsonb, '[2]'::jsonb, NULL]"], duck_normalize=_json_list),
+    CorpusColumn("a_enum", "mood[]", ["ARRAY['ok', 'happy ☺']::mood[]"], pg_canon="{c}::text[]"),
+    CorpusColumn("a_bytea", "bytea[]", ["ARRAY['\\x00ff'::bytea]"], pg_canon="{c}::text[]"),
+    CorpusColumn("a_domain", "positive_int[]", ["ARRAY[1, 2]::positive_int[]"], pg_canon="{c}::int[]"),
+]
+
+CORPUS_ROWS = max(len(c.values) for c in CORPUS) + 1  # the last row is NULL everywhere
+
+
+def corpus_table_sql(schema: str, table: str) -> str:
+    """DDL + INSERTs for the corpus table (values are fixed literals above, not user input)."""
+    ident = f'"{schema}"."{table}"'
+    cols = ", ".join(f"{c.name} {c.pg_type}" for c in CORPUS)
+    lines = [SETUP_SQL, f"CREATE TABLE {ident} (id int PRIMARY KEY, {cols});"]
+    for i in range(CORPUS_ROWS):
+        values = ", ".join(c.values[i] if i < len(c.values) else "NULL" for c in CORPUS)
+        lines.append(f"INSERT INTO {ident} (id, {', '.join(c.name for c in CORPUS)}) VALUES ({i}, {values});")
+    return "\n".join(lines)
+
+
+def pg_select(schema: str, table: str) -> str:
+    exprs = ", ".join(c.pg_canon.format(c=c.name) for c in CORPUS)
+    return f'SELECT id, {exprs} FROM "{schema}"."{table}" ORDER BY id'
+
+
+def duck_select(schema: str, table: str) -> str:
+    exprs = ", ".join(c.duck_canon.format(c=f'"{c.name}"') for c in CORPUS)
+    return f'SELECT id, {exprs} FROM "{schema}"."{table}" ORDER BY id'
+
+
+def mismatches(pg_rows: list[tuple], duck_rows: list[tuple]) -> list[str]:
+    """Every (row, column) where the two sides differ, described for the assertion message."""
+    problems = []
+    if [r[0] for r in pg_rows] != [r[0] for r in duck_rows]:
+        return [f"row ids differ: {[r[0] for r in pg_rows]} vs {[r[0] for r in duck_rows]}"]
+    for pg_row, duck_row in zip(pg_rows, duck_rows):
+        for col, pv, dv in zip(CORPUS, pg_row[1:], duck_row[1:]):
+            left = col.normalize(pv)
+            right = (col.duck_normalize or col.normalize)(dv)
+            if left != right:
+                problems.append(f"id={pg_row[0]} {col.name} ({col.pg_type}): source {str(left)[:80]!r} != warehouse {str(right)[:80]!r}")
+    return problems
+
+
+__all__ = ["CORPUS", "CORPUS_ROWS", "Decimal", "corpus_table_sql", "duck_select", "mismatches", "pg_select"]
