@@ -28,7 +28,7 @@ from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
 from pg_replication.types import COPY_SESSION_OPTIONS, TypeMapping, map_column
 
-CSV_BLOCK_BYTES = 32 << 20  # ~130k rows of a 250-byte row: DuckDB's row-group size
+CSV_BLOCK_BYTES = 16 << 20  # ~125k rows of a 130-byte row: about DuckDB's row-group size
 
 
 @dataclass(frozen=True)

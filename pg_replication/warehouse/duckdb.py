@@ -147,7 +147,13 @@ class DuckDBWarehouse:
         select = ", ".join(
             [m.load_sql(q(name)) for name, m in column_mappings(table)] + [str(int(index))]
         )
-        insert = f"INSERT OR REPLACE INTO {target} ({', '.join(names)}) SELECT {select} FROM pgr_batch"
+        insert = f"INSERT INTO {target} ({', '.join(names)}) SELECT {select} FROM pgr_batch"
+        # A row an update moved here from another slice's pages is still stored under that
+        # slice: drop it by key first (cheaper than INSERT OR REPLACE, which probes per row).
+        loads = dict(column_mappings(table))
+        keys = ", ".join(q(k) for k in table.primary_key)
+        staged_keys = ", ".join(loads[k].load_sql(q(k)) for k in table.primary_key)
+        evict = f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM pgr_batch)"
         rows = nbytes = 0
         started = time.monotonic()
         conn = self.conn
@@ -157,6 +163,7 @@ class DuckDBWarehouse:
             for batch in batches:
                 conn.register("pgr_batch", batch)
                 try:
+                    conn.execute(evict)
                     conn.execute(insert)
                 except duckdb.Error as exc:
                     raise WarehouseError(

@@ -1,0 +1,131 @@
+"""Backfill benchmark: our COPY -> Arrow -> DuckDB path through Dagster against the raw limit.
+
+    python bench/backfill.py --rows 2000000
+
+Builds (or reuses) a table of N rows with mixed types in database ``pgr_bench`` of the server in
+POSTGRES_URL, then measures in the same run:
+  1. the raw limit: two concurrent ``COPY ... TO STDOUT`` streams over CTID halves, read into nothing;
+  2. the full backfill into a fresh DuckDB file through Dagster (all partitions, one run).
+Prints rows/s, the ratio to the limit and the peak RSS of this process (the backfill runs in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS bench_rows (
+    id bigint PRIMARY KEY, qty int, amount numeric(12,2), title text, created_at timestamptz,
+    active bool, attrs jsonb, labels text[]
+)"""
+
+FILL_SQL = """
+INSERT INTO bench_rows
+SELECT i, (i * 7) %% 1000, round(((i * 31) %% 1000000) / 100.0, 2),
+       'item ' || md5(i::text), timestamptz '2024-01-01' + i * interval '1 second',
+       i %% 3 = 0, jsonb_build_object('n', i %% 100, 'tag', 't' || (i %% 7)),
+       ARRAY['a' || (i %% 10), 'b' || (i %% 3)]
+FROM generate_series(%s, %s) i"""
+
+
+def prepare(admin_url: str, rows: int) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = 'pgr_bench'").fetchone():
+            admin.execute("CREATE DATABASE pgr_bench")
+    params = psycopg.conninfo.conninfo_to_dict(admin_url)
+    params["dbname"] = "pgr_bench"
+    url = psycopg.conninfo.make_conninfo(**params)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(TABLE_SQL)
+        have = conn.execute("SELECT count(*) FROM bench_rows").fetchone()[0]
+        if have != rows:
+            print(f"building bench_rows with {rows:,} rows ...", flush=True)
+            conn.execute("TRUNCATE bench_rows")
+            step = 500_000
+            for start in range(1, rows + 1, step):
+                conn.execute(FILL_SQL, (start, min(rows, start + step - 1)))
+            conn.execute("VACUUM ANALYZE bench_rows")
+    return url
+
+
+def raw_limit(url: str, streams: int = 2) -> tuple[float, int]:
+    """Rows/s of `streams` concurrent COPY TO STDOUT over CTID ranges, read and discarded."""
+    with psycopg.connect(url) as conn:
+        pages = conn.execute("SELECT pg_relation_size('bench_rows') / current_setting('block_size')::int").fetchone()[0]
+        total = conn.execute("SELECT count(*) FROM bench_rows").fetchone()[0]
+    bounds = [round(k * pages / streams) for k in range(streams)] + [None]
+    moved = [0] * streams
+
+    def stream(k: int) -> None:
+        lo, hi = bounds[k], bounds[k + 1]
+        where = sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({lo},0)"))
+        if hi is not None:
+            where = sql.SQL("{} AND ctid < {}::tid").format(where, sql.Literal(f"({hi},0)"))
+        query = sql.SQL("COPY (SELECT * FROM bench_rows WHERE {}) TO STDOUT").format(where)
+        with psycopg.connect(url) as conn, conn.cursor().copy(query) as copy:
+            for chunk in copy:
+                moved[k] += len(chunk)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return total / (time.perf_counter() - started), sum(moved)
+
+
+def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[float, int]:
+    import dagster as dg
+    import duckdb
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from pg_replication.assets import partition_keys
+    from pg_replication.config import parse_config
+    from pg_replication.definitions import build_definitions
+
+    workdir = Path(tempfile.mkdtemp(prefix="pgr_bench_"))
+    os.environ["POSTGRES_URL"] = url
+    os.environ["DUCKDB_PATH"] = str(workdir / "bench.duckdb")
+    config = parse_config({"tables": ["public.bench_rows"], "defaults": {"partitions": partitions}})
+    defs = build_definitions(config)
+    keys = partition_keys(partitions)
+    job = defs.resolve_implicit_global_asset_job_def()
+    started = time.perf_counter()
+    result = job.execute_in_process(
+        asset_selection=[dg.AssetKey(["public", "bench_rows"])],
+        tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+    )
+    elapsed = time.perf_counter() - started
+    assert result.success
+    with duckdb.connect(os.environ["DUCKDB_PATH"], read_only=True) as wh:
+        copied = wh.execute('SELECT count(*) FROM "public"."bench_rows"').fetchone()[0]
+    assert copied == rows, (copied, rows)
+    return rows / elapsed, copied
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--partitions", type=int, default=8)
+    args = parser.parse_args()
+    url = prepare(os.environ["POSTGRES_URL"], args.rows)
+    limit, nbytes = raw_limit(url)
+    print(f"raw limit   : {limit:>12,.0f} rows/s  (2 COPY streams over CTID halves, {nbytes / 2**20:,.0f} MiB)", flush=True)
+    ours, _ = backfill_through_dagster(url, args.rows, args.partitions)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"pg_replication: {ours:>10,.0f} rows/s  (Dagster run, {args.partitions} partitions -> DuckDB)")
+    print(f"ratio to limit: {ours / limit:.2f}   peak RSS: {peak_mib:,.0f} MiB   rows: {args.rows:,}")
+
+
+if __name__ == "__main__":
+    main()
