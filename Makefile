@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PGR_PORT ?= 54329
+export PGR_PORT
 export POSTGRES_URL ?= postgresql://postgres@127.0.0.1:$(PGR_PORT)/postgres
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
