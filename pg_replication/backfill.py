@@ -9,9 +9,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pg_replication.cdc import keys_in_source
 from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
+from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, make_plan, read_slice
 from pg_replication.warehouse.base import Warehouse
 
@@ -31,17 +33,25 @@ class BackfillResult:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def current_wal_lsn(conninfo: str) -> str:
-    with connect(conninfo) as conn:
-        return str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
+@dataclass(frozen=True)
+class SlotSettings:
+    slot: str
+    publication: str
 
 
-def ensure_plan(conninfo: str, warehouse: Warehouse, table: Table, partitions: int) -> BackfillPlan:
-    """The stored plan, or a new one; the plan's LSN is taken before any page is counted."""
+def ensure_plan(
+    conninfo: str, warehouse: Warehouse, table: Table, partitions: int, cdc: SlotSettings | None = None
+) -> BackfillPlan:
+    """The stored plan, or a new one. With CDC, the slot exists and the table is published
+    before the plan's LSN is read, and that before any page is counted: every change the
+    slices might miss is after the plan LSN, in the slot."""
     plan = warehouse.load_state(table).plan
     if plan is None:
-        lsn = current_wal_lsn(conninfo)
         with connect(conninfo) as conn:
+            if cdc is not None:
+                ensure_slot(conn, cdc.slot)
+                add_to_publication(conn, cdc.publication, table)
+            lsn = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
             plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn))
     if plan.partitions != partitions:
         raise PlanMismatchError(
@@ -62,10 +72,12 @@ def run_backfill(
     partitions: int,
     readers: int = 2,
     row_limit: int | None = None,
+    cdc: SlotSettings | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BackfillResult:
     warehouse.ensure_table(table)
-    plan = ensure_plan(conninfo, warehouse, table, partitions)
+    plan = ensure_plan(conninfo, warehouse, table, partitions, cdc)
+    still_in_source = keys_in_source(conninfo, table)
     per_slice_limit = -(-row_limit // partitions) if row_limit else None
     started = time.monotonic()
     total_rows = total_bytes = 0
@@ -82,7 +94,7 @@ def run_backfill(
 
         batches = read_slice(conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit)
         try:
-            result = warehouse.write_slice(table, index, batches, progress)
+            result = warehouse.write_slice(table, index, batches, progress, still_in_source)
         finally:
             batches.close()
         total_rows += result.rows

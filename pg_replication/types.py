@@ -10,16 +10,19 @@ type table is generated from ``TYPE_TABLE`` below.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
 from psycopg import sql
 
 from pg_replication.source.catalog import Column, PgType
+from pg_replication.source.text_values import array_to_json, interval_from_iso, money_to_number
 
-# Session settings the COPY stream relies on for its text formats.
-COPY_SESSION_OPTIONS = (
-    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres "
+# Session settings the COPY stream and logical decoding rely on for their text formats.
+# (Decoding runs output functions in our session, so pgoutput's text obeys them too.)
+SESSION_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=iso_8601 "
     "-c extra_float_digits=1 -c bytea_output=hex -c lc_monetary=C"
 )
 
@@ -35,6 +38,7 @@ class TypeMapping:
     load: str = "{0}"  # DuckDB expression over the staged column ({0} is the column)
     select: str = "{0}"  # Postgres expression for the COPY query ({0} is the column)
     fallback: bool = False  # True when the type is not known: its text form is kept
+    from_text: Callable[[str], str] | None = None  # output-function text -> staged form (CDC)
 
     def select_sql(self, column: str) -> sql.Composable:
         return sql.SQL(self.select).format(sql.Identifier(column))  # type: ignore[arg-type]
@@ -90,8 +94,12 @@ TYPE_TABLE: dict[str, TypeMapping] = {
     "timestamptz": _datetime("TIMESTAMPTZ"),
     "time": _cast("TIME"),
     "timetz": _cast("TIMETZ"),
-    "interval": TypeMapping(pa.string(), "INTERVAL", load="CAST({0} AS INTERVAL)", select=_INTERVAL_SELECT),
-    "money": TypeMapping(pa.string(), "DECIMAL(19,2)", load="CAST({0} AS DECIMAL(19,2))", select="{0}::numeric"),
+    "interval": TypeMapping(
+        pa.string(), "INTERVAL", load="CAST({0} AS INTERVAL)", select=_INTERVAL_SELECT, from_text=interval_from_iso
+    ),
+    "money": TypeMapping(
+        pa.string(), "DECIMAL(19,2)", load="CAST({0} AS DECIMAL(19,2))", select="{0}::numeric", from_text=money_to_number
+    ),
     # Kept as their exact text form (no lossless native DuckDB type):
     "inet": _TEXT,
     "cidr": _TEXT,
@@ -123,8 +131,8 @@ def numeric_mapping(typmod: int) -> TypeMapping:
 def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
     if t.kind == "enum":
         return _TEXT
-    if t.kind == "composite":
-        return TypeMapping(pa.string(), "JSON", load="CAST({0} AS JSON)", select="to_json({0})")
+    if t.kind == "composite":  # its text form: "(a,b)"; JSON would need every field's type
+        return _TEXT
     if t.name == "numeric" and t.schema == "pg_catalog":
         return numeric_mapping(typmod)
     if t.schema == "pg_catalog" and t.name in TYPE_TABLE:
@@ -134,13 +142,31 @@ def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
     return TypeMapping(pa.string(), "VARCHAR", fallback=True)
 
 
+_ELEMENT_JSON_KIND = {
+    "int2": "int", "int4": "int", "int8": "int", "float4": "float", "float8": "float", "bool": "bool",
+    "json": "json", "jsonb": "json",
+}
+
+
 def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
     elem, elem_mod = element.resolved(typmod)
     dims = "[]" * max(ndims, 1)
-    if elem.kind == "enum" or (elem.schema == "pg_catalog" and elem.name in _JSON_NATIVE_ELEMENTS):
-        target = "VARCHAR" if elem.kind == "enum" else TYPE_TABLE[elem.name].duckdb
-        select = "to_json({0}::text[])" if elem.kind == "enum" else "to_json({0})"
-        return TypeMapping(pa.string(), f"{target}{dims}", load=f"CAST(CAST({{0}} AS JSON) AS {target}{dims})", select=select)
+    native = elem.kind != "enum" and elem.schema == "pg_catalog" and elem.name in _JSON_NATIVE_ELEMENTS
+    if native:  # to_json writes numbers, booleans and JSON as themselves
+        target = TYPE_TABLE[elem.name].duckdb
+        return TypeMapping(
+            pa.string(),
+            f"{target}{dims}",
+            load=f"CAST(CAST({{0}} AS JSON) AS {target}{dims})",
+            select="to_json({0})",
+            from_text=array_to_json(_ELEMENT_JSON_KIND.get(elem.name, "text")),
+        )
+    as_strings = array_to_json("text")
+    if elem.kind == "enum":
+        return TypeMapping(
+            pa.string(), f"VARCHAR{dims}", load=f"CAST(CAST({{0}} AS JSON) AS VARCHAR{dims})",
+            select="to_json({0}::text[])", from_text=as_strings,
+        )
     if elem.schema == "pg_catalog" and elem.name in _TEXT_CAST_ELEMENTS:
         target = _base_mapping(elem, elem_mod).duckdb
         return TypeMapping(
@@ -148,6 +174,7 @@ def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
             f"{target}{dims}",
             load=f"CAST(CAST(CAST({{0}} AS JSON) AS VARCHAR{dims}) AS {target}{dims})",
             select="to_json({0}::text[])",
+            from_text=as_strings,
         )
     # Everything else (bytea, interval, inet, ranges, composites, unknown): text elements.
     return TypeMapping(
@@ -156,6 +183,7 @@ def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
         load=f"CAST(CAST({{0}} AS JSON) AS VARCHAR{dims})",
         select="to_json({0}::text[])",
         fallback=_base_mapping(elem, elem_mod).fallback,
+        from_text=as_strings,
     )
 
 

@@ -26,7 +26,7 @@ from psycopg import sql
 
 from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
-from pg_replication.types import COPY_SESSION_OPTIONS, TypeMapping, map_column
+from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
 
 CSV_BLOCK_BYTES = 16 << 20  # ~125k rows of a 130-byte row: about DuckDB's row-group size
 
@@ -202,7 +202,7 @@ def read_slice(
     Closing the iterator early stops the readers and closes their connections.
     """
     schema = staging_schema(table)
-    with connect(conninfo, autocommit=False, options=COPY_SESSION_OPTIONS) as coordinator:
+    with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as coordinator:
         coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         work: queue.SimpleQueue[Segment] = queue.SimpleQueue()
@@ -224,7 +224,7 @@ def read_slice(
         def reader() -> None:
             done = _Done()
             try:
-                with connect(conninfo, autocommit=False, options=COPY_SESSION_OPTIONS) as conn:
+                with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
                     while not stop.is_set():

@@ -39,9 +39,11 @@ class TableState:
     table_key: str
     plan: BackfillPlan | None
     slices_done: frozenset[int]
+    status: str = "backfilling"  # backfilling, streaming, failed, paused
 
 
 Progress = Callable[[int, int], None]  # (rows so far, bytes so far)
+KeyCheck = Callable[[list[tuple]], set[tuple]]  # which of these primary keys the source still has
 
 
 class Warehouse(Protocol):
@@ -56,8 +58,17 @@ class Warehouse(Protocol):
         ...
 
     def write_slice(
-        self, table: Table, index: int, batches: Iterable[pa.RecordBatch], progress: Progress | None = None
-    ) -> SliceResult: ...
+        self,
+        table: Table,
+        index: int,
+        batches: Iterable[pa.RecordBatch],
+        progress: Progress | None = None,
+        still_in_source: KeyCheck | None = None,
+    ) -> SliceResult:
+        """Replace the slice's rows; rows it held before that the source no longer has are
+        deleted, rows an update moved elsewhere stay. When this completes the backfill, the
+        table's change log is replayed and the table starts streaming, in the same transaction."""
+        ...
 
     def row_count(self, table: Table) -> int: ...
 

@@ -14,10 +14,11 @@ import duckdb
 import pyarrow as pa
 from psycopg import sql
 
-from pg_replication.errors import SchemaChangeError, WarehouseError
+from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Table
 from pg_replication.source.snapshot import BackfillPlan, column_mappings
-from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, Progress, SliceResult, TableState
+from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState
+from pg_replication.warehouse.duckdb_changes import append_log, apply_segment, replay_log
 
 
 def q(*names: str) -> str:
@@ -53,7 +54,14 @@ class DuckDBWarehouse:
                 table_key VARCHAR PRIMARY KEY,
                 plan JSON,
                 columns JSON,
+                status VARCHAR DEFAULT 'backfilling',
+                error VARCHAR,
+                applied_lsn UBIGINT,
                 updated_at TIMESTAMPTZ DEFAULT current_timestamp)"""
+        )
+        self.conn.execute(
+            f"""CREATE TABLE IF NOT EXISTS {q(STATE_SCHEMA, 'cursor')} (
+                slot VARCHAR PRIMARY KEY, drained_lsn UBIGINT, updated_at TIMESTAMPTZ)"""
         )
         self.conn.execute(
             f"""CREATE TABLE IF NOT EXISTS {q(STATE_SCHEMA, 'slices')} (
@@ -119,13 +127,14 @@ class DuckDBWarehouse:
 
     def load_state(self, table: Table) -> TableState:
         row = self.conn.execute(
-            f"SELECT plan FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [table_key(table)]
+            f"SELECT plan, coalesce(status, 'backfilling') FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?",
+            [table_key(table)],
         ).fetchone()
         done = self.conn.execute(
             f"SELECT slice FROM {q(STATE_SCHEMA, 'slices')} WHERE table_key = ?", [table_key(table)]
         ).fetchall()
         plan = BackfillPlan.from_json(row[0]) if row and row[0] else None
-        return TableState(table_key(table), plan, frozenset(r[0] for r in done))
+        return TableState(table_key(table), plan, frozenset(r[0] for r in done), row[1] if row else "backfilling")
 
     def save_plan(self, table: Table, plan: BackfillPlan) -> BackfillPlan:
         self.conn.execute(
@@ -140,26 +149,30 @@ class DuckDBWarehouse:
     # -- data -------------------------------------------------------------------------------
 
     def write_slice(
-        self, table: Table, index: int, batches: Iterable[pa.RecordBatch], progress: Progress | None = None
+        self,
+        table: Table,
+        index: int,
+        batches: Iterable[pa.RecordBatch],
+        progress: Progress | None = None,
+        still_in_source: KeyCheck | None = None,
     ) -> SliceResult:
         target = self.table_name(table)
-        names = [q(name) for name, _ in column_mappings(table)] + [q(SLICE_COLUMN)]
-        select = ", ".join(
-            [m.load_sql(q(name)) for name, m in column_mappings(table)] + [str(int(index))]
-        )
+        mappings = dict(column_mappings(table))
+        names = [q(name) for name in mappings] + [q(SLICE_COLUMN)]
+        select = ", ".join([m.load_sql(q(name)) for name, m in mappings.items()] + [str(int(index))])
         insert = f"INSERT INTO {target} ({', '.join(names)}) SELECT {select} FROM pgr_batch"
         # A row an update moved here from another slice's pages is still stored under that
         # slice: drop it by key first (cheaper than INSERT OR REPLACE, which probes per row).
-        loads = dict(column_mappings(table))
         keys = ", ".join(q(k) for k in table.primary_key)
-        staged_keys = ", ".join(loads[k].load_sql(q(k)) for k in table.primary_key)
+        staged_keys = ", ".join(mappings[k].load_sql(q(k)) for k in table.primary_key)
         evict = f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM pgr_batch)"
+        previous = -1 - index  # rows this slice wrote before, until the new copy replaces them
         rows = nbytes = 0
         started = time.monotonic()
         conn = self.conn
         conn.execute("BEGIN TRANSACTION")
         try:
-            conn.execute(f"DELETE FROM {target} WHERE {q(SLICE_COLUMN)} = ?", [index])
+            conn.execute(f"UPDATE {target} SET {q(SLICE_COLUMN)} = ? WHERE {q(SLICE_COLUMN)} = ?", [previous, index])
             for batch in batches:
                 conn.register("pgr_batch", batch)
                 try:
@@ -177,11 +190,13 @@ class DuckDBWarehouse:
                 nbytes += batch.nbytes
                 if progress is not None:
                     progress(rows, nbytes)
+            self._settle_leftovers(table, previous, still_in_source)
             conn.execute(
                 f"""INSERT OR REPLACE INTO {q(STATE_SCHEMA, 'slices')} (table_key, slice, rows, bytes, seconds, copied_at)
                     VALUES (?, ?, ?, ?, ?, current_timestamp)""",
                 [table_key(table), index, rows, nbytes, time.monotonic() - started],
             )
+            self._start_streaming_when_complete(table)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -190,5 +205,162 @@ class DuckDBWarehouse:
             conn.unregister("pgr_batch")
         return SliceResult(rows, nbytes)
 
+    def _settle_leftovers(self, table: Table, marker: int, still_in_source: KeyCheck | None) -> None:
+        """Rows the slice held before but not now: deleted in the source, or moved by an update to
+        another slice's pages. Only the source can tell: deleted rows go, moved rows stay."""
+        target = self.table_name(table)
+        keys = ", ".join(q(k) for k in table.primary_key)
+        leftovers = self.conn.execute(f"SELECT {keys} FROM {target} WHERE {q(SLICE_COLUMN)} = ?", [marker]).fetchall()
+        if not leftovers:
+            return
+        alive = still_in_source(leftovers) if still_in_source is not None else set()
+        gone = [k for k in leftovers if tuple(k) not in alive]
+        if gone:
+            self.conn.register("pgr_gone", pa.table({f"k{i}": [g[i] for g in gone] for i in range(len(table.primary_key))}))
+            staged = ", ".join(q(f"k{i}") for i in range(len(table.primary_key)))
+            self.conn.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged} FROM pgr_gone)")
+            self.conn.unregister("pgr_gone")
+        self.conn.execute(f"UPDATE {target} SET {q(SLICE_COLUMN)} = NULL WHERE {q(SLICE_COLUMN)} = ?", [marker])
+
+    def _start_streaming_when_complete(self, table: Table) -> None:
+        state = self.load_state(table)
+        if state.plan is None or len(state.slices_done) < state.plan.partitions or state.status != "backfilling":
+            return
+        mappings = dict(column_mappings(table))
+        replay_log(self.conn, table.schema, table.name, self.table_name(table), mappings, table.primary_key)
+        self.set_status(table_key(table), "streaming")
+
+    # -- CDC --------------------------------------------------------------------------------
+
+    def set_status(self, key: str, status: str, error: str | None = None) -> None:
+        self.conn.execute(
+            f"""INSERT INTO {q(STATE_SCHEMA, 'tables')} (table_key, status, error) VALUES (?, ?, ?)
+                ON CONFLICT (table_key) DO UPDATE SET status = excluded.status, error = excluded.error,
+                updated_at = now()""",
+            [key, status, error],
+        )
+
+    def drained_lsn(self, slot: str) -> int | None:
+        row = self.conn.execute(f"SELECT drained_lsn FROM {q(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot]).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
+    def set_drained_lsn(self, slot: str, lsn: int) -> None:
+        self.conn.execute(
+            f"""INSERT INTO {q(STATE_SCHEMA, 'cursor')} (slot, drained_lsn, updated_at) VALUES (?, ?, now())
+                ON CONFLICT (slot) DO UPDATE SET drained_lsn = excluded.drained_lsn, updated_at = now()""",
+            [slot, lsn],
+        )
+
+    def set_applied_lsn(self, key: str, lsn: int) -> None:
+        self.conn.execute(
+            f"UPDATE {q(STATE_SCHEMA, 'tables')} SET applied_lsn = ?, updated_at = now() WHERE table_key = ?", [lsn, key]
+        )
+
+    def statuses(self) -> dict[str, tuple[str, str | None]]:
+        return {
+            k: (s or "backfilling", e)
+            for k, s, e in self.conn.execute(f"SELECT table_key, status, error FROM {q(STATE_SCHEMA, 'tables')}").fetchall()
+        }
+
+    def add_columns(self, table_schema: str, table_name: str, columns: dict[str, tuple[str, str | None]]) -> None:
+        """ADD COLUMN for each new source column: {name: (duckdb type, SQL default literal or None)}."""
+        target = q(table_schema, table_name)
+        for name, (duck, default) in columns.items():
+            clause = f" DEFAULT {default}" if default is not None else ""
+            self.conn.execute(f"ALTER TABLE {target} ADD COLUMN {q(name)} {duck}{clause}")
+            if default is not None:  # keep the value for existing rows, not for future inserts
+                self.conn.execute(f"ALTER TABLE {target} ALTER COLUMN {q(name)} DROP DEFAULT")
+        key = f"{table_schema}.{table_name}"
+        row = self.conn.execute(f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key]).fetchone()
+        stored = json.loads(row[0]) if row and row[0] else {}
+        stored.update({name: duck for name, (duck, _) in columns.items()})
+        self.conn.execute(
+            f"UPDATE {q(STATE_SCHEMA, 'tables')} SET columns = ? WHERE table_key = ?", [json.dumps(stored), key]
+        )
+
+    def apply_drain(self, decoded, target_lsn: int, slot: str, missing_values: dict) -> dict:
+        """Apply (streaming tables) or log (the rest) every table's changes, and record the
+        drained LSN, in one transaction. A table whose apply fails is marked failed and logged
+        instead, and the transaction is retried without it."""
+        from pg_replication.cdc import TableOutcome, failpoint
+
+        statuses = self.statuses()
+        failed_now: dict[str, str] = {}
+        while True:
+            outcomes = {}
+            self.conn.execute("BEGIN TRANSACTION")
+            try:
+                for key, batch in decoded.batches.items():
+                    plan = decoded.plans[key]
+                    status, error = statuses.get(key, ("backfilling", None))
+                    if key in failed_now:
+                        status, error = "failed", failed_now[key]
+                    if status == "streaming":
+                        try:
+                            self._apply_table(plan, batch, missing_values.get(key, {}))
+                        except (duckdb.Error, PgReplicationError) as exc:
+                            raise _TableFailed(key, batch.stats.first_lsn, exc) from None
+                        self.set_applied_lsn(key, batch.stats.last_lsn)
+                        outcomes[key] = TableOutcome(plan.table, batch.stats, "applied", self.row_count(plan.table))
+                        continue
+                    for segment in batch.segments:
+                        append_log(self.conn, plan.table.schema, plan.table.name, segment, plan.table.primary_key)
+                    if key in failed_now:
+                        self.set_status(key, "failed", error)
+                    mode = "failed" if status == "failed" else "logged"
+                    outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
+                failpoint("mid_apply")
+                self.set_drained_lsn(slot, target_lsn)
+                self.conn.execute("COMMIT")
+                return outcomes
+            except _TableFailed as failure:
+                self.conn.execute("ROLLBACK")
+                failed_now[failure.key] = failure.describe()
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def _apply_table(self, plan, batch, missing: dict[str, str | None]) -> None:
+        key = plan.key
+        stored = self.stored_columns(key)
+        added: dict[str, tuple[str, str | None]] = {}
+        for name in plan.columns:
+            duck = plan.mappings[name].duckdb
+            if name not in stored:
+                value = missing.get(name)
+                if value == "__volatile__":
+                    raise SchemaChangeError(
+                        f"{plan.table.display}: column {name!r} was added with a volatile default; "
+                        "existing rows got values no change event carries",
+                        table=plan.table.display,
+                    )
+                literal = None if value is None else plan.mappings[name].load_sql("'" + value.replace("'", "''") + "'")
+                added[name] = (duck, None if literal is None else f"CAST({literal} AS {duck})")
+            elif stored[name] != duck:
+                raise SchemaChangeError(
+                    f"{plan.table.display}: column {name!r} changed type from {stored[name]} to {duck}",
+                    table=plan.table.display,
+                )
+        if added:
+            self.add_columns(plan.table.schema, plan.table.name, added)
+        for segment in batch.segments:
+            apply_segment(self.conn, self.table_name(plan.table), segment, plan.mappings, plan.table.primary_key)
+
+    def stored_columns(self, key: str) -> dict[str, str]:
+        row = self.conn.execute(f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key]).fetchone()
+        return json.loads(row[0]) if row and row[0] else {}
+
     def row_count(self, table: Table) -> int:
         return int(self.conn.execute(f"SELECT count(*) FROM {self.table_name(table)}").fetchone()[0])  # type: ignore[index]
+
+
+class _TableFailed(Exception):
+    def __init__(self, key: str, first_lsn: int | None, exc: BaseException) -> None:
+        self.key, self.first_lsn, self.exc = key, first_lsn, exc
+
+    def describe(self) -> str:
+        from pg_replication.source.pgoutput import int_to_lsn
+
+        where = f" at LSN {int_to_lsn(self.first_lsn)}" if self.first_lsn is not None else ""
+        first = str(self.exc).splitlines()[0]
+        return f"{self.key}{where}: {first}"

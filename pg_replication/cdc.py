@@ -1,0 +1,310 @@
+"""One CDC drain: read a bounded batch from the slot, fold it per table, apply or log it in one
+warehouse transaction together with the drained LSN, then advance the slot.
+
+Exactly once: the drained LSN (end of the last transaction handled, or the WAL position before a
+peek that found nothing more) is committed with the data; transactions at or below it are
+skipped when read again, and the slot only ever moves to what the warehouse has committed.
+A table whose changes the warehouse rejects is marked failed; its changes go to its change log
+and every other table keeps streaming.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from pg_replication.changes import Segment, TableBatch, TableStats
+from pg_replication.errors import PgReplicationError, SchemaChangeError
+from pg_replication.source import pgoutput as po
+from pg_replication.source.catalog import Column, PgType, Table, load_types
+from pg_replication.source.connection import connect
+from pg_replication.source.slot import advance, current_lsn, require_slot, peek, sync_publication
+from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
+
+
+class StateBehindSlotError(PgReplicationError):
+    default_hint = (
+        "the slot moved past what this warehouse has applied (another consumer, or a restored "
+        "warehouse): changes in between are gone from the slot. Resync the tables"
+    )
+
+
+def failpoint(name: str) -> None:
+    """Crash tests: PGR_FAILPOINT=<name> kills this process here, as a power cut would."""
+    if os.environ.get("PGR_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    slot: str
+    publication: str
+    max_changes: int = 200_000
+    max_bytes: int = 256 << 20
+
+
+@dataclass
+class TableOutcome:
+    table: Table
+    stats: TableStats
+    mode: str  # applied, logged, failed
+    rows_now: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class DrainResult:
+    drained_lsn: int
+    changes: int = 0
+    transactions: int = 0
+    bytes: int = 0
+    caught_up: bool = True
+    seconds: float = 0.0
+    tables: dict[str, TableOutcome] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> dict[str, TableOutcome]:
+        return {k: t for k, t in self.tables.items() if t.mode == "failed"}
+
+
+@dataclass
+class _RelationPlan:
+    table: Table
+    key: str
+    columns: tuple[str, ...]
+    key_positions: tuple[int, ...]
+    converters: tuple[tuple[int, Callable[[str], str]], ...]
+    mappings: dict[str, TypeMapping]
+    new_columns: dict[str, Column]
+
+
+def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType]) -> _RelationPlan:
+    known = {c.name: c for c in table.columns}
+    columns = tuple(c.name for c in rel.columns)
+    mappings: dict[str, TypeMapping] = {}
+    new_columns: dict[str, Column] = {}
+    for i, rc in enumerate(rel.columns):
+        col = known.get(rc.name)
+        if col is None or col.type.oid != rc.type_oid or col.typmod != rc.typmod:
+            pg_type = types.get(rc.type_oid) or PgType(rc.type_oid, "", f"oid {rc.type_oid}", "base")
+            col = Column(rc.name, i + 1, pg_type, rc.typmod, col.ndims if col else 1, False, pg_type.name)
+            new_columns[rc.name] = col
+        mappings[rc.name] = map_column(col)
+    missing = [k for k in table.primary_key if k not in columns]
+    if missing:
+        raise SchemaChangeError(f"{table.display}: key column(s) {missing} are no longer published", table=table.display)
+    converters = tuple((i, mappings[n].from_text) for i, n in enumerate(columns) if mappings[n].from_text)
+    return _RelationPlan(
+        table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in table.primary_key),
+        converters, mappings, new_columns,  # type: ignore[arg-type]
+    )
+
+
+def _stage(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[list[str | None], set[int]]:
+    staged: list = list(values)
+    unknown: set[int] = set()
+    if po.UNCHANGED in staged:
+        for i, v in enumerate(staged):
+            if v is po.UNCHANGED:
+                unknown.add(i)
+                staged[i] = None
+    for i, convert in plan.converters:
+        v = staged[i]
+        if v is not None:
+            staged[i] = convert(v)
+    return staged, unknown
+
+
+@dataclass
+class _Decoded:
+    batches: dict[str, TableBatch]
+    plans: dict[str, _RelationPlan]
+    last_end_lsn: int | None
+    changes: int
+    transactions: int
+    bytes: int
+    exhausted: bool
+
+
+def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], settings: DrainSettings, skip_below: int) -> _Decoded:
+    types = load_types(conn)
+    relations: dict[int, _RelationPlan | None] = {}
+    plans: dict[str, _RelationPlan] = {}
+    batches: dict[str, TableBatch] = {}
+    last_end = None
+    changes = transactions = nbytes = rows = 0
+    stopped_early = False
+    skipping = False
+    commit_lsn = commit_time = 0
+    for chunk in peek(conn, settings.slot, settings.publication, max_changes=settings.max_changes):
+        for raw in chunk:
+            rows += 1
+            nbytes += len(raw.data)
+            msg = po.decode(raw.data)
+            kind = type(msg)
+            if kind is po.Begin:
+                commit_lsn, commit_time = msg.final_lsn, msg.commit_time  # type: ignore[union-attr]
+                skipping = commit_lsn < skip_below
+                continue
+            if kind is po.Commit:
+                transactions += 0 if skipping else 1
+                last_end = msg.end_lsn  # type: ignore[union-attr]
+                if changes >= settings.max_changes or nbytes >= settings.max_bytes:
+                    stopped_early = True
+                    break
+                continue
+            if kind is po.Relation:
+                table = tables.get((msg.schema, msg.name))  # type: ignore[union-attr]
+                plan = _plan_relation(msg, table, types) if table else None  # type: ignore[arg-type]
+                relations[msg.oid] = plan  # type: ignore[union-attr]
+                if plan:
+                    previous = plans.get(plan.key)
+                    if previous is not None:  # earlier segments may still need dropped columns
+                        plan.mappings = {**previous.mappings, **plan.mappings}
+                        plan.new_columns = {**previous.new_columns, **plan.new_columns}
+                    plans[plan.key] = plan
+                continue
+            if skipping or kind in (po.LogicalMessage, po.Origin, po.TypeMessage):
+                continue
+            if kind is po.Truncate:
+                for oid in msg.relations:  # type: ignore[union-attr]
+                    plan = relations.get(oid)
+                    if plan:
+                        tb = batches.setdefault(plan.key, TableBatch())
+                        tb.segment(plan.columns, plan.key_positions).truncate()
+                        tb.stats.truncated += 1
+                        tb.stats.saw(commit_lsn, commit_time)
+                        changes += 1
+                continue
+            plan = relations.get(msg.relation)  # type: ignore[union-attr]
+            if plan is None:
+                if msg.relation not in relations:  # type: ignore[union-attr]
+                    raise po.DecodeError(f"change for relation {msg.relation} before its Relation message")  # type: ignore[union-attr]
+                continue  # a published table we do not replicate (config changed): ignore
+            tb = batches.get(plan.key)
+            if tb is None:
+                tb = batches[plan.key] = TableBatch()
+            segment = tb.segment(plan.columns, plan.key_positions)
+            changes += 1
+            tb.stats.saw(commit_lsn, commit_time)
+            if kind is po.Insert:
+                values, _ = _stage(msg.new, plan)  # type: ignore[union-attr]
+                segment.insert(values)
+                tb.stats.inserted += 1
+            elif kind is po.Update:
+                values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
+                old_key = None
+                if msg.old is not None:  # type: ignore[union-attr]
+                    old_values, _ = _stage(msg.old, plan)  # type: ignore[union-attr]
+                    old_key = segment.key(old_values)
+                segment.update(values, unknown, old_key)
+                tb.stats.updated += 1
+            elif kind is po.Delete:
+                old_values, _ = _stage(msg.old, plan)  # type: ignore[union-attr]
+                segment.delete(segment.key(old_values))
+                tb.stats.deleted += 1
+        if stopped_early:
+            break
+    exhausted = not stopped_early and rows < settings.max_changes
+    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted)
+
+
+def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None] = lambda m: None) -> DrainResult:
+    """Drain one bounded batch. ``warehouse`` is a DuckDBWarehouse (see warehouse/base.py)."""
+    started = time.monotonic()
+    by_name = {(t.schema, t.name): t for t in tables}
+    with connect(conninfo, options=SESSION_OPTIONS) as conn:
+        status = require_slot(conn, settings.slot)
+        sync_publication(conn, settings.publication, tables)
+        drained = warehouse.drained_lsn(settings.slot)
+        if drained is not None and drained < status.confirmed_lsn:
+            raise StateBehindSlotError(
+                f"warehouse has applied up to {po.int_to_lsn(drained)} but slot {settings.slot!r} "
+                f"is at {po.int_to_lsn(status.confirmed_lsn)}",
+                lsn=po.int_to_lsn(drained),
+            )
+        if drained is not None and drained > status.confirmed_lsn:
+            advance(conn, settings.slot, drained)  # a previous run committed but died before advancing
+        before = current_lsn(conn)
+        decoded = _read_batch(conn, by_name, settings, drained or 0)
+        failpoint("after_read")
+        target = max(drained or 0, decoded.last_end_lsn or 0, before if decoded.exhausted else 0, status.confirmed_lsn)
+        missing_values = _missing_values(conn, decoded)
+        result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
+        result.tables = warehouse.apply_drain(decoded, target, settings.slot, missing_values)
+        failpoint("after_commit")
+        if target > status.confirmed_lsn:
+            advance(conn, settings.slot, target)
+    result.seconds = time.monotonic() - started
+    for key, outcome in result.failed.items():
+        log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")
+    return result
+
+
+def _missing_values(conn: psycopg.Connection, decoded: _Decoded) -> dict[str, dict[str, str | None]]:
+    """For columns added in the source (ALTER TABLE ADD COLUMN), the value existing rows have.
+
+    Postgres stores a constant default once ('missing value') instead of rewriting the table, so no
+    change events carry it: we read it from the catalog. A volatile default rewrites the table,
+    also without events: that cannot be followed, and raises SchemaChangeError.
+    """
+    out: dict[str, dict[str, str | None]] = {}
+    for key, plan in decoded.plans.items():
+        if not plan.new_columns:
+            continue
+        values: dict[str, str | None] = {}
+        for name in plan.new_columns:
+            row = conn.execute(
+                """SELECT a.atthasmissing, a.attmissingval::text, d.adbin IS NOT NULL
+                   FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                   WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped""",
+                (plan.table.ident.as_string(conn), name),
+            ).fetchone()
+            if row is None:
+                values[name] = None
+            elif row[0]:
+                values[name] = row[1][1:-1] if row[1] else None  # '{value}' -> value (a one-element array)
+            elif row[2]:
+                values[name] = "__volatile__"
+            else:
+                values[name] = None
+        out[key] = values
+    return out
+
+
+def keys_in_source(conninfo: str, table: Table) -> Callable[[list[tuple]], set[tuple]]:
+    """A KeyCheck: which of the given primary keys the source table has now."""
+    types = {c.name: c.type_sql for c in table.columns}
+
+    def check(keys: list[tuple]) -> set[tuple]:
+        alive: set[tuple] = set()
+        width = len(table.primary_key)
+        with connect(conninfo) as conn:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                rows = sql.SQL(", ").join(
+                    sql.SQL("({})").format(sql.SQL(", ").join([sql.Literal(i)] + [sql.Placeholder()] * width))
+                    for i in range(len(chunk))
+                )
+                cond = sql.SQL(" AND ").join(
+                    sql.SQL("t.{} = v.{}::{}").format(sql.Identifier(k), sql.Identifier(f"k{j}"), sql.SQL(types[k]))
+                    for j, k in enumerate(table.primary_key)
+                )
+                query = sql.SQL("SELECT v.i FROM (VALUES {}) AS v(i, {}) WHERE EXISTS (SELECT 1 FROM {} t WHERE {})").format(
+                    rows, sql.SQL(", ").join(sql.Identifier(f"k{j}") for j in range(width)), table.ident, cond
+                )
+                params = [None if v is None else str(v) for k in chunk for v in k]
+                for (i,) in conn.execute(query, params):
+                    alive.add(tuple(chunk[i]))
+        return alive
+
+    return check
+
+
+__all__ = ["DrainResult", "DrainSettings", "Segment", "StateBehindSlotError", "drain_once", "keys_in_source"]

@@ -1,0 +1,205 @@
+"""The replication slot and publication: create, sync, inspect, read bounded batches, advance.
+
+psycopg cannot stream replication (COPY_BOTH), so reads use the SQL functions. They are
+repeatable (peek) and bounded: ``upto_nchanges`` stops at the first transaction boundary after
+N changes, and a server-side cursor lets us stop early at a byte budget, always after a Commit.
+Only one session can read a slot at a time; a busy slot raises SlotBusyError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors, sql
+
+from pg_replication.errors import PgReplicationError, SourceNotReadyError
+from pg_replication.source.catalog import Table
+from pg_replication.source.pgoutput import lsn_to_int
+
+
+class SlotError(PgReplicationError):
+    """The slot is missing, lost or busy."""
+
+
+class SlotMissingError(SlotError):
+    default_hint = (
+        "the slot was dropped: changes since the last drain are gone. Resync the tables "
+        "(pg-replication resync TABLE, or materialize all partitions again)"
+    )
+
+
+class SlotLostError(SlotError):
+    default_hint = (
+        "Postgres removed WAL the slot still needed (max_slot_wal_keep_size). Drop the slot "
+        "(pg-replication drop-slot) and resync the tables"
+    )
+
+
+class SlotBusyError(SlotError):
+    retryable = True
+    default_hint = "another drain is reading the slot; this run will be retried by the sensor"
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    name: str
+    active: bool
+    confirmed_lsn: int
+    restart_lsn: int | None
+    wal_status: str | None
+    current_lsn: int
+
+    @property
+    def lag_bytes(self) -> int:
+        return max(0, self.current_lsn - self.confirmed_lsn)
+
+    @property
+    def retained_bytes(self) -> int:
+        return max(0, self.current_lsn - (self.restart_lsn or self.current_lsn))
+
+
+def check_source_ready(conn: psycopg.Connection) -> None:
+    level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
+    if level != "logical":
+        raise SourceNotReadyError(
+            f"Postgres has wal_level={level}; CDC needs wal_level=logical",
+            hint="ALTER SYSTEM SET wal_level = logical; then restart Postgres",
+            setting="wal_level",
+        )
+
+
+def slot_status(conn: psycopg.Connection, slot: str) -> SlotStatus | None:
+    row = conn.execute(
+        """SELECT active, confirmed_flush_lsn::text, restart_lsn::text, wal_status, pg_current_wal_lsn()::text
+           FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()""",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    active, confirmed, restart, wal_status, current = row
+    return SlotStatus(
+        slot,
+        active,
+        lsn_to_int(confirmed) if confirmed else 0,
+        lsn_to_int(restart) if restart else None,
+        wal_status,
+        lsn_to_int(current),
+    )
+
+
+def ensure_slot(conn: psycopg.Connection, slot: str) -> SlotStatus:
+    """The slot, created (pgoutput) if missing. Must run outside a transaction."""
+    check_source_ready(conn)
+    status = slot_status(conn, slot)
+    if status is None:
+        try:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        except errors.DuplicateObject:
+            pass  # created concurrently by another run
+        except errors.InsufficientPrivilege as exc:
+            raise SourceNotReadyError(
+                f"cannot create replication slot {slot!r}: {exc.diag.message_primary}",
+                hint="grant the REPLICATION attribute to the role (see README, Operations)",
+            ) from None
+        status = slot_status(conn, slot)
+    assert status is not None
+    return status
+
+
+def require_slot(conn: psycopg.Connection, slot: str) -> SlotStatus:
+    status = slot_status(conn, slot)
+    if status is None:
+        raise SlotMissingError(f"replication slot {slot!r} does not exist in this database")
+    if status.wal_status == "lost":
+        raise SlotLostError(f"replication slot {slot!r} is lost (wal_status 'lost')")
+    return status
+
+
+def publication_tables(conn: psycopg.Connection, publication: str) -> set[tuple[str, str]]:
+    return {
+        (s, t)
+        for s, t in conn.execute(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (publication,)
+        )
+    }
+
+
+def _table_item(table: Table) -> sql.Composable:
+    if table.entry and table.entry.exclude_columns:  # a column list keeps excluded data at home
+        return sql.SQL("{} ({})").format(table.ident, sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns))
+    return table.ident
+
+
+def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Table]) -> bool:
+    """Make the publication hold exactly ``tables``. Returns True when it changed anything."""
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    items = sql.SQL(", ").join(_table_item(t) for t in tables)
+    if not exists:
+        if not tables:
+            return False
+        conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
+                sql.Identifier(publication), items
+            )
+        )
+        return True
+    if publication_tables(conn, publication) == {(t.schema, t.name) for t in tables}:
+        return False
+    if tables:
+        conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(publication), items))
+    else:
+        conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+    return True
+
+
+def add_to_publication(conn: psycopg.Connection, publication: str, table: Table) -> None:
+    """Publish one more table (the backfill calls this before it plans)."""
+    if (table.schema, table.name) in publication_tables(conn, publication):
+        return
+    exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    verb = "ALTER PUBLICATION {} ADD TABLE {}" if exists else (
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)"
+    )
+    conn.execute(sql.SQL(verb).format(sql.Identifier(publication), _table_item(table)))
+
+
+@dataclass(frozen=True)
+class RawChange:
+    lsn: int
+    data: bytes
+
+
+def peek(
+    conn: psycopg.Connection, slot: str, publication: str, *, max_changes: int, fetch: int = 5000
+) -> Iterator[list[RawChange]]:
+    """Yield the slot's pending messages in chunks, up to ``max_changes`` (whole transactions).
+
+    The caller stops iterating whenever it likes; nothing is consumed until the slot is advanced.
+    """
+    query = """SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(
+                   %s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')"""
+    try:
+        with conn.transaction(), conn.cursor(name="pgr_peek") as cur:
+            cur.execute(query, (slot, max_changes, sql.Identifier(publication).as_string(conn)))
+            while rows := cur.fetchmany(fetch):
+                yield [RawChange(lsn_to_int(lsn), bytes(data)) for lsn, data in rows]
+    except errors.ObjectInUse:
+        raise SlotBusyError(f"replication slot {slot!r} is in use by another session") from None
+    except errors.UndefinedObject as exc:
+        if "publication" in str(exc):
+            raise SourceNotReadyError(
+                f"publication {publication!r} does not exist", hint="run a backfill or a drain to create it"
+            ) from None
+        raise SlotMissingError(f"replication slot {slot!r} does not exist") from None
+
+
+def advance(conn: psycopg.Connection, slot: str, lsn: int) -> None:
+    from pg_replication.source.pgoutput import int_to_lsn
+
+    conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (slot, int_to_lsn(lsn)))
+
+
+def current_lsn(conn: psycopg.Connection) -> int:
+    return lsn_to_int(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])  # type: ignore[index]
