@@ -24,7 +24,7 @@ from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.source import pgoutput as po
 from pg_replication.source.catalog import Column, PgType, Table, load_types
 from pg_replication.source.connection import connect
-from pg_replication.source.slot import advance, current_lsn, require_slot, peek, sync_publication
+from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
 
 
@@ -231,7 +231,7 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
             )
         if drained is not None and drained > status.confirmed_lsn:
             advance(conn, settings.slot, drained)  # a previous run committed but died before advancing
-        before = current_lsn(conn)
+        before = flushed_lsn(conn)
         decoded = _read_batch(conn, by_name, settings, drained or 0)
         failpoint("after_read")
         target = max(drained or 0, decoded.last_end_lsn or 0, before if decoded.exhausted else 0, status.confirmed_lsn)

@@ -201,5 +201,6 @@ def advance(conn: psycopg.Connection, slot: str, lsn: int) -> None:
     conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (slot, int_to_lsn(lsn)))
 
 
-def current_lsn(conn: psycopg.Connection) -> int:
-    return lsn_to_int(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])  # type: ignore[index]
+def flushed_lsn(conn: psycopg.Connection) -> int:
+    """Where WAL is flushed to: logical decoding sees every commit below it (and nothing above)."""
+    return lsn_to_int(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])  # type: ignore[index]

@@ -20,9 +20,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import pyarrow as pa
+from psycopg import sql
 
 from pg_replication.source.catalog import Table
 from pg_replication.source.snapshot import BackfillPlan
+
+def quote(*names: str) -> str:
+    """Quote an identifier (or a dotted path of them) for the warehouse, via psycopg's composition."""
+    return sql.Identifier(*names).as_string()
+
 
 STATE_SCHEMA = "_pg_replication"
 SLICE_COLUMN = "_pg_slice"

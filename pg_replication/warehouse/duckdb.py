@@ -12,18 +12,13 @@ from collections.abc import Iterable
 
 import duckdb
 import pyarrow as pa
-from psycopg import sql
 
 from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Table
 from pg_replication.source.snapshot import BackfillPlan, column_mappings
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState
-from pg_replication.warehouse.duckdb_changes import append_log, apply_segment, replay_log
-
-
-def q(*names: str) -> str:
-    """Quote an identifier (or a dotted path of them) for DuckDB, via psycopg's composition."""
-    return sql.Identifier(*names).as_string()
+from pg_replication.warehouse.base import quote as q
+from pg_replication.warehouse.duckdb_changes import append_log, apply_segment, one, replay_log
 
 
 def table_key(table: Table) -> str:
@@ -76,9 +71,9 @@ class DuckDBWarehouse:
 
     def ensure_table(self, table: Table) -> None:
         wanted = {name: m.duckdb for name, m in column_mappings(table)}
-        row = self.conn.execute(
+        row = one(self.conn, 
             f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [table_key(table)]
-        ).fetchone()
+        )
         stored: dict[str, str] | None = json.loads(row[0]) if row and row[0] else None
         exists = self._exists(table)
         if not exists:
@@ -110,10 +105,10 @@ class DuckDBWarehouse:
 
     def _exists(self, table: Table) -> bool:
         return bool(
-            self.conn.execute(
+            one(self.conn, 
                 "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
                 [table.schema, table.name],
-            ).fetchone()[0]  # type: ignore[index]
+            )[0]  # type: ignore[index]
         )
 
     def _live_columns(self, table: Table) -> dict[str, str]:
@@ -126,10 +121,10 @@ class DuckDBWarehouse:
     # -- state ------------------------------------------------------------------------------
 
     def load_state(self, table: Table) -> TableState:
-        row = self.conn.execute(
+        row = one(self.conn, 
             f"SELECT plan, coalesce(status, 'backfilling') FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?",
             [table_key(table)],
-        ).fetchone()
+        )
         done = self.conn.execute(
             f"SELECT slice FROM {q(STATE_SCHEMA, 'slices')} WHERE table_key = ?", [table_key(table)]
         ).fetchall()
@@ -241,7 +236,7 @@ class DuckDBWarehouse:
         )
 
     def drained_lsn(self, slot: str) -> int | None:
-        row = self.conn.execute(f"SELECT drained_lsn FROM {q(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot]).fetchone()
+        row = one(self.conn, f"SELECT drained_lsn FROM {q(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot])
         return int(row[0]) if row and row[0] is not None else None
 
     def set_drained_lsn(self, slot: str, lsn: int) -> None:
@@ -271,7 +266,7 @@ class DuckDBWarehouse:
             if default is not None:  # keep the value for existing rows, not for future inserts
                 self.conn.execute(f"ALTER TABLE {target} ALTER COLUMN {q(name)} DROP DEFAULT")
         key = f"{table_schema}.{table_name}"
-        row = self.conn.execute(f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key]).fetchone()
+        row = one(self.conn, f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
         stored = json.loads(row[0]) if row and row[0] else {}
         stored.update({name: duck for name, (duck, _) in columns.items()})
         self.conn.execute(
@@ -347,11 +342,11 @@ class DuckDBWarehouse:
             apply_segment(self.conn, self.table_name(plan.table), segment, plan.mappings, plan.table.primary_key)
 
     def stored_columns(self, key: str) -> dict[str, str]:
-        row = self.conn.execute(f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key]).fetchone()
+        row = one(self.conn, f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
         return json.loads(row[0]) if row and row[0] else {}
 
     def row_count(self, table: Table) -> int:
-        return int(self.conn.execute(f"SELECT count(*) FROM {self.table_name(table)}").fetchone()[0])  # type: ignore[index]
+        return int(one(self.conn, f"SELECT count(*) FROM {self.table_name(table)}")[0])  # type: ignore[index]
 
 
 class _TableFailed(Exception):

@@ -19,12 +19,14 @@ import pyarrow as pa
 from pg_replication.changes import Segment, Upsert
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA
+from pg_replication.warehouse.base import quote as q
 
 
-def q(*names: str) -> str:
-    from psycopg import sql
-
-    return sql.Identifier(*names).as_string()
+def one(conn: duckdb.DuckDBPyConnection, query: str, params: list | None = None) -> tuple | None:
+    """The first row of a query. (DuckDB 2 keeps a partly fetched result open and refuses the
+    next statement on the connection, so always fetch everything.)"""
+    rows = conn.execute(query, params or []).fetchall()
+    return rows[0] if rows else None
 
 
 def log_table(schema: str, name: str) -> str:
@@ -52,6 +54,8 @@ def apply_segment(
     upserts = [(k, u) for k, u in segment.rows.items() if u is not None]
     deleted = [k for k, u in segment.rows.items() if u is None]
     key_exprs = ", ".join(q(k) for k in key)
+    if upserts:  # resolved first: unknown values may come from rows deleted below
+        _resolve_upserts(conn, target, segment, upserts, mappings, key)
     if deleted:
         conn.register("pgr_deleted", pa.table({f"k{i}": _strings([d[i] for d in deleted]) for i in range(len(key))}))
         staged_keys = ", ".join(_typed(mappings[k], q(f"k{i}")) for i, k in enumerate(key))
@@ -59,6 +63,15 @@ def apply_segment(
         conn.unregister("pgr_deleted")
     if not upserts:
         return
+    conn.execute(f"DELETE FROM {target} WHERE ({key_exprs}) IN (SELECT {key_exprs} FROM pgr_resolved)")
+    names = ", ".join(q(c) for c in segment.columns)
+    conn.execute(f"INSERT INTO {target} ({names}, {q(SLICE_COLUMN)}) SELECT {names}, NULL FROM pgr_resolved")
+    conn.execute("DROP TABLE pgr_resolved")
+
+
+def _resolve_upserts(conn, target, segment, upserts, mappings, key) -> None:
+    """Stage the upserts and resolve them into the temp table ``pgr_resolved`` (typed values,
+    unknown ones taken from the warehouse row named by ``fill_key``)."""
     columns = segment.columns
     data = {name: _strings([u.values[i] for _, u in upserts]) for i, name in enumerate(columns)}
     unknown_cols = sorted({i for _, u in upserts for i in u.unknown})
@@ -80,10 +93,6 @@ def apply_segment(
         source = f"pgr_stage s LEFT JOIN {target} w ON {join}"
     conn.execute(f"CREATE OR REPLACE TEMP TABLE pgr_resolved AS SELECT {', '.join(select)} FROM {source}")
     conn.unregister("pgr_stage")
-    conn.execute(f"DELETE FROM {target} WHERE ({key_exprs}) IN (SELECT {key_exprs} FROM pgr_resolved)")
-    names = ", ".join(q(c) for c in columns)
-    conn.execute(f"INSERT INTO {target} ({names}, {q(SLICE_COLUMN)}) SELECT {names}, NULL FROM pgr_resolved")
-    conn.execute("DROP TABLE pgr_resolved")
 
 
 # -- the change log -------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ def append_log(conn: duckdb.DuckDBPyConnection, schema: str, name: str, segment:
     # Columns the log holds but this segment does not (dropped, or not yet added): on replay the
     # warehouse row keeps its value for them, as for unchanged TOAST.
     absent = [c for c in log_columns if c not in segment.columns]
-    seq0 = conn.execute(f"SELECT coalesce(max(_seq), 0), coalesce(max(_segment), 0) FROM {table}").fetchone()
+    seq0 = one(conn, f"SELECT coalesce(max(_seq), 0), coalesce(max(_segment), 0) FROM {table}")
     seq, seg_id = int(seq0[0]) + 1, int(seq0[1]) + 1  # type: ignore[index]
     ops: list[str] = []
     unknown: list[list[str] | None] = []
@@ -161,10 +170,11 @@ def replay_log(
 ) -> int:
     """Apply every logged segment in order, then empty the log. Returns the rows replayed."""
     table = log_table(schema, name)
-    exists = conn.execute(
+    exists = one(
+        conn,
         "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
         [STATE_SCHEMA, f"log.{schema}.{name}"],
-    ).fetchone()[0]  # type: ignore[index]
+    )[0]  # type: ignore[index]
     if not exists:
         return 0
     columns = tuple(
