@@ -12,7 +12,11 @@ from pg_replication.assets import (
     build_table_asset,
     check_unique_keys,
 )
+from dagster_duckdb import DuckDBResource
+
 from pg_replication.config import ReplicationConfig, load_config
+from pg_replication.jobs import build_cdc_job
+from pg_replication.sensors import build_cdc_sensor
 from pg_replication.resources import PostgresSource
 from pg_replication.source.catalog import introspect
 from pg_replication.source.connection import connect, source_conninfo
@@ -25,12 +29,12 @@ def build_source_resource() -> PostgresSource:
     return PostgresSource()
 
 
-def build_warehouse_io_manager(config: ReplicationConfig) -> dg.ConfigurableIOManager:
-    from dagster_duckdb import DuckDBResource
-
+def build_warehouse_io_manager(config: ReplicationConfig, duckdb: DuckDBResource) -> dg.ConfigurableIOManager:
     from pg_replication.io_managers import DuckDBWarehouseIOManager
 
-    return DuckDBWarehouseIOManager(duckdb=DuckDBResource(database=config.duckdb_path()))
+    return DuckDBWarehouseIOManager(
+        duckdb=duckdb, slot=config.source.slot, publication=config.source.publication
+    )
 
 
 def build_definitions(
@@ -43,11 +47,16 @@ def build_definitions(
     translator = translator_class(config)
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
+    cdc_job = build_cdc_job(config, tables, translator)
+    duckdb = DuckDBResource(database=config.duckdb_path())
     return dg.Definitions(
         assets=assets,
+        jobs=[cdc_job],
+        sensors=[build_cdc_sensor(config, cdc_job)],
         resources={
             "source": build_source_resource(),
-            WAREHOUSE_IO_MANAGER_KEY: build_warehouse_io_manager(config),
+            "duckdb": duckdb,
+            WAREHOUSE_IO_MANAGER_KEY: build_warehouse_io_manager(config, duckdb),
         },
     )
 

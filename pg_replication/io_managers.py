@@ -7,7 +7,7 @@ import pyarrow as pa
 from dagster_duckdb import DuckDBResource
 
 from pg_replication.assets import BackfillRequest
-from pg_replication.backfill import run_backfill
+from pg_replication.backfill import SlotSettings, run_backfill
 from pg_replication.warehouse.base import SLICE_COLUMN
 from pg_replication.warehouse.duckdb import DuckDBWarehouse, q
 
@@ -21,6 +21,8 @@ class DuckDBWarehouseIOManager(dg.ConfigurableIOManager):
     """
 
     duckdb: DuckDBResource
+    slot: str = "pg_replication"
+    publication: str = "pg_replication"
 
     def handle_output(self, context: dg.OutputContext, obj: BackfillRequest) -> None:
         with self.duckdb.get_connection() as conn:
@@ -33,6 +35,7 @@ class DuckDBWarehouseIOManager(dg.ConfigurableIOManager):
                 partitions=obj.partitions,
                 readers=obj.readers,
                 row_limit=obj.row_limit,
+                cdc=SlotSettings(self.slot, self.publication),
                 log=context.log.info,
             )
             rows_now = warehouse.row_count(obj.table)
