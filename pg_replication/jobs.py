@@ -43,7 +43,7 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
     name = f"{config.source.name}_cdc_drain"
     settings = DrainSettings(slot=config.source.slot, publication=config.source.publication)
 
-    @dg.op(name=name, pool=config.source.pool, out={})
+    @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={})
     def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, duckdb: DuckDBResource):
         run_settings = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
         with duckdb.get_connection() as conn:

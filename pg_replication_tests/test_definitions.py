@@ -53,7 +53,7 @@ def test_cli_materialize_partition_range(cli_env, pg, duckdb_path, tmp_path):
 @pytest.mark.e2e
 def test_definitions_validate(cli_env, tmp_path):
     out = _run(["definitions", "validate", "-w", str(ROOT / "workspace.yaml")], cli_env, ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
 
 
 @pytest.mark.e2e

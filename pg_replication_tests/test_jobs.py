@@ -31,7 +31,7 @@ def test_drain_materializes_touched_tables_with_metadata(shop, pg):
     with dg.instance_for_test() as instance:
         result = _drain(shop, instance)
         assert result.success
-        (event,) = result.asset_materializations_for_node("postgres_cdc_drain")
+        (event,) = result.asset_materializations_for_node("postgres_drain_slot")
         assert event.asset_key == dg.AssetKey(["public", "a"])
         md = {k: v.value for k, v in event.metadata.items()}
         assert (md["inserted"], md["updated"], md["deleted"], md["truncated"]) == (1, 10, 1, 0)
@@ -49,7 +49,7 @@ def test_one_failing_table_fails_the_run_loudly_while_others_apply(shop, pg, duc
     pg.execute("INSERT INTO b VALUES (1, 1)")
     result = _drain(shop)
     assert not result.success
-    failure = result.failure_data_for_node("postgres_cdc_drain").error
+    failure = result.failure_data_for_node("postgres_drain_slot").error
     assert "public.a" in failure.message and "LSN" in failure.message and "NaN" in failure.message
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
         assert wh.execute('SELECT id, v FROM "public"."b"').fetchall() == [(1, 1)]
