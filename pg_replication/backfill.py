@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pg_replication.cdc import keys_in_source
 from pg_replication.errors import PlanMismatchError
-from pg_replication.source.catalog import Table
+from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, make_plan, read_slice
@@ -49,8 +49,10 @@ def ensure_plan(
     if plan is None:
         with connect(conninfo) as conn:
             if cdc is not None:
-                ensure_slot(conn, cdc.slot)
+                # Publication first: decoding reads the catalog as of each change, and a slot
+                # older than its publication fails on the changes from before it existed.
                 add_to_publication(conn, cdc.publication, table)
+                ensure_slot(conn, cdc.slot)
             lsn = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
             plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn))
     if plan.partitions != partitions:
@@ -61,6 +63,17 @@ def ensure_plan(
             lsn=plan.lsn,
         )
     return plan
+
+
+def _current(conninfo: str, warehouse: Warehouse, table: Table) -> Table:
+    """Re-read the table from the catalog and make the warehouse table match it."""
+    with connect(conninfo) as conn:
+        table = refresh_table(conn, table)
+        stored = warehouse.stored_columns(f"{table.schema}.{table.name}")
+        new = [c.name for c in table.columns if c.name not in stored]
+        missing = missing_values(conn, table, new) if stored and new else {}
+    warehouse.ensure_table(table, missing)
+    return table
 
 
 def run_backfill(
@@ -75,9 +88,8 @@ def run_backfill(
     cdc: SlotSettings | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BackfillResult:
-    warehouse.ensure_table(table)
+    table = _current(conninfo, warehouse, table)
     plan = ensure_plan(conninfo, warehouse, table, partitions, cdc)
-    still_in_source = keys_in_source(conninfo, table)
     per_slice_limit = -(-row_limit // partitions) if row_limit else None
     started = time.monotonic()
     total_rows = total_bytes = 0
@@ -92,6 +104,8 @@ def run_backfill(
                 rate = rows / max(now - slice_started, 1e-9)
                 log(f"{table.display} slice {index}: {rows:,} rows, {nbytes / 2**20:,.0f} MiB, {rate:,.0f} rows/s")
 
+        table = _current(conninfo, warehouse, table)  # columns may change between slices
+        still_in_source = keys_in_source(conninfo, table)
         batches = read_slice(conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit)
         try:
             result = warehouse.write_slice(table, index, batches, progress, still_in_source)

@@ -22,7 +22,7 @@ from psycopg import sql
 from pg_replication.changes import Segment, TableBatch, TableStats
 from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.source import pgoutput as po
-from pg_replication.source.catalog import Column, PgType, Table, load_types
+from pg_replication.source.catalog import Column, PgType, Table, load_types, missing_values
 from pg_replication.source.connection import connect
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
@@ -248,34 +248,7 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
 
 
 def _missing_values(conn: psycopg.Connection, decoded: _Decoded) -> dict[str, dict[str, str | None]]:
-    """For columns added in the source (ALTER TABLE ADD COLUMN), the value existing rows have.
-
-    Postgres stores a constant default once ('missing value') instead of rewriting the table, so no
-    change events carry it: we read it from the catalog. A volatile default rewrites the table,
-    also without events: that cannot be followed, and raises SchemaChangeError.
-    """
-    out: dict[str, dict[str, str | None]] = {}
-    for key, plan in decoded.plans.items():
-        if not plan.new_columns:
-            continue
-        values: dict[str, str | None] = {}
-        for name in plan.new_columns:
-            row = conn.execute(
-                """SELECT a.atthasmissing, a.attmissingval::text, d.adbin IS NOT NULL
-                   FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                   WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped""",
-                (plan.table.ident.as_string(conn), name),
-            ).fetchone()
-            if row is None:
-                values[name] = None
-            elif row[0]:
-                values[name] = row[1][1:-1] if row[1] else None  # '{value}' -> value (a one-element array)
-            elif row[2]:
-                values[name] = "__volatile__"
-            else:
-                values[name] = None
-        out[key] = values
-    return out
+    return {key: missing_values(conn, plan.table, plan.new_columns) for key, plan in decoded.plans.items() if plan.new_columns}
 
 
 def keys_in_source(conninfo: str, table: Table) -> Callable[[list[tuple]], set[tuple]]:

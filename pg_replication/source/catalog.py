@@ -272,3 +272,48 @@ def _build_table(src: SourceTable, entry: TableEntry, cols: list[Column], pkey: 
 def introspect(conn: psycopg.Connection, config: ReplicationConfig) -> list[Table]:
     """The configured tables, fully described. Raises TableNotReplicableError on the first problem."""
     return describe_tables(conn, select_tables(config, list_source_tables(conn)))
+
+
+VOLATILE_DEFAULT = "\x00volatile"  # marks a column added with a volatile default (table rewritten)
+
+
+def missing_values(conn: psycopg.Connection, table: Table, names) -> dict[str, str | None]:
+    """For columns added by ALTER TABLE ADD COLUMN: the value rows that existed then have.
+
+    Postgres stores a constant default once (the 'missing value') instead of rewriting the table,
+    so no change event carries it. A volatile default rewrites the table, also without events:
+    that is reported as VOLATILE_DEFAULT, which the warehouse refuses to guess.
+    """
+    out: dict[str, str | None] = {}
+    for name in names:
+        row = conn.execute(
+            """SELECT a.atthasmissing, a.attmissingval::text, d.adbin IS NOT NULL
+               FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+               WHERE a.attrelid = %s AND a.attname = %s AND NOT a.attisdropped""",
+            (table.oid, name),
+        ).fetchone()
+        if row is None or not (row[0] or row[2]):
+            out[name] = None
+        elif row[0]:
+            out[name] = _single_array_element(row[1])
+        else:
+            # A default but no stored missing value: either the table was empty or rewritten.
+            has_rows = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(table.ident)).fetchone()[0]  # type: ignore[index]
+            out[name] = VOLATILE_DEFAULT if has_rows else None
+    return out
+
+
+def _single_array_element(text: str | None) -> str | None:
+    from pg_replication.source.text_values import parse_array
+
+    if text is None:
+        return None
+    items = parse_array(text)
+    return items[0] if items else None
+
+
+def refresh_table(conn: psycopg.Connection, table: Table) -> Table:
+    """The same table as the catalog describes it now (columns may have been added or dropped)."""
+    src = SourceTable(table.oid, table.schema, table.name, table.relkind, table.replica_identity, False, table.comment, 0)
+    assert table.entry is not None
+    return describe_tables(conn, [(src, table.entry)])[0]

@@ -147,10 +147,9 @@ def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Ta
         return True
     if publication_tables(conn, publication) == {(t.schema, t.name) for t in tables}:
         return False
-    if tables:
-        conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(publication), items))
-    else:
-        conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication)))
+    if not tables:  # never dropped: a slot cannot decode across its publication's absence
+        return False
+    conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(publication), items))
     return True
 
 

@@ -55,7 +55,14 @@ KeyCheck = Callable[[list[tuple]], set[tuple]]  # which of these primary keys th
 class Warehouse(Protocol):
     name: str
 
-    def ensure_table(self, table: Table) -> None: ...
+    def ensure_table(self, table: Table, missing: dict[str, str | None] | None = None) -> None:
+        """Create the table, or add new source columns; ``missing`` gives, per new column, the
+        value rows that existed before ALTER TABLE ADD COLUMN have (Postgres's missing value)."""
+        ...
+
+    def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
+        """The warehouse columns of table ``schema.name``: {name: {"duckdb": type, "load": expr}}."""
+        ...
 
     def load_state(self, table: Table) -> TableState: ...
 

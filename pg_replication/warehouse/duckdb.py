@@ -15,7 +15,9 @@ import pyarrow as pa
 
 from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Table
+from pg_replication.source.catalog import VOLATILE_DEFAULT
 from pg_replication.source.snapshot import BackfillPlan, column_mappings
+from pg_replication.types import TypeMapping
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState
 from pg_replication.warehouse.base import quote as q
 from pg_replication.warehouse.duckdb_changes import append_log, apply_segment, one, replay_log
@@ -69,38 +71,62 @@ class DuckDBWarehouse:
 
     # -- schema -----------------------------------------------------------------------------
 
-    def ensure_table(self, table: Table) -> None:
-        wanted = {name: m.duckdb for name, m in column_mappings(table)}
-        row = one(self.conn, 
-            f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [table_key(table)]
-        )
-        stored: dict[str, str] | None = json.loads(row[0]) if row and row[0] else None
-        exists = self._exists(table)
-        if not exists:
-            cols = ", ".join(f"{q(name)} {duck}" for name, duck in wanted.items())
+    def ensure_table(self, table: Table, missing: dict[str, str | None] | None = None) -> None:
+        """Create the table (primary key declared) or add the columns the source gained."""
+        if not self._exists(table):
+            cols = ", ".join(f"{q(name)} {m.duckdb}" for name, m in column_mappings(table))
             key = ", ".join(q(k) for k in table.primary_key)
             self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(table.schema)}")
             self.conn.execute(
                 f"CREATE TABLE {self.table_name(table)} ({cols}, {q(SLICE_COLUMN)} INTEGER, PRIMARY KEY ({key}))"
             )
-            stored = {}
-        elif stored is None:
-            stored = self._live_columns(table)
-        for name, duck in wanted.items():
+            self._store_columns(
+                table_key(table), {n: {"duckdb": m.duckdb, "load": m.load} for n, m in column_mappings(table)}
+            )
+        self.evolve(table, dict(column_mappings(table)), missing or {})
+
+    def evolve(self, table: Table, mappings: dict[str, TypeMapping], missing: dict[str, str | None]) -> None:
+        """Follow the source's columns: add new ones (existing rows get the value Postgres gives
+        them, its 'missing value'), refuse a changed type. Dropped source columns are kept."""
+        key = table_key(table)
+        stored = self.stored_columns(key)
+        added = {}
+        for name, mapping in mappings.items():
             if name not in stored:
-                if exists:
-                    self.conn.execute(f"ALTER TABLE {self.table_name(table)} ADD COLUMN {q(name)} {duck}")
-            elif stored[name] != duck:
+                value = missing.get(name)
+                if value == VOLATILE_DEFAULT:
+                    raise SchemaChangeError(
+                        f"{table.display}: column {name!r} was added with a volatile default; existing rows "
+                        "got values that no change event carries",
+                        table=table.display,
+                    )
+                default = None if value is None else mapping.load_sql("'" + value.replace("'", "''") + "'")
+                clause = f" DEFAULT CAST({default} AS {mapping.duckdb})" if default is not None else ""
+                self.conn.execute(f"ALTER TABLE {self.table_name(table)} ADD COLUMN {q(name)} {mapping.duckdb}{clause}")
+                if default is not None:  # the value is for rows that existed, not for later inserts
+                    self.conn.execute(f"ALTER TABLE {self.table_name(table)} ALTER COLUMN {q(name)} DROP DEFAULT")
+                added[name] = {"duckdb": mapping.duckdb, "load": mapping.load}
+            elif stored[name]["duckdb"] != mapping.duckdb:
                 raise SchemaChangeError(
-                    f"{table.display}: column {name!r} changed type from {stored[name]} to {duck} "
-                    "in the source; the warehouse table cannot follow in place",
+                    f"{table.display}: column {name!r} changed type from {stored[name]['duckdb']} to "
+                    f"{mapping.duckdb} in the source; the warehouse table cannot follow in place",
                     table=table.display,
                 )
-        merged = {**stored, **wanted}
+        if added:
+            self._store_columns(key, {**stored, **added})
+
+    def stored_mappings(self, table: Table) -> dict[str, TypeMapping]:
+        """The warehouse's columns as mappings of staged text (what the change log holds)."""
+        return {
+            name: TypeMapping(pa.string(), c["duckdb"], load=c["load"])
+            for name, c in self.stored_columns(table_key(table)).items()
+        }
+
+    def _store_columns(self, key: str, columns: dict) -> None:
         self.conn.execute(
             f"""INSERT INTO {q(STATE_SCHEMA, 'tables')} (table_key, columns) VALUES (?, ?)
                 ON CONFLICT (table_key) DO UPDATE SET columns = excluded.columns, updated_at = now()""",
-            [table_key(table), json.dumps(merged)],
+            [key, json.dumps(columns)],
         )
 
     def _exists(self, table: Table) -> bool:
@@ -110,13 +136,6 @@ class DuckDBWarehouse:
                 [table.schema, table.name],
             )[0]  # type: ignore[index]
         )
-
-    def _live_columns(self, table: Table) -> dict[str, str]:
-        rows = self.conn.execute(
-            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
-            [table.schema, table.name],
-        ).fetchall()
-        return {name: dtype for name, dtype in rows if name != SLICE_COLUMN}
 
     # -- state ------------------------------------------------------------------------------
 
@@ -221,8 +240,9 @@ class DuckDBWarehouse:
         state = self.load_state(table)
         if state.plan is None or len(state.slices_done) < state.plan.partitions or state.status != "backfilling":
             return
-        mappings = dict(column_mappings(table))
-        replay_log(self.conn, table.schema, table.name, self.table_name(table), mappings, table.primary_key)
+        replay_log(
+            self.conn, table.schema, table.name, self.table_name(table), self.stored_mappings(table), table.primary_key
+        )
         self.set_status(table_key(table), "streaming")
 
     # -- CDC --------------------------------------------------------------------------------
@@ -257,22 +277,6 @@ class DuckDBWarehouse:
             for k, s, e in self.conn.execute(f"SELECT table_key, status, error FROM {q(STATE_SCHEMA, 'tables')}").fetchall()
         }
 
-    def add_columns(self, table_schema: str, table_name: str, columns: dict[str, tuple[str, str | None]]) -> None:
-        """ADD COLUMN for each new source column: {name: (duckdb type, SQL default literal or None)}."""
-        target = q(table_schema, table_name)
-        for name, (duck, default) in columns.items():
-            clause = f" DEFAULT {default}" if default is not None else ""
-            self.conn.execute(f"ALTER TABLE {target} ADD COLUMN {q(name)} {duck}{clause}")
-            if default is not None:  # keep the value for existing rows, not for future inserts
-                self.conn.execute(f"ALTER TABLE {target} ALTER COLUMN {q(name)} DROP DEFAULT")
-        key = f"{table_schema}.{table_name}"
-        row = one(self.conn, f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
-        stored = json.loads(row[0]) if row and row[0] else {}
-        stored.update({name: duck for name, (duck, _) in columns.items()})
-        self.conn.execute(
-            f"UPDATE {q(STATE_SCHEMA, 'tables')} SET columns = ? WHERE table_key = ?", [json.dumps(stored), key]
-        )
-
     def apply_drain(self, decoded, target_lsn: int, slot: str, missing_values: dict) -> dict:
         """Apply (streaming tables) or log (the rest) every table's changes, and record the
         drained LSN, in one transaction. A table whose apply fails is marked failed and logged
@@ -298,6 +302,11 @@ class DuckDBWarehouse:
                         self.set_applied_lsn(key, batch.stats.last_lsn)
                         outcomes[key] = TableOutcome(plan.table, batch.stats, "applied", self.row_count(plan.table))
                         continue
+                    if status != "failed" and self._exists(plan.table):
+                        try:  # keep the warehouse's columns (and their stored load) in step
+                            self.evolve(plan.table, {n: plan.mappings[n] for n in plan.columns}, missing_values.get(key, {}))
+                        except (duckdb.Error, PgReplicationError) as exc:
+                            raise _TableFailed(key, batch.stats.first_lsn, exc) from None
                     for segment in batch.segments:
                         append_log(self.conn, plan.table.schema, plan.table.name, segment, plan.table.primary_key)
                     if key in failed_now:
@@ -316,32 +325,11 @@ class DuckDBWarehouse:
                 raise
 
     def _apply_table(self, plan, batch, missing: dict[str, str | None]) -> None:
-        key = plan.key
-        stored = self.stored_columns(key)
-        added: dict[str, tuple[str, str | None]] = {}
-        for name in plan.columns:
-            duck = plan.mappings[name].duckdb
-            if name not in stored:
-                value = missing.get(name)
-                if value == "__volatile__":
-                    raise SchemaChangeError(
-                        f"{plan.table.display}: column {name!r} was added with a volatile default; "
-                        "existing rows got values no change event carries",
-                        table=plan.table.display,
-                    )
-                literal = None if value is None else plan.mappings[name].load_sql("'" + value.replace("'", "''") + "'")
-                added[name] = (duck, None if literal is None else f"CAST({literal} AS {duck})")
-            elif stored[name] != duck:
-                raise SchemaChangeError(
-                    f"{plan.table.display}: column {name!r} changed type from {stored[name]} to {duck}",
-                    table=plan.table.display,
-                )
-        if added:
-            self.add_columns(plan.table.schema, plan.table.name, added)
+        self.evolve(plan.table, {n: plan.mappings[n] for n in plan.columns}, missing)
         for segment in batch.segments:
             apply_segment(self.conn, self.table_name(plan.table), segment, plan.mappings, plan.table.primary_key)
 
-    def stored_columns(self, key: str) -> dict[str, str]:
+    def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
         row = one(self.conn, f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
         return json.loads(row[0]) if row and row[0] else {}
 
