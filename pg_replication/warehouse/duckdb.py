@@ -20,7 +20,7 @@ from pg_replication.source.snapshot import BackfillPlan, column_mappings
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState
 from pg_replication.warehouse.base import quote as q
-from pg_replication.warehouse.duckdb_changes import append_log, apply_segment, one, replay_log
+from pg_replication.warehouse.duckdb_changes import append_log, apply_segment, log_table, one, replay_log
 
 
 def table_key(table: Table) -> str:
@@ -332,6 +332,22 @@ class DuckDBWarehouse:
     def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
         row = one(self.conn, f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
         return json.loads(row[0]) if row and row[0] else {}
+
+    def reset_table(self, table: Table) -> None:
+        key = table_key(table)
+        self.conn.execute("BEGIN TRANSACTION")
+        try:
+            self.conn.execute(f"DROP TABLE IF EXISTS {self.table_name(table)}")
+            self.conn.execute(f"DROP TABLE IF EXISTS {log_table(table.schema, table.name)}")
+            self.conn.execute(f"DELETE FROM {q(STATE_SCHEMA, 'slices')} WHERE table_key = ?", [key])
+            self.conn.execute(f"DELETE FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def reset_cursor(self, slot: str) -> None:
+        self.conn.execute(f"DELETE FROM {q(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot])
 
     def row_count(self, table: Table) -> int:
         return int(one(self.conn, f"SELECT count(*) FROM {self.table_name(table)}")[0])  # type: ignore[index]

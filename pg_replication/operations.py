@@ -1,0 +1,30 @@
+"""Operator actions that are not Dagster runs: resync a table, drop the slot.
+
+No Dagster here: the ``pg-replication`` CLI calls these.
+"""
+
+from __future__ import annotations
+
+from pg_replication.source.catalog import Table
+from pg_replication.source.connection import connect
+from pg_replication.source.slot import slot_status
+
+
+def resync_table(warehouse, table: Table) -> None:
+    """Forget the table in the warehouse: its data, plan, slices and change log. The next
+    backfill plans it anew from the slot's current position, and CDC applies again after it."""
+    warehouse.reset_table(table)
+
+
+def drop_slot(conninfo: str, warehouse, slot: str) -> bool:
+    """Drop the replication slot (it stops retaining WAL) and forget the drained position.
+
+    Changes not yet drained are gone with it: resync every table afterwards.
+    Returns False when there was no slot.
+    """
+    with connect(conninfo) as conn:
+        existed = slot_status(conn, slot) is not None
+        if existed:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    warehouse.reset_cursor(slot)
+    return existed

@@ -1,0 +1,93 @@
+"""Slot safety: bounded reads, idle sources do not pin WAL, lost or dropped slots and a warehouse
+behind its slot are reported loudly, and the documented recovery (resync) works."""
+
+from __future__ import annotations
+
+import duckdb
+import psycopg
+import pytest
+
+from pg_replication.cdc import StateBehindSlotError
+from pg_replication.operations import drop_slot, resync_table
+from pg_replication.source.pgoutput import lsn_to_int
+from pg_replication.source.slot import SlotLostError, SlotMissingError
+from pg_replication.warehouse.duckdb import DuckDBWarehouse
+from pg_replication_tests.replication import Harness
+
+
+@pytest.fixture
+def h(pg, pg_url, duckdb_path):
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    pg.execute("CREATE TABLE busy (id serial PRIMARY KEY, v int)")  # not replicated
+    pg.execute("INSERT INTO t SELECT i, i FROM generate_series(1, 100) i")
+    harness = Harness(pg_url, duckdb_path, ["t"])
+    harness.backfill()
+    harness.drain_all()
+    return harness
+
+
+def _confirmed(pg, slot) -> int:
+    return lsn_to_int(pg.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0])
+
+
+def test_idle_published_tables_do_not_pin_wal(h, pg):
+    before = _confirmed(pg, h.settings.slot)
+    pg.execute("INSERT INTO busy (v) SELECT generate_series(1, 5000)")
+    flushed = lsn_to_int(pg.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
+    (result,) = h.drain_all()
+    assert result.changes == 0
+    assert _confirmed(pg, h.settings.slot) >= flushed > before
+
+
+def test_every_read_is_bounded(h, pg):
+    pg.execute("INSERT INTO t SELECT i, i FROM generate_series(1000, 1999) i")  # one transaction of 1000
+    for i in range(20):
+        pg.execute("UPDATE t SET v = v + 1 WHERE id = %s", (i + 1,))
+    results = h.drain_all(max_changes=5)
+    assert all(r.changes <= 1000 for r in results)  # whole transactions, never more than one past the bound
+    assert len(results) >= 5
+    h.assert_equal(pg, "t")
+
+
+def test_dropped_slot_is_reported_and_resync_recovers(h, pg, duckdb_path):
+    pg.execute("SELECT pg_drop_replication_slot(%s)", (h.settings.slot,))
+    pg.execute("UPDATE t SET v = -v")
+    with pytest.raises(SlotMissingError) as err:
+        h.drain()
+    assert "does not exist" in str(err.value) and "resync" in str(err.value).lower()
+    with duckdb.connect(str(duckdb_path)) as conn:
+        wh = DuckDBWarehouse(conn)
+        drop_slot(h.pg_url, wh, h.settings.slot)
+        resync_table(wh, h.table("t"))
+    h.backfill()
+    pg.execute("INSERT INTO t VALUES (5000, 1)")
+    h.drain_all()
+    h.assert_equal(pg, "t")
+
+
+def test_slot_recreated_behind_the_warehouse_is_refused(h, pg):
+    pg.execute("SELECT pg_drop_replication_slot(%s)", (h.settings.slot,))
+    pg.execute("UPDATE t SET v = 0")  # lost: no slot saw it
+    pg.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (h.settings.slot,))
+    with pytest.raises(StateBehindSlotError) as err:
+        h.drain()
+    assert "Resync" in str(err.value)
+
+
+def test_lost_slot_is_reported(h, pg, server_url):
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        admin.execute("SELECT pg_reload_conf()")
+        try:
+            for _ in range(6):
+                pg.execute("INSERT INTO busy (v) SELECT generate_series(1, 2000)")
+                pg.execute("SELECT pg_switch_wal()")
+            pg.execute("CHECKPOINT")
+            status = pg.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (h.settings.slot,)).fetchone()[0]
+        finally:
+            admin.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            admin.execute("SELECT pg_reload_conf()")
+    assert status == "lost"
+    with pytest.raises(SlotLostError) as err:
+        h.drain()
+    assert "max_slot_wal_keep_size" in str(err.value)
