@@ -143,7 +143,9 @@ CORPUS: list[CorpusColumn] = [
     CorpusColumn("a_uuid", "uuid[]", ["ARRAY['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid]"]),
     CorpusColumn("a_jsonb", "jsonb[]", ["ARRAY['{\"a\": 1}'::jsonb, '[2]'::jsonb, NULL]"], duck_normalize=_json_list),
     CorpusColumn("a_enum", "mood[]", ["ARRAY['ok', 'happy ☺']::mood[]"], pg_canon="{c}::text[]"),
-    CorpusColumn("a_bytea", "bytea[]", ["ARRAY['\\x00ff'::bytea]"], pg_canon="{c}::text[]"),
+    CorpusColumn("a_bytea", "bytea[]", ["ARRAY['\\x00ff'::bytea]"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("a_inet", "inet[]", ["ARRAY['10.0.0.1'::inet, NULL, '10.0.0.0/8']"], pg_canon=_OUTPUT_TEXT),
+    CorpusColumn("a_interval", "interval[]", ["ARRAY['1 mon 2 days'::interval]"], pg_canon=_OUTPUT_TEXT),
     CorpusColumn("a_domain", "positive_int[]", ["ARRAY[1, 2]::positive_int[]"], pg_canon="{c}::int[]"),
 ]
 

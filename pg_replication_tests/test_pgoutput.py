@@ -114,7 +114,8 @@ def encode(msg) -> bytes:
         return b"D" + struct.pack(">I", msg.relation) + (b"K" if msg.old_is_key else b"O") + _tuple(msg.old)
     if isinstance(msg, Truncate):
         options = int(msg.cascade) | (int(msg.restart_identity) << 1)
-        return b"T" + struct.pack(">iB", len(msg.relations), options) + b"".join(struct.pack(">I", o) for o in msg.relations)
+        oids = b"".join(struct.pack(">I", o) for o in msg.relations)
+        return b"T" + struct.pack(">iB", len(msg.relations), options) + oids
     if isinstance(msg, LogicalMessage):
         return (
             b"M" + bytes([int(msg.transactional)]) + struct.pack(">Q", msg.lsn) + _cstr(msg.prefix)
@@ -150,7 +151,7 @@ def captured(pg):
         "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes("
         "'s', NULL, NULL, 'proto_version', '1', 'publication_names', 'p', 'messages', 'true')"
     ).fetchall()
-    oids = dict(pg.execute("SELECT relname, oid::int8 FROM pg_class WHERE relname IN ('items', 'full_ident')").fetchall())
+    oids = dict(pg.execute("SELECT relname, oid::int8 FROM pg_class WHERE relname IN ('items', 'full_ident')"))
     return rows, [decode(bytes(data)) for _, data in rows], oids
 
 
@@ -282,6 +283,7 @@ _values = st.one_of(st.none(), st.just(UNCHANGED), st.text(st.characters(codec="
 _tuples = st.lists(_values, max_size=6).map(tuple)
 _u32 = st.integers(0, 2**32 - 1)
 _u64 = st.integers(0, 2**64 - 1)
+_i32 = st.integers(-(2**31), 2**31 - 1)
 _time = st.integers(-(2**63), 2**63 - 1).map(lambda t: t + PG_EPOCH_MICROS)
 
 valid_messages = st.one_of(
@@ -290,7 +292,7 @@ valid_messages = st.one_of(
     st.builds(Origin, _u64, _names),
     st.builds(
         Relation, _u32, _names, _names, st.sampled_from("dnfi"),
-        st.lists(st.builds(RelationColumn, _names, _u32, st.integers(-(2**31), 2**31 - 1), st.booleans()), max_size=5).map(tuple),
+        st.lists(st.builds(RelationColumn, _names, _u32, _i32, st.booleans()), max_size=5).map(tuple),
     ),
     st.builds(TypeMessage, _u32, _names, _names),
     st.builds(Insert, _u32, _tuples),
@@ -370,7 +372,7 @@ def test_valid_prefix_spliced_to_random_bytes(data, draw):
         (b"I" + struct.pack(">I", 1) + b"X" + _tuple(("1",)), "expected 'N'"),
         (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", -1), "negative column count"),
         (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"t" + struct.pack(">i", -1), "bad value length"),
-        (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"t" + struct.pack(">i", 1) + b"\xff", "not UTF-8"),
+        (b"I" + struct.pack(">IBhBi", 1, ord("N"), 1, ord("t"), 1) + b"\xff", "not UTF-8"),
         (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"b" + struct.pack(">i", 1) + b"\x01", "binary"),
         (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"?", "unknown tuple value kind"),
         (b"U" + struct.pack(">I", 1) + b"K" + _tuple(("1",)) + b"K" + _tuple(("1",)), "expected 'N'"),

@@ -34,6 +34,7 @@ def _backfill(pg_url, tables, duckdb_path, partitions=3):
 def test_type_corpus_round_trips_exactly(pg, pg_url, duckdb_path):
     pg.execute(corpus_table_sql("public", "corpus"))
     _backfill(pg_url, ["public.corpus"], duckdb_path)
+    pg.execute("SET IntervalStyle = iso_8601")  # the style pg_replication reads text in
     pg_rows = pg.execute(pg_select("public", "corpus")).fetchall()
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
         duck_rows = wh.execute(duck_select("public", "corpus")).fetchall()
@@ -82,6 +83,7 @@ def test_type_corpus_round_trips_through_cdc(pg, pg_url, duckdb_path):
     pg.execute("INSERT INTO corpus SELECT * FROM staged")
     pg.execute("UPDATE corpus SET c_int4 = c_int4 WHERE id % 2 = 0")  # unchanged TOAST on the 1 MB text
     h.drain_all()
+    pg.execute("SET IntervalStyle = iso_8601")  # the style pg_replication reads text in
     pg_rows = pg.execute(pg_select("public", "corpus")).fetchall()
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
         duck_rows = wh.execute(duck_select("public", "corpus")).fetchall()
