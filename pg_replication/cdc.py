@@ -106,10 +106,11 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType]) -> 
     )
 
 
+
 def _stage(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[list[str | None], set[int]]:
     staged: list = list(values)
     unknown: set[int] = set()
-    if po.UNCHANGED in staged:
+    if po.UNCHANGED in values:
         for i, v in enumerate(staged):
             if v is po.UNCHANGED:
                 unknown.add(i)
@@ -119,6 +120,15 @@ def _stage(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[list[str 
         if v is not None:
             staged[i] = convert(v)
     return staged, unknown
+
+
+def _old_key(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[str | None, ...]:
+    """The primary key of an old tuple ('K' or 'O'), staged like new values."""
+    converters = dict(plan.converters)
+    return tuple(
+        converters[i](v) if i in converters and isinstance(v, str) else v  # type: ignore[misc]
+        for i, v in ((i, values[i]) for i in plan.key_positions)
+    )
 
 
 @dataclass
@@ -143,11 +153,40 @@ def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], 
     skipping = False
     commit_lsn = commit_time = 0
     for chunk in peek(conn, settings.slot, settings.publication, max_changes=settings.max_changes):
-        for raw in chunk:
+        for data in chunk:
             rows += 1
-            nbytes += len(raw.data)
-            msg = po.decode(raw.data)
+            nbytes += len(data)
+            msg = po.decode(data)
             kind = type(msg)
+            if kind is po.Insert or kind is po.Update or kind is po.Delete:
+                if skipping:
+                    continue
+                plan = relations.get(msg.relation)  # type: ignore[union-attr]
+                if plan is None:
+                    if msg.relation not in relations:  # type: ignore[union-attr]
+                        raise po.DecodeError(f"change for relation {msg.relation} before its Relation message")  # type: ignore[union-attr]
+                    continue  # a published table we do not replicate (config changed): ignore
+                tb = batches.get(plan.key)
+                if tb is None:
+                    tb = batches[plan.key] = TableBatch()
+                segment = tb.segment(plan.columns, plan.key_positions)
+                changes += 1
+                stats = tb.stats
+                if stats.first_lsn is None:
+                    stats.first_lsn = commit_lsn
+                stats.last_lsn, stats.last_commit_time = commit_lsn, commit_time
+                if kind is po.Insert:
+                    segment.insert(_stage(msg.new, plan)[0])  # type: ignore[union-attr]
+                    stats.inserted += 1
+                elif kind is po.Update:
+                    values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
+                    old = msg.old  # type: ignore[union-attr]
+                    segment.update(values, unknown, None if old is None else _old_key(old, plan))
+                    stats.updated += 1
+                else:
+                    segment.delete(_old_key(msg.old, plan))  # type: ignore[union-attr]
+                    stats.deleted += 1
+                continue
             if kind is po.Begin:
                 commit_lsn, commit_time = msg.final_lsn, msg.commit_time  # type: ignore[union-attr]
                 skipping = commit_lsn < skip_below
@@ -170,9 +209,7 @@ def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], 
                         plan.new_columns = {**previous.new_columns, **plan.new_columns}
                     plans[plan.key] = plan
                 continue
-            if skipping or kind in (po.LogicalMessage, po.Origin, po.TypeMessage):
-                continue
-            if kind is po.Truncate:
+            if kind is po.Truncate and not skipping:
                 for oid in msg.relations:  # type: ignore[union-attr]
                     plan = relations.get(oid)
                     if plan:
@@ -181,34 +218,7 @@ def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], 
                         tb.stats.truncated += 1
                         tb.stats.saw(commit_lsn, commit_time)
                         changes += 1
-                continue
-            plan = relations.get(msg.relation)  # type: ignore[union-attr]
-            if plan is None:
-                if msg.relation not in relations:  # type: ignore[union-attr]
-                    raise po.DecodeError(f"change for relation {msg.relation} before its Relation message")  # type: ignore[union-attr]
-                continue  # a published table we do not replicate (config changed): ignore
-            tb = batches.get(plan.key)
-            if tb is None:
-                tb = batches[plan.key] = TableBatch()
-            segment = tb.segment(plan.columns, plan.key_positions)
-            changes += 1
-            tb.stats.saw(commit_lsn, commit_time)
-            if kind is po.Insert:
-                values, _ = _stage(msg.new, plan)  # type: ignore[union-attr]
-                segment.insert(values)
-                tb.stats.inserted += 1
-            elif kind is po.Update:
-                values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
-                old_key = None
-                if msg.old is not None:  # type: ignore[union-attr]
-                    old_values, _ = _stage(msg.old, plan)  # type: ignore[union-attr]
-                    old_key = segment.key(old_values)
-                segment.update(values, unknown, old_key)
-                tb.stats.updated += 1
-            elif kind is po.Delete:
-                old_values, _ = _stage(msg.old, plan)  # type: ignore[union-attr]
-                segment.delete(segment.key(old_values))
-                tb.stats.deleted += 1
+            # Origin, Type and logical messages (heartbeats) carry nothing to apply.
         if stopped_early:
             break
     exhausted = not stopped_early and rows < settings.max_changes

@@ -194,61 +194,119 @@ class _Reader:
         return v
 
     def tuple_data(self) -> tuple[Value, ...]:
-        # The hot path of CDC: one call per row change, so it avoids per-field method calls.
-        buf, pos, size = self.buf, self.pos, len(self.buf)
-        if pos + 2 > size:
-            raise self.fail("truncated tuple header")
-        n = _I16.unpack_from(buf, pos)[0]
-        pos += 2
-        if n < 0:
-            raise self.fail(f"negative column count {n}")
-        values: list[Value] = []
-        append = values.append
-        unpack_i32 = _I32.unpack_from
-        for _ in range(n):
-            if pos >= size:
-                self.pos = pos
-                raise self.fail("truncated tuple")
-            kind = buf[pos]
-            if kind == 0x74:  # 't' text
-                if pos + 5 > size:
-                    self.pos = pos
-                    raise self.fail("truncated value length")
-                length = unpack_i32(buf, pos + 1)[0]
-                start = pos + 5
-                pos = start + length
-                if length < 0 or pos > size:
-                    self.pos = start
-                    raise self.fail(f"bad value length {length}")
-                try:
-                    append(buf[start:pos].decode())
-                except UnicodeDecodeError:
-                    self.pos = start
-                    raise self.fail("value is not UTF-8 (is the database encoding UTF8?)") from None
-            elif kind == 0x6E:  # 'n' null
-                append(None)
-                pos += 1
-            elif kind == 0x75:  # 'u' unchanged TOAST
-                append(UNCHANGED)
-                pos += 1
-            elif kind == 0x62:  # 'b' binary: only with the binary option, which we never ask for
-                self.pos = pos
-                raise self.fail("binary tuple value (binary option is not supported)")
-            else:
-                self.pos = pos
-                raise self.fail(f"unknown tuple value kind {kind!r}")
-        self.pos = pos
-        return tuple(values)
+        values, self.pos = _tuple(self.buf, self.pos, self.kind)
+        return values
 
     def done(self) -> None:
         if self.pos != len(self.buf):
             raise self.fail(f"{len(self.buf) - self.pos} trailing bytes")
 
 
+def _fail(kind: str, buf: bytes, pos: int, what: str) -> DecodeError:
+    return DecodeError(f"pgoutput {kind!r} message: {what} at byte {pos} of {len(buf)}")
+
+
+def _tuple(buf: bytes, pos: int, kind_name: str) -> tuple[tuple[Value, ...], int]:
+    """TupleData at ``pos``: the values and the position after them. The hot path of CDC (one
+    call per row change), so it avoids per-field calls."""
+    size = len(buf)
+    if pos + 2 > size:
+        raise _fail(kind_name, buf, pos, "truncated tuple header")
+    n = _I16.unpack_from(buf, pos)[0]
+    pos += 2
+    if n < 0:
+        raise _fail(kind_name, buf, pos, f"negative column count {n}")
+    values: list[Value] = []
+    append = values.append
+    unpack_i32 = _I32.unpack_from
+    for _ in range(n):
+        if pos >= size:
+            raise _fail(kind_name, buf, pos, "truncated tuple")
+        kind = buf[pos]
+        if kind == 0x74:  # 't' text
+            if pos + 5 > size:
+                raise _fail(kind_name, buf, pos, "truncated value length")
+            length = unpack_i32(buf, pos + 1)[0]
+            start = pos + 5
+            pos = start + length
+            if length < 0 or pos > size:
+                raise _fail(kind_name, buf, start, f"bad value length {length}")
+            try:
+                append(buf[start:pos].decode())
+            except UnicodeDecodeError:
+                raise _fail(kind_name, buf, start, "value is not UTF-8 (is the database encoding UTF8?)") from None
+        elif kind == 0x6E:  # 'n' null
+            append(None)
+            pos += 1
+        elif kind == 0x75:  # 'u' unchanged TOAST
+            append(UNCHANGED)
+            pos += 1
+        elif kind == 0x62:  # 'b' binary: only with the binary option, which we never ask for
+            raise _fail(kind_name, buf, pos, "binary tuple value (binary option is not supported)")
+        else:
+            raise _fail(kind_name, buf, pos, f"unknown tuple value kind {kind!r}")
+    return tuple(values), pos
+
+
+_REL_MARKER = struct.Struct(">IB")
+
+
+def _decode_insert(data: bytes) -> Insert:
+    if len(data) < 6:
+        raise _fail("I", data, len(data), "truncated (needs 5 more bytes)")
+    rel, marker = _REL_MARKER.unpack_from(data, 1)
+    if marker != 0x4E:
+        raise _fail("I", data, 5, "expected 'N' before the new tuple")
+    values, pos = _tuple(data, 6, "I")
+    if pos != len(data):
+        raise _fail("I", data, pos, f"{len(data) - pos} trailing bytes")
+    return Insert(rel, values)
+
+
+def _decode_update(data: bytes) -> Update:
+    if len(data) < 6:
+        raise _fail("U", data, len(data), "truncated (needs 5 more bytes)")
+    rel, marker = _REL_MARKER.unpack_from(data, 1)
+    pos = 6
+    old = None
+    if marker in (0x4B, 0x4F):  # 'K' key or 'O' old row
+        old, pos = _tuple(data, pos, "U")
+        if pos >= len(data):
+            raise _fail("U", data, pos, "truncated before the new tuple")
+        new_marker = data[pos]
+        pos += 1
+    else:
+        new_marker = marker
+    if new_marker != 0x4E:
+        raise _fail("U", data, pos, "expected 'N' before the new tuple")
+    values, pos = _tuple(data, pos, "U")
+    if pos != len(data):
+        raise _fail("U", data, pos, f"{len(data) - pos} trailing bytes")
+    return Update(rel, values, old, marker == 0x4B)
+
+
+def _decode_delete(data: bytes) -> Delete:
+    if len(data) < 6:
+        raise _fail("D", data, len(data), "truncated (needs 5 more bytes)")
+    rel, marker = _REL_MARKER.unpack_from(data, 1)
+    if marker not in (0x4B, 0x4F):
+        raise _fail("D", data, 5, "expected 'K' or 'O' before the old tuple")
+    old, pos = _tuple(data, 6, "D")
+    if pos != len(data):
+        raise _fail("D", data, pos, f"{len(data) - pos} trailing bytes")
+    return Delete(rel, old, marker == 0x4B)
+
+
+_FAST = {0x49: _decode_insert, 0x55: _decode_update, 0x44: _decode_delete}
+
+
 def decode(data: bytes) -> Message:
     """Decode one pgoutput message (one row of pg_logical_slot_peek_binary_changes)."""
     if not data:
         raise DecodeError("empty pgoutput message")
+    fast = _FAST.get(data[0])
+    if fast is not None:  # row changes: the common messages, decoded without a reader object
+        return fast(data if isinstance(data, bytes) else bytes(data))
     kind = chr(data[0])
     r = _Reader(data if isinstance(data, bytes) else bytes(data), kind)
     msg: Message
@@ -257,29 +315,6 @@ def decode(data: bytes) -> Message:
     elif kind == "C":
         r.u8()  # flags, unused
         msg = Commit(r.u64(), r.u64(), r.i64() + PG_EPOCH_MICROS)
-    elif kind == "I":
-        rel = r.u32()
-        if r.u8() != 0x4E:
-            raise r.fail("expected 'N' before the new tuple")
-        msg = Insert(rel, r.tuple_data())
-    elif kind == "U":
-        rel = r.u32()
-        marker = r.u8()
-        old: tuple[Value, ...] | None = None
-        old_is_key = False
-        if marker in (0x4B, 0x4F):  # 'K' key or 'O' old row
-            old_is_key = marker == 0x4B
-            old = r.tuple_data()
-            marker = r.u8()
-        if marker != 0x4E:
-            raise r.fail("expected 'N' before the new tuple")
-        msg = Update(rel, r.tuple_data(), old, old_is_key)
-    elif kind == "D":
-        rel = r.u32()
-        marker = r.u8()
-        if marker not in (0x4B, 0x4F):
-            raise r.fail("expected 'K' or 'O' before the old tuple")
-        msg = Delete(rel, r.tuple_data(), marker == 0x4B)
     elif kind == "R":
         oid, schema, name, ident = r.u32(), r.cstr(), r.cstr(), chr(r.u8())
         ncols = r.i16()

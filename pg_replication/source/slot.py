@@ -164,26 +164,19 @@ def add_to_publication(conn: psycopg.Connection, publication: str, table: Table)
     conn.execute(sql.SQL(verb).format(sql.Identifier(publication), _table_item(table)))
 
 
-@dataclass(frozen=True)
-class RawChange:
-    lsn: int
-    data: bytes
-
-
 def peek(
     conn: psycopg.Connection, slot: str, publication: str, *, max_changes: int, fetch: int = 5000
-) -> Iterator[list[RawChange]]:
-    """Yield the slot's pending messages in chunks, up to ``max_changes`` (whole transactions).
-
-    The caller stops iterating whenever it likes; nothing is consumed until the slot is advanced.
-    """
-    query = """SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes(
+) -> Iterator[list[bytes]]:
+    """Yield the slot's pending pgoutput messages in chunks, up to ``max_changes`` (whole
+    transactions). The caller stops whenever it likes; nothing is consumed until the slot is
+    advanced."""
+    query = """SELECT data FROM pg_logical_slot_peek_binary_changes(
                    %s, NULL, %s, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')"""
     try:
-        with conn.transaction(), conn.cursor(name="pgr_peek") as cur:
+        with conn.transaction(), conn.cursor(name="pgr_peek", binary=True) as cur:
             cur.execute(query, (slot, max_changes, sql.Identifier(publication).as_string(conn)))
             while rows := cur.fetchmany(fetch):
-                yield [RawChange(lsn_to_int(lsn), bytes(data)) for lsn, data in rows]
+                yield [row[0] for row in rows]
     except errors.ObjectInUse:
         raise SlotBusyError(f"replication slot {slot!r} is in use by another session") from None
     except errors.UndefinedObject as exc:
