@@ -56,6 +56,9 @@ class DuckDBWarehouse:
                 applied_lsn UBIGINT,
                 updated_at TIMESTAMPTZ DEFAULT current_timestamp)"""
         )
+        for column, ddl in (("status", "VARCHAR DEFAULT 'backfilling'"), ("error", "VARCHAR"), ("applied_lsn", "UBIGINT")):
+            # state written by an earlier version: add what it lacks
+            self.conn.execute(f"ALTER TABLE {q(STATE_SCHEMA, 'tables')} ADD COLUMN IF NOT EXISTS {q(column)} {ddl}")
         self.conn.execute(
             f"""CREATE TABLE IF NOT EXISTS {q(STATE_SCHEMA, 'cursor')} (
                 slot VARCHAR PRIMARY KEY, drained_lsn UBIGINT, updated_at TIMESTAMPTZ)"""
@@ -332,6 +335,17 @@ class DuckDBWarehouse:
     def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
         row = one(self.conn, f"SELECT columns FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
         return json.loads(row[0]) if row and row[0] else {}
+
+    def report(self) -> list[dict]:
+        """Per table: status, error, applied LSN, backfill slices done, plan size, last update."""
+        rows = self.conn.execute(
+            f"""SELECT t.table_key, coalesce(t.status, 'backfilling'), t.error, t.applied_lsn,
+                       json_array_length(t.plan -> '$.slices'), count(s.slice), t.updated_at
+                FROM {q(STATE_SCHEMA, 'tables')} t LEFT JOIN {q(STATE_SCHEMA, 'slices')} s USING (table_key)
+                GROUP BY ALL ORDER BY 1"""
+        ).fetchall()
+        keys = ("table", "status", "error", "applied_lsn", "partitions", "slices_done", "updated_at")
+        return [dict(zip(keys, r)) for r in rows]
 
     def reset_table(self, table: Table) -> None:
         key = table_key(table)

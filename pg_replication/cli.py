@@ -1,0 +1,259 @@
+"""``pg-replication``: the operator's command line (status, list, listwh, drop-slot, resync,
+wait-for-lsn). Readable tables on a terminal, ``--json`` for scripts.
+
+Exit codes: 0 ok; 1 an error (message and hint on stderr, no traceback); 2 usage; 3 wait-for-lsn
+timed out; 4 status found a problem (a failed table, or a lost or missing slot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import duckdb
+from psycopg import sql
+
+from pg_replication.config import load_config
+from pg_replication.errors import PgReplicationError
+from pg_replication.operations import drop_slot, resync_table
+from pg_replication.source.catalog import introspect, list_source_tables, select_tables
+from pg_replication.source.connection import connect, source_conninfo
+from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
+from pg_replication.source.slot import slot_status
+from pg_replication.warehouse.base import quote
+from pg_replication.warehouse.duckdb import DuckDBWarehouse
+
+EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNHEALTHY = 1, 2, 3, 4
+
+
+def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
+    shown = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in shown]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
+    for row in shown:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _emit(args, payload, rows: list[dict], columns: Sequence[str], header: str | None = None) -> None:
+    if args.json:
+        print(json.dumps(payload, default=str, indent=2))
+        return
+    if header:
+        print(header)
+    _print_table(rows, columns)
+
+
+def _open_warehouse(config, read_only: bool = False, timeout: float = 30.0) -> duckdb.DuckDBPyConnection:
+    """DuckDB allows one writing process: wait (bounded) while a drain or backfill holds the file."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return duckdb.connect(config.duckdb_path(), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise PgReplicationError(
+                    f"cannot open the warehouse {config.duckdb_path()}: {str(exc).splitlines()[0]}",
+                    hint="another process holds it; retry when the running drain or backfill ends",
+                ) from None
+            time.sleep(0.2)
+
+
+def cmd_status(args) -> int:
+    config = load_config()
+    with connect(source_conninfo()) as conn:
+        slot = slot_status(conn, config.source.slot)
+        tables = introspect(conn, config)
+        estimates = {f"{t.schema}.{t.name}": t.estimated_rows for t in tables}
+    with _open_warehouse(config, read_only=True) as conn:
+        wh = DuckDBWarehouse.__new__(DuckDBWarehouse)  # read-only: no state tables to create
+        wh.conn = conn
+        try:
+            report = {r["table"]: r for r in wh.report()}
+            drained = wh.drained_lsn(config.source.slot)
+        except duckdb.CatalogException:
+            report, drained = {}, None
+        rows = []
+        for t in tables:
+            key = f"{t.schema}.{t.name}"
+            r = report.get(key, {"status": "not started"})
+            try:
+                wh_rows = wh.row_count(t)
+            except duckdb.CatalogException:
+                wh_rows = None
+            rows.append(
+                {
+                    "table": key,
+                    "status": r.get("status"),
+                    "backfill": f"{r.get('slices_done', 0)}/{r.get('partitions') or '-'}",
+                    "applied_lsn": int_to_lsn(r["applied_lsn"]) if r.get("applied_lsn") else None,
+                    "source_rows_est": estimates.get(key),
+                    "warehouse_rows": wh_rows,
+                    "error": r.get("error"),
+                }
+            )
+    slot_info = None
+    if slot is not None:
+        slot_info = {
+            "name": slot.name,
+            "active": slot.active,
+            "wal_status": slot.wal_status,
+            "confirmed_lsn": int_to_lsn(slot.confirmed_lsn),
+            "current_lsn": int_to_lsn(slot.current_lsn),
+            "lag_bytes": slot.lag_bytes,
+            "wal_retained_bytes": slot.retained_bytes,
+            "warehouse_drained_lsn": int_to_lsn(drained) if drained else None,
+        }
+    header = (
+        f"slot {config.source.slot}: missing"
+        if slot_info is None
+        else "slot {name}: active={active} wal_status={wal_status} confirmed={confirmed_lsn} current={current_lsn} "
+        "lag={lag_bytes} B retained={wal_retained_bytes} B".format(**slot_info)
+    )
+    _emit(args, {"slot": slot_info, "tables": rows}, rows, ["table", "status", "backfill", "applied_lsn", "source_rows_est", "warehouse_rows", "error"], header)
+    unhealthy = slot is None or slot.wal_status == "lost" or any(r["status"] == "failed" for r in rows)
+    return EXIT_UNHEALTHY if unhealthy else 0
+
+
+def cmd_list(args) -> int:
+    config = load_config()
+    with connect(source_conninfo()) as conn:
+        candidates = list_source_tables(conn)
+        selected = {(t.schema, t.name) for t, _ in select_tables(config, candidates)}
+        pkeys = dict(
+            conn.execute(
+                "SELECT conrelid, true FROM pg_constraint WHERE contype = 'p'"
+            ).fetchall()
+        )
+        sizes = dict(conn.execute("SELECT oid, pg_total_relation_size(oid) FROM pg_class WHERE relkind IN ('r', 'p')").fetchall())
+    rows = [
+        {
+            "table": sql.Identifier(t.schema, t.name).as_string(),
+            "primary_key": bool(pkeys.get(t.oid)),
+            "replica_identity": {"d": "default", "f": "full", "i": "index", "n": "nothing"}.get(t.replica_identity),
+            "size_bytes": sizes.get(t.oid),
+            "est_rows": t.estimated_rows,
+            "qualifies": bool(pkeys.get(t.oid)) and not t.is_partition,
+            "configured": (t.schema, t.name) in selected,
+        }
+        for t in sorted(candidates, key=lambda c: (c.schema, c.name))
+    ]
+    _emit(args, rows, rows, ["table", "primary_key", "replica_identity", "size_bytes", "est_rows", "qualifies", "configured"])
+    return 0
+
+
+def cmd_listwh(args) -> int:
+    config = load_config()
+    with _open_warehouse(config, read_only=True) as conn:
+        tables = conn.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema <> '_pg_replication' AND table_type = 'BASE TABLE' ORDER BY 1, 2"
+        ).fetchall()
+        rows = [
+            {"table": f"{s}.{n}", "rows": conn.execute(f"SELECT count(*) FROM {quote(s, n)}").fetchall()[0][0]}
+            for s, n in tables
+        ]
+    _emit(args, rows, rows, ["table", "rows"])
+    return 0
+
+
+def _confirm(args, question: str) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"{question} Refusing without --yes (no terminal to ask).", file=sys.stderr)
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def cmd_drop_slot(args) -> int:
+    config = load_config()
+    if not _confirm(args, f"Drop replication slot {config.source.slot!r}? Undrained changes are lost; every table then needs a resync."):
+        return EXIT_USAGE
+    with _open_warehouse(config) as conn:
+        existed = drop_slot(source_conninfo(), DuckDBWarehouse(conn), config.source.slot)
+    print(f"slot {config.source.slot!r} {'dropped' if existed else 'did not exist'}; drained position forgotten")
+    return 0
+
+
+def cmd_resync(args) -> int:
+    config = load_config()
+    with connect(source_conninfo()) as conn:
+        tables = [t for t in introspect(conn, config) if args.table in (f"{t.schema}.{t.name}", t.name, t.display)]
+    if not tables:
+        raise PgReplicationError(f"{args.table!r} is not a configured table", hint="see `pg-replication status`")
+    (table,) = tables
+    if not _confirm(args, f"Resync {table.display}? Its warehouse copy is dropped until the backfill runs again."):
+        return EXIT_USAGE
+    with _open_warehouse(config) as conn:
+        resync_table(DuckDBWarehouse(conn), table)
+    print(f"{table.display}: reset; materialize all its partitions to backfill it again (CDC resumes after)")
+    return 0
+
+
+def wait_for_lsn(read_state: Callable[[], tuple[int | None, dict[str, str]]], lsn: int, timeout: float) -> bool:
+    """Poll until the warehouse has drained past ``lsn`` and every table streams. (A drain run
+    must be happening: the sensor requests them.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        drained, statuses = read_state()
+        if drained is not None and drained >= lsn and all(s == "streaming" for s in statuses.values()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
+def cmd_wait_for_lsn(args) -> int:
+    config = load_config()
+    target = lsn_to_int(args.lsn)
+
+    def read_state():
+        try:
+            with _open_warehouse(config, read_only=True, timeout=max(1.0, args.timeout)) as conn:
+                wh = DuckDBWarehouse.__new__(DuckDBWarehouse)
+                wh.conn = conn
+                return wh.drained_lsn(config.source.slot), {k: s for k, (s, _) in wh.statuses().items()}
+        except (duckdb.CatalogException, PgReplicationError):
+            return None, {}
+
+    if wait_for_lsn(read_state, target, args.timeout):
+        print(f"applied past {args.lsn}")
+        return 0
+    print(f"timed out after {args.timeout:g} s waiting for {args.lsn}", file=sys.stderr)
+    return EXIT_TIMEOUT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pg-replication", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="slot, lag, WAL retained and per-table state").set_defaults(run=cmd_status)
+    sub.add_parser("list", help="source tables and whether they qualify").set_defaults(run=cmd_list)
+    sub.add_parser("listwh", help="warehouse tables and row counts").set_defaults(run=cmd_listwh)
+    drop = sub.add_parser("drop-slot", help="drop the replication slot")
+    drop.add_argument("--yes", action="store_true")
+    drop.set_defaults(run=cmd_drop_slot)
+    resync = sub.add_parser("resync", help="forget a table so its backfill runs again")
+    resync.add_argument("table")
+    resync.add_argument("--yes", action="store_true")
+    resync.set_defaults(run=cmd_resync)
+    wait = sub.add_parser("wait-for-lsn", help="wait until every table has applied an LSN")
+    wait.add_argument("lsn")
+    wait.add_argument("--timeout", type=float, default=60.0)
+    wait.set_defaults(run=cmd_wait_for_lsn)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except PgReplicationError as exc:
+        print(f"pg-replication: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except duckdb.Error as exc:
+        print(f"pg-replication: warehouse error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
