@@ -14,6 +14,7 @@ from pg_replication.assets import (
 )
 from dagster_duckdb import DuckDBResource
 
+from pg_replication.checks import build_table_checks
 from pg_replication.config import ReplicationConfig, load_config
 from pg_replication.jobs import build_cdc_job
 from pg_replication.sensors import build_cdc_sensor
@@ -51,6 +52,7 @@ def build_definitions(
     duckdb = DuckDBResource(database=config.duckdb_path())
     return dg.Definitions(
         assets=assets,
+        asset_checks=build_table_checks(tables, config, translator),
         jobs=[cdc_job],
         sensors=[build_cdc_sensor(config, cdc_job)],
         resources={

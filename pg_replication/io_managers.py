@@ -55,4 +55,4 @@ class DuckDBWarehouseIOManager(dg.ConfigurableIOManager):
         metadata = context.upstream_output.definition_metadata  # type: ignore[union-attr]
         schema, table = metadata["pg_replication/schema"], metadata["pg_replication/table"]
         with self.duckdb.get_connection() as conn:
-            return conn.execute(f"SELECT * EXCLUDE ({q(SLICE_COLUMN)}) FROM {q(schema, table)}").fetch_arrow_table()
+            return conn.execute(f"SELECT * EXCLUDE ({q(SLICE_COLUMN)}) FROM {q(schema, table)}").to_arrow_table()

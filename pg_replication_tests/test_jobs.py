@@ -53,3 +53,23 @@ def test_one_failing_table_fails_the_run_loudly_while_others_apply(shop, pg, duc
     assert "public.a" in failure.message and "LSN" in failure.message and "NaN" in failure.message
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
         assert wh.execute('SELECT id, v FROM "public"."b"').fetchall() == [(1, 1)]
+
+
+def test_asset_checks_parity_and_freshness(shop, pg):
+    pg.execute("INSERT INTO b VALUES (7, 7)")
+    assert _drain(shop).success
+    checks = [k for k in shop.resolve_asset_graph().asset_check_keys if k.asset_key == dg.AssetKey(["public", "b"])]
+    assert {c.name for c in checks} == {"row_count_parity", "cdc_freshness"}
+    with_job = dg.Definitions.merge(
+        shop, dg.Definitions(jobs=[dg.define_asset_job("checks_only", selection=dg.AssetSelection.checks(*checks))])
+    )
+    job = with_job.resolve_job_def("checks_only")
+    result = job.execute_in_process(raise_on_error=False)
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert evaluations["row_count_parity"].passed and evaluations["row_count_parity"].metadata["exact"].value
+    assert evaluations["cdc_freshness"].passed
+    pg.execute("INSERT INTO b VALUES (8, 8)")  # not drained yet: parity fails, as a warning
+    result = job.execute_in_process(raise_on_error=False)
+    parity = next(e for e in result.get_asset_check_evaluations() if e.check_name == "row_count_parity")
+    assert not parity.passed and parity.severity == dg.AssetCheckSeverity.WARN
+    assert "2 in the warehouse" not in parity.description and "1 in the" in parity.description

@@ -1,0 +1,88 @@
+"""Asset checks on every table asset: row-count parity with the source, and CDC freshness."""
+
+
+import dagster as dg
+import duckdb as duckdb_module
+from dagster_duckdb import DuckDBResource
+from psycopg import sql
+
+from pg_replication.assets import TableAssetTranslator
+from pg_replication.config import ReplicationConfig
+from pg_replication.resources import PostgresSource
+from pg_replication.source.catalog import Table
+from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
+from pg_replication.warehouse.base import STATE_SCHEMA, quote
+
+FRESHNESS_SECONDS = 300
+
+
+def _warehouse_state(conn, table: Table, slot: str) -> tuple[int | None, float | None, str, int | None]:
+    """(drained LSN, seconds since the last drain, table status, warehouse rows)."""
+    try:
+        cursor = conn.execute(
+            f"SELECT drained_lsn, epoch(now() - updated_at) FROM {quote(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot]
+        ).fetchall()
+        status = conn.execute(
+            f"SELECT coalesce(status, 'backfilling') FROM {quote(STATE_SCHEMA, 'tables')} WHERE table_key = ?",
+            [f"{table.schema}.{table.name}"],
+        ).fetchall()
+        rows = conn.execute(f"SELECT count(*) FROM {quote(table.schema, table.name)}").fetchall()[0][0]
+    except duckdb_module.CatalogException:
+        return None, None, "not started", None
+    drained, age = cursor[0] if cursor else (None, None)
+    return drained, age, status[0][0] if status else "not started", rows
+
+
+def build_table_checks(tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> list:
+    checks = []
+    for table in tables:
+        checks += _checks_for(table, translator.get_asset_key(table), config.source.slot)
+    return checks
+
+
+def _checks_for(table: Table, key: dg.AssetKey, slot: str) -> list:
+
+    @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once CDC has caught up).")
+    def parity(source: PostgresSource, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+        with source.connect() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()[0]  # type: ignore[index]
+            at = lsn_to_int(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])  # type: ignore[index]
+        with duckdb.get_connection() as conn:
+            drained, _, status, wh_rows = _warehouse_state(conn, table, slot)
+        exact = drained is not None and drained >= at and status == "streaming"
+        metadata = {
+            "source_rows": source_rows,
+            "warehouse_rows": wh_rows if wh_rows is not None else -1,
+            "source_lsn": int_to_lsn(at),
+            "warehouse_lsn": int_to_lsn(drained) if drained else "none",
+            "exact": exact,
+        }
+        passed = wh_rows == source_rows
+        return dg.AssetCheckResult(
+            passed=passed,
+            severity=dg.AssetCheckSeverity.ERROR if exact else dg.AssetCheckSeverity.WARN,
+            description=None if passed else (
+                f"{table.display}: {source_rows:,} rows in Postgres at {int_to_lsn(at)}, {wh_rows} in the "
+                f"warehouse at {int_to_lsn(drained) if drained else 'nothing drained'}"
+                + ("" if exact else " (CDC has not caught up: a difference may be in flight)")
+            ),
+            metadata=metadata,
+        )
+
+    @dg.asset_check(asset=key, name="cdc_freshness", description=f"A drain applied changes within {FRESHNESS_SECONDS} s and the table streams.")
+    def freshness(duckdb: DuckDBResource) -> dg.AssetCheckResult:
+        with duckdb.get_connection() as conn:
+            _, age, status, _ = _warehouse_state(conn, table, slot)
+        passed = status == "streaming" and age is not None and age <= FRESHNESS_SECONDS
+        return dg.AssetCheckResult(
+            passed=passed,
+            description=None if passed else f"{table.display}: status {status}, last drain "
+            + (f"{age:.0f} s ago" if age is not None else "never"),
+            metadata={"seconds_since_last_drain": round(age, 1) if age is not None else -1.0, "status": status},
+        )
+
+    return [parity, freshness]
+
+
+__all__ = ["build_table_checks"]
