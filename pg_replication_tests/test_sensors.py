@@ -56,7 +56,10 @@ def test_skips_while_a_drain_is_in_progress(defs, pg):
 
 def test_skips_when_caught_up(defs, pg):
     pg.execute("SELECT pg_create_logical_replication_slot('pgr_sensor_slot', 'pgoutput')")
-    pg.execute("SELECT pg_replication_slot_advance('pgr_sensor_slot', pg_current_wal_lsn())")
     with dg.instance_for_test() as instance:
-        result = _evaluate(defs, instance)
+        for _ in range(20):  # other databases on the server also write WAL: retry until a quiet moment
+            pg.execute("SELECT pg_replication_slot_advance('pgr_sensor_slot', pg_current_wal_lsn())")
+            result = _evaluate(defs, instance)
+            if not result.run_requests:
+                break
     assert not result.run_requests and "caught up" in result.skip_message
