@@ -77,12 +77,11 @@ class DuckDBWarehouse:
     def ensure_table(self, table: Table, missing: dict[str, str | None] | None = None) -> None:
         """Create the table (primary key declared) or add the columns the source gained."""
         if not self._exists(table):
+            # The primary key is declared when the backfill completes: bulk loading into a
+            # table without its index, then building it once, is several times cheaper.
             cols = ", ".join(f"{q(name)} {m.duckdb}" for name, m in column_mappings(table))
-            key = ", ".join(q(k) for k in table.primary_key)
             self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(table.schema)}")
-            self.conn.execute(
-                f"CREATE TABLE {self.table_name(table)} ({cols}, {q(SLICE_COLUMN)} INTEGER, PRIMARY KEY ({key}))"
-            )
+            self.conn.execute(f"CREATE TABLE {self.table_name(table)} ({cols}, {q(SLICE_COLUMN)} INTEGER)")
             self._store_columns(
                 table_key(table), {n: {"duckdb": m.duckdb, "load": m.load} for n, m in column_mappings(table)}
             )
@@ -216,10 +215,11 @@ class DuckDBWarehouse:
             self._start_streaming_when_complete(table)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
         finally:
             conn.unregister("pgr_batch")
+        self._ensure_primary_key(table)
         return SliceResult(rows, nbytes)
 
     def _settle_leftovers(self, table: Table, marker: int, still_in_source: KeyCheck | None) -> None:
@@ -247,6 +247,21 @@ class DuckDBWarehouse:
             self.conn, table.schema, table.name, self.table_name(table), self.stored_mappings(table), table.primary_key
         )
         self.set_status(table_key(table), "streaming")
+
+    def _ensure_primary_key(self, table: Table) -> None:
+        """Declare the primary key once the backfill is complete. (In its own transaction: DuckDB
+        fails a commit that built an index over keys the same transaction deleted and inserted.)"""
+        if self.load_state(table).status != "streaming":
+            return
+        has_key = one(
+            self.conn,
+            "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = ? AND table_name = ? "
+            "AND constraint_type = 'PRIMARY KEY'",
+            [table.schema, table.name],
+        )[0]  # type: ignore[index]
+        if not has_key:
+            keys = ", ".join(q(k) for k in table.primary_key)
+            self.conn.execute(f"ALTER TABLE {self.table_name(table)} ADD PRIMARY KEY ({keys})")
 
     # -- CDC --------------------------------------------------------------------------------
 
@@ -321,10 +336,10 @@ class DuckDBWarehouse:
                 self.conn.execute("COMMIT")
                 return outcomes
             except _TableFailed as failure:
-                self.conn.execute("ROLLBACK")
+                _rollback(self.conn)
                 failed_now[failure.key] = failure.describe()
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                _rollback(self.conn)
                 raise
 
     def _apply_table(self, plan, batch, missing: dict[str, str | None]) -> None:
@@ -357,7 +372,7 @@ class DuckDBWarehouse:
             self.conn.execute(f"DELETE FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?", [key])
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            _rollback(self.conn)
             raise
 
     def reset_cursor(self, slot: str) -> None:
@@ -377,3 +392,11 @@ class _TableFailed(Exception):
         where = f" at LSN {int_to_lsn(self.first_lsn)}" if self.first_lsn is not None else ""
         first = str(self.exc).splitlines()[0]
         return f"{self.key}{where}: {first}"
+
+
+def _rollback(conn: duckdb.DuckDBPyConnection) -> None:
+    """Roll back unless the failed statement was the COMMIT itself (then nothing is open)."""
+    try:
+        conn.execute("ROLLBACK")
+    except duckdb.TransactionException:
+        pass
