@@ -26,6 +26,8 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backfill import bench_database  # noqa: E402
 
 
 def main() -> None:
@@ -34,13 +36,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=90)
     args = parser.parse_args()
 
-    admin = os.environ["POSTGRES_URL"]
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pgr_bench'").fetchone():
-            conn.execute("CREATE DATABASE pgr_bench")
-    params = psycopg.conninfo.conninfo_to_dict(admin)
-    params["dbname"] = "pgr_bench"
-    url = psycopg.conninfo.make_conninfo(**params)
+    url = bench_database(os.environ["POSTGRES_URL"])
     with psycopg.connect(url, autocommit=True) as conn:
         for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name = 'pgr_fresh'").fetchall():
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
@@ -99,6 +95,7 @@ def wait_for_drains(env: dict, last_lsn: str, deadline: float) -> list[tuple[int
     from pg_replication.source.pgoutput import lsn_to_int
 
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    os.chdir(Path(env["DAGSTER_HOME"]).parent)  # dagster.yaml's storage path is relative to it
     target = lsn_to_int(last_lsn)
     with DagsterInstance.get() as instance:
         while True:

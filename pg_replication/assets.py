@@ -12,6 +12,7 @@ import dagster as dg
 from dagster._core.definitions.metadata.metadata_set import TableMetadataSet  # not re-exported
 
 from pg_replication.config import ReplicationConfig
+from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Table
 from pg_replication.types import map_column
 
@@ -133,8 +134,6 @@ def build_table_asset(table: Table, config: ReplicationConfig, translator: Table
 
 
 def check_unique_keys(assets: list[dg.AssetsDefinition], tables: list[Table]) -> None:
-    from pg_replication.errors import ConfigError
-
     seen: dict[dg.AssetKey, Table] = {}
     for asset, table in zip(assets, tables):
         key = asset.key

@@ -9,12 +9,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pg_replication.cdc import keys_in_source
 from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.slot import add_to_publication, ensure_slot
-from pg_replication.source.snapshot import BackfillPlan, make_plan, read_slice
+from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
 from pg_replication.warehouse.base import Warehouse
 
 PROGRESS_EVERY_SECONDS = 5.0

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
-from psycopg import sql
 
 from pg_replication.changes import Segment, TableBatch, TableStats
 from pg_replication.errors import PgReplicationError, SchemaChangeError
@@ -261,33 +260,4 @@ def _missing_values(conn: psycopg.Connection, decoded: _Decoded) -> dict[str, di
     return {key: missing_values(conn, plan.table, plan.new_columns) for key, plan in decoded.plans.items() if plan.new_columns}
 
 
-def keys_in_source(conninfo: str, table: Table) -> Callable[[list[tuple]], set[tuple]]:
-    """A KeyCheck: which of the given primary keys the source table has now."""
-    types = {c.name: c.type_sql for c in table.columns}
-
-    def check(keys: list[tuple]) -> set[tuple]:
-        alive: set[tuple] = set()
-        width = len(table.primary_key)
-        with connect(conninfo) as conn:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                rows = sql.SQL(", ").join(
-                    sql.SQL("({})").format(sql.SQL(", ").join([sql.Literal(i)] + [sql.Placeholder()] * width))
-                    for i in range(len(chunk))
-                )
-                cond = sql.SQL(" AND ").join(
-                    sql.SQL("t.{} = v.{}::{}").format(sql.Identifier(k), sql.Identifier(f"k{j}"), sql.SQL(types[k]))
-                    for j, k in enumerate(table.primary_key)
-                )
-                query = sql.SQL("SELECT v.i FROM (VALUES {}) AS v(i, {}) WHERE EXISTS (SELECT 1 FROM {} t WHERE {})").format(
-                    rows, sql.SQL(", ").join(sql.Identifier(f"k{j}") for j in range(width)), table.ident, cond
-                )
-                params = [None if v is None else str(v) for k in chunk for v in k]
-                for (i,) in conn.execute(query, params):
-                    alive.add(tuple(chunk[i]))
-        return alive
-
-    return check
-
-
-__all__ = ["DrainResult", "DrainSettings", "Segment", "StateBehindSlotError", "drain_once", "keys_in_source"]
+__all__ = ["DrainResult", "DrainSettings", "Segment", "StateBehindSlotError", "drain_once"]
