@@ -47,6 +47,9 @@ class SourceConfig(_Model):
 class WarehouseConfig(_Model):
     kind: Literal["duckdb"] = "duckdb"
     path: str = Field("warehouse.duckdb", description="DuckDB file; DUCKDB_PATH overrides it.")
+    memory_limit: str = Field(
+        "512MB", description="DuckDB's memory_limit for our connections: it spills beyond it."
+    )
 
 
 class Defaults(_Model):

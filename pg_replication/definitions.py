@@ -49,7 +49,9 @@ def build_definitions(
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
     cdc_job = build_cdc_job(config, tables, translator)
-    duckdb = DuckDBResource(database=config.duckdb_path())
+    duckdb = DuckDBResource(
+        database=config.duckdb_path(), connection_config={"memory_limit": config.warehouse.memory_limit}
+    )
     return dg.Definitions(
         assets=assets,
         asset_checks=build_table_checks(tables, config, translator),

@@ -190,3 +190,19 @@ def test_table_added_later_and_table_removed(orders, pg):
     with duckdb.connect(str(orders.duckdb_path), read_only=True) as wh:
         assert wh.execute('SELECT count(*) FROM "public"."orders"').fetchone() == (1000,)
     assert ("public", "orders") not in {(s, t) for s, t in pg.execute("SELECT schemaname, tablename FROM pg_publication_tables")}
+
+
+def test_partitioned_table_streams_through_its_root(pg, pg_url, duckdb_path):
+    pg.execute("CREATE TABLE m (id int, day date, v int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)")
+    pg.execute("CREATE TABLE m_a PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    pg.execute("CREATE TABLE m_b PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    pg.execute("INSERT INTO m SELECT i, date '2024-06-01' + (i % 400), 0 FROM generate_series(1, 2000) i")
+    h = Harness(pg_url, duckdb_path, ["m"])
+    h.backfill()
+    pg.execute("UPDATE m SET v = 1 WHERE id % 10 = 0")
+    pg.execute("UPDATE m SET day = day + 300 WHERE id % 7 = 0 AND day < date '2025-01-01'")  # moves rows between partitions
+    pg.execute("DELETE FROM m WHERE id % 11 = 0")
+    # (TRUNCATE of one partition is not sent by pgoutput when publishing via the root: see README.)
+    (result,) = h.drain_all()
+    assert set(result.tables) == {"public.m"}  # changes arrive under the root's name
+    h.assert_equal(pg, "m")
