@@ -102,7 +102,13 @@ def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[floa
     workdir = Path(tempfile.mkdtemp(prefix="pgr_bench_"))
     os.environ["POSTGRES_URL"] = url
     os.environ["DUCKDB_PATH"] = str(workdir / "bench.duckdb")
-    config = parse_config({"tables": ["public.bench_rows"], "defaults": {"partitions": partitions}})
+    config = parse_config(
+        {
+            "tables": ["public.bench_rows"],
+            "defaults": {"partitions": partitions},
+            "source": {"slot": "pgr_bench_backfill", "publication": "pgr_bench_backfill"},
+        }
+    )
     defs = build_definitions(config)
     keys = partition_keys(partitions)
     job = defs.resolve_implicit_global_asset_job_def()
@@ -118,6 +124,8 @@ def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[floa
     with duckdb.connect(os.environ["DUCKDB_PATH"], read_only=True) as wh:
         copied = wh.execute('SELECT count(*) FROM "public"."bench_rows"').fetchall()[0][0]
     assert copied == rows, (copied, rows)
+    with psycopg.connect(url, autocommit=True) as conn:  # an undrained slot would pin WAL
+        conn.execute("SELECT pg_drop_replication_slot('pgr_bench_backfill')")
     return rows / elapsed, in_step
 
 

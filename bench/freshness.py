@@ -85,6 +85,8 @@ def main() -> None:
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         daemon.wait(timeout=60)
+        with psycopg.connect(url, autocommit=True) as conn:  # an undrained slot would pin WAL
+            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'pgr_fresh'")
     report(rows, events, args)
 
 

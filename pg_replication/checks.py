@@ -1,4 +1,4 @@
-"""Asset checks on every table asset: row-count parity with the source, and CDC freshness."""
+"""Asset checks on every table asset: row-count parity with the source, CDC freshness, slot health."""
 
 
 import dagster as dg
@@ -11,6 +11,7 @@ from pg_replication.config import ReplicationConfig
 from pg_replication.resources import PostgresSource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
+from pg_replication.source.slot import slot_status
 from pg_replication.warehouse.base import STATE_SCHEMA, quote
 
 FRESHNESS_SECONDS = 300
@@ -36,11 +37,13 @@ def _warehouse_state(conn, table: Table, slot: str) -> tuple[int | None, float |
 def build_table_checks(tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> list:
     checks = []
     for table in tables:
-        checks += _checks_for(table, translator.get_asset_key(table), config.source.slot)
+        checks += _checks_for(
+            table, translator.get_asset_key(table), config.source.slot, config.source.max_retained_wal_mb << 20
+        )
     return checks
 
 
-def _checks_for(table: Table, key: dg.AssetKey, slot: str) -> list:
+def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int) -> list:
 
     @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once CDC has caught up).")
     def parity(source: PostgresSource, duckdb: DuckDBResource) -> dg.AssetCheckResult:
@@ -82,7 +85,32 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str) -> list:
             metadata={"seconds_since_last_drain": round(age, 1) if age is not None else -1.0, "status": status},
         )
 
-    return [parity, freshness]
+    @dg.asset_check(asset=key, name="slot_health", description="The replication slot exists, is not lost, and retains little WAL.")
+    def slot_health(source: PostgresSource) -> dg.AssetCheckResult:
+        with source.connect() as conn:
+            status = slot_status(conn, slot)
+        if status is None:
+            return dg.AssetCheckResult(passed=False, description=f"replication slot {slot!r} does not exist")
+        problems = []
+        if status.wal_status == "lost":
+            problems.append(f"slot {slot!r} is lost: Postgres removed WAL it needed (resync every table)")
+        if status.retained_bytes > max_retained:
+            problems.append(
+                f"slot {slot!r} retains {status.retained_bytes / 2**20:,.0f} MiB of WAL "
+                f"(limit {max_retained / 2**20:,.0f} MiB): is the CDC sensor running?"
+            )
+        return dg.AssetCheckResult(
+            passed=not problems,
+            description="; ".join(problems) or None,
+            metadata={
+                "wal_status": status.wal_status or "",
+                "active": status.active,
+                "wal_retained_bytes": status.retained_bytes,
+                "lag_bytes": status.lag_bytes,
+            },
+        )
+
+    return [parity, freshness, slot_health]
 
 
 __all__ = ["build_table_checks"]

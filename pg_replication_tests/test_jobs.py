@@ -59,7 +59,7 @@ def test_asset_checks_parity_and_freshness(shop, pg):
     pg.execute("INSERT INTO b VALUES (7, 7)")
     assert _drain(shop).success
     checks = [k for k in shop.resolve_asset_graph().asset_check_keys if k.asset_key == dg.AssetKey(["public", "b"])]
-    assert {c.name for c in checks} == {"row_count_parity", "cdc_freshness"}
+    assert {c.name for c in checks} == {"row_count_parity", "cdc_freshness", "slot_health"}
     with_job = dg.Definitions.merge(
         shop, dg.Definitions(jobs=[dg.define_asset_job("checks_only", selection=dg.AssetSelection.checks(*checks))])
     )
@@ -68,8 +68,20 @@ def test_asset_checks_parity_and_freshness(shop, pg):
     evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert evaluations["row_count_parity"].passed and evaluations["row_count_parity"].metadata["exact"].value
     assert evaluations["cdc_freshness"].passed
+    assert evaluations["slot_health"].passed and evaluations["slot_health"].metadata["wal_status"].value == "reserved"
     pg.execute("INSERT INTO b VALUES (8, 8)")  # not drained yet: parity fails, as a warning
     result = job.execute_in_process(raise_on_error=False)
     parity = next(e for e in result.get_asset_check_evaluations() if e.check_name == "row_count_parity")
     assert not parity.passed and parity.severity == dg.AssetCheckSeverity.WARN
     assert "2 in the warehouse" not in parity.description and "1 in the" in parity.description
+
+
+def test_slot_health_fails_without_the_slot(shop, pg):
+    pg.execute("SELECT pg_drop_replication_slot('pg_replication')")
+    checks = [k for k in shop.resolve_asset_graph().asset_check_keys if k.name == "slot_health"]
+    with_job = dg.Definitions.merge(
+        shop, dg.Definitions(jobs=[dg.define_asset_job("health", selection=dg.AssetSelection.checks(*checks))])
+    )
+    result = with_job.resolve_job_def("health").execute_in_process(raise_on_error=False)
+    (first, *_) = result.get_asset_check_evaluations()
+    assert not first.passed and "does not exist" in first.description

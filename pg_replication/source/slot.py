@@ -97,7 +97,17 @@ def ensure_slot(conn: psycopg.Connection, slot: str) -> SlotStatus:
         try:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
         except errors.DuplicateObject:
-            pass  # created concurrently by another run
+            elsewhere = conn.execute(
+                "SELECT database FROM pg_replication_slots WHERE slot_name = %s AND database <> current_database()",
+                (slot,),
+            ).fetchone()
+            if elsewhere:  # slot names are server-wide
+                raise SourceNotReadyError(
+                    f"replication slot {slot!r} already exists in database {elsewhere[0]!r}",
+                    hint="give this source its own slot name (source.slot in replication.yaml)",
+                    setting="source.slot",
+                ) from None
+            # otherwise another run of ours created it a moment ago
         except errors.InsufficientPrivilege as exc:
             raise SourceNotReadyError(
                 f"cannot create replication slot {slot!r}: {exc.diag.message_primary}",
