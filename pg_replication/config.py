@@ -55,6 +55,13 @@ class WarehouseConfig(_Model):
     )
 
 
+class NotificationConfig(_Model):
+    webhook_url: Annotated[str, Field(pattern=r"^https?://")] = Field(
+        description="Where to POST a JSON message after each sync; write it as ${VAR} if it holds a token."
+    )
+    on_success: bool = Field(False, description="Also notify successful syncs (failures always are).")
+
+
 class Defaults(_Model):
     partitions: Annotated[int, Field(ge=1, le=4096)] = 4
 
@@ -96,6 +103,7 @@ class ReplicationConfig(_Model):
     source: SourceConfig = SourceConfig()
     warehouse: WarehouseConfig = WarehouseConfig()
     defaults: Defaults = Defaults()
+    notifications: NotificationConfig | None = None
     tables: list[TableEntry] = Field(min_length=1)
 
     @field_validator("tables", mode="before")

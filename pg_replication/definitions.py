@@ -17,6 +17,7 @@ from dagster_duckdb import DuckDBResource
 from pg_replication.checks import build_table_checks
 from pg_replication.config import ReplicationConfig, load_config
 from pg_replication.jobs import build_cdc_job
+from pg_replication.notifications import build_notification_sensors
 from pg_replication.sensors import build_cdc_sensor
 from pg_replication.resources import PostgresSource
 from pg_replication.source.catalog import introspect
@@ -56,7 +57,7 @@ def build_definitions(
         assets=assets,
         asset_checks=build_table_checks(tables, config, translator),
         jobs=[cdc_job],
-        sensors=[build_cdc_sensor(config, cdc_job)],
+        sensors=[build_cdc_sensor(config, cdc_job), *build_notification_sensors(config, [cdc_job])],
         resources={
             "source": build_source_resource(),
             "duckdb": duckdb,
