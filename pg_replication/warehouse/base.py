@@ -86,3 +86,28 @@ class Warehouse(Protocol):
     def row_count(self, table: Table) -> int: ...
 
     def table_name(self, table: Table) -> str: ...
+
+    # -- CDC --------------------------------------------------------------------------------
+
+    def drained_lsn(self, slot: str) -> int | None:
+        """The end of the last change batch committed for this slot (None before the first)."""
+        ...
+
+    def apply_drain(self, decoded, target_lsn: int, slot: str, missing_values: dict) -> dict:
+        """In one transaction: apply each streaming table's folded changes (or append them to the
+        change log of a table still backfilling or failed), then record ``target_lsn`` as drained.
+        A table the warehouse refuses is marked failed and logged instead; the others commit.
+        Returns the outcome per table (``cdc.TableOutcome``)."""
+        ...
+
+    def statuses(self) -> dict[str, tuple[str, str | None]]:
+        """{table key: (status, error)}: backfilling, streaming or failed."""
+        ...
+
+    def reset_table(self, table: Table) -> None:
+        """Forget the table: data, plan, slices, change log (a resync)."""
+        ...
+
+    def reset_cursor(self, slot: str) -> None:
+        """Forget the drained position (after the slot was dropped)."""
+        ...
