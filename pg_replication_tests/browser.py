@@ -67,15 +67,22 @@ class Browser:
                 raise AssertionError(f"page never showed {texts!r}; it shows: {body[:500]!r}")
             time.sleep(0.3)
 
-    def click_text(self, text: str) -> None:
-        """Click the innermost visible element whose text is exactly ``text``."""
-        clicked = self.evaluate(
-            "(() => { const els = [...document.querySelectorAll('button, a, span, div')]"
+    def _act(self, text: str, action: str, last: bool = True) -> None:
+        found = self.evaluate(
+            "(() => { const els = [...document.querySelectorAll('button, a, span, div, h1, h2, h3, h4')]"
             f".filter(e => e.innerText && e.innerText.trim() === {json.dumps(text)} && e.offsetParent !== null);"
-            " if (!els.length) return false; els[els.length - 1].click(); return true; })()"
+            f" if (!els.length) return false; const e = els[{'els.length - 1' if last else '0'}];"
+            f" e.scrollIntoView({{block: 'center'}}); {action}; return true; }})()"
         )
-        if not clicked:
-            raise AssertionError(f"nothing to click labelled {text!r}")
+        if not found:
+            raise AssertionError(f"nothing visible labelled {text!r}")
+
+    def click_text(self, text: str, last: bool = True) -> None:
+        """Click the visible element whose text is exactly ``text`` (the innermost, by default)."""
+        self._act(text, "e.click()", last)
+
+    def scroll_to_text(self, text: str) -> None:
+        self._act(text, "void 0")
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]
