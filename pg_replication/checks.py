@@ -14,8 +14,6 @@ from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
 from pg_replication.warehouse.base import STATE_SCHEMA, quote
 
-FRESHNESS_SECONDS = 300
-
 
 def _warehouse_state(conn, table: Table, slot: str) -> tuple[int | None, float | None, str, int | None]:
     """(drained LSN, seconds since the last drain, table status, warehouse rows)."""
@@ -38,12 +36,16 @@ def build_table_checks(tables: list[Table], config: ReplicationConfig, translato
     checks = []
     for table in tables:
         checks += _checks_for(
-            table, translator.get_asset_key(table), config.source.slot, config.source.max_retained_wal_mb << 20
+            table,
+            translator.get_asset_key(table),
+            config.source.slot,
+            config.source.max_retained_wal_mb << 20,
+            config.source.freshness_seconds,
         )
     return checks
 
 
-def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int) -> list:
+def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fresh_within: int) -> list:
 
     @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once CDC has caught up).")
     def parity(source: PostgresSource, duckdb: DuckDBResource) -> dg.AssetCheckResult:
@@ -73,11 +75,11 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int) ->
             metadata=metadata,
         )
 
-    @dg.asset_check(asset=key, name="cdc_freshness", description=f"A drain applied changes within {FRESHNESS_SECONDS} s and the table streams.")
+    @dg.asset_check(asset=key, name="cdc_freshness", description=f"A drain ran within {fresh_within} s and the table streams.")
     def freshness(duckdb: DuckDBResource) -> dg.AssetCheckResult:
         with duckdb.get_connection() as conn:
             _, age, status, _ = _warehouse_state(conn, table, slot)
-        passed = status == "streaming" and age is not None and age <= FRESHNESS_SECONDS
+        passed = status == "streaming" and age is not None and age <= fresh_within
         return dg.AssetCheckResult(
             passed=passed,
             description=None if passed else f"{table.display}: status {status}, last drain "

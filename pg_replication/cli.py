@@ -73,8 +73,9 @@ def cmd_status(args) -> int:
         try:
             report = {r["table"]: r for r in wh.report()}
             drained = wh.drained_lsn(config.source.slot)
+            since_drain = wh.seconds_since_drain(config.source.slot)
         except duckdb.CatalogException:
-            report, drained = {}, None
+            report, drained, since_drain = {}, None, None
         rows = []
         for t in tables:
             key = f"{t.schema}.{t.name}"
@@ -105,12 +106,14 @@ def cmd_status(args) -> int:
             "lag_bytes": slot.lag_bytes,
             "wal_retained_bytes": slot.retained_bytes,
             "warehouse_drained_lsn": int_to_lsn(drained) if drained else None,
+            # pending WAL is at most this old: the last drain read everything before it
+            "lag_seconds": round(since_drain, 1) if since_drain is not None and slot.lag_bytes else 0.0,
         }
     header = (
         f"slot {config.source.slot}: missing"
         if slot_info is None
         else "slot {name}: active={active} wal_status={wal_status} confirmed={confirmed_lsn} current={current_lsn} "
-        "lag={lag_bytes} B retained={wal_retained_bytes} B".format(**slot_info)
+        "lag={lag_bytes} B / {lag_seconds} s retained={wal_retained_bytes} B".format(**slot_info)
     )
     _emit(args, {"slot": slot_info, "tables": rows}, rows, ["table", "status", "backfill", "applied_lsn", "source_rows_est", "warehouse_rows", "error"], header)
     unhealthy = slot is None or slot.wal_status == "lost" or any(r["status"] == "failed" for r in rows)

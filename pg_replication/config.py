@@ -42,6 +42,9 @@ class SourceConfig(_Model):
         2, description="Parallel COPY streams per backfill slice."
     )
     sensor_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
+    freshness_seconds: Annotated[int, Field(ge=1)] = Field(
+        300, description="The cdc_freshness check fails when no drain ran for this long."
+    )
     max_retained_wal_mb: Annotated[int, Field(ge=1)] = Field(
         1024, description="The slot_health check fails when the slot retains more WAL than this."
     )

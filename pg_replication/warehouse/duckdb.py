@@ -277,6 +277,10 @@ class DuckDBWarehouse:
         row = one(self.conn, f"SELECT drained_lsn FROM {q(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot])
         return int(row[0]) if row and row[0] is not None else None
 
+    def seconds_since_drain(self, slot: str) -> float | None:
+        row = one(self.conn, f"SELECT epoch(now() - updated_at) FROM {q(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot])
+        return float(row[0]) if row and row[0] is not None else None
+
     def set_drained_lsn(self, slot: str, lsn: int) -> None:
         self.conn.execute(
             f"""INSERT INTO {q(STATE_SCHEMA, 'cursor')} (slot, drained_lsn, updated_at) VALUES (?, ?, now())
