@@ -193,10 +193,6 @@ class _Reader:
         self.pos += n
         return v
 
-    def tuple_data(self) -> tuple[Value, ...]:
-        values, self.pos = _tuple(self.buf, self.pos, self.kind)
-        return values
-
     def done(self) -> None:
         if self.pos != len(self.buf):
             raise self.fail(f"{len(self.buf) - self.pos} trailing bytes")
