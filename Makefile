@@ -7,7 +7,7 @@ export PGR_PORT
 export POSTGRES_URL ?= postgresql://postgres@127.0.0.1:$(PGR_PORT)/postgres
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: demo test setup postgres install browser bench clean
+.PHONY: demo dev test setup postgres install browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ browser:
 	@command -v chromium >/dev/null || if [ "$$(id -u)" = 0 ]; then \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "make: chromium is not installed; the UI test will be skipped"; fi
+
+# The UI with the webserver and the daemon (the CDC sensor drains every 10 s): http://127.0.0.1:3000
+dev: setup
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 test: setup browser
 	$(BIN)/pytest $(PYTEST_ARGS)

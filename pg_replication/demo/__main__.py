@@ -79,8 +79,8 @@ def main() -> int:
     print(f"shipped orders: {expected:,} in Postgres, {shipped:,} in DuckDB")
     print(
         f"\nWarehouse: {config.duckdb_path()}.  Keep CDC running (the {config.source.name}_cdc_sensor drains "
-        "every 10 s) with the UI:\n  DAGSTER_HOME=$PWD/.dagster_home .venv/bin/dagster dev   # http://127.0.0.1:3000\n"
-        "Operators: .venv/bin/pg-replication status"
+        "every 10 s) with the UI:\n  make dev    # http://127.0.0.1:3000\n"
+        f"Operators: POSTGRES_URL={os.environ.get('POSTGRES_URL', '...')} .venv/bin/pg-replication status"
     )
     return 0
 
