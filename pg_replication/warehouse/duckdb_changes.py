@@ -73,8 +73,9 @@ def _resolve_upserts(conn, target, segment, upserts, mappings, key) -> None:
     """Stage the upserts and resolve them into the temp table ``pgr_resolved`` (typed values,
     unknown ones taken from the warehouse row named by ``fill_key``)."""
     columns = segment.columns
-    data = {name: _strings([u.values[i] for _, u in upserts]) for i, name in enumerate(columns)}
-    unknown_cols = sorted({i for _, u in upserts for i in u.unknown})
+    by_column = list(zip(*(u.values for _, u in upserts)))  # transpose rows to columns in C
+    data = {name: _strings(by_column[i]) for i, name in enumerate(columns)}
+    unknown_cols = sorted({i for _, u in upserts if u.unknown for i in u.unknown})
     for i in unknown_cols:
         data[f"_u{i}"] = pa.array([i in u.unknown for _, u in upserts], pa.bool_())
     if unknown_cols:
