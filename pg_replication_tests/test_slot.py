@@ -96,3 +96,37 @@ def test_lost_slot_is_reported(h, pg, server_url):
     with pytest.raises(SlotLostError) as err:
         h.drain()
     assert "max_slot_wal_keep_size" in str(err.value)
+
+
+def test_least_privilege_role_from_the_script(pg, pg_url, duckdb_path):
+    """scripts/source-role.sql: a REPLICATION role that only reads, with a publication its
+    owner created for the whole schema. Backfill and CDC work without altering it."""
+    from pathlib import Path
+
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "source-role.sql"
+    pg.execute("CREATE SCHEMA app")
+    pg.execute("CREATE TABLE app.t (id int PRIMARY KEY, v text)")
+    pg.execute("CREATE TABLE app.other (id int PRIMARY KEY)")  # published by the script, not replicated
+    pg.execute("INSERT INTO app.t SELECT i, 'x' FROM generate_series(1, 100) i")
+    try:
+        subprocess.run(
+            ["psql", pg_url, "-q", "-v", "ON_ERROR_STOP=1", "-v", "password='pw'", "-v", "schema=app",
+             "-v", "publication=pgr_test_pub", "-f", str(script)],
+            check=True, capture_output=True, text=True,
+        )
+        params = psycopg.conninfo.conninfo_to_dict(pg_url)
+        role_url = psycopg.conninfo.make_conninfo(**{**params, "user": "replicator", "password": "pw"})
+        h = Harness(role_url, duckdb_path, ["app.t"])
+        h.backfill()
+        pg.execute("UPDATE app.t SET v = 'y' WHERE id < 10")
+        pg.execute("INSERT INTO app.other VALUES (1)")
+        h.drain_all()
+        h.assert_equal(pg, "t")
+    finally:
+        for (slot,) in pg.execute("SELECT slot_name FROM pg_replication_slots WHERE database = current_database()").fetchall():
+            pg.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        pg.execute("DROP PUBLICATION IF EXISTS pgr_test_pub")
+        pg.execute("DROP OWNED BY replicator")
+        pg.execute("DROP ROLE IF EXISTS replicator")

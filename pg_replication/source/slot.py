@@ -155,7 +155,11 @@ def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Ta
             )
         )
         return True
-    if publication_tables(conn, publication) == {(t.schema, t.name) for t in tables}:
+    published = publication_tables(conn, publication)
+    if published == {(t.schema, t.name) for t in tables}:
+        return False
+    if not _owns_publication(conn, publication):
+        _require_published(published, publication, tables)
         return False
     if not tables:  # never dropped: a slot cannot decode across its publication's absence
         return False
@@ -163,11 +167,31 @@ def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Ta
     return True
 
 
+def _owns_publication(conn: psycopg.Connection, publication: str) -> bool:
+    row = conn.execute(
+        "SELECT pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = %s", (publication,)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _require_published(published: set[tuple[str, str]], publication: str, tables: list[Table]) -> None:
+    """A publication someone else manages (scripts/source-role.sql) must hold our tables."""
+    missing = [t.display for t in tables if (t.schema, t.name) not in published]
+    if missing:
+        raise SourceNotReadyError(
+            f"publication {publication!r} (not ours to change) does not publish {', '.join(missing)}",
+            hint=f"ALTER PUBLICATION {publication} ADD TABLE ... as its owner (see scripts/source-role.sql)",
+        )
+
+
 def add_to_publication(conn: psycopg.Connection, publication: str, table: Table) -> None:
     """Publish one more table (the backfill calls this before it plans)."""
-    if (table.schema, table.name) in publication_tables(conn, publication):
+    published = publication_tables(conn, publication)
+    if (table.schema, table.name) in published:
         return
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    if exists and not _owns_publication(conn, publication):
+        _require_published(published, publication, [table])
     verb = "ALTER PUBLICATION {} ADD TABLE {}" if exists else (
         "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)"
     )
