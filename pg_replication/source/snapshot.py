@@ -188,83 +188,102 @@ class _Done:
     error: BaseException | None = None
 
 
-def read_slice(
-    conninfo: str,
-    table: Table,
-    segments: tuple[Segment, ...],
-    *,
-    readers: int = 2,
-    row_limit: int | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """Stream the rows of one slice as record batches with ``staging_schema(table)``.
+class SliceReader:
+    """Reads one slice as record batches with ``staging_schema(table)``, in ``readers`` threads.
 
-    Memory stays bounded: at most ``2 * readers`` batches wait between the readers and the consumer.
-    Closing the iterator early stops the readers and closes their connections.
+    The readers start at construction and share one exported snapshot. Memory stays bounded: at
+    most ``readers`` batches wait for the consumer, besides the one each reader is parsing.
+    ``close()`` (also on early exit) stops the readers and closes their connections.
     """
-    schema = staging_schema(table)
-    with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as coordinator:
-        coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        snapshot = coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
-        work: queue.SimpleQueue[Segment] = queue.SimpleQueue()
-        pieces = [p for seg in segments for p in seg.split(readers, relation_pages(coordinator, seg.schema, seg.relation))]
-        for piece in pieces:
-            work.put(piece)
-        per_piece_limit = math.ceil(row_limit / len(pieces)) if row_limit and pieces else None
-        out: queue.Queue[pa.RecordBatch | _Done] = queue.Queue(maxsize=2 * readers)
-        stop = threading.Event()
 
-        def put(item: pa.RecordBatch | _Done) -> None:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
-
-        def reader() -> None:
-            done = _Done()
-            try:
-                with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-                    while not stop.is_set():
-                        try:
-                            piece = work.get_nowait()
-                        except queue.Empty:
-                            break
-                        with conn.cursor().copy(copy_query(table, piece, per_piece_limit)) as copy:
-                            stream = _CopyStream(copy)
-                            if stream.at_eof():
-                                continue
-                            csv = pacsv.open_csv(stream, *_csv_options(schema))
-                            for batch in csv:
-                                if stop.is_set():
-                                    break
-                                put(batch)
-                            if stop.is_set():
-                                conn.cancel_safe()
-            except BaseException as exc:  # forwarded to the consumer, which re-raises it
-                done.error = exc
-            put(done)
-
-        threads = [threading.Thread(target=reader, name=f"pgr-reader-{i}", daemon=True) for i in range(min(readers, max(1, len(pieces))))]
-        for t in threads:
-            t.start()
-        finished = 0
+    def __init__(
+        self, conninfo: str, table: Table, segments: tuple[Segment, ...], *, readers: int = 2, row_limit: int | None = None
+    ) -> None:
+        self.conninfo, self.table, self.schema = conninfo, table, staging_schema(table)
+        self.coordinator = connect(conninfo, autocommit=False, options=SESSION_OPTIONS)
         try:
-            while finished < len(threads):
-                item = out.get()
-                if isinstance(item, _Done):
-                    finished += 1
-                    if item.error is not None:
-                        raise item.error
-                    continue
-                yield item
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=30)
-            coordinator.rollback()
+            self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            self.snapshot = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+            pieces = [
+                p for seg in segments for p in seg.split(readers, relation_pages(self.coordinator, seg.schema, seg.relation))
+            ]
+        except BaseException:
+            self.coordinator.close()
+            raise
+        self.work: queue.SimpleQueue[Segment] = queue.SimpleQueue()
+        for piece in pieces:
+            self.work.put(piece)
+        self.per_piece_limit = math.ceil(row_limit / len(pieces)) if row_limit and pieces else None
+        self.out: queue.Queue[pa.RecordBatch | _Done] = queue.Queue(maxsize=readers)
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._read, name=f"pgr-reader-{i}", daemon=True)
+            for i in range(min(readers, max(1, len(pieces))))
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _put(self, item: pa.RecordBatch | _Done) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self) -> None:
+        done = _Done()
+        try:
+            with connect(self.conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+                while not self.stop.is_set():
+                    try:
+                        piece = self.work.get_nowait()
+                    except queue.Empty:
+                        break
+                    with conn.cursor().copy(copy_query(self.table, piece, self.per_piece_limit)) as copy:
+                        stream = _CopyStream(copy)
+                        if stream.at_eof():
+                            continue
+                        for batch in pacsv.open_csv(stream, *_csv_options(self.schema)):
+                            if self.stop.is_set():
+                                break
+                            self._put(batch)
+                        if self.stop.is_set():
+                            conn.cancel_safe()
+        except BaseException as exc:  # forwarded to the consumer, which re-raises it
+            done.error = exc
+        self._put(done)
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        finished = 0
+        while finished < len(self.threads):
+            item = self.out.get()
+            if isinstance(item, _Done):
+                finished += 1
+                if item.error is not None:
+                    raise item.error
+                continue
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        self.coordinator.rollback()
+        self.coordinator.close()
+
+
+def read_slice(
+    conninfo: str, table: Table, segments: tuple[Segment, ...], *, readers: int = 2, row_limit: int | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream one slice's rows (see SliceReader); closing the iterator stops the readers."""
+    reader = SliceReader(conninfo, table, segments, readers=readers, row_limit=row_limit)
+    try:
+        yield from reader
+    finally:
+        reader.close()
 
 
 def keys_in_source(conninfo: str, table: Table) -> Callable[[list[tuple]], set[tuple]]:
