@@ -12,24 +12,18 @@ from pg_replication.resources import PostgresSource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
-from pg_replication.warehouse.base import STATE_SCHEMA, quote
+from pg_replication.warehouse.duckdb import DuckDBWarehouse
 
 
 def _warehouse_state(conn, table: Table, slot: str) -> tuple[int | None, float | None, str, int | None]:
     """(drained LSN, seconds since the last drain, table status, warehouse rows)."""
+    warehouse = DuckDBWarehouse(conn)
+    status = warehouse.statuses().get(f"{table.schema}.{table.name}", ("not started", None))[0]
     try:
-        cursor = conn.execute(
-            f"SELECT drained_lsn, epoch(now() - updated_at) FROM {quote(STATE_SCHEMA, 'cursor')} WHERE slot = ?", [slot]
-        ).fetchall()
-        status = conn.execute(
-            f"SELECT coalesce(status, 'backfilling') FROM {quote(STATE_SCHEMA, 'tables')} WHERE table_key = ?",
-            [f"{table.schema}.{table.name}"],
-        ).fetchall()
-        rows = conn.execute(f"SELECT count(*) FROM {quote(table.schema, table.name)}").fetchall()[0][0]
+        rows = warehouse.row_count(table)
     except duckdb_module.CatalogException:
-        return None, None, "not started", None
-    drained, age = cursor[0] if cursor else (None, None)
-    return drained, age, status[0][0] if status else "not started", rows
+        rows = None
+    return warehouse.drained_lsn(slot), warehouse.seconds_since_drain(slot), status, rows
 
 
 def build_table_checks(tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> list:

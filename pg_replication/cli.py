@@ -68,8 +68,7 @@ def cmd_status(args) -> int:
         tables = introspect(conn, config)
         estimates = {f"{t.schema}.{t.name}": t.estimated_rows for t in tables}
     with _open_warehouse(config, read_only=True) as conn:
-        wh = DuckDBWarehouse.__new__(DuckDBWarehouse)  # read-only: no state tables to create
-        wh.conn = conn
+        wh = DuckDBWarehouse(conn, read_only=True)
         try:
             report = {r["table"]: r for r in wh.report()}
             drained = wh.drained_lsn(config.source.slot)
@@ -216,8 +215,7 @@ def cmd_wait_for_lsn(args) -> int:
     def read_state():
         try:
             with _open_warehouse(config, read_only=True, timeout=max(1.0, args.timeout)) as conn:
-                wh = DuckDBWarehouse.__new__(DuckDBWarehouse)
-                wh.conn = conn
+                wh = DuckDBWarehouse(conn, read_only=True)
                 return wh.drained_lsn(config.source.slot), {k: s for k, (s, _) in wh.statuses().items()}
         except (duckdb.CatalogException, PgReplicationError):
             return None, {}

@@ -40,9 +40,11 @@ class DuckDBWarehouse:
 
     name = "duckdb"
 
-    def __init__(self, conn: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, conn: duckdb.DuckDBPyConnection, *, read_only: bool = False) -> None:
+        """``read_only``: only read state (a read-only connection cannot create the state tables)."""
         self.conn = conn
-        self._ensure_state_tables()
+        if not read_only:
+            self._ensure_state_tables()
 
     def _ensure_state_tables(self) -> None:
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q(STATE_SCHEMA)}")
