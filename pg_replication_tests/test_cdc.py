@@ -206,3 +206,20 @@ def test_partitioned_table_streams_through_its_root(pg, pg_url, duckdb_path):
     (result,) = h.drain_all()
     assert set(result.tables) == {"public.m"}  # changes arrive under the root's name
     h.assert_equal(pg, "m")
+
+
+def test_excluded_columns_never_leave_the_source(pg, pg_url, duckdb_path):
+    pg.execute("CREATE TABLE people (id int PRIMARY KEY, name text, ssn text)")
+    pg.execute("INSERT INTO people SELECT i, 'n' || i, 'secret-' || i FROM generate_series(1, 100) i")
+    h = Harness(pg_url, duckdb_path, [{"name": "people", "exclude_columns": ["ssn"]}])
+    h.backfill()
+    pg.execute("UPDATE people SET name = 'x', ssn = 'secret-new' WHERE id < 10")
+    pg.execute("INSERT INTO people VALUES (500, 'new', 'secret-500')")
+    h.drain_all()
+    h.assert_equal(pg, "people", ["id", "name"])
+    published = pg.execute("SELECT attnames FROM pg_publication_tables WHERE tablename = 'people'").fetchone()[0]
+    assert "ssn" not in published  # a publication column list: pgoutput never sends it
+    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
+        cols = [r[0] for r in wh.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'people'").fetchall()]
+        logged = wh.execute("SELECT count(*) FROM information_schema.columns WHERE column_name = 'ssn'").fetchall()[0][0]
+    assert "ssn" not in cols and logged == 0
