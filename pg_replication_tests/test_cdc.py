@@ -223,3 +223,18 @@ def test_excluded_columns_never_leave_the_source(pg, pg_url, duckdb_path):
         cols = [r[0] for r in wh.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'people'").fetchall()]
         logged = wh.execute("SELECT count(*) FROM information_schema.columns WHERE column_name = 'ssn'").fetchall()[0][0]
     assert "ssn" not in cols and logged == 0
+
+
+def test_odd_identifiers_stream(pg, pg_url, duckdb_path):
+    pg.execute('CREATE SCHEMA "Ünï cödé"')
+    pg.execute('CREATE TABLE "Ünï cödé"."we""ird; tab" ("Id ;" int PRIMARY KEY, "va""l" text)')
+    pg.execute('INSERT INTO "Ünï cödé"."we""ird; tab" VALUES (1, \'a\'), (2, \'b\')')
+    h = Harness(pg_url, duckdb_path, ['"Ünï cödé"."we""ird; tab"'], partitions=2)
+    h.backfill(slices=[0])  # changes while backfilling go through the change log, named after the table
+    pg.execute('UPDATE "Ünï cödé"."we""ird; tab" SET "va""l" = \'; DROP TABLE x; --\' WHERE "Id ;" = 1')
+    pg.execute('INSERT INTO "Ünï cödé"."we""ird; tab" VALUES (3, \'c\')')
+    h.drain_all()
+    h.backfill(slices=[1])
+    pg.execute('DELETE FROM "Ünï cödé"."we""ird; tab" WHERE "Id ;" = 2')
+    h.drain_all()
+    h.assert_equal(pg, 'we"ird; tab')
