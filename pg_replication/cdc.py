@@ -79,6 +79,7 @@ class _RelationPlan:
     columns: tuple[str, ...]
     key_positions: tuple[int, ...]
     converters: tuple[tuple[int, Callable[[str], str]], ...]
+    key_converters: tuple[Callable[[str], str] | None, ...]  # per key column, for old tuples
     mappings: dict[str, TypeMapping]
     new_columns: dict[str, Column]
 
@@ -101,7 +102,7 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType]) -> 
     converters = tuple((i, mappings[n].from_text) for i, n in enumerate(columns) if mappings[n].from_text)
     return _RelationPlan(
         table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in table.primary_key),
-        converters, mappings, new_columns,  # type: ignore[arg-type]
+        converters, tuple(mappings[k].from_text for k in table.primary_key), mappings, new_columns,  # type: ignore[arg-type]
     )
 
 
@@ -123,10 +124,9 @@ def _stage(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[list[str 
 
 def _old_key(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[str | None, ...]:
     """The primary key of an old tuple ('K' or 'O'), staged like new values."""
-    converters = dict(plan.converters)
     return tuple(
-        converters[i](v) if i in converters and isinstance(v, str) else v  # type: ignore[misc]
-        for i, v in ((i, values[i]) for i in plan.key_positions)
+        convert(v) if convert is not None and isinstance(v, str) else v  # type: ignore[misc]
+        for convert, v in zip(plan.key_converters, (values[i] for i in plan.key_positions))
     )
 
 
@@ -171,9 +171,7 @@ def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], 
                 segment = tb.segment(plan.columns, plan.key_positions)
                 changes += 1
                 stats = tb.stats
-                if stats.first_lsn is None:
-                    stats.first_lsn = commit_lsn
-                stats.last_lsn, stats.last_commit_time = commit_lsn, commit_time
+                stats.saw(commit_lsn, commit_time)
                 if kind is po.Insert:
                     segment.insert(_stage(msg.new, plan)[0])  # type: ignore[union-attr]
                     stats.inserted += 1

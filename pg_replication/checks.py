@@ -17,13 +17,17 @@ from pg_replication.warehouse.duckdb import DuckDBWarehouse
 
 def _warehouse_state(conn, table: Table, slot: str) -> tuple[int | None, float | None, str, int | None]:
     """(drained LSN, seconds since the last drain, table status, warehouse rows)."""
-    warehouse = DuckDBWarehouse(conn)
-    status = warehouse.statuses().get(f"{table.schema}.{table.name}", ("not started", None))[0]
+    warehouse = DuckDBWarehouse(conn, read_only=True)  # a check creates nothing
+    try:
+        status = warehouse.statuses().get(f"{table.schema}.{table.name}", ("not started", None))[0]
+        drained, since = warehouse.drained_lsn(slot), warehouse.seconds_since_drain(slot)
+    except duckdb_module.CatalogException:  # no state yet: nothing was ever replicated here
+        return None, None, "not started", None
     try:
         rows = warehouse.row_count(table)
     except duckdb_module.CatalogException:
         rows = None
-    return warehouse.drained_lsn(slot), warehouse.seconds_since_drain(slot), status, rows
+    return drained, since, status, rows
 
 
 def build_table_checks(tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> list:

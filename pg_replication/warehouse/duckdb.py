@@ -14,8 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
-from pg_replication.source.catalog import Table
-from pg_replication.source.catalog import VOLATILE_DEFAULT
+from pg_replication.source.catalog import VOLATILE_DEFAULT, Table
 from pg_replication.source.snapshot import BackfillPlan, column_mappings
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState
@@ -135,7 +134,8 @@ class DuckDBWarehouse:
 
     def _exists(self, table: Table) -> bool:
         return bool(
-            one(self.conn, 
+            one(
+                self.conn,
                 "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
                 [table.schema, table.name],
             )[0]  # type: ignore[index]
@@ -144,7 +144,8 @@ class DuckDBWarehouse:
     # -- state ------------------------------------------------------------------------------
 
     def load_state(self, table: Table) -> TableState:
-        row = one(self.conn, 
+        row = one(
+            self.conn,
             f"SELECT plan, coalesce(status, 'backfilling') FROM {q(STATE_SCHEMA, 'tables')} WHERE table_key = ?",
             [table_key(table)],
         )
@@ -328,7 +329,7 @@ class DuckDBWarehouse:
                         continue
                     if status != "failed" and self._exists(plan.table):
                         try:  # keep the warehouse's columns (and their stored load) in step
-                            self.evolve(plan.table, {n: plan.mappings[n] for n in plan.columns}, missing_values.get(key, {}))
+                            self._evolve_to(plan, missing_values.get(key, {}))
                         except (duckdb.Error, PgReplicationError) as exc:
                             raise _TableFailed(key, batch.stats.first_lsn, exc) from None
                     for segment in batch.segments:
@@ -348,8 +349,12 @@ class DuckDBWarehouse:
                 _rollback(self.conn)
                 raise
 
-    def _apply_table(self, plan, batch, missing: dict[str, str | None]) -> None:
+    def _evolve_to(self, plan, missing: dict[str, str | None]) -> None:
+        """Follow the columns of the relation the changes arrived under."""
         self.evolve(plan.table, {n: plan.mappings[n] for n in plan.columns}, missing)
+
+    def _apply_table(self, plan, batch, missing: dict[str, str | None]) -> None:
+        self._evolve_to(plan, missing)
         for segment in batch.segments:
             apply_segment(self.conn, self.table_name(plan.table), segment, plan.mappings, plan.table.primary_key)
 
