@@ -67,7 +67,7 @@ class TableAssetTranslator:
         columns = [
             dg.TableColumn(
                 name=c.name,
-                type=f"{c.type_sql} -> {map_column(c).duckdb}",
+                type=f"{c.type_sql} -> {map_column(c).ddl}",
                 constraints=dg.TableColumnConstraints(nullable=not c.not_null),
             )
             for c in table.columns

@@ -105,7 +105,9 @@ def run_backfill(
 
         table = _current(conninfo, warehouse, table)  # columns may change between slices
         still_in_source = keys_in_source(conninfo, table)
-        batches = read_slice(conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit)
+        batches = read_slice(
+            conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit, mapper=warehouse.map_column
+        )
         try:
             result = warehouse.write_slice(table, index, batches, progress, still_in_source)
         finally:

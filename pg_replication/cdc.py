@@ -24,7 +24,8 @@ from pg_replication.source import pgoutput as po
 from pg_replication.source.catalog import Column, PgType, Table, load_types, missing_values
 from pg_replication.source.connection import connect
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
-from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
+from pg_replication.source.snapshot import Mapper
+from pg_replication.types import SESSION_OPTIONS, TypeMapping
 
 
 class StateBehindSlotError(PgReplicationError):
@@ -84,7 +85,7 @@ class _RelationPlan:
     new_columns: dict[str, Column]
 
 
-def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType]) -> _RelationPlan:
+def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
     known = {c.name: c for c in table.columns}
     columns = tuple(c.name for c in rel.columns)
     mappings: dict[str, TypeMapping] = {}
@@ -95,7 +96,7 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType]) -> 
             pg_type = types.get(rc.type_oid) or PgType(rc.type_oid, "", f"oid {rc.type_oid}", "base")
             col = Column(rc.name, i + 1, pg_type, rc.typmod, col.ndims if col else 1, False, pg_type.name)
             new_columns[rc.name] = col
-        mappings[rc.name] = map_column(col)
+        mappings[rc.name] = mapper(col)
     missing = [k for k in table.primary_key if k not in columns]
     if missing:
         raise SchemaChangeError(f"{table.display}: key column(s) {missing} are no longer published", table=table.display)
@@ -141,7 +142,9 @@ class _Decoded:
     exhausted: bool
 
 
-def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], settings: DrainSettings, skip_below: int) -> _Decoded:
+def _read_batch(
+    conn: psycopg.Connection, tables: dict[tuple[str, str], Table], settings: DrainSettings, skip_below: int, mapper: Mapper
+) -> _Decoded:
     types = load_types(conn)
     relations: dict[int, _RelationPlan | None] = {}
     plans: dict[str, _RelationPlan] = {}
@@ -197,7 +200,7 @@ def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], 
                 continue
             if kind is po.Relation:
                 table = tables.get((msg.schema, msg.name))  # type: ignore[union-attr]
-                plan = _plan_relation(msg, table, types) if table else None  # type: ignore[arg-type]
+                plan = _plan_relation(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
                 relations[msg.oid] = plan  # type: ignore[union-attr]
                 if plan:
                     previous = plans.get(plan.key)
@@ -223,7 +226,7 @@ def _read_batch(conn: psycopg.Connection, tables: dict[tuple[str, str], Table], 
 
 
 def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None] = lambda m: None) -> DrainResult:
-    """Drain one bounded batch. ``warehouse`` is a DuckDBWarehouse (see warehouse/base.py)."""
+    """Drain one bounded batch into ``warehouse`` (see warehouse/base.py)."""
     started = time.monotonic()
     by_name = {(t.schema, t.name): t for t in tables}
     with connect(conninfo, options=SESSION_OPTIONS) as conn:
@@ -239,7 +242,7 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
         if drained is not None and drained > status.confirmed_lsn:
             advance(conn, settings.slot, drained)  # a previous run committed but died before advancing
         before = flushed_lsn(conn)
-        decoded = _read_batch(conn, by_name, settings, drained or 0)
+        decoded = _read_batch(conn, by_name, settings, drained or 0, warehouse.map_column)
         failpoint("after_read")
         target = max(drained or 0, decoded.last_end_lsn or 0, before if decoded.exhausted else 0, status.confirmed_lsn)
         missing_values = _missing_values(conn, decoded)

@@ -34,8 +34,8 @@ class TypeMapping:
     """How one column is read from Postgres and written to the warehouse."""
 
     arrow: pa.DataType  # type of the staged column in the Arrow batches
-    duckdb: str  # DuckDB DDL type
-    load: str = "{0}"  # DuckDB expression over the staged column ({0} is the column)
+    ddl: str  # the warehouse column type (DDL)
+    load: str = "{0}"  # warehouse SQL over the staged column ({0} is the column)
     select: str = "{0}"  # Postgres expression for the COPY query ({0} is the column)
     fallback: bool = False  # True when the type is not known: its text form is kept
     from_text: Callable[[str], str] | None = None  # output-function text -> staged form (CDC)
@@ -153,7 +153,7 @@ def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
     dims = "[]" * max(ndims, 1)
     native = elem.kind != "enum" and elem.schema == "pg_catalog" and elem.name in _JSON_NATIVE_ELEMENTS
     if native:  # to_json writes numbers, booleans and JSON as themselves
-        target = TYPE_TABLE[elem.name].duckdb
+        target = TYPE_TABLE[elem.name].ddl
         return TypeMapping(
             pa.string(),
             f"{target}{dims}",
@@ -168,7 +168,7 @@ def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
             select="to_json({0}::text[])", from_text=as_strings,
         )
     if elem.schema == "pg_catalog" and elem.name in _TEXT_CAST_ELEMENTS:
-        target = _base_mapping(elem, elem_mod).duckdb
+        target = _base_mapping(elem, elem_mod).ddl
         return TypeMapping(
             pa.string(),
             f"{target}{dims}",

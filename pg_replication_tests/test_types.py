@@ -48,9 +48,9 @@ def test_unknown_types_fall_back_to_text(pg, pg_url):
     with connect(pg_url) as conn:
         (table,) = introspect(conn, parse_config({"tables": ["t"]}))
     mapping = {c.name: map_column(c) for c in table.columns}
-    assert mapping["p"].fallback and mapping["p"].duckdb == "VARCHAR"
+    assert mapping["p"].fallback and mapping["p"].ddl == "VARCHAR"
     assert mapping["l"].fallback
-    assert mapping["id"].duckdb == "INTEGER" and not mapping["id"].fallback
+    assert mapping["id"].ddl == "INTEGER" and not mapping["id"].fallback
 
 
 def test_nan_in_constrained_numeric_fails_loudly_and_commits_nothing(pg, pg_url, duckdb_path):
@@ -67,7 +67,7 @@ def test_nan_in_constrained_numeric_fails_loudly_and_commits_nothing(pg, pg_url,
 def test_type_table_covers_the_readme(tmp_path):
     # Every mapped type has a DuckDB type and an Arrow staging type.
     for name, mapping in TYPE_TABLE.items():
-        assert mapping.duckdb and mapping.arrow is not None, name
+        assert mapping.ddl and mapping.arrow is not None, name
 
 
 def test_type_corpus_round_trips_through_cdc(pg, pg_url, duckdb_path):

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
 
-from pg_replication.source.catalog import Table
+from pg_replication.source.catalog import Column, Table
 from pg_replication.source.connection import connect
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
 
@@ -101,12 +101,15 @@ def make_plan(conn: psycopg.Connection, table: Table, partitions: int, lsn: str)
     return BackfillPlan(lsn, tuple(tuple(s) for s in slices))
 
 
-def column_mappings(table: Table) -> list[tuple[str, TypeMapping]]:
-    return [(c.name, map_column(c)) for c in table.columns]
+Mapper = Callable[[Column], TypeMapping]  # the warehouse's type mapping (Warehouse.map_column)
 
 
-def copy_query(table: Table, segment: Segment, limit: int | None) -> sql.Composed:
-    columns = sql.SQL(", ").join(m.select_sql(name) for name, m in column_mappings(table))
+def column_mappings(table: Table, mapper: Mapper = map_column) -> list[tuple[str, TypeMapping]]:
+    return [(c.name, mapper(c)) for c in table.columns]
+
+
+def copy_query(table: Table, segment: Segment, limit: int | None, mapper: Mapper = map_column) -> sql.Composed:
+    columns = sql.SQL(", ").join(m.select_sql(name) for name, m in column_mappings(table, mapper))
     where = [sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({segment.start},0)"))]
     if segment.end is not None:
         where.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({segment.end},0)")))
@@ -118,9 +121,9 @@ def copy_query(table: Table, segment: Segment, limit: int | None) -> sql.Compose
     return sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
 
 
-def staging_schema(table: Table) -> pa.Schema:
+def staging_schema(table: Table, mapper: Mapper = map_column) -> pa.Schema:
     # Staged columns carry the source names, so warehouse errors name the real column.
-    return pa.schema([pa.field(name, m.arrow) for name, m in column_mappings(table)])
+    return pa.schema([pa.field(name, m.arrow) for name, m in column_mappings(table, mapper)])
 
 
 class _CopyStream(io.RawIOBase):
@@ -197,9 +200,17 @@ class SliceReader:
     """
 
     def __init__(
-        self, conninfo: str, table: Table, segments: tuple[Segment, ...], *, readers: int = 2, row_limit: int | None = None
+        self,
+        conninfo: str,
+        table: Table,
+        segments: tuple[Segment, ...],
+        *,
+        readers: int = 2,
+        row_limit: int | None = None,
+        mapper: Mapper = map_column,
     ) -> None:
-        self.conninfo, self.table, self.schema = conninfo, table, staging_schema(table)
+        self.conninfo, self.table, self.mapper = conninfo, table, mapper
+        self.schema = staging_schema(table, mapper)
         self.coordinator = connect(conninfo, autocommit=False, options=SESSION_OPTIONS)
         try:
             self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -242,7 +253,7 @@ class SliceReader:
                         piece = self.work.get_nowait()
                     except queue.Empty:
                         break
-                    with conn.cursor().copy(copy_query(self.table, piece, self.per_piece_limit)) as copy:
+                    with conn.cursor().copy(copy_query(self.table, piece, self.per_piece_limit, self.mapper)) as copy:
                         stream = _CopyStream(copy)
                         if stream.at_eof():
                             continue
@@ -276,10 +287,16 @@ class SliceReader:
 
 
 def read_slice(
-    conninfo: str, table: Table, segments: tuple[Segment, ...], *, readers: int = 2, row_limit: int | None = None
+    conninfo: str,
+    table: Table,
+    segments: tuple[Segment, ...],
+    *,
+    readers: int = 2,
+    row_limit: int | None = None,
+    mapper: Mapper = map_column,
 ) -> Iterator[pa.RecordBatch]:
     """Stream one slice's rows (see SliceReader); closing the iterator stops the readers."""
-    reader = SliceReader(conninfo, table, segments, readers=readers, row_limit=row_limit)
+    reader = SliceReader(conninfo, table, segments, readers=readers, row_limit=row_limit, mapper=mapper)
     try:
         yield from reader
     finally:

@@ -1,0 +1,557 @@
+"""The warehouse engine: replication state, backfill slices and change batches in portable SQL.
+
+A dialect (``duckdb.py``, ``postgres.py``, ``snowflake.py``) supplies the connection, its type
+mapping, how a batch is staged and how staged changes are applied. Everything else lives here
+once: the state tables, slice bookkeeping, the change log, schema evolution and the per-table
+failure isolation of a drain.
+
+Every write has one shape: staging and DDL first (idempotent, so a retry after a crash is
+harmless), then one transaction of DML that writes the data and the state describing it.
+Snowflake commits implicitly on DDL, so the transaction must hold DML only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
+from pg_replication.source.catalog import VOLATILE_DEFAULT, Column, Table
+from pg_replication.source.snapshot import BackfillPlan
+from pg_replication.types import TypeMapping, map_column
+from pg_replication.warehouse import staging
+from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState, quote
+from pg_replication.warehouse.staging import StagedChanges
+
+LOG_META = ("_seq", "_segment", "_columns", staging.OP, staging.UNKNOWN)
+
+
+def table_key(table: Table) -> str:
+    return f"{table.schema}.{table.name}"
+
+
+class SqlWarehouse:
+    """The engine; a dialect subclass fills in the hooks marked below."""
+
+    name = "sql"
+    errors: tuple[type[BaseException], ...] = ()  # the driver's errors: a refused write
+    text_type = "TEXT"
+
+    def __init__(self, *, read_only: bool = False) -> None:
+        """``read_only``: only read state (checks and ``status`` create nothing)."""
+        if not read_only:
+            self._ensure_state_tables()
+
+    # -- dialect hooks ----------------------------------------------------------------------
+
+    def execute(self, query: str, params: Sequence = ()) -> None:
+        """Run one statement; ``?`` marks parameters."""
+        raise NotImplementedError
+
+    def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def rollback(self) -> None:
+        raise NotImplementedError
+
+    def stage(self, name: str, data: pa.Table) -> str:
+        """Make ``data`` readable by SQL on this connection; returns the relation. Called
+        outside any transaction."""
+        raise NotImplementedError
+
+    def unstage(self, name: str) -> None:
+        raise NotImplementedError
+
+    def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+        """The slice's rows as relations of source-named columns, and the batch each holds
+        (None when one relation holds all of them). Runs before the slice's transaction begins;
+        a dialect may stage lazily when staging inside a transaction is allowed."""
+        raise NotImplementedError
+
+    def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
+        """Apply one staged segment to the table inside the caller's transaction."""
+        raise NotImplementedError
+
+    def map_column(self, column: Column) -> TypeMapping:
+        return map_column(column)
+
+    def ident(self, *names: str) -> str:
+        return quote(*names)
+
+    def physical_columns(self, schema: str, name: str) -> list[str] | None:
+        """The table's column names in order, or None when it does not exist."""
+        rows = self.fetchall(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+            "ORDER BY ordinal_position",
+            [self.fold(schema), self.fold(name)],
+        )
+        return [r[0] for r in rows] or None
+
+    def fold(self, name: str) -> str:
+        """The name as the warehouse's catalog stores it (Snowflake upper-cases plain names)."""
+        return name
+
+    def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
+        cols = ", ".join(f"{self.ident(name)} {m.ddl}" for name, m in columns)
+        self.execute(f"CREATE SCHEMA IF NOT EXISTS {self.ident(self.schema_of(table))}")
+        self.execute(f"CREATE TABLE IF NOT EXISTS {self.table_name(table)} ({cols}, {self.ident(SLICE_COLUMN)} INTEGER)")
+
+    def declare_primary_key(self, table: Table) -> None:
+        """Called after each slice commit once the backfill is complete (the default declares
+        the key in ``create_table``'s place: nothing to do)."""
+
+    def schema_of(self, table: Table) -> str:
+        return table.schema
+
+    # -- names ------------------------------------------------------------------------------
+
+    def table_name(self, table: Table) -> str:
+        return self.ident(self.schema_of(table), table.name)
+
+    def state(self, name: str) -> str:
+        return self.ident(STATE_SCHEMA, name)
+
+    def log_name(self, table: Table) -> str:
+        return f"log.{table.schema}.{table.name}"
+
+    def column_mappings(self, table: Table) -> list[tuple[str, TypeMapping]]:
+        return [(c.name, self.map_column(c)) for c in table.columns]
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _ensure_state_tables(self) -> None:
+        t = self.text_type
+        self.execute(f"CREATE SCHEMA IF NOT EXISTS {self.ident(STATE_SCHEMA)}")
+        self.execute(
+            f"""CREATE TABLE IF NOT EXISTS {self.state('tables')} (table_key {t} PRIMARY KEY, plan {t},
+                columns {t}, status {t}, error {t}, applied_lsn BIGINT, updated_at FLOAT8)"""
+        )
+        self.execute(f"CREATE TABLE IF NOT EXISTS {self.state('cursor')} (slot {t} PRIMARY KEY, drained_lsn BIGINT, updated_at FLOAT8)")
+        self.execute(
+            f"""CREATE TABLE IF NOT EXISTS {self.state('slices')} (table_key {t}, slice INTEGER, rows BIGINT,
+                bytes BIGINT, seconds FLOAT8, copied_at FLOAT8, PRIMARY KEY (table_key, slice))"""
+        )
+
+    def _upsert_state(self, table: str, key: dict, values: dict) -> None:
+        """Update the row named by ``key`` or insert it (portable: no ON CONFLICT / MERGE)."""
+        where = " AND ".join(f"{self.ident(k)} = ?" for k in key)
+        sets = ", ".join(f"{self.ident(c)} = ?" for c in values)
+        self.execute(f"UPDATE {self.state(table)} SET {sets} WHERE {where}", [*values.values(), *key.values()])
+        names = ", ".join(self.ident(c) for c in (*key, *values))
+        marks = ", ".join("?" for _ in (*key, *values))
+        self.execute(
+            f"INSERT INTO {self.state(table)} ({names}) SELECT {marks} WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {self.state(table)} WHERE {where})",
+            [*key.values(), *values.values(), *key.values()],
+        )
+
+    def _table_row(self, key: str) -> tuple | None:
+        rows = self.fetchall(f"SELECT plan, status, error, columns FROM {self.state('tables')} WHERE table_key = ?", [key])
+        return rows[0] if rows else None
+
+    def load_state(self, table: Table) -> TableState:
+        row = self._table_row(table_key(table))
+        done = self.fetchall(f"SELECT slice FROM {self.state('slices')} WHERE table_key = ?", [table_key(table)])
+        plan = BackfillPlan.from_json(row[0]) if row and row[0] else None
+        status = (row[1] if row else None) or "backfilling"
+        return TableState(table_key(table), plan, frozenset(int(r[0]) for r in done), status)
+
+    def save_plan(self, table: Table, plan: BackfillPlan) -> BackfillPlan:
+        row = self._table_row(table_key(table))
+        if row and row[0]:
+            return BackfillPlan.from_json(row[0])
+        self._upsert_state("tables", {"table_key": table_key(table)}, {"plan": plan.to_json(), "updated_at": time.time()})
+        return plan
+
+    def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
+        row = self._table_row(key)
+        return json.loads(row[3]) if row and row[3] else {}
+
+    def stored_mappings(self, table: Table) -> dict[str, TypeMapping]:
+        """The warehouse's columns as mappings of staged text (what the change log holds)."""
+        return {
+            name: TypeMapping(pa.string(), c["type"], load=c["load"])
+            for name, c in self.stored_columns(table_key(table)).items()
+        }
+
+    def _store_columns(self, key: str, columns: dict) -> None:
+        self._upsert_state("tables", {"table_key": key}, {"columns": json.dumps(columns), "updated_at": time.time()})
+
+    def set_status(self, key: str, status: str, error: str | None = None) -> None:
+        self._upsert_state("tables", {"table_key": key}, {"status": status, "error": error, "updated_at": time.time()})
+
+    def statuses(self) -> dict[str, tuple[str, str | None]]:
+        rows = self.fetchall(f"SELECT table_key, status, error FROM {self.state('tables')}")
+        return {k: (s or "backfilling", e) for k, s, e in rows}
+
+    def drained_lsn(self, slot: str) -> int | None:
+        rows = self.fetchall(f"SELECT drained_lsn FROM {self.state('cursor')} WHERE slot = ?", [slot])
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def seconds_since_drain(self, slot: str) -> float | None:
+        rows = self.fetchall(f"SELECT updated_at FROM {self.state('cursor')} WHERE slot = ?", [slot])
+        return time.time() - float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def set_drained_lsn(self, slot: str, lsn: int) -> None:
+        self._upsert_state("cursor", {"slot": slot}, {"drained_lsn": lsn, "updated_at": time.time()})
+
+    def report(self) -> list[dict]:
+        """Per table: status, error, applied LSN, backfill slices done, plan size, last update."""
+        done: dict[str, int] = {}
+        for key, _ in self.fetchall(f"SELECT table_key, slice FROM {self.state('slices')}"):
+            done[key] = done.get(key, 0) + 1
+        report = []
+        for key, status, error, lsn, plan, updated in sorted(
+            self.fetchall(f"SELECT table_key, status, error, applied_lsn, plan, updated_at FROM {self.state('tables')}")
+        ):
+            report.append(
+                {
+                    "table": key,
+                    "status": status or "backfilling",
+                    "error": error,
+                    "applied_lsn": lsn,
+                    "partitions": BackfillPlan.from_json(plan).partitions if plan else None,
+                    "slices_done": done.get(key, 0),
+                    "updated_at": datetime.fromtimestamp(float(updated), timezone.utc) if updated else None,
+                }
+            )
+        return report
+
+    def reset_table(self, table: Table) -> None:
+        self.execute(f"DROP TABLE IF EXISTS {self.table_name(table)}")
+        self.execute(f"DROP TABLE IF EXISTS {self.state(self.log_name(table))}")
+        with self.transaction():
+            self.execute(f"DELETE FROM {self.state('slices')} WHERE table_key = ?", [table_key(table)])
+            self.execute(f"DELETE FROM {self.state('tables')} WHERE table_key = ?", [table_key(table)])
+
+    def reset_cursor(self, slot: str) -> None:
+        self.execute(f"DELETE FROM {self.state('cursor')} WHERE slot = ?", [slot])
+
+    def row_count(self, table: Table) -> int:
+        return int(self.fetchall(f"SELECT count(*) FROM {self.table_name(table)}")[0][0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.begin()
+        try:
+            yield
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def ensure_table(self, table: Table, missing: dict[str, str | None] | None = None) -> None:
+        """Create the table, or add the columns the source gained."""
+        mappings = self.column_mappings(table)
+        if self.physical_columns(self.schema_of(table), table.name) is None:
+            self.create_table(table, mappings)
+        added = self.add_columns(table, dict(mappings), missing or {})
+        stored = self.stored_columns(table_key(table))
+        if added or not stored:
+            self._store_columns(table_key(table), {**stored, **added})
+
+    def add_columns(self, table: Table, mappings: dict[str, TypeMapping], missing: dict[str, str | None]) -> dict:
+        """DDL half of following the source's columns (idempotent): add new ones (existing rows
+        get the value Postgres gives them, its 'missing value'); refuse a changed type; keep
+        dropped ones. Returns what the stored column state must gain."""
+        stored = self.stored_columns(table_key(table))
+        physical = {self.fold(c) for c in self.physical_columns(self.schema_of(table), table.name) or ()}
+        added = {}
+        for name, mapping in mappings.items():
+            if name in stored:
+                if stored[name]["type"] != mapping.ddl:
+                    raise SchemaChangeError(
+                        f"{table.display}: column {name!r} changed type from {stored[name]['type']} to "
+                        f"{mapping.ddl} in the source; the warehouse table cannot follow in place",
+                        table=table.display,
+                    )
+                continue
+            added[name] = {"type": mapping.ddl, "load": mapping.load}
+            if self.fold(name) in physical:  # created with the table, or added by a run that then failed
+                continue
+            value = missing.get(name)
+            if value == VOLATILE_DEFAULT:
+                raise SchemaChangeError(
+                    f"{table.display}: column {name!r} was added with a volatile default; existing rows "
+                    "got values that no change event carries",
+                    table=table.display,
+                )
+            self.add_column(table, name, mapping, value)
+        return added
+
+    def add_column(self, table: Table, name: str, mapping: TypeMapping, value: str | None) -> None:
+        """Add a column; rows already there get ``value`` (Postgres's missing value), later
+        inserts do not."""
+        target, column = self.table_name(table), self.ident(name)
+        if value is None:
+            self.execute(f"ALTER TABLE {target} ADD COLUMN {column} {mapping.ddl}")
+            return
+        literal = staging.typed(mapping, "'" + value.replace("'", "''") + "'")
+        self.execute(f"ALTER TABLE {target} ADD COLUMN {column} {mapping.ddl} DEFAULT {literal}")
+        # Every write names every column, so a default left by a crash here would never apply.
+        self.execute(f"ALTER TABLE {target} ALTER COLUMN {column} DROP DEFAULT")
+
+    # -- backfill ---------------------------------------------------------------------------
+
+    def write_slice(
+        self,
+        table: Table,
+        index: int,
+        batches: Iterable[pa.RecordBatch],
+        progress: Progress | None = None,
+        still_in_source: KeyCheck | None = None,
+    ) -> SliceResult:
+        """Replace the slice's rows; rows it held before that the source no longer has are
+        deleted, rows an update moved elsewhere stay. When this completes the backfill, the
+        table's change log is replayed and the table starts streaming, in the same transaction."""
+        target = self.table_name(table)
+        mappings = dict(self.column_mappings(table))
+        names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        previous = -1 - index  # rows this slice wrote before, until the new copy replaces them
+        rows = nbytes = 0
+        started = time.monotonic()
+        relations = self.slice_relations(table, batches)
+        self.begin()
+        try:
+            self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
+            for relation, batch in relations:
+                select = ", ".join([m.load_sql(self.ident(n)) for n, m in mappings.items()] + [str(int(index))])
+                staged_keys = ", ".join(mappings[k].load_sql(self.ident(k)) for k in table.primary_key)
+                try:
+                    # A row an update moved here from another slice's pages is still stored
+                    # under that slice: drop it by key first.
+                    self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
+                    self.execute(f"INSERT INTO {target} ({names}) SELECT {select} FROM {relation}")
+                except self.errors as exc:
+                    where = f"rows {rows}..{rows + batch.num_rows}" if batch is not None else "its rows"
+                    raise WarehouseError(
+                        f"{table.display}: the {self.name} warehouse refused slice {index} at {where}: "
+                        + str(exc).strip().splitlines()[0],
+                        table=table.display,
+                        hint="if a value does not fit its warehouse type (e.g. NaN in numeric(p,s)), "
+                        "see README, Type mapping; nothing of this slice was committed",
+                    ) from None
+                if batch is not None:
+                    rows += batch.num_rows
+                    nbytes += batch.nbytes
+                else:
+                    rows = self._count_slice(target, index)
+                if progress is not None:
+                    progress(rows, nbytes)
+            self._settle_leftovers(table, previous, still_in_source)
+            self._upsert_state(
+                "slices",
+                {"table_key": table_key(table), "slice": index},
+                {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
+            )
+            self._start_streaming_when_complete(table)
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        finally:
+            relations.close()  # type: ignore[attr-defined]
+        if self.load_state(table).status == "streaming":
+            self.declare_primary_key(table)
+        return SliceResult(rows, nbytes)
+
+    def _count_slice(self, target: str, index: int) -> int:
+        return int(self.fetchall(f"SELECT count(*) FROM {target} WHERE {self.ident(SLICE_COLUMN)} = ?", [index])[0][0])
+
+    def _settle_leftovers(self, table: Table, marker: int, still_in_source: KeyCheck | None) -> None:
+        """Rows the slice held before but not now: deleted in the source, or moved by an update to
+        another slice's pages. Only the source can tell: deleted rows go, moved rows stay."""
+        target = self.table_name(table)
+        keys = [self.ident(k) for k in table.primary_key]
+        slice_column = self.ident(SLICE_COLUMN)
+        leftovers = self.fetchall(f"SELECT {', '.join(keys)} FROM {target} WHERE {slice_column} = ?", [marker])
+        if leftovers:
+            alive = still_in_source(leftovers) if still_in_source is not None else set()
+            self.delete_keys(table, [tuple(k) for k in leftovers if tuple(k) not in alive])
+        self.execute(f"UPDATE {target} SET {slice_column} = NULL WHERE {slice_column} = ?", [marker])
+
+    def delete_keys(self, table: Table, keys: list[tuple]) -> None:
+        """Delete rows by primary key values as the warehouse returned them (few: rows deleted
+        in the source while the backfill ran)."""
+        where = " AND ".join(f"{self.ident(k)} = ?" for k in table.primary_key)
+        for key in keys:
+            self.execute(f"DELETE FROM {self.table_name(table)} WHERE {where}", list(key))
+
+    def _start_streaming_when_complete(self, table: Table) -> None:
+        state = self.load_state(table)
+        if state.plan is None or len(state.slices_done) < state.plan.partitions or state.status != "backfilling":
+            return
+        self.replay_log(table)
+        self.set_status(table_key(table), "streaming")
+
+    # -- the change log ---------------------------------------------------------------------
+
+    def ensure_log(self, table: Table, columns: Sequence[str]) -> list[str]:
+        """DDL: the table's change log, able to hold ``columns``; returns its data columns."""
+        name = self.log_name(table)
+        have = self.physical_columns(STATE_SCHEMA, name)
+        if have is None:
+            fills = "".join(f", {self.ident(staging.fill_column(i))} {self.text_type}" for i in range(len(table.primary_key)))
+            self.execute(
+                f"""CREATE TABLE IF NOT EXISTS {self.state(name)} ("_seq" BIGINT, "_segment" BIGINT, "_columns" {self.text_type},
+                    {self.ident(staging.OP)} {self.text_type}, {self.ident(staging.UNKNOWN)} {self.text_type}{fills})"""
+            )
+            have = self.physical_columns(STATE_SCHEMA, name) or []
+        folded = set(have)
+        for column in columns:
+            if self.fold(column) not in folded:
+                self.execute(f"ALTER TABLE {self.state(name)} ADD COLUMN {self.ident(column)} {self.text_type}")
+        return list(columns)
+
+    def append_log(self, table: Table, changes: StagedChanges) -> None:
+        log = self.state(self.log_name(table))
+        row = self.fetchall(f'SELECT coalesce(max("_seq"), 0), coalesce(max("_segment"), 0) FROM {log}')[0]
+        seq, segment = int(row[0]) + 1, int(row[1]) + 1
+        fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
+        names = ['"_seq"', '"_segment"', '"_columns"', self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
+        names += [self.ident(c) for c in changes.columns]
+        values = [f"{self.ident(staging.SEQ)} + {seq}", str(segment), "?", self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
+        values += [self.ident(staging.value_column(i)) for i in range(len(changes.columns))]
+        self.execute(
+            f"INSERT INTO {log} ({', '.join(names)}) SELECT {', '.join(values)} FROM {changes.relation}",
+            [json.dumps(changes.columns)],
+        )
+
+    def replay_log(self, table: Table) -> int:
+        """Apply every logged segment in order, then empty the log. Returns the rows replayed."""
+        name = self.log_name(table)
+        if self.physical_columns(STATE_SCHEMA, name) is None:
+            return 0
+        log = self.state(name)
+        mappings = self.stored_mappings(table)
+        fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
+        replayed = 0
+        for segment, columns_json, rows, truncates in self.fetchall(
+            f"""SELECT "_segment", "_columns", count(*), sum(CASE WHEN {self.ident(staging.OP)} = 'T' THEN 1 ELSE 0 END)
+                FROM {log} GROUP BY "_segment", "_columns" ORDER BY 1"""
+        ):
+            columns = tuple(c for c in json.loads(columns_json) if c in mappings)
+            values = [f"{self.ident(c)} AS {self.ident(staging.value_column(i))}" for i, c in enumerate(columns)]
+            relation = (
+                f"(SELECT {self.ident(staging.OP)}, {self.ident(staging.UNKNOWN)}, {', '.join(fills)}, "
+                f'{", ".join(values)} FROM {log} WHERE "_segment" = {int(segment)})'
+            )
+            self.apply_changes(table, StagedChanges(relation, columns, bool(truncates), int(rows)), mappings)
+            replayed += int(rows)
+        self.execute(f"DELETE FROM {log}")
+        return replayed
+
+    # -- CDC --------------------------------------------------------------------------------
+
+    def apply_drain(self, decoded, target_lsn: int, slot: str, missing_values: dict) -> dict:
+        """Apply (streaming tables) or log (the rest) every table's changes, and record the
+        drained LSN, in one transaction. A table whose apply fails is marked failed and logged
+        instead, and the transaction is retried without it."""
+        from pg_replication.cdc import failpoint
+
+        statuses = self.statuses()
+        failed_now: dict[str, str] = {}
+        staged: dict[str, list[StagedChanges]] = {}
+        pending: dict[str, dict] = {}  # columns each table's stored state gains in the transaction
+        names: list[str] = []
+        try:
+            for key, batch in decoded.batches.items():
+                plan = decoded.plans[key]
+                status = statuses.get(key, ("backfilling", None))[0]
+                staged[key] = []
+                for n, segment in enumerate(batch.segments):
+                    name = f"pgr_changes_{len(names)}"
+                    names.append(name)
+                    relation = self.stage(name, staging.segment_table(segment, len(plan.table.primary_key)))
+                    staged[key].append(StagedChanges(relation, segment.columns, segment.truncated, len(segment.rows)))
+                try:
+                    pending[key] = self._prepare_table(plan, status, missing_values.get(key, {}))
+                except (*self.errors, PgReplicationError) as exc:
+                    failed_now[key] = _describe_failure(key, batch.stats.first_lsn, exc)
+                    self.ensure_log(plan.table, plan.columns)
+            while True:
+                try:
+                    return self._apply_drain_once(decoded, staged, pending, statuses, failed_now, target_lsn, slot, failpoint)
+                except _TableFailed as failure:
+                    failed_now[failure.key] = failure.describe()
+                    self.ensure_log(decoded.plans[failure.key].table, decoded.plans[failure.key].columns)
+        finally:
+            for name in names:
+                self.unstage(name)
+
+    def _prepare_table(self, plan, status: str, missing: dict[str, str | None]) -> dict:
+        """DDL before the transaction: the warehouse table follows the relation's columns, the
+        change log can hold them. Returns the columns the stored state gains."""
+        added = {}
+        if status != "failed" and self.physical_columns(self.schema_of(plan.table), plan.table.name) is not None:
+            added = self.add_columns(plan.table, {n: plan.mappings[n] for n in plan.columns}, missing)
+        if status != "streaming":
+            self.ensure_log(plan.table, plan.columns)
+        return added
+
+    def _apply_drain_once(self, decoded, staged, pending, statuses, failed_now, target_lsn, slot, failpoint) -> dict:
+        from pg_replication.cdc import TableOutcome
+
+        outcomes = {}
+        self.begin()
+        try:
+            for key, batch in decoded.batches.items():
+                plan = decoded.plans[key]
+                status, error = statuses.get(key, ("backfilling", None))
+                if key in failed_now:
+                    status, error = "failed", failed_now[key]
+                added = pending.get(key) if status != "failed" else None
+                if added:
+                    self._store_columns(key, {**self.stored_columns(key), **added})
+                if status == "streaming":
+                    try:
+                        for changes in staged[key]:
+                            self.apply_changes(plan.table, changes, plan.mappings)
+                    except (*self.errors, PgReplicationError) as exc:
+                        raise _TableFailed(key, batch.stats.first_lsn, exc) from None
+                    self._upsert_state("tables", {"table_key": key}, {"applied_lsn": batch.stats.last_lsn, "updated_at": time.time()})
+                    outcomes[key] = TableOutcome(plan.table, batch.stats, "applied", self.row_count(plan.table))
+                    continue
+                for changes in staged[key]:
+                    self.append_log(plan.table, changes)
+                if key in failed_now:
+                    self.set_status(key, "failed", error)
+                mode = "failed" if status == "failed" else "logged"
+                outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
+            failpoint("mid_apply")
+            self.set_drained_lsn(slot, target_lsn)
+            self.commit()
+            return outcomes
+        except BaseException:
+            self.rollback()
+            raise
+
+
+class _TableFailed(Exception):
+    def __init__(self, key: str, first_lsn: int | None, exc: BaseException) -> None:
+        self.key, self.first_lsn, self.exc = key, first_lsn, exc
+
+    def describe(self) -> str:
+        return _describe_failure(self.key, self.first_lsn, self.exc)
+
+
+def _describe_failure(key: str, first_lsn: int | None, exc: BaseException) -> str:
+    from pg_replication.source.pgoutput import int_to_lsn
+
+    where = f" at LSN {int_to_lsn(first_lsn)}" if first_lsn is not None else ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{key}{where}: {first}"
