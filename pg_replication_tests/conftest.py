@@ -15,6 +15,7 @@ import yaml
 from psycopg import sql
 
 from pg_replication.config import ReplicationConfig, parse_config
+from pg_replication_tests.targets import KINDS, Target, make_target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,13 @@ def duckdb_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "warehouse.duckdb"
     monkeypatch.setenv("DUCKDB_PATH", str(path))
     return path
+
+
+@pytest.fixture(params=KINDS)
+def target(request: pytest.FixtureRequest, tmp_path: Path, server_url: str) -> Iterator[Target]:
+    """Every warehouse in turn: the test runs once per kind (see targets.py)."""
+    with make_target(request.param, tmp_path, server_url) as target:
+        yield target
 
 
 @pytest.fixture

@@ -168,12 +168,17 @@ def pg_select(schema: str, table: str) -> str:
     return f'SELECT id, {exprs} FROM "{schema}"."{table}" ORDER BY id'
 
 
-def duck_select(schema: str, table: str) -> str:
-    exprs = ", ".join(c.duck_canon.format(c=f'"{c.name}"') for c in CORPUS)
-    return f'SELECT id, {exprs} FROM "{schema}"."{table}" ORDER BY id'
+def warehouse_select(kind: str, table: str) -> str:
+    """The canonical select on the warehouse side; ``table`` is the warehouse's name for it.
+    A Postgres replica keeps the types, so it is read like the source."""
+    if kind == "postgres":
+        exprs = ", ".join(c.pg_canon.format(c=c.name) for c in CORPUS)
+    else:
+        exprs = ", ".join(c.duck_canon.format(c=f'"{c.name}"') for c in CORPUS)
+    return f"SELECT id, {exprs} FROM {table} ORDER BY id"
 
 
-def mismatches(pg_rows: list[tuple], duck_rows: list[tuple]) -> list[str]:
+def mismatches(pg_rows: list[tuple], duck_rows: list[tuple], kind: str = "duckdb") -> list[str]:
     """Every (row, column) where the two sides differ, described for the assertion message."""
     problems = []
     if [r[0] for r in pg_rows] != [r[0] for r in duck_rows]:
@@ -181,10 +186,10 @@ def mismatches(pg_rows: list[tuple], duck_rows: list[tuple]) -> list[str]:
     for pg_row, duck_row in zip(pg_rows, duck_rows):
         for col, pv, dv in zip(CORPUS, pg_row[1:], duck_row[1:]):
             left = col.normalize(pv)
-            right = (col.duck_normalize or col.normalize)(dv)
+            right = (col.duck_normalize if kind != "postgres" and col.duck_normalize else col.normalize)(dv)
             if left != right:
                 problems.append(f"id={pg_row[0]} {col.name} ({col.pg_type}): source {str(left)[:80]!r} != warehouse {str(right)[:80]!r}")
     return problems
 
 
-__all__ = ["CORPUS", "CORPUS_ROWS", "Decimal", "corpus_table_sql", "duck_select", "mismatches", "pg_select"]
+__all__ = ["CORPUS", "CORPUS_ROWS", "Decimal", "corpus_table_sql", "mismatches", "pg_select", "warehouse_select"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import psycopg
 
 from pg_replication.backfill import SlotSettings, run_backfill
@@ -13,13 +12,18 @@ from pg_replication.cdc import DrainResult, DrainSettings, drain_once
 from pg_replication.config import parse_config
 from pg_replication.source.catalog import Table, introspect
 from pg_replication.source.connection import connect
-from pg_replication.warehouse.duckdb import DuckDBWarehouse, q
+from pg_replication_tests.targets import DuckDBTarget, Target
+
+
+def bare_table(schema: str, name: str, key: tuple[str, ...] = ("id",)) -> Table:
+    """Enough of a Table to name it in a warehouse (reading back, not replicating)."""
+    return Table(schema, name, 0, "r", "d", (), key, True, (), 0, 0)
 
 
 class Harness:
-    def __init__(self, pg_url: str, duckdb_path: Path, tables: list, partitions: int = 3, slot: str = "pgr_test") -> None:
+    def __init__(self, pg_url: str, target: Target | Path, tables: list, partitions: int = 3, slot: str = "pgr_test") -> None:
         self.pg_url = pg_url
-        self.duckdb_path = duckdb_path
+        self.target = DuckDBTarget(target) if isinstance(target, Path) else target
         self.partitions = partitions
         self.raw_tables = tables
         self.settings = DrainSettings(slot=slot, publication="pgr_test_pub")
@@ -37,8 +41,7 @@ class Harness:
         return next(t for t in self.tables if t.name == name)
 
     def backfill(self, name: str | None = None, slices=None) -> None:
-        with duckdb.connect(str(self.duckdb_path)) as conn:
-            wh = DuckDBWarehouse(conn)
+        with self.target.open() as wh:
             for table in self.tables:
                 if name is None or table.name == name:
                     run_backfill(
@@ -48,8 +51,8 @@ class Harness:
 
     def drain(self, **overrides) -> DrainResult:
         settings = DrainSettings(**{**self.settings.__dict__, **overrides})
-        with duckdb.connect(str(self.duckdb_path)) as conn:
-            return drain_once(self.pg_url, DuckDBWarehouse(conn), self.tables, settings)
+        with self.target.open() as wh:
+            return drain_once(self.pg_url, wh, self.tables, settings)
 
     def drain_all(self, limit: int = 100, **overrides) -> list[DrainResult]:
         results = []
@@ -60,11 +63,7 @@ class Harness:
         raise AssertionError("CDC did not catch up")
 
     def warehouse_rows(self, name: str, columns: list[str] | None = None) -> list[tuple]:
-        table = self.table(name)
-        cols = columns or [c.name for c in table.columns]
-        order = ", ".join(q(k) for k in table.primary_key)
-        with duckdb.connect(str(self.duckdb_path), read_only=True) as conn:
-            return conn.execute(f"SELECT {', '.join(q(c) for c in cols)} FROM {q(table.schema, table.name)} ORDER BY {order}").fetchall()
+        return self.target.rows(self.table(name), columns)
 
     def source_rows(self, pg: psycopg.Connection, name: str, columns: list[str] | None = None) -> list[tuple]:
         table = self.table(name)

@@ -1,8 +1,7 @@
-"""Backfill slices: together they copy every row exactly once; each one re-runs alone."""
+"""Backfill slices, on every warehouse: together they copy every row exactly once; each one re-runs alone."""
 
 from __future__ import annotations
 
-import duckdb
 import pytest
 
 from pg_replication.backfill import run_backfill
@@ -11,7 +10,7 @@ from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import introspect
 from pg_replication.source.connection import connect
 from pg_replication.source.snapshot import make_plan
-from pg_replication.warehouse.duckdb import DuckDBWarehouse, q
+from pg_replication.warehouse.base import SLICE_COLUMN
 
 
 def _table(pg_url, entry):
@@ -20,23 +19,21 @@ def _table(pg_url, entry):
     return table
 
 
-def _warehouse_rows(path, schema, name, columns="*"):
-    with duckdb.connect(str(path), read_only=True) as wh:
-        return sorted(wh.execute(f"SELECT {columns} FROM {q(schema, name)}").fetchall())
+def _warehouse_rows(target, table, columns):
+    return sorted(target.rows(table, columns))
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 7, 64])
-def test_slices_cover_every_row_once(pg, pg_url, duckdb_path, partitions):
+def test_slices_cover_every_row_once(pg, pg_url, target, partitions):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
     pg.execute("INSERT INTO t SELECT i, repeat('x', i % 300) FROM generate_series(1, 20000) i")
     pg.execute("DELETE FROM t WHERE id % 7 = 0")  # holes in pages
     table = _table(pg_url, "t")
-    with duckdb.connect(str(duckdb_path)) as conn:
-        wh = DuckDBWarehouse(conn)
+    with target.open() as wh:
         result = run_backfill(pg_url, wh, table, range(partitions), partitions=partitions, readers=2)
         done = wh.load_state(table).slices_done
     source = sorted(pg.execute("SELECT id, pad FROM t").fetchall())
-    assert _warehouse_rows(duckdb_path, "public", "t", "id, pad") == source
+    assert _warehouse_rows(target, table, ["id", "pad"]) == source
     assert result.rows == len(source)
     assert done == frozenset(range(partitions))
 
@@ -53,33 +50,31 @@ def test_plan_segments_do_not_overlap_and_last_is_open(pg, pg_url):
         assert a.end == b.start
 
 
-def test_rows_added_after_planning_land_in_the_last_slice(pg, pg_url, duckdb_path):
+def test_rows_added_after_planning_land_in_the_last_slice(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
     pg.execute("INSERT INTO t SELECT i, repeat('z', 100) FROM generate_series(1, 3000) i")
     table = _table(pg_url, "t")
-    with duckdb.connect(str(duckdb_path)) as conn:
-        wh = DuckDBWarehouse(conn)
+    with target.open() as wh:
         run_backfill(pg_url, wh, table, [0], partitions=3)
         pg.execute("INSERT INTO t SELECT i, repeat('z', 100) FROM generate_series(3001, 9000) i")
         run_backfill(pg_url, wh, table, [1, 2], partitions=3)
-    assert len(_warehouse_rows(duckdb_path, "public", "t", "id")) == 9000
+    assert len(_warehouse_rows(target, table, ["id"])) == 9000
 
 
-def test_rerun_slice_replaces_exactly_its_rows(pg, pg_url, duckdb_path):
+def test_rerun_slice_replaces_exactly_its_rows(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO t SELECT i, 'old' FROM generate_series(1, 6000) i")
     table = _table(pg_url, "t")
-    with duckdb.connect(str(duckdb_path)) as conn:
-        wh = DuckDBWarehouse(conn)
+    with target.open() as wh:
         run_backfill(pg_url, wh, table, range(3), partitions=3)
-        slice_ids = {r[0] for r in conn.execute('SELECT id FROM "public"."t" WHERE _pg_slice = 1').fetchall()}
+        slice_ids = {r[0] for r in wh.fetchall(f"SELECT id FROM {wh.table_name(table)} WHERE {wh.ident(SLICE_COLUMN)} = 1")}
         assert slice_ids
         # Change rows everywhere, delete one row of slice 1, then re-run slice 1 alone.
         pg.execute("UPDATE t SET v = 'new'")
         victim = min(slice_ids)
         pg.execute("DELETE FROM t WHERE id = %s", (victim,))
         run_backfill(pg_url, wh, table, [1], partitions=3)
-        rows = dict(conn.execute('SELECT id, v FROM "public"."t"').fetchall())
+        rows = dict(wh.fetchall(f"SELECT id, v FROM {wh.table_name(table)}"))
     # The update moved rows to new pages (other slices): they stay, with the value the warehouse
     # had, until CDC or their new slice brings the change. The deleted row is gone.
     assert victim not in rows
@@ -88,52 +83,51 @@ def test_rerun_slice_replaces_exactly_its_rows(pg, pg_url, duckdb_path):
     assert {i for i, v in rows.items() if v == "new"} <= now_in_slice
 
 
-def test_partitioned_table_backfills_all_leaves(pg, pg_url, duckdb_path):
+def test_partitioned_table_backfills_all_leaves(pg, pg_url, target):
     pg.execute("CREATE TABLE m (id int, day date, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)")
     pg.execute("CREATE TABLE m_a PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
     pg.execute("CREATE TABLE m_b PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
     pg.execute("CREATE TABLE m_empty PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
     pg.execute("INSERT INTO m SELECT i, date '2024-01-01' + (i % 700) FROM generate_series(1, 10000) i")
     table = _table(pg_url, "m")
-    with duckdb.connect(str(duckdb_path)) as conn:
-        run_backfill(pg_url, DuckDBWarehouse(conn), table, range(4), partitions=4)
-    assert _warehouse_rows(duckdb_path, "public", "m", "id, day") == sorted(pg.execute("SELECT id, day FROM m").fetchall())
+    with target.open() as wh:
+        run_backfill(pg_url, wh, table, range(4), partitions=4)
+    assert _warehouse_rows(target, table, ["id", "day"]) == sorted(pg.execute("SELECT id, day FROM m").fetchall())
 
 
-def test_row_limit_for_trials(pg, pg_url, duckdb_path):
+def test_row_limit_for_trials(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
     pg.execute("INSERT INTO t SELECT generate_series(1, 10000)")
     table = _table(pg_url, {"name": "t", "row_limit": 100})
-    with duckdb.connect(str(duckdb_path)) as conn:
-        result = run_backfill(pg_url, DuckDBWarehouse(conn), table, range(2), partitions=2, row_limit=100)
+    with target.open() as wh:
+        result = run_backfill(pg_url, wh, table, range(2), partitions=2, row_limit=100)
     assert 0 < result.rows <= 100
 
 
-def test_odd_identifiers_round_trip(pg, pg_url, duckdb_path):
+def test_odd_identifiers_round_trip(pg, pg_url, target):
     pg.execute('CREATE SCHEMA "Ünï cödé"')
     pg.execute('CREATE TABLE "Ünï cödé"."we""ird; tab" ("Id ;" int PRIMARY KEY, "va""l" text, "SELECT" int)')
     pg.execute('INSERT INTO "Ünï cödé"."we""ird; tab" VALUES (1, \'a\', 2), (2, NULL, NULL)')
     table = _table(pg_url, '"Ünï cödé"."we""ird; tab"')
-    with duckdb.connect(str(duckdb_path)) as conn:
-        run_backfill(pg_url, DuckDBWarehouse(conn), table, range(2), partitions=2)
-    assert _warehouse_rows(duckdb_path, "Ünï cödé", 'we"ird; tab', '"Id ;", "va""l", "SELECT"') == [(1, "a", 2), (2, None, None)]
+    with target.open() as wh:
+        run_backfill(pg_url, wh, table, range(2), partitions=2)
+    assert _warehouse_rows(target, table, ["Id ;", 'va"l', "SELECT"]) == [(1, "a", 2), (2, None, None)]
 
 
-def test_changed_partition_count_is_refused(pg, pg_url, duckdb_path):
+def test_changed_partition_count_is_refused(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
     table = _table(pg_url, "t")
-    with duckdb.connect(str(duckdb_path)) as conn:
-        wh = DuckDBWarehouse(conn)
+    with target.open() as wh:
         run_backfill(pg_url, wh, table, [0], partitions=2)
         with pytest.raises(PlanMismatchError, match="2 partitions"):
             run_backfill(pg_url, wh, table, [0], partitions=5)
 
 
-def test_new_source_column_is_added(pg, pg_url, duckdb_path):
+def test_new_source_column_is_added(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
     pg.execute("INSERT INTO t VALUES (1)")
-    with duckdb.connect(str(duckdb_path)) as conn:
-        run_backfill(pg_url, DuckDBWarehouse(conn), _table(pg_url, "t"), [0], partitions=1)
+    with target.open() as wh:
+        run_backfill(pg_url, wh, _table(pg_url, "t"), [0], partitions=1)
         pg.execute("ALTER TABLE t ADD COLUMN note text DEFAULT 'hi'")
-        run_backfill(pg_url, DuckDBWarehouse(conn), _table(pg_url, "t"), [0], partitions=1)
-        assert conn.execute('SELECT id, note FROM "public"."t"').fetchall() == [(1, "hi")]
+        run_backfill(pg_url, wh, _table(pg_url, "t"), [0], partitions=1)
+    assert target.rows(_table(pg_url, "t"), ["id", "note"]) == [(1, "hi")]

@@ -1,18 +1,17 @@
-"""CDC semantics on a real Postgres: every kind of change reaches DuckDB exactly."""
+"""CDC semantics on a real Postgres: every kind of change reaches every warehouse exactly."""
 
 from __future__ import annotations
 
-import duckdb
 import pytest
 
 from pg_replication_tests.replication import Harness
 
 
 @pytest.fixture
-def orders(pg, pg_url, duckdb_path):
+def orders(pg, pg_url, target):
     pg.execute("CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric(10,2), note text)")
     pg.execute("INSERT INTO orders SELECT i, 'new', i * 1.5, NULL FROM generate_series(1, 1000) i")
-    h = Harness(pg_url, duckdb_path, ["orders"])
+    h = Harness(pg_url, target, ["orders"])
     h.backfill()
     return h
 
@@ -64,11 +63,11 @@ def test_bounded_batches_drain_everything_exactly_once(orders, pg):
     orders.assert_equal(pg, "orders")
 
 
-def test_unchanged_toast_keeps_the_value(pg, pg_url, duckdb_path):
+def test_unchanged_toast_keeps_the_value(pg, pg_url, target):
     pg.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, n int)")
     pg.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")  # force out-of-line TOAST
     pg.execute("INSERT INTO docs SELECT i, repeat(md5(i::text), 5000), 0 FROM generate_series(1, 20) i")
-    h = Harness(pg_url, duckdb_path, ["docs"])
+    h = Harness(pg_url, target, ["docs"])
     h.backfill()
     pg.execute("UPDATE docs SET n = n + 1")  # body arrives as 'unchanged TOAST'
     pg.execute("UPDATE docs SET id = id + 100 WHERE id <= 5")  # key change with unchanged TOAST
@@ -77,10 +76,10 @@ def test_unchanged_toast_keeps_the_value(pg, pg_url, duckdb_path):
     h.assert_equal(pg, "docs")
 
 
-def test_unchanged_toast_for_a_row_inserted_in_the_same_batch(pg, pg_url, duckdb_path):
+def test_unchanged_toast_for_a_row_inserted_in_the_same_batch(pg, pg_url, target):
     pg.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, n int)")
     pg.execute("ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL")
-    h = Harness(pg_url, duckdb_path, ["docs"])
+    h = Harness(pg_url, target, ["docs"])
     h.backfill()
     pg.execute("INSERT INTO docs SELECT i, repeat(md5(i::text), 5000), 0 FROM generate_series(1, 5) i")
     pg.execute("UPDATE docs SET n = 1")
@@ -88,11 +87,11 @@ def test_unchanged_toast_for_a_row_inserted_in_the_same_batch(pg, pg_url, duckdb
     h.assert_equal(pg, "docs")
 
 
-def test_composite_key_and_replica_identity_full(pg, pg_url, duckdb_path):
+def test_composite_key_and_replica_identity_full(pg, pg_url, target):
     pg.execute("CREATE TABLE lines (order_id int, line int, qty int, big text, PRIMARY KEY (order_id, line))")
     pg.execute("ALTER TABLE lines REPLICA IDENTITY FULL")
     pg.execute("INSERT INTO lines SELECT o, l, 1, repeat('z', 10000) FROM generate_series(1, 50) o, generate_series(1, 3) l")
-    h = Harness(pg_url, duckdb_path, ["lines"])
+    h = Harness(pg_url, target, ["lines"])
     h.backfill()
     pg.execute("UPDATE lines SET qty = qty + line WHERE order_id < 10")
     pg.execute("UPDATE lines SET line = line + 10 WHERE order_id = 20")
@@ -120,15 +119,13 @@ def test_add_column_with_default_and_drop_column(orders, pg):
     orders.drain_all()
     orders.reload()
     orders.assert_equal(pg, "orders")  # compares the columns the source still has
-    with duckdb.connect(str(orders.duckdb_path), read_only=True) as wh:
-        cols = [r[0] for r in wh.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'orders'").fetchall()]
-    assert "note" in cols  # a dropped source column is kept (documented)
+    assert "note" in orders.target.columns(orders.table("orders"))  # a dropped source column is kept (documented)
 
 
-def test_alter_column_type_fails_that_table_only(pg, pg_url, duckdb_path):
+def test_alter_column_type_fails_that_table_only(pg, pg_url, target):
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v int)")
     pg.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")
-    h = Harness(pg_url, duckdb_path, ["a", "b"])
+    h = Harness(pg_url, target, ["a", "b"])
     h.backfill()
     pg.execute("ALTER TABLE a ALTER COLUMN v TYPE text")
     pg.execute("INSERT INTO a VALUES (1, 'one')")
@@ -145,22 +142,27 @@ def test_alter_column_type_fails_that_table_only(pg, pg_url, duckdb_path):
     h.assert_equal(pg, "b")
 
 
-def test_warehouse_rejecting_a_value_fails_that_table_only(pg, pg_url, duckdb_path):
+def test_warehouse_rejecting_a_value_fails_that_table_only(pg, pg_url, target):
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v numeric(6,2))")
     pg.execute("CREATE TABLE b (id int PRIMARY KEY)")
-    h = Harness(pg_url, duckdb_path, ["a", "b"])
+    h = Harness(pg_url, target, ["a", "b"])
     h.backfill()
-    pg.execute("INSERT INTO a VALUES (1, 'NaN')")
+    bad, named = "'NaN'", "NaN"  # DuckDB's DECIMAL and Snowflake's NUMBER have no NaN
+    if target.kind == "postgres":  # a replica takes every Postgres value: make it refuse one
+        with target.open() as wh:
+            wh.execute(f"ALTER TABLE {wh.table_name(h.table('a'))} ADD CONSTRAINT small CHECK (v < 100)")
+        bad, named = "500", "small"
+    pg.execute(f"INSERT INTO a VALUES (1, {bad})")
     pg.execute("INSERT INTO b VALUES (1)")
     (result,) = h.drain_all()
-    assert result.tables["public.a"].mode == "failed" and "NaN" in result.tables["public.a"].error
+    assert result.tables["public.a"].mode == "failed" and named in result.tables["public.a"].error
     h.assert_equal(pg, "b")
 
 
-def test_changes_during_backfill_are_replayed(pg, pg_url, duckdb_path):
+def test_changes_during_backfill_are_replayed(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO t SELECT i, 'v0' FROM generate_series(1, 3000) i")
-    h = Harness(pg_url, duckdb_path, ["t"])
+    h = Harness(pg_url, target, ["t"])
     h.backfill(slices=[0])
     pg.execute("UPDATE t SET v = 'v1'")  # moves rows across pages, i.e. across slices
     pg.execute("DELETE FROM t WHERE id % 3 = 0")
@@ -182,22 +184,23 @@ def test_table_added_later_and_table_removed(orders, pg):
     orders.backfill("extra")
     orders.drain_all()
     orders.assert_equal(pg, "extra")
+    kept = orders.table("orders")
     orders.reload(["extra"])  # orders removed from the config: kept, no longer applied
     pg.execute("DELETE FROM orders WHERE id < 100")
     pg.execute("UPDATE extra SET v = 0")
     orders.drain_all()
     orders.assert_equal(pg, "extra")
-    with duckdb.connect(str(orders.duckdb_path), read_only=True) as wh:
-        assert wh.execute('SELECT count(*) FROM "public"."orders"').fetchone() == (1000,)
+    with orders.target.open(read_only=True) as wh:
+        assert wh.row_count(kept) == 1000
     assert ("public", "orders") not in {(s, t) for s, t in pg.execute("SELECT schemaname, tablename FROM pg_publication_tables")}
 
 
-def test_partitioned_table_streams_through_its_root(pg, pg_url, duckdb_path):
+def test_partitioned_table_streams_through_its_root(pg, pg_url, target):
     pg.execute("CREATE TABLE m (id int, day date, v int, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)")
     pg.execute("CREATE TABLE m_a PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
     pg.execute("CREATE TABLE m_b PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
     pg.execute("INSERT INTO m SELECT i, date '2024-06-01' + (i % 400), 0 FROM generate_series(1, 2000) i")
-    h = Harness(pg_url, duckdb_path, ["m"])
+    h = Harness(pg_url, target, ["m"])
     h.backfill()
     pg.execute("UPDATE m SET v = 1 WHERE id % 10 = 0")
     pg.execute("UPDATE m SET day = day + 300 WHERE id % 7 = 0 AND day < date '2025-01-01'")  # moves rows between partitions
@@ -208,10 +211,10 @@ def test_partitioned_table_streams_through_its_root(pg, pg_url, duckdb_path):
     h.assert_equal(pg, "m")
 
 
-def test_excluded_columns_never_leave_the_source(pg, pg_url, duckdb_path):
+def test_excluded_columns_never_leave_the_source(pg, pg_url, target):
     pg.execute("CREATE TABLE people (id int PRIMARY KEY, name text, ssn text)")
     pg.execute("INSERT INTO people SELECT i, 'n' || i, 'secret-' || i FROM generate_series(1, 100) i")
-    h = Harness(pg_url, duckdb_path, [{"name": "people", "exclude_columns": ["ssn"]}])
+    h = Harness(pg_url, target, [{"name": "people", "exclude_columns": ["ssn"]}])
     h.backfill()
     pg.execute("UPDATE people SET name = 'x', ssn = 'secret-new' WHERE id < 10")
     pg.execute("INSERT INTO people VALUES (500, 'new', 'secret-500')")
@@ -219,17 +222,15 @@ def test_excluded_columns_never_leave_the_source(pg, pg_url, duckdb_path):
     h.assert_equal(pg, "people", ["id", "name"])
     published = pg.execute("SELECT attnames FROM pg_publication_tables WHERE tablename = 'people'").fetchone()[0]
     assert "ssn" not in published  # a publication column list: pgoutput never sends it
-    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
-        cols = [r[0] for r in wh.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'people'").fetchall()]
-        logged = wh.execute("SELECT count(*) FROM information_schema.columns WHERE column_name = 'ssn'").fetchall()[0][0]
-    assert "ssn" not in cols and logged == 0
+    with target.open(read_only=True) as wh:  # not in the table, not in a change log
+        assert wh.fetchall("SELECT count(*) FROM information_schema.columns WHERE lower(column_name) = 'ssn'") == [(0,)]
 
 
-def test_odd_identifiers_stream(pg, pg_url, duckdb_path):
+def test_odd_identifiers_stream(pg, pg_url, target):
     pg.execute('CREATE SCHEMA "Ünï cödé"')
     pg.execute('CREATE TABLE "Ünï cödé"."we""ird; tab" ("Id ;" int PRIMARY KEY, "va""l" text)')
     pg.execute('INSERT INTO "Ünï cödé"."we""ird; tab" VALUES (1, \'a\'), (2, \'b\')')
-    h = Harness(pg_url, duckdb_path, ['"Ünï cödé"."we""ird; tab"'], partitions=2)
+    h = Harness(pg_url, target, ['"Ünï cödé"."we""ird; tab"'], partitions=2)
     h.backfill(slices=[0])  # changes while backfilling go through the change log, named after the table
     pg.execute('UPDATE "Ünï cödé"."we""ird; tab" SET "va""l" = \'; DROP TABLE x; --\' WHERE "Id ;" = 1')
     pg.execute('INSERT INTO "Ünï cödé"."we""ird; tab" VALUES (3, \'c\')')

@@ -1,13 +1,13 @@
-"""Every built-in type survives the backfill exactly (Postgres -> COPY -> Arrow -> DuckDB).
+"""Every built-in type survives the backfill and CDC exactly, on every warehouse
+(Postgres -> COPY or pgoutput -> Arrow -> DuckDB / Postgres / Snowflake).
 
 Proves: one column of each type with edge values (NULL, empty, extremes, NaN/±Infinity, BC dates,
-unicode, a 1 MB TOASTed value) reads back from DuckDB equal to the source. Leaves out: values the
-warehouse type cannot hold (documented in the README's type table and tested for a clear error).
+unicode, a 1 MB TOASTed value) reads back from the warehouse equal to the source. Leaves out: values
+the warehouse type cannot hold (documented in the README's type table and tested for a clear error).
 """
 
 from __future__ import annotations
 
-import duckdb
 import pytest
 
 from pg_replication.backfill import run_backfill
@@ -16,30 +16,37 @@ from pg_replication.errors import WarehouseError
 from pg_replication.source.catalog import introspect
 from pg_replication.source.connection import connect
 from pg_replication.types import TYPE_TABLE, map_column
-from pg_replication.warehouse.duckdb import DuckDBWarehouse
-from pg_replication_tests.corpus import CORPUS_ROWS, duck_select, mismatches, pg_select, corpus_table_sql
+from pg_replication_tests.replication import bare_table
+from pg_replication_tests.targets import KINDS
+from pg_replication_tests.corpus import CORPUS_ROWS, corpus_table_sql, mismatches, pg_select, warehouse_select
 
 
-def _backfill(pg_url, tables, duckdb_path, partitions=3):
+def _backfill(pg_url, tables, target, partitions=3):
     config = parse_config({"tables": tables, "defaults": {"partitions": partitions}})
     with connect(pg_url) as conn:
         described = introspect(conn, config)
-    with duckdb.connect(str(duckdb_path)) as wh_conn:
-        wh = DuckDBWarehouse(wh_conn)
+    with target.open() as wh:
         for table in described:
             run_backfill(pg_url, wh, table, range(partitions), partitions=partitions, readers=2)
     return described
 
 
-def test_type_corpus_round_trips_exactly(pg, pg_url, duckdb_path):
+def _warehouse_corpus(target) -> list[tuple]:
+    with target.open(read_only=True) as wh:
+        return wh.fetchall(warehouse_select(target.kind, wh.table_name(_corpus_table())))
+
+
+def _corpus_table():
+    return bare_table("public", "corpus")
+
+
+def test_type_corpus_round_trips_exactly(pg, pg_url, target):
     pg.execute(corpus_table_sql("public", "corpus"))
-    _backfill(pg_url, ["public.corpus"], duckdb_path)
+    _backfill(pg_url, ["public.corpus"], target)
     pg.execute("SET IntervalStyle = iso_8601")  # the style pg_replication reads text in
     pg_rows = pg.execute(pg_select("public", "corpus")).fetchall()
-    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
-        duck_rows = wh.execute(duck_select("public", "corpus")).fetchall()
     assert len(pg_rows) == CORPUS_ROWS
-    problems = mismatches(pg_rows, duck_rows)
+    problems = mismatches(pg_rows, _warehouse_corpus(target), target.kind)
     assert not problems, "\n".join(problems)
 
 
@@ -53,15 +60,15 @@ def test_unknown_types_fall_back_to_text(pg, pg_url):
     assert mapping["id"].ddl == "INTEGER" and not mapping["id"].fallback
 
 
-def test_nan_in_constrained_numeric_fails_loudly_and_commits_nothing(pg, pg_url, duckdb_path):
+@pytest.mark.parametrize("target", [k for k in KINDS if k != "postgres"], indirect=True)  # a replica holds NaN
+def test_nan_in_constrained_numeric_fails_loudly_and_commits_nothing(pg, pg_url, target):
     pg.execute("CREATE TABLE n (id int PRIMARY KEY, v numeric(6,2))")
     pg.execute("INSERT INTO n SELECT i, i FROM generate_series(1, 100) i")
     pg.execute("INSERT INTO n VALUES (101, 'NaN')")
     with pytest.raises(WarehouseError) as err:
-        _backfill(pg_url, ["n"], duckdb_path, partitions=1)
+        _backfill(pg_url, ["n"], target, partitions=1)
     assert '"public"."n"' in str(err.value) and "NaN" in str(err.value)
-    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
-        assert wh.execute('SELECT count(*) FROM "public"."n"').fetchone() == (0,)
+    assert target.rows(bare_table("public", "n"), ["id"]) == []
 
 
 def test_type_table_covers_the_readme(tmp_path):
@@ -70,7 +77,7 @@ def test_type_table_covers_the_readme(tmp_path):
         assert mapping.ddl and mapping.arrow is not None, name
 
 
-def test_type_corpus_round_trips_through_cdc(pg, pg_url, duckdb_path):
+def test_type_corpus_round_trips_through_cdc(pg, pg_url, target):
     """The same corpus, inserted after the backfill and then updated: every value arrives through
     pgoutput's text form and the same warehouse conversion."""
     from pg_replication_tests.replication import Harness
@@ -78,14 +85,12 @@ def test_type_corpus_round_trips_through_cdc(pg, pg_url, duckdb_path):
     pg.execute(corpus_table_sql("public", "corpus"))
     pg.execute("CREATE TABLE staged AS SELECT * FROM corpus")
     pg.execute("TRUNCATE corpus")
-    h = Harness(pg_url, duckdb_path, ["corpus"])
+    h = Harness(pg_url, target, ["corpus"])
     h.backfill()
     pg.execute("INSERT INTO corpus SELECT * FROM staged")
     pg.execute("UPDATE corpus SET c_int4 = c_int4 WHERE id % 2 = 0")  # unchanged TOAST on the 1 MB text
     h.drain_all()
     pg.execute("SET IntervalStyle = iso_8601")  # the style pg_replication reads text in
     pg_rows = pg.execute(pg_select("public", "corpus")).fetchall()
-    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
-        duck_rows = wh.execute(duck_select("public", "corpus")).fetchall()
-    problems = mismatches(pg_rows, duck_rows)
+    problems = mismatches(pg_rows, _warehouse_corpus(target), target.kind)
     assert not problems, "\n".join(problems)

@@ -1,0 +1,181 @@
+"""Postgres as a warehouse: a reporting replica in another database, or in prefixed schemas.
+
+Types are kept 1:1 (``numeric(12,2)`` stays ``numeric(12,2)``, arrays stay arrays); enums become
+``text`` and domains their base type, because the replica cannot assume the source's type
+definitions. Values travel as Postgres's own text output and are parsed by the same input
+functions on the other side, so nothing is approximated. Slices arrive by COPY into a staging
+table; change batches are applied with one MERGE per segment. Tables carry their primary key
+from the start: the replica is meant to be queried, and MERGE and the eviction of moved rows
+look rows up by key.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator, Sequence
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+from pg_replication.errors import ConfigError
+from pg_replication.source.catalog import Column, PgType, Table
+from pg_replication.types import SESSION_OPTIONS, TypeMapping
+from pg_replication.warehouse import staging
+from pg_replication.warehouse.base import SLICE_COLUMN
+from pg_replication.warehouse.engine import SqlWarehouse
+from pg_replication.warehouse.staging import StagedChanges
+
+_NATIVE_ARROW = {"int2": pa.int16(), "int4": pa.int32(), "int8": pa.int64(), "float4": pa.float32(), "float8": pa.float64(), "bool": pa.bool_()}
+_PRECISION_TYPES = {"time", "timetz", "timestamp", "timestamptz"}
+_LENGTH_TYPES = {"varchar", "bpchar"}
+_BIT_TYPES = {"bit", "varbit"}
+
+
+def _type_sql(t: PgType, typmod: int) -> str | None:
+    """DDL for a pg_catalog type with its modifier, or None for a type the replica may lack."""
+    if t.schema != "pg_catalog" or t.kind not in ("base", "range", "multirange"):
+        return None
+    name = sql.Identifier("pg_catalog", t.name).as_string()
+    if t.name == "numeric" and typmod >= 4:
+        return f"{name}({((typmod - 4) >> 16) & 0xFFFF},{(typmod - 4) & 0xFFFF})"
+    if t.name in _LENGTH_TYPES and typmod >= 4:
+        return f"{name}({typmod - 4})"
+    if t.name in _PRECISION_TYPES | _BIT_TYPES and typmod >= 0:
+        return f"{name}({typmod})"
+    return name
+
+
+def map_column(column: Column) -> TypeMapping:
+    """Postgres -> Postgres: the same type (domains resolved, enums and unknown types as text)."""
+    t, typmod = column.type.resolved(column.typmod)
+    dims = ""
+    if t.kind == "array" and t.element is not None:
+        t, typmod = t.element.resolved(typmod)
+        dims = "[]"
+    ddl = _type_sql(t, typmod)
+    fallback = ddl is None and t.kind not in ("enum", "composite")
+    ddl = (ddl or "text") + dims
+    arrow = _NATIVE_ARROW.get(t.name, pa.string()) if not dims and t.schema == "pg_catalog" else pa.string()
+    return TypeMapping(arrow, ddl, load=f"CAST({{0}} AS {ddl})", fallback=fallback)
+
+
+def _qmarks_to_pyformat(query: str) -> str:
+    """The engine marks parameters with ``?``; psycopg wants ``%s`` (and ``%%`` for ``%``).
+    Quoted identifiers and string literals are left as they are."""
+    out, quote = [], None
+    for ch in query:
+        if quote:
+            quote = None if ch == quote else quote  # a doubled quote closes and reopens: same result
+            out.append("%%" if ch == "%" else ch)
+        elif ch in "\"'":
+            quote = ch
+            out.append(ch)
+        else:
+            out.append("%s" if ch == "?" else "%%" if ch == "%" else ch)
+    return "".join(out)
+
+
+class PostgresWarehouse(SqlWarehouse):
+    """A Postgres database as a replication target.
+
+    Example::
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            wh = PostgresWarehouse(conn, schema_prefix="replica_")
+    """
+
+    name = "postgres"
+    errors = (psycopg.Error,)
+    text_type = "text"
+
+    def __init__(self, conn: psycopg.Connection, *, schema_prefix: str = "", read_only: bool = False) -> None:
+        if not conn.autocommit:
+            raise ConfigError("PostgresWarehouse needs an autocommit connection (it runs its own transactions)")
+        self.conn, self.schema_prefix = conn, schema_prefix
+        for setting in SESSION_OPTIONS.split("-c ")[1:]:  # parse values the way the source prints them
+            name, value = setting.strip().split("=", 1)
+            conn.execute(sql.SQL("SELECT set_config({}, {}, false)").format(sql.Literal(name), sql.Literal(value)))
+        super().__init__(read_only=read_only)
+
+    def execute(self, query: str, params: Sequence = ()) -> None:
+        self.conn.execute(_qmarks_to_pyformat(query) if params else query, list(params) or None)
+
+    def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
+        return self.conn.execute(_qmarks_to_pyformat(query) if params else query, list(params) or None).fetchall()
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN")
+
+    def commit(self) -> None:
+        self.conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self.conn.execute("ROLLBACK")  # outside a transaction Postgres only warns
+
+    def map_column(self, column: Column) -> TypeMapping:
+        return map_column(column)
+
+    def schema_of(self, table: Table) -> str:
+        return self.schema_prefix + table.schema
+
+    def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
+        cols = ", ".join(f"{self.ident(name)} {m.ddl}" for name, m in columns)
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        self.execute(f"CREATE SCHEMA IF NOT EXISTS {self.ident(self.schema_of(table))}")
+        self.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.table_name(table)} ({cols}, {self.ident(SLICE_COLUMN)} integer, "
+            f"PRIMARY KEY ({keys}))"
+        )
+
+    def stage(self, name: str, data: pa.Table) -> str:
+        types = {pa.int64(): "bigint", pa.int32(): "integer", pa.int16(): "smallint", pa.float64(): "float8", pa.float32(): "float4", pa.bool_(): "boolean"}
+        cols = ", ".join(f"{self.ident(f.name)} {types.get(f.type, 'text')}" for f in data.schema)
+        self.execute(f"DROP TABLE IF EXISTS pg_temp.{self.ident(name)}")
+        self.execute(f"CREATE TEMP TABLE {self.ident(name)} ({cols})")
+        self._copy_in(name, data)
+        return f"pg_temp.{self.ident(name)}"
+
+    def _copy_in(self, name: str, data: pa.Table | pa.RecordBatch) -> None:
+        # CSV, as pyarrow writes it, is what COPY reads: NULL is empty, '' is "", NaN is nan.
+        buffer = io.BytesIO()
+        pacsv.write_csv(data, buffer, pacsv.WriteOptions(include_header=False))
+        query = sql.SQL("COPY pg_temp.{} FROM STDIN (FORMAT csv)").format(sql.Identifier(name))
+        with self.conn.cursor().copy(query) as copy:
+            copy.write(buffer.getbuffer())
+
+    def unstage(self, name: str) -> None:
+        self.execute(f"DROP TABLE IF EXISTS pg_temp.{self.ident(name)}")
+
+    def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+        relation = None
+        try:
+            for batch in batches:
+                if relation is None:  # inside the slice's transaction: Postgres DDL is transactional
+                    relation = self.stage("pgr_slice", pa.Table.from_batches([batch]))
+                else:
+                    self.execute(f"TRUNCATE {relation}")
+                    self._copy_in("pgr_slice", batch)
+                yield relation, batch
+        finally:
+            if relation is not None and not self.conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                self.unstage("pgr_slice")
+
+    def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
+        target = self.table_name(table)
+        if changes.truncated:
+            self.execute(f"DELETE FROM {target}")
+        columns = list(self.stored_columns(f"{table.schema}.{table.name}"))
+        resolved = staging.resolved_select(changes, target, columns, mappings, table.primary_key, self.ident)
+        on = " AND ".join(f"w.{self.ident(k)} = r.{self.ident(k)}" for k in table.primary_key)
+        sets = ", ".join(f"{self.ident(c)} = r.{self.ident(c)}" for c in columns if c not in table.primary_key)
+        names = ", ".join(self.ident(c) for c in columns)
+        values = ", ".join(f"r.{self.ident(c)}" for c in columns)
+        slice_column = self.ident(SLICE_COLUMN)
+        self.execute(
+            f"""MERGE INTO {target} w USING ({resolved}) r ON {on}
+                WHEN MATCHED AND r.{self.ident(staging.OP)} = 'D' THEN DELETE
+                WHEN MATCHED THEN UPDATE SET {sets + ', ' if sets else ''}{slice_column} = NULL
+                WHEN NOT MATCHED AND r.{self.ident(staging.OP)} = 'U' THEN INSERT ({names}, {slice_column}) VALUES ({values}, NULL)"""
+        )
