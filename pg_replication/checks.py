@@ -2,31 +2,24 @@
 
 
 import dagster as dg
-import duckdb as duckdb_module
-from dagster_duckdb import DuckDBResource
 from psycopg import sql
 
 from pg_replication.assets import TableAssetTranslator
 from pg_replication.config import ReplicationConfig
-from pg_replication.resources import PostgresSource
+from pg_replication.resources import PostgresSource, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
-from pg_replication.warehouse.duckdb import DuckDBWarehouse
 
 
-def _warehouse_state(conn, table: Table, slot: str) -> tuple[int | None, float | None, str, int | None]:
+def _warehouse_state(resource: WarehouseResource, table: Table, slot: str) -> tuple[int | None, float | None, str, int | None]:
     """(drained LSN, seconds since the last drain, table status, warehouse rows)."""
-    warehouse = DuckDBWarehouse(conn, read_only=True)  # a check creates nothing
-    try:
+    with resource.open(read_only=True) as warehouse:  # a check creates nothing
+        if not warehouse.has_state():  # nothing was ever replicated here
+            return None, None, "not started", None
         status = warehouse.statuses().get(f"{table.schema}.{table.name}", ("not started", None))[0]
         drained, since = warehouse.drained_lsn(slot), warehouse.seconds_since_drain(slot)
-    except duckdb_module.CatalogException:  # no state yet: nothing was ever replicated here
-        return None, None, "not started", None
-    try:
-        rows = warehouse.row_count(table)
-    except duckdb_module.CatalogException:
-        rows = None
+        rows = warehouse.row_count(table) if warehouse.exists(table) else None
     return drained, since, status, rows
 
 
@@ -46,13 +39,12 @@ def build_table_checks(tables: list[Table], config: ReplicationConfig, translato
 def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fresh_within: int) -> list:
 
     @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once CDC has caught up).")
-    def parity(source: PostgresSource, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    def parity(source: PostgresSource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         with source.connect() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             source_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()[0]  # type: ignore[index]
             at = lsn_to_int(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])  # type: ignore[index]
-        with duckdb.get_connection() as conn:
-            drained, _, status, wh_rows = _warehouse_state(conn, table, slot)
+        drained, _, status, wh_rows = _warehouse_state(warehouse, table, slot)
         exact = drained is not None and drained >= at and status == "streaming"
         metadata = {
             "source_rows": source_rows,
@@ -74,9 +66,8 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fr
         )
 
     @dg.asset_check(asset=key, name="cdc_freshness", description=f"A drain ran within {fresh_within} s and the table streams.")
-    def freshness(duckdb: DuckDBResource) -> dg.AssetCheckResult:
-        with duckdb.get_connection() as conn:
-            _, age, status, _ = _warehouse_state(conn, table, slot)
+    def freshness(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        _, age, status, _ = _warehouse_state(warehouse, table, slot)
         passed = status == "streaming" and age is not None and age <= fresh_within
         return dg.AssetCheckResult(
             passed=passed,

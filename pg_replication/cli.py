@@ -13,18 +13,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-import duckdb
 from psycopg import sql
 
 from pg_replication.config import load_config
-from pg_replication.errors import PgReplicationError
+from pg_replication.errors import PgReplicationError, redact
 from pg_replication.operations import drop_slot, resync_table
 from pg_replication.source.catalog import introspect, list_source_tables, select_tables
 from pg_replication.source.connection import connect, source_conninfo
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
-from pg_replication.warehouse.base import quote
-from pg_replication.warehouse.duckdb import DuckDBWarehouse
+from pg_replication.warehouse.connect import open_warehouse
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNHEALTHY = 1, 2, 3, 4
 
@@ -46,43 +44,23 @@ def _emit(args, payload, rows: list[dict], columns: Sequence[str], header: str |
     _print_table(rows, columns)
 
 
-def _open_warehouse(config, read_only: bool = False, timeout: float = 30.0) -> duckdb.DuckDBPyConnection:
-    """DuckDB allows one writing process: wait (bounded) while a drain or backfill holds the file."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return duckdb.connect(config.duckdb_path(), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                raise PgReplicationError(
-                    f"cannot open the warehouse {config.duckdb_path()}: {str(exc).splitlines()[0]}",
-                    hint="another process holds it; retry when the running drain or backfill ends",
-                ) from None
-            time.sleep(0.2)
-
-
 def cmd_status(args) -> int:
     config = load_config()
     with connect(source_conninfo()) as conn:
         slot = slot_status(conn, config.source.slot)
         tables = introspect(conn, config)
         estimates = {f"{t.schema}.{t.name}": t.estimated_rows for t in tables}
-    with _open_warehouse(config, read_only=True) as conn:
-        wh = DuckDBWarehouse(conn, read_only=True)
-        try:
+    with open_warehouse(config, read_only=True) as wh:
+        report, drained, since_drain = {}, None, None
+        if wh.has_state():  # nothing was ever replicated here otherwise
             report = {r["table"]: r for r in wh.report()}
             drained = wh.drained_lsn(config.source.slot)
             since_drain = wh.seconds_since_drain(config.source.slot)
-        except duckdb.CatalogException:
-            report, drained, since_drain = {}, None, None
         rows = []
         for t in tables:
             key = f"{t.schema}.{t.name}"
             r = report.get(key, {"status": "not started"})
-            try:
-                wh_rows = wh.row_count(t)
-            except duckdb.CatalogException:
-                wh_rows = None
+            wh_rows = wh.row_count(t) if wh.exists(t) else None
             rows.append(
                 {
                     "table": key,
@@ -148,15 +126,8 @@ def cmd_list(args) -> int:
 
 def cmd_listwh(args) -> int:
     config = load_config()
-    with _open_warehouse(config, read_only=True) as conn:
-        tables = conn.execute(
-            "SELECT table_schema, table_name FROM information_schema.tables "
-            "WHERE table_schema <> '_pg_replication' AND table_type = 'BASE TABLE' ORDER BY 1, 2"
-        ).fetchall()
-        rows = [
-            {"table": f"{s}.{n}", "rows": conn.execute(f"SELECT count(*) FROM {quote(s, n)}").fetchall()[0][0]}
-            for s, n in tables
-        ]
+    with open_warehouse(config, read_only=True) as wh:
+        rows = [{"table": f"{schema}.{name}", "rows": count} for schema, name, count in wh.list_tables()]
     _emit(args, rows, rows, ["table", "rows"])
     return 0
 
@@ -174,8 +145,8 @@ def cmd_drop_slot(args) -> int:
     config = load_config()
     if not _confirm(args, f"Drop replication slot {config.source.slot!r}? Undrained changes are lost; every table then needs a resync."):
         return EXIT_USAGE
-    with _open_warehouse(config) as conn:
-        existed = drop_slot(source_conninfo(), DuckDBWarehouse(conn), config.source.slot)
+    with open_warehouse(config) as wh:
+        existed = drop_slot(source_conninfo(), wh, config.source.slot)
     print(f"slot {config.source.slot!r} {'dropped' if existed else 'did not exist'}; drained position forgotten")
     return 0
 
@@ -189,8 +160,8 @@ def cmd_resync(args) -> int:
     (table,) = tables
     if not _confirm(args, f"Resync {table.display}? Its warehouse copy is dropped until the backfill runs again."):
         return EXIT_USAGE
-    with _open_warehouse(config) as conn:
-        resync_table(DuckDBWarehouse(conn), table)
+    with open_warehouse(config) as wh:
+        resync_table(wh, table)
     print(f"{table.display}: reset; materialize all its partitions to backfill it again (CDC resumes after)")
     return 0
 
@@ -214,10 +185,11 @@ def cmd_wait_for_lsn(args) -> int:
 
     def read_state():
         try:
-            with _open_warehouse(config, read_only=True, timeout=max(1.0, args.timeout)) as conn:
-                wh = DuckDBWarehouse(conn, read_only=True)
+            with open_warehouse(config, read_only=True, wait_seconds=max(1.0, args.timeout)) as wh:
+                if not wh.has_state():
+                    return None, {}
                 return wh.drained_lsn(config.source.slot), {k: s for k, (s, _) in wh.statuses().items()}
-        except (duckdb.CatalogException, PgReplicationError):
+        except PgReplicationError:
             return None, {}
 
     if wait_for_lsn(read_state, target, args.timeout):
@@ -251,8 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PgReplicationError as exc:
         print(f"pg-replication: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except duckdb.Error as exc:
-        print(f"pg-replication: warehouse error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    except Exception as exc:  # a driver's error: one line, never a traceback (or a password in one)
+        if type(exc).__module__.split(".")[0] not in ("duckdb", "psycopg", "snowflake"):
+            raise
+        print(f"pg-replication: warehouse error: {redact(str(exc).strip().splitlines()[0])}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -2,7 +2,9 @@
 
 The file is read from ``PG_REPLICATION_CONFIG`` (default ``./replication.yaml``). Connections
 never live in it: Postgres comes from ``POSTGRES_URL`` or the standard ``PG*`` variables, DuckDB's
-file from ``DUCKDB_PATH`` (which overrides ``warehouse.path``).
+file from ``DUCKDB_PATH`` (which overrides ``warehouse.path``), a Postgres warehouse from
+``WAREHOUSE_POSTGRES_URL``, Snowflake from ``SNOWFLAKE_*``. ``PG_REPLICATION_WAREHOUSE`` overrides
+``warehouse.kind``, so one file serves DuckDB on a laptop and Snowflake in production.
 """
 
 from __future__ import annotations
@@ -50,11 +52,21 @@ class SourceConfig(_Model):
     )
 
 
+WAREHOUSE_ENV_VAR = "PG_REPLICATION_WAREHOUSE"
+WarehouseKind = Literal["duckdb", "postgres", "snowflake"]
+WAREHOUSE_KINDS: tuple[str, ...] = ("duckdb", "postgres", "snowflake")
+
+
 class WarehouseConfig(_Model):
-    kind: Literal["duckdb"] = "duckdb"
-    path: str = Field("warehouse.duckdb", description="DuckDB file; DUCKDB_PATH overrides it.")
+    kind: WarehouseKind = Field("duckdb", description=f"Where tables go; {WAREHOUSE_ENV_VAR} overrides it.")
+    path: str = Field("warehouse.duckdb", description="duckdb: the file; DUCKDB_PATH overrides it.")
     memory_limit: str = Field(
-        "512MB", description="DuckDB's memory_limit for our connections: it spills beyond it."
+        "512MB", description="duckdb: memory_limit for our connections: it spills beyond it."
+    )
+    schema_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]*$")] = Field(
+        "",
+        description="postgres: warehouse schema = prefix + source schema (needed when the replica "
+        "is the source database itself).",
     )
 
 
@@ -118,6 +130,12 @@ class ReplicationConfig(_Model):
 
     def duckdb_path(self) -> str:
         return os.environ.get("DUCKDB_PATH") or self.warehouse.path
+
+    def warehouse_kind(self) -> str:
+        kind = os.environ.get(WAREHOUSE_ENV_VAR) or self.warehouse.kind
+        if kind not in WAREHOUSE_KINDS:
+            raise ConfigError(f"{WAREHOUSE_ENV_VAR}={kind!r} is not a warehouse kind; use one of {', '.join(WAREHOUSE_KINDS)}")
+        return kind
 
 
 def split_qualified_name(name: str) -> tuple[str, str]:

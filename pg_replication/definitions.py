@@ -19,9 +19,11 @@ from pg_replication.config import ReplicationConfig, load_config
 from pg_replication.jobs import build_cdc_job
 from pg_replication.notifications import build_notification_sensors
 from pg_replication.sensors import build_cdc_sensor
-from pg_replication.resources import PostgresSource
+from pg_replication.io_managers import WarehouseIOManager
+from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
 from pg_replication.source.catalog import introspect
 from pg_replication.source.connection import connect, source_conninfo
+from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
 
 
 def build_source_resource() -> PostgresSource:
@@ -31,12 +33,19 @@ def build_source_resource() -> PostgresSource:
     return PostgresSource()
 
 
-def build_warehouse_io_manager(config: ReplicationConfig, duckdb: DuckDBResource) -> dg.ConfigurableIOManager:
-    from pg_replication.io_managers import DuckDBWarehouseIOManager
+def build_warehouse_resource(config: ReplicationConfig) -> WarehouseResource:
+    """The warehouse replication.yaml (or PG_REPLICATION_WAREHOUSE) chose; connections come
+    from the environment as EnvVars, so the UI shows variable names, never values."""
+    kind = config.warehouse_kind()
+    if kind == "postgres":
+        postgres_warehouse_url(config)  # fails at load, naming what is wrong
+        return PostgresWarehouseResource(conninfo=dg.EnvVar(POSTGRES_WAREHOUSE_ENV), schema_prefix=config.warehouse.schema_prefix)
+    if kind == "snowflake":
+        from pg_replication.resources_snowflake import snowflake_from_env
 
-    return DuckDBWarehouseIOManager(
-        duckdb=duckdb, slot=config.source.slot, publication=config.source.publication
-    )
+        return snowflake_from_env()
+    duckdb = DuckDBResource(database=config.duckdb_path(), connection_config={"memory_limit": config.warehouse.memory_limit})
+    return DuckDBWarehouseResource(duckdb=duckdb)
 
 
 def build_definitions(
@@ -50,9 +59,7 @@ def build_definitions(
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
     cdc_job = build_cdc_job(config, tables, translator)
-    duckdb = DuckDBResource(
-        database=config.duckdb_path(), connection_config={"memory_limit": config.warehouse.memory_limit}
-    )
+    warehouse = build_warehouse_resource(config)
     return dg.Definitions(
         assets=assets,
         asset_checks=build_table_checks(tables, config, translator),
@@ -60,8 +67,10 @@ def build_definitions(
         sensors=[build_cdc_sensor(config, cdc_job), *build_notification_sensors(config, [cdc_job])],
         resources={
             "source": build_source_resource(),
-            "duckdb": duckdb,
-            WAREHOUSE_IO_MANAGER_KEY: build_warehouse_io_manager(config, duckdb),
+            "warehouse": warehouse,
+            WAREHOUSE_IO_MANAGER_KEY: WarehouseIOManager(
+                warehouse=warehouse, slot=config.source.slot, publication=config.source.publication
+            ),
         },
     )
 

@@ -1,32 +1,33 @@
-"""IO managers: adapt a table asset's output (a BackfillRequest) to a Warehouse, and report."""
+"""The IO manager: adapts a table asset's output (a BackfillRequest) to the configured warehouse.
+
+One class serves every warehouse: the engine's protocol is the seam, and the warehouse resource
+decides which dialect a run opens.
+"""
 
 from __future__ import annotations
 
 import dagster as dg
 import pyarrow as pa
-from dagster_duckdb import DuckDBResource
 
 from pg_replication.assets import BackfillRequest
 from pg_replication.backfill import SlotSettings, run_backfill
-from pg_replication.warehouse.base import SLICE_COLUMN
-from pg_replication.warehouse.duckdb import DuckDBWarehouse, q
+from pg_replication.resources import WarehouseResource
 
 
-class DuckDBWarehouseIOManager(dg.ConfigurableIOManager):
-    """Writes backfill slices into a DuckDB file through dagster-duckdb's resource.
+class WarehouseIOManager(dg.ConfigurableIOManager):
+    """Writes backfill slices into the warehouse; downstream assets read the table as Arrow.
 
     Example::
 
-        DuckDBWarehouseIOManager(duckdb=DuckDBResource(database="warehouse.duckdb"))
+        WarehouseIOManager(warehouse=DuckDBWarehouseResource(duckdb=DuckDBResource(database="w.duckdb")))
     """
 
-    duckdb: DuckDBResource
+    warehouse: WarehouseResource
     slot: str = "pg_replication"
     publication: str = "pg_replication"
 
     def handle_output(self, context: dg.OutputContext, obj: BackfillRequest) -> None:
-        with self.duckdb.get_connection() as conn:
-            warehouse = DuckDBWarehouse(conn)
+        with self.warehouse.open() as warehouse:
             result = run_backfill(
                 obj.conninfo,
                 warehouse,
@@ -53,6 +54,5 @@ class DuckDBWarehouseIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
         metadata = context.upstream_output.definition_metadata  # type: ignore[union-attr]
-        schema, table = metadata["pg_replication/schema"], metadata["pg_replication/table"]
-        with self.duckdb.get_connection() as conn:
-            return conn.execute(f"SELECT * EXCLUDE ({q(SLICE_COLUMN)}) FROM {q(schema, table)}").to_arrow_table()
+        with self.warehouse.open(read_only=True) as warehouse:
+            return warehouse.read_table(metadata["pg_replication/schema"], metadata["pg_replication/table"])

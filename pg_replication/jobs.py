@@ -3,15 +3,13 @@
 import time
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from pg_replication.assets import TableAssetTranslator
 from pg_replication.cdc import DrainResult, DrainSettings, TableOutcome, drain_once
 from pg_replication.config import ReplicationConfig
-from pg_replication.resources import PostgresSource
+from pg_replication.resources import PostgresSource, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn
-from pg_replication.warehouse.duckdb import DuckDBWarehouse
 
 
 class DrainConfig(dg.Config):
@@ -44,10 +42,10 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
     settings = DrainSettings(slot=config.source.slot, publication=config.source.publication)
 
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={})
-    def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, duckdb: DuckDBResource):
+    def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, warehouse: WarehouseResource):
         run_settings = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
-        with duckdb.get_connection() as conn:
-            result: DrainResult = drain_once(source.conninfo, DuckDBWarehouse(conn), tables, run_settings, context.log.info)
+        with warehouse.open() as wh:
+            result: DrainResult = drain_once(source.conninfo, wh, tables, run_settings, context.log.info)
         now = time.time()
         context.log.info(
             f"drained {result.changes:,} changes in {result.transactions:,} transactions up to "

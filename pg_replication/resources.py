@@ -1,11 +1,22 @@
-"""Dagster resources: the Postgres source. Warehouse resources come from dagster-duckdb."""
+"""Dagster resources: the Postgres source, and the warehouse a run writes to.
+
+Each warehouse resource opens one connection per use and hands back the engine's dialect for
+it; jobs, checks and the IO manager only see ``WarehouseResource.open()``. DuckDB rides on
+dagster-duckdb's DuckDBResource and Snowflake on dagster-snowflake's SnowflakeResource
+(``resources_snowflake.py``, imported only when chosen: dagster_snowflake takes seconds to load).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from pg_replication.source.connection import connect, describe_target
+from pg_replication.warehouse.engine import SqlWarehouse
 
 
 class PostgresSource(dg.ConfigurableResource):
@@ -26,3 +37,47 @@ class PostgresSource(dg.ConfigurableResource):
 
     def describe(self) -> str:
         return describe_target(self.conninfo)
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """Where replicated tables live. Subclasses open one kind of warehouse."""
+
+    @contextmanager
+    def open(self, *, read_only: bool = False) -> Iterator[SqlWarehouse]:
+        """A warehouse on a fresh connection; ``read_only`` creates nothing (checks)."""
+        raise NotImplementedError
+        yield
+
+
+class DuckDBWarehouseResource(WarehouseResource):
+    """A DuckDB file. Example::
+
+        DuckDBWarehouseResource(duckdb=DuckDBResource(database="warehouse.duckdb"))
+    """
+
+    duckdb: DuckDBResource
+
+    @contextmanager
+    def open(self, *, read_only: bool = False) -> Iterator[SqlWarehouse]:
+        from pg_replication.warehouse.duckdb import DuckDBWarehouse
+
+        with self.duckdb.get_connection() as conn:
+            yield DuckDBWarehouse(conn, read_only=read_only)
+
+
+class PostgresWarehouseResource(WarehouseResource):
+    """A Postgres reporting replica. Example::
+
+        PostgresWarehouseResource(conninfo=dg.EnvVar("WAREHOUSE_POSTGRES_URL"), schema_prefix="")
+    """
+
+    conninfo: str = Field(description="libpq connection string or URL of the replica database.")
+    schema_prefix: str = Field("", description="Warehouse schema = prefix + source schema.")
+
+    @contextmanager
+    def open(self, *, read_only: bool = False) -> Iterator[SqlWarehouse]:
+        from pg_replication.warehouse.connect import connect_postgres_warehouse
+        from pg_replication.warehouse.postgres import PostgresWarehouse
+
+        with connect_postgres_warehouse(self.conninfo) as conn:
+            yield PostgresWarehouse(conn, schema_prefix=self.schema_prefix, read_only=read_only)

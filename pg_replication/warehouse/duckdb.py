@@ -76,6 +76,10 @@ class DuckDBWarehouse(SqlWarehouse):
         finally:
             self.unstage("pgr_batch")
 
+    def read_table(self, schema: str, name: str) -> pa.Table:
+        columns = ", ".join(q(c) for c in self.stored_columns(f"{schema}.{name}"))
+        return self.conn.execute(f"SELECT {columns} FROM {q(schema, name)}").to_arrow_table()
+
     def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
         # The primary key is declared when the backfill completes: bulk loading into a table
         # without its index, then building it once, is several times cheaper.

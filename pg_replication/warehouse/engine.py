@@ -41,6 +41,7 @@ class SqlWarehouse:
     name = "sql"
     errors: tuple[type[BaseException], ...] = ()  # the driver's errors: a refused write
     text_type = "TEXT"
+    schema_prefix = ""  # warehouse schema = prefix + source schema
 
     def __init__(self, *, read_only: bool = False) -> None:
         """``read_only``: only read state (checks and ``status`` create nothing)."""
@@ -112,7 +113,7 @@ class SqlWarehouse:
         the key in ``create_table``'s place: nothing to do)."""
 
     def schema_of(self, table: Table) -> str:
-        return table.schema
+        return self.schema_prefix + table.schema
 
     # -- names ------------------------------------------------------------------------------
 
@@ -237,6 +238,27 @@ class SqlWarehouse:
 
     def reset_cursor(self, slot: str) -> None:
         self.execute(f"DELETE FROM {self.state('cursor')} WHERE slot = ?", [slot])
+
+    def has_state(self) -> bool:
+        return self.physical_columns(STATE_SCHEMA, "tables") is not None
+
+    def exists(self, table: Table) -> bool:
+        return self.physical_columns(self.schema_of(table), table.name) is not None
+
+    def list_tables(self) -> list[tuple[str, str, int]]:
+        """(schema, name, rows) of every table outside the state schema."""
+        tables = self.fetchall(
+            "SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema <> ? "
+            "AND table_type = 'BASE TABLE' AND lower(table_schema) NOT IN ('information_schema', 'pg_catalog') ORDER BY 1, 2",
+            [self.fold(STATE_SCHEMA)],
+        )
+        return [(s, n, int(self.fetchall(f"SELECT count(*) FROM {self.ident(s, n)}")[0][0])) for s, n in tables]
+
+    def read_table(self, schema: str, name: str) -> pa.Table:
+        """The replicated table (its source columns) as Arrow, for downstream assets."""
+        columns = list(self.stored_columns(f"{schema}.{name}"))
+        rows = self.fetchall(f"SELECT {', '.join(self.ident(c) for c in columns)} FROM {self.ident(self.schema_prefix + schema, name)}")
+        return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)})
 
     def row_count(self, table: Table) -> int:
         return int(self.fetchall(f"SELECT count(*) FROM {self.table_name(table)}")[0][0])

@@ -117,9 +117,6 @@ class PostgresWarehouse(SqlWarehouse):
     def map_column(self, column: Column) -> TypeMapping:
         return map_column(column)
 
-    def schema_of(self, table: Table) -> str:
-        return self.schema_prefix + table.schema
-
     def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
         cols = ", ".join(f"{self.ident(name)} {m.ddl}" for name, m in columns)
         keys = ", ".join(self.ident(k) for k in table.primary_key)

@@ -1,0 +1,109 @@
+"""Open the configured warehouse from the environment, outside Dagster (the CLI, the demo).
+
+Dagster runs open the same warehouses through resources (``resources.py``); both read the
+connection from the same environment variables, listed here, so a secret never has to be in
+replication.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+
+from pg_replication.config import ReplicationConfig
+from pg_replication.errors import ConfigError, PgReplicationError, SourceUnavailableError, redact
+from pg_replication.source.connection import describe_target, source_conninfo
+from pg_replication.warehouse.engine import SqlWarehouse
+
+POSTGRES_WAREHOUSE_ENV = "WAREHOUSE_POSTGRES_URL"
+# connect() argument -> environment variable; the first three are required.
+SNOWFLAKE_ENV = {
+    "account": "SNOWFLAKE_ACCOUNT",
+    "user": "SNOWFLAKE_USER",
+    "database": "SNOWFLAKE_DATABASE",
+    "password": "SNOWFLAKE_PASSWORD",
+    "warehouse": "SNOWFLAKE_WAREHOUSE",
+    "role": "SNOWFLAKE_ROLE",
+    "schema": "SNOWFLAKE_SCHEMA",
+    "authenticator": "SNOWFLAKE_AUTHENTICATOR",
+}
+SNOWFLAKE_REQUIRED = ("account", "user", "database")
+
+
+def snowflake_settings() -> dict[str, str]:
+    """The SNOWFLAKE_* variables that are set, by connect() argument; missing required ones fail."""
+    missing = [SNOWFLAKE_ENV[k] for k in SNOWFLAKE_REQUIRED if not os.environ.get(SNOWFLAKE_ENV[k])]
+    if missing:
+        raise ConfigError(f"the snowflake warehouse needs {', '.join(missing)} in the environment", setting=missing[0])
+    return {arg: os.environ[var] for arg, var in SNOWFLAKE_ENV.items() if os.environ.get(var)}
+
+
+def postgres_warehouse_url(config: ReplicationConfig) -> str:
+    """WAREHOUSE_POSTGRES_URL, refused when it is the source database without a schema prefix
+    (the replica's tables would be the source's own)."""
+    url = os.environ.get(POSTGRES_WAREHOUSE_ENV, "")
+    if not url:
+        raise ConfigError(f"the postgres warehouse needs {POSTGRES_WAREHOUSE_ENV} in the environment", setting=POSTGRES_WAREHOUSE_ENV)
+    if describe_target(url) == describe_target(source_conninfo()) and not config.warehouse.schema_prefix:
+        raise ConfigError(
+            f"{POSTGRES_WAREHOUSE_ENV} is the source database ({describe_target(url)}): set warehouse.schema_prefix "
+            "so the replica's tables do not overwrite the source's",
+            setting="warehouse.schema_prefix",
+        )
+    return url
+
+
+def connect_postgres_warehouse(url: str) -> psycopg.Connection:
+    try:
+        return psycopg.connect(url, autocommit=True, application_name="pg_replication", connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailableError(
+            f"cannot connect to the postgres warehouse at {describe_target(url)}: {redact(str(exc).strip().splitlines()[-1])}",
+            setting=POSTGRES_WAREHOUSE_ENV,
+        ) from None
+
+
+@contextmanager
+def open_warehouse(config: ReplicationConfig, *, read_only: bool = False, wait_seconds: float = 30.0) -> Iterator[SqlWarehouse]:
+    kind = config.warehouse_kind()
+    if kind == "duckdb":
+        from pg_replication.warehouse.duckdb import DuckDBWarehouse
+
+        with _duckdb_connect(config, read_only, wait_seconds) as conn:
+            yield DuckDBWarehouse(conn, read_only=read_only)
+    elif kind == "postgres":
+        from pg_replication.warehouse.postgres import PostgresWarehouse
+
+        with connect_postgres_warehouse(postgres_warehouse_url(config)) as conn:
+            yield PostgresWarehouse(conn, schema_prefix=config.warehouse.schema_prefix, read_only=read_only)
+    else:
+        import snowflake.connector
+
+        from pg_replication.warehouse.snowflake import SnowflakeWarehouse
+
+        conn = snowflake.connector.connect(**snowflake_settings(), paramstyle="qmark")
+        try:
+            yield SnowflakeWarehouse(conn, read_only=read_only)
+        finally:
+            conn.close()
+
+
+def _duckdb_connect(config: ReplicationConfig, read_only: bool, wait_seconds: float):
+    """DuckDB allows one writing process: wait (bounded) while a drain or backfill holds the file."""
+    import duckdb
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return duckdb.connect(config.duckdb_path(), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise PgReplicationError(
+                    f"cannot open the warehouse {config.duckdb_path()}: {str(exc).splitlines()[0]}",
+                    hint="another process holds it; retry when the running drain or backfill ends",
+                ) from None
+            time.sleep(0.2)
