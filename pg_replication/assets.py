@@ -14,7 +14,7 @@ from dagster._core.definitions.metadata.metadata_set import TableMetadataSet  # 
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Table
-from pg_replication.types import map_column
+from pg_replication.warehouse.connect import type_mapper
 
 WAREHOUSE_IO_MANAGER_KEY = "warehouse_io_manager"
 
@@ -48,6 +48,8 @@ class TableAssetTranslator:
 
     def __init__(self, config: ReplicationConfig) -> None:
         self.config = config
+        self.warehouse_kind = config.warehouse_kind()
+        self.map_column = type_mapper(self.warehouse_kind)
 
     def get_asset_key(self, table: Table) -> dg.AssetKey:
         return dg.AssetKey([dagster_name(table.schema), dagster_name(table.name)])
@@ -56,7 +58,7 @@ class TableAssetTranslator:
         return dagster_name(table.schema)
 
     def get_description(self, table: Table) -> str:
-        text = f"Postgres table {table.display}, replicated to {self.config.warehouse.kind}."
+        text = f"Postgres table {table.display}, replicated to {self.warehouse_kind}."
         return f"{text}\n\n{table.comment}" if table.comment else text
 
     def get_partitions(self, table: Table) -> int:
@@ -67,14 +69,14 @@ class TableAssetTranslator:
         columns = [
             dg.TableColumn(
                 name=c.name,
-                type=f"{c.type_sql} -> {map_column(c).ddl}",
+                type=f"{c.type_sql} -> {self.map_column(c).ddl}",
                 constraints=dg.TableColumnConstraints(nullable=not c.not_null),
             )
             for c in table.columns
         ]
         return {
             **TableMetadataSet(
-                table_name=f"{self.config.warehouse.kind}.{table.schema}.{table.name}",
+                table_name=f"{self.warehouse_kind}.{table.schema}.{table.name}",
                 column_schema=dg.TableSchema(
                     columns=columns,
                     constraints=dg.TableConstraints(other=[f"primary key ({', '.join(table.primary_key)})"]),
@@ -95,7 +97,7 @@ class TableAssetTranslator:
             group_name=self.get_group_name(table),
             description=self.get_description(table),
             metadata=self.get_metadata(table),
-            kinds={"postgres", self.config.warehouse.kind},
+            kinds={"postgres", self.warehouse_kind},
             partitions_def=dg.StaticPartitionsDefinition(partition_keys(self.get_partitions(table))),
         )
 

@@ -17,6 +17,7 @@ import psycopg
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import ConfigError, PgReplicationError, SourceUnavailableError, redact
 from pg_replication.source.connection import describe_target, source_conninfo
+from pg_replication.source.snapshot import Mapper
 from pg_replication.warehouse.engine import SqlWarehouse
 
 POSTGRES_WAREHOUSE_ENV = "WAREHOUSE_POSTGRES_URL"
@@ -32,6 +33,17 @@ SNOWFLAKE_ENV = {
     "authenticator": "SNOWFLAKE_AUTHENTICATOR",
 }
 SNOWFLAKE_REQUIRED = ("account", "user", "database")
+
+
+def type_mapper(kind: str) -> Mapper:
+    """The type mapping of a warehouse kind, without opening (or importing) its driver."""
+    if kind == "postgres":
+        from pg_replication.warehouse.postgres import map_column
+    elif kind == "snowflake":
+        from pg_replication.warehouse.snowflake_types import map_column
+    else:
+        from pg_replication.types import map_column
+    return map_column
 
 
 def snowflake_settings() -> dict[str, str]:
