@@ -1,11 +1,11 @@
-"""Backfill benchmark: our COPY -> Arrow -> DuckDB path through Dagster against the raw limit.
+"""Backfill benchmark: our COPY -> Arrow -> warehouse path through Dagster against the raw limit.
 
-    python bench/backfill.py --rows 2000000
+    python bench/backfill.py --rows 2000000 [--warehouse duckdb|postgres|snowflake]
 
 Builds (or reuses) a table of N rows with mixed types in database ``pgr_bench`` of the server in
 POSTGRES_URL, then measures in the same run:
   1. the raw limit: two concurrent ``COPY ... TO STDOUT`` streams over CTID halves, read into nothing;
-  2. the full backfill into a fresh DuckDB file through Dagster (all partitions, one run).
+  2. the full backfill into a fresh warehouse through Dagster (all partitions, one run).
 Prints rows/s, the ratio to the limit and the peak RSS of this process (the backfill runs in it).
 """
 
@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import tempfile
+import sys
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from warehouses import KINDS, use_warehouse  # noqa: E402
 
 TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS bench_rows (
@@ -92,16 +95,16 @@ def raw_limit(url: str, streams: int = 2) -> tuple[float, int]:
 
 def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[float, int]:
     import dagster as dg
-    import duckdb
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from pg_replication.assets import partition_keys
     from pg_replication.config import parse_config
     from pg_replication.definitions import build_definitions
+    from pg_replication.source.catalog import introspect
+    from pg_replication.source.connection import connect
+    from pg_replication.warehouse.connect import open_warehouse
 
-    workdir = Path(tempfile.mkdtemp(prefix="pgr_bench_"))
     os.environ["POSTGRES_URL"] = url
-    os.environ["DUCKDB_PATH"] = str(workdir / "bench.duckdb")
     config = parse_config(
         {
             "tables": ["public.bench_rows"],
@@ -121,8 +124,10 @@ def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[floa
     assert result.success
     event = result.get_asset_materialization_events()[0]  # one per partition, same metadata
     in_step = event.materialization.metadata["rows_per_second"].value
-    with duckdb.connect(os.environ["DUCKDB_PATH"], read_only=True) as wh:
-        copied = wh.execute('SELECT count(*) FROM "public"."bench_rows"').fetchall()[0][0]
+    with connect(url) as conn:
+        (table,) = introspect(conn, config)
+    with open_warehouse(config, read_only=True) as wh:
+        copied = wh.row_count(table)
     assert copied == rows, (copied, rows)
     with psycopg.connect(url, autocommit=True) as conn:  # an undrained slot would pin WAL
         conn.execute("SELECT pg_drop_replication_slot('pgr_bench_backfill')")
@@ -133,13 +138,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--warehouse", choices=KINDS, default="duckdb")
     args = parser.parse_args()
     url = prepare(os.environ["POSTGRES_URL"], args.rows)
+    print(f"warehouse   : {use_warehouse(args.warehouse, os.environ['POSTGRES_URL'])}", flush=True)
     limit, nbytes = raw_limit(url)
     print(f"raw limit   : {limit:>12,.0f} rows/s  (2 COPY streams over CTID halves, {nbytes / 2**20:,.0f} MiB)", flush=True)
     ours, in_step = backfill_through_dagster(url, args.rows, args.partitions)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"pg_replication: {ours:>10,.0f} rows/s  (whole Dagster run, {args.partitions} partitions -> DuckDB)")
+    print(f"pg_replication: {ours:>10,.0f} rows/s  (whole Dagster run, {args.partitions} partitions -> {args.warehouse})")
     print(f"  in the step : {in_step:>10,.0f} rows/s  (the asset's rows_per_second: without run start-up)")
     print(f"ratio to limit: {ours / limit:.2f} (whole run), {in_step / limit:.2f} (step)   peak RSS: {peak_mib:,.0f} MiB   rows: {args.rows:,}")
 

@@ -1,12 +1,12 @@
 """CDC benchmark: drain + apply throughput against the server's own decode limit.
 
-    python bench/cdc.py --changes 200000
+    python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake]
 
 On the backfill benchmark's table (``bench_rows`` in database ``pgr_bench``, built if missing, 2M
-rows by default) backfilled into a fresh DuckDB file, it writes N changes (40% inserts, 40%
+rows by default) backfilled into a fresh warehouse (bench/warehouses.py), it writes N changes (40% inserts, 40%
 updates, 20% deletes, in transactions of 1,000), then measures in the same run:
   1. the decode limit: ``SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)``;
-  2. our drain: peek + decode + fold + apply into DuckDB + commit + slot advance, until caught up.
+  2. our drain: peek + decode + fold + apply + commit + slot advance, until caught up.
 Prints changes/s, the ratio to the limit and the peak RSS of this process.
 """
 
@@ -16,22 +16,21 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import duckdb
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill import prepare  # noqa: E402
+from warehouses import KINDS, use_warehouse  # noqa: E402
 
 from pg_replication.backfill import SlotSettings, run_backfill  # noqa: E402
 from pg_replication.cdc import DrainSettings, drain_once  # noqa: E402
 from pg_replication.config import parse_config  # noqa: E402
 from pg_replication.source.catalog import introspect  # noqa: E402
 from pg_replication.source.connection import connect  # noqa: E402
-from pg_replication.warehouse.duckdb import DuckDBWarehouse  # noqa: E402
+from pg_replication.warehouse.connect import open_warehouse  # noqa: E402
 
 SLOT, PUBLICATION = "pgr_bench_cdc", "pgr_bench_cdc"
 
@@ -67,17 +66,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--changes", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=200_000, help="max changes per drain")
+    parser.add_argument("--warehouse", choices=KINDS, default="duckdb")
     args = parser.parse_args()
     url = prepare(os.environ["POSTGRES_URL"], args.rows)
     with psycopg.connect(url, autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)).fetchone():
             conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
+    config = parse_config({"tables": ["bench_rows"]})
     with connect(url) as conn:
-        (table,) = introspect(conn, parse_config({"tables": ["bench_rows"]}))
-    path = Path(tempfile.mkdtemp(prefix="pgr_bench_cdc_")) / "cdc.duckdb"
-    print(f"backfilling {args.rows:,} rows into {path} ...", flush=True)
-    with duckdb.connect(str(path)) as wh:
-        run_backfill(url, DuckDBWarehouse(wh), table, range(4), partitions=4, cdc=SlotSettings(SLOT, PUBLICATION))
+        (table,) = introspect(conn, config)
+    where = use_warehouse(args.warehouse, os.environ["POSTGRES_URL"])
+    print(f"backfilling {args.rows:,} rows into {where} ...", flush=True)
+    with open_warehouse(config) as wh:
+        run_backfill(url, wh, table, range(4), partitions=4, cdc=SlotSettings(SLOT, PUBLICATION))
     print(f"writing {args.changes:,} changes ...", flush=True)
     write_changes(url, args.changes, args.rows)
     limit, messages = decode_limit(url)
@@ -85,9 +86,9 @@ def main() -> None:
     settings = DrainSettings(SLOT, PUBLICATION, max_changes=args.batch)
     started = time.perf_counter()
     applied = drains = 0
-    with duckdb.connect(str(path)) as wh:
+    with open_warehouse(config) as wh:
         while True:
-            result = drain_once(url, DuckDBWarehouse(wh), [table], settings)
+            result = drain_once(url, wh, [table], settings)
             applied += result.changes
             drains += 1
             if result.caught_up:
@@ -95,7 +96,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     ours = messages / elapsed
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"pg_replication: {applied / elapsed:>9,.0f} changes/s applied ({applied:,} changes, {drains} drains, {elapsed:.1f} s)")
+    print(f"pg_replication: {applied / elapsed:>9,.0f} changes/s applied into {args.warehouse} ({applied:,} changes, {drains} drains, {elapsed:.1f} s)")
     print(f"ratio to limit: {ours / limit:.2f} (messages/s over the same stream)   peak RSS: {peak_mib:,.0f} MiB")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
