@@ -68,6 +68,11 @@ class WarehouseConfig(_Model):
         description="postgres: warehouse schema = prefix + source schema (needed when the replica "
         "is the source database itself).",
     )
+    merge: bool = Field(
+        True,
+        description="snowflake: apply change batches with one MERGE per table; false: DELETE + INSERT "
+        "(the same result, for emulators such as fakesnow that cannot MERGE inside a transaction).",
+    )
 
 
 class NotificationConfig(_Model):

@@ -43,7 +43,7 @@ def build_warehouse_resource(config: ReplicationConfig) -> WarehouseResource:
     if kind == "snowflake":
         from pg_replication.resources_snowflake import snowflake_from_env
 
-        return snowflake_from_env()
+        return snowflake_from_env(merge=config.warehouse.merge)
     duckdb = DuckDBResource(database=config.duckdb_path(), connection_config={"memory_limit": config.warehouse.memory_limit})
     return DuckDBWarehouseResource(duckdb=duckdb)
 

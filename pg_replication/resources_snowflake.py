@@ -24,17 +24,18 @@ class SnowflakeWarehouseResource(WarehouseResource):
     """
 
     snowflake: SnowflakeResource
+    merge: bool = True  # MERGE per table; False: DELETE + INSERT (fakesnow cannot MERGE in a transaction)
 
     @contextmanager
     def open(self, *, read_only: bool = False) -> Iterator[SqlWarehouse]:
         from pg_replication.warehouse.snowflake import SnowflakeWarehouse
 
         with self.snowflake.get_connection() as conn:
-            yield SnowflakeWarehouse(conn, read_only=read_only)
+            yield SnowflakeWarehouse(conn, read_only=read_only, merge=self.merge)
 
 
-def snowflake_from_env() -> SnowflakeWarehouseResource:
+def snowflake_from_env(merge: bool = True) -> SnowflakeWarehouseResource:
     """Every SNOWFLAKE_* variable that is set, passed as an EnvVar: the UI shows names, not values."""
     settings = snowflake_settings()  # fails early, naming a missing variable
     fields = {arg: dg.EnvVar(SNOWFLAKE_ENV[arg]) for arg in settings}
-    return SnowflakeWarehouseResource(snowflake=SnowflakeResource(**fields, paramstyle="qmark"))
+    return SnowflakeWarehouseResource(snowflake=SnowflakeResource(**fields, paramstyle="qmark"), merge=merge)

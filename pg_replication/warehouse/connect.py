@@ -99,7 +99,7 @@ def open_warehouse(config: ReplicationConfig, *, read_only: bool = False, wait_s
 
         conn = snowflake.connector.connect(**snowflake_settings(), paramstyle="qmark")
         try:
-            yield SnowflakeWarehouse(conn, read_only=read_only)
+            yield SnowflakeWarehouse(conn, read_only=read_only, merge=config.warehouse.merge)
         finally:
             conn.close()
 

@@ -28,7 +28,7 @@ from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState, quote
 from pg_replication.warehouse.staging import StagedChanges
 
-LOG_META = ("_seq", "_segment", "_columns", staging.OP, staging.UNKNOWN)
+SEGMENT, COLUMNS = "_segment", "_columns"  # change-log columns beside the staged ones
 
 
 def table_key(table: Table) -> str:
@@ -76,8 +76,9 @@ class SqlWarehouse:
 
     def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
         """The slice's rows as relations of source-named columns, and the batch each holds
-        (None when one relation holds all of them). Runs before the slice's transaction begins;
-        a dialect may stage lazily when staging inside a transaction is allowed."""
+        (None when one relation holds all of them). Called before the slice's transaction
+        begins; iterated inside it. A generator stages lazily, inside the transaction: a dialect
+        that cannot stage there (Snowflake) must stage everything when called."""
         raise NotImplementedError
 
     def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
@@ -105,7 +106,7 @@ class SqlWarehouse:
 
     def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
         cols = ", ".join(f"{self.ident(name)} {m.ddl}" for name, m in columns)
-        self.execute(f"CREATE SCHEMA IF NOT EXISTS {self.ident(self.schema_of(table))}")
+        self.create_schema(self.schema_of(table))
         self.execute(f"CREATE TABLE IF NOT EXISTS {self.table_name(table)} ({cols}, {self.ident(SLICE_COLUMN)} INTEGER)")
 
     def declare_primary_key(self, table: Table) -> None:
@@ -131,18 +132,29 @@ class SqlWarehouse:
 
     # -- state ------------------------------------------------------------------------------
 
+    STATE_TABLES = {  # name: (columns, primary key)
+        "tables": (
+            (("table_key", "text"), ("plan", "text"), ("columns", "text"), ("status", "text"), ("error", "text"),
+             ("applied_lsn", "BIGINT"), ("updated_at", "DOUBLE PRECISION")),
+            ("table_key",),
+        ),
+        "cursor": ((("slot", "text"), ("drained_lsn", "BIGINT"), ("updated_at", "DOUBLE PRECISION")), ("slot",)),
+        "slices": (
+            (("table_key", "text"), ("slice", "INTEGER"), ("rows", "BIGINT"), ("bytes", "BIGINT"),
+             ("seconds", "DOUBLE PRECISION"), ("copied_at", "DOUBLE PRECISION")),
+            ("table_key", "slice"),
+        ),
+    }
+
+    def create_schema(self, name: str) -> None:
+        self.execute(f"CREATE SCHEMA IF NOT EXISTS {self.ident(name)}")
+
     def _ensure_state_tables(self) -> None:
-        t = self.text_type
-        self.execute(f"CREATE SCHEMA IF NOT EXISTS {self.ident(STATE_SCHEMA)}")
-        self.execute(
-            f"""CREATE TABLE IF NOT EXISTS {self.state('tables')} (table_key {t} PRIMARY KEY, plan {t},
-                columns {t}, status {t}, error {t}, applied_lsn BIGINT, updated_at FLOAT8)"""
-        )
-        self.execute(f"CREATE TABLE IF NOT EXISTS {self.state('cursor')} (slot {t} PRIMARY KEY, drained_lsn BIGINT, updated_at FLOAT8)")
-        self.execute(
-            f"""CREATE TABLE IF NOT EXISTS {self.state('slices')} (table_key {t}, slice INTEGER, rows BIGINT,
-                bytes BIGINT, seconds FLOAT8, copied_at FLOAT8, PRIMARY KEY (table_key, slice))"""
-        )
+        self.create_schema(STATE_SCHEMA)
+        for name, (columns, key) in self.STATE_TABLES.items():
+            cols = ", ".join(f"{self.ident(c)} {self.text_type if t == 'text' else t}" for c, t in columns)  # quoted: ROWS is reserved in Snowflake
+            keys = ", ".join(self.ident(k) for k in key)
+            self.execute(f"CREATE TABLE IF NOT EXISTS {self.state(name)} ({cols}, PRIMARY KEY ({keys}))")
 
     def _upsert_state(self, table: str, key: dict, values: dict) -> None:
         """Update the row named by ``key`` or insert it (portable: no ON CONFLICT / MERGE)."""
@@ -305,6 +317,8 @@ class SqlWarehouse:
             if self.fold(name) in physical:  # created with the table, or added by a run that then failed
                 continue
             value = missing.get(name)
+            if value is not None and value != VOLATILE_DEFAULT and mapping.from_text is not None:
+                value = mapping.from_text(value)  # Postgres's text form -> the staged form loads read
             if value == VOLATILE_DEFAULT:
                 raise SchemaChangeError(
                     f"{table.display}: column {name!r} was added with a volatile default; existing rows "
@@ -428,9 +442,10 @@ class SqlWarehouse:
         have = self.physical_columns(STATE_SCHEMA, name)
         if have is None:
             fills = "".join(f", {self.ident(staging.fill_column(i))} {self.text_type}" for i in range(len(table.primary_key)))
+            t = self.text_type
             self.execute(
-                f"""CREATE TABLE IF NOT EXISTS {self.state(name)} ("_seq" BIGINT, "_segment" BIGINT, "_columns" {self.text_type},
-                    {self.ident(staging.OP)} {self.text_type}, {self.ident(staging.UNKNOWN)} {self.text_type}{fills})"""
+                f"""CREATE TABLE IF NOT EXISTS {self.state(name)} ({self.ident(staging.SEQ)} BIGINT, {self.ident(SEGMENT)} BIGINT,
+                    {self.ident(COLUMNS)} {t}, {self.ident(staging.OP)} {t}, {self.ident(staging.UNKNOWN)} {t}{fills})"""
             )
             have = self.physical_columns(STATE_SCHEMA, name) or []
         folded = set(have)
@@ -441,10 +456,11 @@ class SqlWarehouse:
 
     def append_log(self, table: Table, changes: StagedChanges) -> None:
         log = self.state(self.log_name(table))
-        row = self.fetchall(f'SELECT coalesce(max("_seq"), 0), coalesce(max("_segment"), 0) FROM {log}')[0]
+        seq_column, segment_column = self.ident(staging.SEQ), self.ident(SEGMENT)
+        row = self.fetchall(f"SELECT coalesce(max({seq_column}), 0), coalesce(max({segment_column}), 0) FROM {log}")[0]
         seq, segment = int(row[0]) + 1, int(row[1]) + 1
         fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
-        names = ['"_seq"', '"_segment"', '"_columns"', self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
+        names = [seq_column, segment_column, self.ident(COLUMNS), self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
         names += [self.ident(c) for c in changes.columns]
         values = [f"{self.ident(staging.SEQ)} + {seq}", str(segment), "?", self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
         values += [self.ident(staging.value_column(i)) for i in range(len(changes.columns))]
@@ -462,15 +478,16 @@ class SqlWarehouse:
         mappings = self.stored_mappings(table)
         fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
         replayed = 0
+        segment_column, columns_column = self.ident(SEGMENT), self.ident(COLUMNS)
         for segment, columns_json, rows, truncates in self.fetchall(
-            f"""SELECT "_segment", "_columns", count(*), sum(CASE WHEN {self.ident(staging.OP)} = 'T' THEN 1 ELSE 0 END)
-                FROM {log} GROUP BY "_segment", "_columns" ORDER BY 1"""
+            f"""SELECT {segment_column}, {columns_column}, count(*), sum(CASE WHEN {self.ident(staging.OP)} = 'T' THEN 1 ELSE 0 END)
+                FROM {log} GROUP BY {segment_column}, {columns_column} ORDER BY 1"""
         ):
             columns = tuple(c for c in json.loads(columns_json) if c in mappings)
             values = [f"{self.ident(c)} AS {self.ident(staging.value_column(i))}" for i, c in enumerate(columns)]
             relation = (
                 f"(SELECT {self.ident(staging.OP)}, {self.ident(staging.UNKNOWN)}, {', '.join(fills)}, "
-                f'{", ".join(values)} FROM {log} WHERE "_segment" = {int(segment)})'
+                f'{", ".join(values)} FROM {log} WHERE {segment_column} = {int(segment)})'
             )
             self.apply_changes(table, StagedChanges(relation, columns, bool(truncates), int(rows)), mappings)
             replayed += int(rows)
@@ -501,7 +518,7 @@ class SqlWarehouse:
                     relation = self.stage(name, staging.segment_table(segment, len(plan.table.primary_key)))
                     staged[key].append(StagedChanges(relation, segment.columns, segment.truncated, len(segment.rows)))
                 try:
-                    pending[key] = self._prepare_table(plan, status, missing_values.get(key, {}))
+                    pending[key] = self.prepare_table(plan, status, missing_values.get(key, {}))
                 except (*self.errors, PgReplicationError) as exc:
                     failed_now[key] = _describe_failure(key, batch.stats.first_lsn, exc)
                     self.ensure_log(plan.table, plan.columns)
@@ -515,7 +532,7 @@ class SqlWarehouse:
             for name in names:
                 self.unstage(name)
 
-    def _prepare_table(self, plan, status: str, missing: dict[str, str | None]) -> dict:
+    def prepare_table(self, plan, status: str, missing: dict[str, str | None]) -> dict:
         """DDL before the transaction: the warehouse table follows the relation's columns, the
         change log can hold them. Returns the columns the stored state gains."""
         added = {}

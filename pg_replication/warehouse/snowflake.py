@@ -1,0 +1,294 @@
+"""Snowflake as a warehouse: tables mirror the source schema-for-schema, state in ``_PG_REPLICATION``.
+
+Snowflake commits implicitly before and after every DDL statement, so everything that creates
+something happens before the engine's ``BEGIN``: the staging tables (temporary, loaded in bulk
+with ``write_pandas``: Parquet files PUT to a stage and one COPY), and, for the MERGE-less path,
+the per-table scratch table that resolved changes pass through. The transaction then holds DML
+only. Temporary objects live in the state schema: the session is pinned to it (``USE SCHEMA``),
+because ``CREATE SCHEMA`` switches the session's schema and unqualified temporary tables must be
+found where they were made.
+
+Names: a plain lower-case Postgres name (``orders``) is stored upper-case, the way Snowflake stores
+it unquoted, so ``SELECT * FROM public.orders`` works; any other name is kept exactly (always
+quoted). See ``snowflake_types.py`` for the values Snowflake refuses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import snowflake.connector
+import snowflake.connector.pandas_tools  # called through the module: fakesnow patches the attribute
+from snowflake.connector import SnowflakeConnection
+
+from pg_replication.errors import ConfigError
+from pg_replication.source.catalog import Column, Table
+from pg_replication.types import TypeMapping
+from pg_replication.warehouse import snowflake_types, staging
+from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, quote
+from pg_replication.warehouse.engine import SqlWarehouse, table_key
+from pg_replication.warehouse.staging import StagedChanges
+
+__all__ = ["SnowflakeWarehouse", "fold"]
+
+_PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
+_SCRATCH_OP = "_pgr scratch op"  # the scratch table's op column, beside the target's columns
+_SLICE_STAGE = "pgr_slice"
+_DELETE_CHUNK = 500
+
+
+def fold(name: str) -> str:
+    """The name as Snowflake stores it: plain lower-case names upper-cased, others exactly."""
+    return name.upper() if _PLAIN.fullmatch(name) else name
+
+
+class SnowflakeWarehouse(SqlWarehouse):
+    """A Snowflake database as a replication target. One instance wraps one open connection,
+    opened with ``paramstyle="qmark"`` (the engine marks parameters with ``?``).
+
+    ``merge``: apply each change segment with one MERGE (the default). ``merge=False`` resolves
+    it into a scratch table, then DELETE + INSERT: the same result, for emulators (fakesnow) that
+    cannot run MERGE inside a transaction. ``schema_prefix``: warehouse schema = prefix + source
+    schema. The session's current schema becomes ``_PG_REPLICATION`` (see the module docstring).
+
+    Example::
+
+        conn = snowflake.connector.connect(..., database="ANALYTICS", paramstyle="qmark")
+        wh = SnowflakeWarehouse(conn)
+        wh.ensure_table(table)
+    """
+
+    name = "snowflake"
+    errors = (snowflake.connector.errors.Error, duckdb.Error)  # fakesnow leaks raw DuckDB errors
+    text_type = "VARCHAR"
+
+    def __init__(self, conn: SnowflakeConnection, *, read_only: bool = False, merge: bool = True, schema_prefix: str = "") -> None:
+        if getattr(conn, "_paramstyle", None) != "qmark":
+            raise ConfigError(
+                "SnowflakeWarehouse needs a connection opened with paramstyle='qmark'",
+                hint="pass paramstyle='qmark' to snowflake.connector.connect (or SnowflakeResource)",
+            )
+        self.conn, self.merge, self.schema_prefix = conn, merge, schema_prefix
+        self.cursor = conn.cursor()
+        self._in_transaction = False
+        self._scratch: dict[str, str] = {}  # table key -> its scratch table (merge=False)
+        super().__init__(read_only=read_only)
+
+    # -- connection -------------------------------------------------------------------------
+
+    def execute(self, query: str, params: Sequence = ()) -> None:
+        self.cursor.execute(query, list(params) or None)
+
+    def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
+        self.cursor.execute(query, list(params) or None)
+        return list(self.cursor.fetchall())
+
+    def begin(self) -> None:
+        self.execute("BEGIN")
+        self._in_transaction = True
+
+    def commit(self) -> None:
+        self._in_transaction = False
+        self.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self._in_transaction = False
+        try:
+            self.execute("ROLLBACK")  # a no-op when nothing is open
+        except self.errors:  # a dead connection: the error that brought us here matters more
+            pass
+
+    def _ddl(self, query: str) -> None:
+        """DDL commits implicitly in Snowflake: inside the engine's transaction it would commit
+        half a write. Refuse it there instead."""
+        if self._in_transaction:
+            raise RuntimeError(f"DDL inside a transaction would commit it: {query[:80]}")
+        self.execute(query)
+
+    # -- names ------------------------------------------------------------------------------
+
+    def fold(self, name: str) -> str:
+        return fold(name)
+
+    def ident(self, *names: str) -> str:
+        return quote(*(fold(n) for n in names))
+
+    def map_column(self, column: Column) -> TypeMapping:
+        return snowflake_types.map_column(column)
+
+    def create_schema(self, name: str) -> None:
+        self._ddl(f"CREATE SCHEMA IF NOT EXISTS {self.ident(name)}")
+        self._ddl(f"USE SCHEMA {self.ident(STATE_SCHEMA)}")  # CREATE SCHEMA switched to the new one
+
+    # -- DDL --------------------------------------------------------------------------------
+
+    def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
+        # Snowflake does not enforce the key; declared, it documents what rows are matched on.
+        cols = ", ".join(f"{self.ident(name)} {m.ddl}" for name, m in columns)
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        self.create_schema(self.schema_of(table))
+        self._ddl(
+            f"CREATE TABLE IF NOT EXISTS {self.table_name(table)} ({cols}, {self.ident(SLICE_COLUMN)} INTEGER, "
+            f"PRIMARY KEY ({keys}))"
+        )
+
+    def add_column(self, table: Table, name: str, mapping: TypeMapping, value: str | None) -> None:
+        """Rows already there get ``value``. Snowflake allows no DROP DEFAULT on a default that
+        ALTER TABLE added, and limits default expressions, so the column is filled under a
+        temporary name and renamed: the rename is the atomic step, a crash before it is redone."""
+        target = self.table_name(table)
+        if value is None:
+            self._ddl(f"ALTER TABLE {target} ADD COLUMN {self.ident(name)} {mapping.ddl}")
+            return
+        filling = self.ident(f"_pgr_adding {name}")
+        self._ddl(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {filling} {mapping.ddl}")
+        # Bound, not a literal: Snowflake reads backslashes in literals as escapes ('\x00ff').
+        params = [value] * mapping.load.count("{0}")
+        self.execute(f"UPDATE {target} SET {filling} = {staging.typed(mapping, '?')}", params)
+        self._ddl(f"ALTER TABLE {target} RENAME COLUMN {filling} TO {self.ident(name)}")
+
+    def reset_table(self, table: Table) -> None:
+        scratch = self._scratch.pop(table_key(table), None)
+        if scratch is not None:
+            self._ddl(f"DROP TABLE IF EXISTS {scratch}")
+        super().reset_table(table)
+
+    # -- staging (always before the transaction) --------------------------------------------
+
+    def _stage_name(self, name: str) -> str:
+        if not _PLAIN.fullmatch(name):
+            raise ValueError(f"staging names are plain lower-case names, not {name!r}")
+        return self.ident(name)  # upper-case: write_pandas may or may not quote it
+
+    def _create_stage(self, name: str, columns: Iterable[str]) -> str:
+        relation = self._stage_name(name)
+        cols = ", ".join(f"{self.ident(c)} {'BIGINT' if c == staging.SEQ else 'VARCHAR'}" for c in columns)
+        self._ddl(f"CREATE OR REPLACE TEMPORARY TABLE {relation} ({cols})")
+        return relation
+
+    def _load(self, name: str, data: pa.Table | pa.RecordBatch) -> None:
+        """Append ``data`` (columns named as the stage's) in bulk: Parquet, PUT, COPY."""
+        if data.num_rows == 0:
+            return
+        frame = data.rename_columns([fold(c) for c in data.schema.names]).to_pandas(types_mapper=pd.ArrowDtype)
+        snowflake.connector.pandas_tools.write_pandas(self.conn, frame, fold(name), quote_identifiers=True)
+
+    def stage(self, name: str, data: pa.Table) -> str:
+        relation = self._create_stage(name, data.schema.names)
+        self._load(name, data)
+        return relation
+
+    def unstage(self, name: str) -> None:
+        self._ddl(f"DROP TABLE IF EXISTS {self._stage_name(name)}")
+
+    def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+        """Stages the whole slice now (the engine calls this before BEGIN; Snowflake cannot
+        stage inside a transaction), one bulk load per batch, so memory holds one batch."""
+        self._prepare_scratch(table)  # the slice that completes the backfill replays the log
+        names = [c.name for c in table.columns]
+        positional = [f"c{i}" for i in range(len(names))]  # stage columns: write_pandas-safe names
+        self._create_stage(_SLICE_STAGE, positional)
+        try:
+            for batch in batches:
+                columns = [batch.column(n).cast(pa.string()) for n in names]
+                self._load(_SLICE_STAGE, pa.RecordBatch.from_arrays(columns, names=positional))
+        except BaseException:
+            self.unstage(_SLICE_STAGE)
+            raise
+        select = ", ".join(f"{self.ident(p)} AS {self.ident(n)}" for p, n in zip(positional, names))
+        return _Staged(self, _SLICE_STAGE, f"(SELECT {select} FROM {self._stage_name(_SLICE_STAGE)})")
+
+    def prepare_table(self, plan, status: str, missing: dict[str, str | None]) -> dict:
+        added = super().prepare_table(plan, status, missing)
+        if status == "streaming":
+            self._prepare_scratch(plan.table)
+        return added
+
+    def _prepare_scratch(self, table: Table) -> None:
+        """merge=False: a temporary table shaped like the target plus the op column, (re)made
+        before the transaction so it follows columns the table gained."""
+        if self.merge or self.physical_columns(self.schema_of(table), table.name) is None:
+            return
+        key = table_key(table)
+        if key not in self._scratch:
+            self._scratch[key] = self._stage_name(f"pgr_resolved_{len(self._scratch)}")
+        scratch = self._scratch[key]
+        self._ddl(
+            f"CREATE OR REPLACE TEMPORARY TABLE {scratch} AS SELECT CAST(NULL AS VARCHAR) AS {quote(_SCRATCH_OP)}, w.* "
+            f"FROM {self.table_name(table)} w LIMIT 0"
+        )
+
+    # -- DML (inside the transaction) -------------------------------------------------------
+
+    def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
+        target = self.table_name(table)
+        if changes.truncated:
+            self.execute(f"DELETE FROM {target}")
+        columns = list(self.stored_columns(table_key(table)))
+        resolved = staging.resolved_select(changes, target, columns, mappings, table.primary_key, self.ident)
+        names = [self.ident(c) for c in columns]
+        slice_column = self.ident(SLICE_COLUMN)
+        if self.merge:
+            on = " AND ".join(f"t.{self.ident(k)} = r.{self.ident(k)}" for k in table.primary_key)
+            sets = ", ".join([f"{self.ident(c)} = r.{self.ident(c)}" for c in columns if c not in table.primary_key])
+            sets = f"{sets}, {slice_column} = NULL" if sets else f"{slice_column} = NULL"
+            op = f"r.{self.ident(staging.OP)}"
+            self.execute(
+                f"MERGE INTO {target} t USING ({resolved}) r ON {on} "
+                f"WHEN MATCHED AND {op} = 'D' THEN DELETE "
+                f"WHEN MATCHED THEN UPDATE SET {sets} "
+                f"WHEN NOT MATCHED AND {op} = 'U' THEN INSERT ({', '.join(names)}, {slice_column}) "
+                f"VALUES ({', '.join('r.' + n for n in names)}, NULL)"
+            )
+            return
+        scratch = self._scratch.get(table_key(table))
+        if scratch is None:
+            if self._in_transaction:
+                raise RuntimeError(f"{table.display}: no scratch table was prepared before the transaction")
+            self._prepare_scratch(table)
+            scratch = self._scratch[table_key(table)]
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        # Resolved before anything is deleted: unknown values may come from rows deleted here.
+        self.execute(f"DELETE FROM {scratch}")
+        self.execute(f"INSERT INTO {scratch} ({quote(_SCRATCH_OP)}, {', '.join(names)}) {resolved}")
+        self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {keys} FROM {scratch})")
+        self.execute(
+            f"INSERT INTO {target} ({', '.join(names)}, {slice_column}) SELECT {', '.join(names)}, NULL "
+            f"FROM {scratch} WHERE {quote(_SCRATCH_OP)} = 'U'"
+        )
+
+    def delete_keys(self, table: Table, keys: list[tuple]) -> None:
+        """One DELETE per 500 keys, the keys bound as parameters."""
+        columns = [self.ident(k) for k in table.primary_key]
+        for start in range(0, len(keys), _DELETE_CHUNK):
+            chunk = keys[start : start + _DELETE_CHUNK]
+            if len(columns) == 1:
+                where = f"{columns[0]} IN ({', '.join('?' for _ in chunk)})"
+            else:
+                one = "(" + " AND ".join(f"{c} = ?" for c in columns) + ")"
+                where = " OR ".join(one for _ in chunk)
+            self.execute(f"DELETE FROM {self.table_name(table)} WHERE {where}", [v for key in chunk for v in key])
+
+
+class _Staged:
+    """The staged slice as the engine iterates it: one relation; ``close()`` drops the stage
+    (a generator's ``finally`` would not run when it was never started)."""
+
+    def __init__(self, warehouse: SnowflakeWarehouse, name: str, relation: str) -> None:
+        self.warehouse, self.name = warehouse, name
+        self.pending: list[tuple[str, pa.RecordBatch | None]] = [(relation, None)]
+
+    def __iter__(self) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+        return self
+
+    def __next__(self) -> tuple[str, pa.RecordBatch | None]:
+        if not self.pending:
+            raise StopIteration
+        return self.pending.pop()
+
+    def close(self) -> None:
+        self.warehouse.unstage(self.name)

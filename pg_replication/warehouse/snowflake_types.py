@@ -1,0 +1,125 @@
+"""Postgres type -> Snowflake column: the DDL, and the SQL that turns a staged value into it.
+
+Every column is staged as text (a VARCHAR column of a temporary table): the Postgres text the
+backfill's COPY query writes, or pgoutput's text for CDC (``types.SESSION_OPTIONS``: UTC,
+ISO dates, ISO 8601 intervals, hex bytea). The ``select`` and ``from_text`` of ``types.py`` are
+kept, so both paths stage the same text; only ``arrow`` differs (always a string: the CSV text
+goes to the staging table as it is, with nothing parsed and printed again in between).
+
+What Snowflake cannot hold is refused, never altered: the table's write fails with the value in
+the message, that table stops (its changes wait in its change log) and the others go on.
+
+- numeric(p,s) 'NaN' or '±Infinity' in NUMBER(p,s): refused by the CAST.
+- dates and timestamps BC, with a year past 9999, or '±infinity': refused by a guard in the
+  load expression, which hands the CAST a text no timestamp parser accepts ("not representable in
+  Snowflake: infinity"). fakesnow, on DuckDB, would store most of these silently (BC becomes AD,
+  infinity a number that cannot be fetched), so the guard is what makes the refusal testable.
+- time '24:00:00' (Snowflake's TIME stops at 23:59:59.999999999): refused by the same guard.
+- text over 16 MB, bytea over 8 MB, JSON over 16 MB: refused by Snowflake.
+- json with duplicate object keys: refused by PARSE_JSON (strict by default).
+- Known approximations: JSON numbers are held as NUMBER(38) or DOUBLE inside a VARIANT, so a JSON
+  number with more than 38 digits is rounded (the column's text form is not kept). Timestamps
+  are held at microseconds (Postgres has no more). Two source names that differ only in case
+  (``"id"`` and ``"ID"``) fold to one Snowflake name; creating the table then fails loudly.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pg_replication import types
+from pg_replication.source.catalog import Column, PgType
+from pg_replication.types import DECIMAL_MAX_PRECISION, TypeMapping
+
+_TEXT = TypeMapping(pa.string(), "VARCHAR")
+
+
+def _cast(ddl: str, value: str = "{0}", **extra) -> TypeMapping:
+    return TypeMapping(pa.string(), ddl, load=f"CAST({value} AS {ddl})", **extra)
+
+
+def _refuse_when(condition: str) -> str:
+    # A text no parser accepts, naming the value: Snowflake and DuckDB both fail the CAST with it.
+    return f"CASE WHEN {condition} THEN 'not representable in Snowflake: ' || {{0}} ELSE {{0}} END"
+
+
+# Postgres prints years with 4+ digits ("10000-01-01"), "infinity", and a trailing " BC".
+_DATETIME_GUARD = _refuse_when("SUBSTR({0}, 5, 1) <> '-' OR RIGHT({0}, 3) = ' BC'")
+# With TimeZone=UTC, Postgres writes the offset as "+00"; Snowflake's AUTO format wants "+00:00".
+_TIMESTAMP_TZ = (
+    "CASE WHEN SUBSTR({0}, 5, 1) <> '-' OR RIGHT({0}, 3) = ' BC' THEN 'not representable in Snowflake: ' || {0} "
+    "ELSE {0} || ':00' END"
+)
+# Postgres prints 'Infinity'; Snowflake documents 'inf' (and 'NaN', which both accept).
+_FLOAT = "CASE {0} WHEN 'Infinity' THEN 'inf' WHEN '-Infinity' THEN '-inf' ELSE {0} END"
+
+TYPE_TABLE: dict[str, TypeMapping] = {
+    "int2": _cast("NUMBER(5,0)"),
+    "int4": _cast("NUMBER(10,0)"),
+    "int8": _cast("NUMBER(19,0)"),
+    "oid": _cast("NUMBER(10,0)"),
+    "float4": _cast("FLOAT", _FLOAT),
+    "float8": _cast("FLOAT", _FLOAT),
+    "bool": _cast("BOOLEAN"),  # 't' / 'f'
+    "text": _TEXT,
+    "varchar": _TEXT,
+    "bpchar": _TEXT,
+    "name": _TEXT,
+    "char": _TEXT,
+    "citext": _TEXT,
+    "bytea": TypeMapping(pa.string(), "BINARY", load="TO_BINARY(SUBSTR({0}, 3), 'HEX')"),  # '\x...' hex
+    "uuid": _TEXT,
+    "json": TypeMapping(pa.string(), "VARIANT", load="PARSE_JSON({0})"),
+    "jsonb": TypeMapping(pa.string(), "VARIANT", load="PARSE_JSON({0})"),
+    "date": _cast("DATE", _DATETIME_GUARD),
+    "timestamp": _cast("TIMESTAMP_NTZ(6)", _DATETIME_GUARD),
+    "timestamptz": _cast("TIMESTAMP_TZ(6)", _TIMESTAMP_TZ),
+    "time": _cast("TIME(6)", _refuse_when("LEFT({0}, 2) = '24'")),
+    "timetz": _TEXT,  # Snowflake has no time with an offset
+    "interval": _TEXT,  # ISO 8601 text ('P1Y2M3DT4H5M6S'): IntervalStyle=iso_8601
+    "money": _cast("NUMBER(19,2)", select="{0}::numeric", from_text=types.TYPE_TABLE["money"].from_text),
+    # Kept as their exact text form (no lossless native Snowflake type):
+    "inet": _TEXT,
+    "cidr": _TEXT,
+    "macaddr": _TEXT,
+    "macaddr8": _TEXT,
+    "bit": _TEXT,
+    "varbit": _TEXT,
+    "tsvector": _TEXT,
+    "tsquery": _TEXT,
+    "xml": _TEXT,
+}
+
+
+def numeric_mapping(typmod: int) -> TypeMapping:
+    """numeric(p,s) with p <= 38 -> NUMBER(p,s); unconstrained or wider numeric keeps its text."""
+    if typmod < 4:
+        return _TEXT
+    precision, scale = ((typmod - 4) >> 16) & 0xFFFF, (typmod - 4) & 0xFFFF
+    if precision > DECIMAL_MAX_PRECISION or scale > precision:
+        return _TEXT
+    return _cast(f"NUMBER({precision},{scale})")
+
+
+def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
+    if t.kind in ("enum", "composite"):
+        return _TEXT
+    if t.schema == "pg_catalog" and t.name == "numeric":
+        return numeric_mapping(typmod)
+    if t.schema == "pg_catalog" and t.name in TYPE_TABLE:
+        return TYPE_TABLE[t.name]
+    if t.name == "citext":
+        return _TEXT
+    return TypeMapping(pa.string(), "VARCHAR", fallback=True)
+
+
+def map_column(column: Column) -> TypeMapping:
+    """The Snowflake mapping for one column: domains resolve to their base type; an array becomes
+    an ARRAY when ``types.py`` stages it as JSON (``to_json``), else its Postgres text."""
+    t, typmod = column.type.resolved(column.typmod)
+    if t.kind == "array" and t.element is not None:
+        staged = types.map_column(column)
+        if staged.select.startswith("to_json("):
+            return TypeMapping(pa.string(), "ARRAY", load="PARSE_JSON({0})", select=staged.select, from_text=staged.from_text)
+        return TypeMapping(pa.string(), "VARCHAR", fallback=staged.fallback)
+    return _base_mapping(t, typmod)
