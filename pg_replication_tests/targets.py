@@ -20,7 +20,7 @@ from pg_replication.source.catalog import Table
 from pg_replication.warehouse.duckdb import DuckDBWarehouse
 from pg_replication.warehouse.postgres import PostgresWarehouse
 
-KINDS = ("duckdb", "postgres")
+KINDS = ("duckdb", "postgres", "snowflake")
 
 
 class Target:
