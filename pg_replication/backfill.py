@@ -14,6 +14,9 @@ from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
+from pg_replication.source.triggers import require_capture
+from pg_replication.source.watermarks import Watermark, initial_mark
+from pg_replication.types import SESSION_OPTIONS
 from pg_replication.warehouse.base import Warehouse
 
 PROGRESS_EVERY_SECONDS = 5.0
@@ -46,14 +49,19 @@ def ensure_plan(
     slices might miss is after the plan LSN, in the slot."""
     plan = warehouse.load_state(table).plan
     if plan is None:
-        with connect(conninfo) as conn:
-            if cdc is not None:
+        strategy = table.entry.strategy if table.entry else "cdc"
+        with connect(conninfo, options=SESSION_OPTIONS) as conn:
+            if cdc is not None and strategy == "cdc":
                 # Publication first: decoding reads the catalog as of each change, and a slot
                 # older than its publication fails on the changes from before it existed.
                 add_to_publication(conn, cdc.publication, table)
                 ensure_slot(conn, cdc.slot)
+            if strategy == "triggers":
+                require_capture(conn, table)  # changes from here on are captured
             lsn = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
-            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn))
+            # Read before the pages are counted: every row the slices might miss is past it.
+            mark = Watermark(initial_mark(conn, table)).to_json()
+            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn), mark)
     if plan.partitions != partitions:
         raise PlanMismatchError(
             f"{table.display}: the stored backfill plan has {plan.partitions} partitions "
@@ -64,7 +72,7 @@ def ensure_plan(
     return plan
 
 
-def _current(conninfo: str, warehouse: Warehouse, table: Table) -> Table:
+def current_table(conninfo: str, warehouse: Warehouse, table: Table) -> Table:
     """Re-read the table from the catalog and make the warehouse table match it."""
     with connect(conninfo) as conn:
         table = refresh_table(conn, table)
@@ -87,7 +95,7 @@ def run_backfill(
     cdc: SlotSettings | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BackfillResult:
-    table = _current(conninfo, warehouse, table)
+    table = current_table(conninfo, warehouse, table)
     plan = ensure_plan(conninfo, warehouse, table, partitions, cdc)
     per_slice_limit = -(-row_limit // partitions) if row_limit else None
     started = time.monotonic()
@@ -103,7 +111,7 @@ def run_backfill(
                 rate = rows / max(now - slice_started, 1e-9)
                 log(f"{table.display} slice {index}: {rows:,} rows, {nbytes / 2**20:,.0f} MiB, {rate:,.0f} rows/s")
 
-        table = _current(conninfo, warehouse, table)  # columns may change between slices
+        table = current_table(conninfo, warehouse, table)  # columns may change between slices
         still_in_source = keys_in_source(conninfo, table)
         batches = read_slice(
             conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit, mapper=warehouse.map_column

@@ -84,6 +84,24 @@ class NotificationConfig(_Model):
 
 class Defaults(_Model):
     partitions: Annotated[int, Field(ge=1, le=4096)] = 4
+    schedule: str = Field("*/15 * * * *", description="Cron of query-strategy syncs (append, updated_at, reload).")
+
+
+Strategy = Literal["cdc", "append", "updated_at", "reload", "triggers"]
+QUERY_STRATEGIES = ("append", "updated_at", "reload")  # run from a schedule, no slot
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _parse_days(value: str) -> set[int]:
+    """'1-31', '1,15', '1-7,28' -> days of the month."""
+    days: set[int] = set()
+    for part in value.split(","):
+        lo, _, hi = part.strip().partition("-")
+        first, last = int(lo), int(hi or lo)
+        if not 1 <= first <= last <= 31:
+            raise ValueError(f"{part.strip()!r} is not a day or range of days of the month (1-31)")
+        days.update(range(first, last + 1))
+    return days
 
 
 class TableEntry(_Model):
@@ -99,6 +117,19 @@ class TableEntry(_Model):
         None,
         description="Backfill N partitions per run (multi-run); default: one run for any range.",
     )
+    strategy: Strategy = Field("cdc", description="How changes are found: cdc (the slot), append, updated_at, reload, triggers.")
+    cursor: str | None = Field(None, description="updated_at: the column holding the row's last change time.")
+    lookback: str = Field(
+        "5 minutes",
+        description="updated_at: re-read rows this far behind the watermark (a Postgres interval, or a number "
+        "for integer cursors): transactions commit out of cursor order.",
+    )
+    reload_on: list[str] | str | None = Field(
+        None,
+        description="Full reload only on these days: weekdays ([sun, wed]) or days of the month ('1-31', '1,15'); "
+        "for append/updated_at a periodic reload that also catches deletes.",
+    )
+    schedule: str | None = Field(None, description="Cron of the sync schedule of a query strategy (default: defaults.schedule).")
 
     @field_validator("name")
     @classmethod
@@ -113,6 +144,28 @@ class TableEntry(_Model):
         if self.is_pattern and self.primary_key:
             raise ValueError("'primary_key' applies to one table, not to a pattern")
         return self
+
+    @model_validator(mode="after")
+    def _strategy_options(self) -> TableEntry:
+        if (self.strategy == "updated_at") != (self.cursor is not None):
+            raise ValueError("'cursor' names the change-time column of strategy updated_at (and only of it)")
+        if self.reload_on is not None and self.strategy not in QUERY_STRATEGIES:
+            raise ValueError(f"'reload_on' applies to the strategies {', '.join(QUERY_STRATEGIES)}")
+        if self.schedule is not None and self.strategy not in QUERY_STRATEGIES:
+            raise ValueError(f"'schedule' applies to the strategies {', '.join(QUERY_STRATEGIES)} (cdc and triggers follow the sensor)")
+        self.reload_days()  # raises ValueError naming a bad day
+        return self
+
+    def reload_days(self) -> tuple[set[int], set[int]] | None:
+        """(weekdays 0=Monday.., days of the month) of ``reload_on``; None: no day limit."""
+        if self.reload_on is None:
+            return None
+        if isinstance(self.reload_on, str):
+            return set(), _parse_days(self.reload_on)
+        unknown = [d for d in self.reload_on if d.lower()[:3] not in WEEKDAYS]
+        if unknown:
+            raise ValueError(f"reload_on: {unknown} are not weekdays ({', '.join(WEEKDAYS)})")
+        return {WEEKDAYS.index(d.lower()[:3]) for d in self.reload_on}, set()
 
     @property
     def is_pattern(self) -> bool:

@@ -251,6 +251,12 @@ def _build_table(src: SourceTable, entry: TableEntry, cols: list[Column], pkey: 
                 f"{display}: key column {k!r} cannot be excluded", table=display,
                 hint="remove it from exclude_columns",
             )
+    if entry.cursor is not None and entry.cursor not in [n for n in names if n not in entry.exclude_columns]:
+        raise TableNotReplicableError(
+            f"{display}: cursor names {entry.cursor!r}, which the table does not have (or excludes)",
+            hint=f"columns are: {', '.join(names)}",
+            table=display,
+        )
     kept = tuple(c for c in cols if c.name not in entry.exclude_columns)
     return Table(
         schema=src.schema,

@@ -135,7 +135,7 @@ class SqlWarehouse:
     STATE_TABLES = {  # name: (columns, primary key)
         "tables": (
             (("table_key", "text"), ("plan", "text"), ("columns", "text"), ("status", "text"), ("error", "text"),
-             ("applied_lsn", "BIGINT"), ("updated_at", "DOUBLE PRECISION")),
+             ("applied_lsn", "BIGINT"), ("watermark", "text"), ("updated_at", "DOUBLE PRECISION")),
             ("table_key",),
         ),
         "cursor": ((("slot", "text"), ("drained_lsn", "BIGINT"), ("updated_at", "DOUBLE PRECISION")), ("slot",)),
@@ -180,11 +180,13 @@ class SqlWarehouse:
         status = (row[1] if row else None) or "backfilling"
         return TableState(table_key(table), plan, frozenset(int(r[0]) for r in done), status)
 
-    def save_plan(self, table: Table, plan: BackfillPlan) -> BackfillPlan:
+    def save_plan(self, table: Table, plan: BackfillPlan, watermark: str | None = None) -> BackfillPlan:
+        """Store the plan (and a query strategy's starting watermark) unless one exists."""
         row = self._table_row(table_key(table))
         if row and row[0]:
             return BackfillPlan.from_json(row[0])
-        self._upsert_state("tables", {"table_key": table_key(table)}, {"plan": plan.to_json(), "updated_at": time.time()})
+        values = {"plan": plan.to_json(), "watermark": watermark, "updated_at": time.time()}
+        self._upsert_state("tables", {"table_key": table_key(table)}, values)
         return plan
 
     def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
@@ -244,6 +246,7 @@ class SqlWarehouse:
     def reset_table(self, table: Table) -> None:
         self.execute(f"DROP TABLE IF EXISTS {self.table_name(table)}")
         self.execute(f"DROP TABLE IF EXISTS {self.state(self.log_name(table))}")
+        self.execute(f"DROP TABLE IF EXISTS {self.state(f'reload.{table.schema}.{table.name}')}")
         with self.transaction():
             self.execute(f"DELETE FROM {self.state('slices')} WHERE table_key = ?", [table_key(table)])
             self.execute(f"DELETE FROM {self.state('tables')} WHERE table_key = ?", [table_key(table)])
@@ -354,40 +357,13 @@ class SqlWarehouse:
         deleted, rows an update moved elsewhere stay. When this completes the backfill, the
         table's change log is replayed and the table starts streaming, in the same transaction."""
         target = self.table_name(table)
-        mappings = dict(self.column_mappings(table))
-        names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
-        keys = ", ".join(self.ident(k) for k in table.primary_key)
         previous = -1 - index  # rows this slice wrote before, until the new copy replaces them
-        rows = nbytes = 0
         started = time.monotonic()
         relations = self.slice_relations(table, batches)
         self.begin()
         try:
             self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
-            for relation, batch in relations:
-                select = ", ".join([m.load_sql(self.ident(n)) for n, m in mappings.items()] + [str(int(index))])
-                staged_keys = ", ".join(mappings[k].load_sql(self.ident(k)) for k in table.primary_key)
-                try:
-                    # A row an update moved here from another slice's pages is still stored
-                    # under that slice: drop it by key first.
-                    self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
-                    self.execute(f"INSERT INTO {target} ({names}) SELECT {select} FROM {relation}")
-                except self.errors as exc:
-                    where = f"rows {rows}..{rows + batch.num_rows}" if batch is not None else "its rows"
-                    raise WarehouseError(
-                        f"{table.display}: the {self.name} warehouse refused slice {index} at {where}: "
-                        + str(exc).strip().splitlines()[0],
-                        table=table.display,
-                        hint="if a value does not fit its warehouse type (e.g. NaN in numeric(p,s)), "
-                        "see README, Type mapping; nothing of this slice was committed",
-                    ) from None
-                if batch is not None:
-                    rows += batch.num_rows
-                    nbytes += batch.nbytes
-                else:
-                    rows = self._count_slice(target, index)
-                if progress is not None:
-                    progress(rows, nbytes)
+            rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
             self._settle_leftovers(table, previous, still_in_source)
             self._upsert_state(
                 "slices",
@@ -405,8 +381,80 @@ class SqlWarehouse:
             self.declare_primary_key(table)
         return SliceResult(rows, nbytes)
 
-    def _count_slice(self, target: str, index: int) -> int:
-        return int(self.fetchall(f"SELECT count(*) FROM {target} WHERE {self.ident(SLICE_COLUMN)} = ?", [index])[0][0])
+    def upsert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """Insert the rows, replacing any with the same key, and store the table's new
+        watermark, in one transaction (the append and updated_at strategies)."""
+        relations = self.slice_relations(table, batches)
+        self.begin()
+        try:
+            rows, nbytes = self._load_rows(table, self.table_name(table), relations, None, "a sync")
+            self._upsert_state("tables", {"table_key": table_key(table)}, {"watermark": watermark, "updated_at": time.time()})
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+        finally:
+            relations.close()  # type: ignore[attr-defined]
+        return SliceResult(rows, nbytes)
+
+    def replace_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """A full refresh: the new copy is loaded beside the table, then swapped in by one
+        transaction, so a reader sees the old rows or the new ones, never a half-loaded table."""
+        target, copy = self.table_name(table), self.state(f"reload.{table.schema}.{table.name}")
+        self.execute(f"DROP TABLE IF EXISTS {copy}")
+        self.execute(f"CREATE TABLE {copy} AS SELECT * FROM {target} WHERE 1 = 0")
+        try:
+            relations = self.slice_relations(table, batches)
+            try:
+                rows, nbytes = self._load_rows(table, copy, relations, None, "a reload")
+            finally:
+                relations.close()  # type: ignore[attr-defined]
+            with self.transaction():
+                self.execute(f"DELETE FROM {target}")
+                self.execute(f"INSERT INTO {target} SELECT * FROM {copy}")
+                self._upsert_state("tables", {"table_key": table_key(table)}, {"watermark": watermark, "updated_at": time.time()})
+        finally:
+            self.execute(f"DROP TABLE IF EXISTS {copy}")
+        return SliceResult(rows, nbytes)
+
+    def watermark(self, table: Table) -> str | None:
+        """How far a query strategy has read (its own JSON), None before the first time."""
+        rows = self.fetchall(f"SELECT watermark FROM {self.state('tables')} WHERE table_key = ?", [table_key(table)])
+        return rows[0][0] if rows else None
+
+    def _load_rows(
+        self, table: Table, target: str, relations, slice_value: int | None, what: str, progress: Progress | None = None
+    ) -> tuple[int, int]:
+        """Insert staged source rows into ``target``, first deleting rows with the same keys (a
+        row an update moved here from another slice's pages is still stored under that slice)."""
+        mappings = dict(self.column_mappings(table))
+        names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        tag = "NULL" if slice_value is None else str(int(slice_value))
+        select = ", ".join([m.load_sql(self.ident(n)) for n, m in mappings.items()] + [tag])
+        staged_keys = ", ".join(mappings[k].load_sql(self.ident(k)) for k in table.primary_key)
+        rows = nbytes = 0
+        for relation, batch in relations:
+            try:
+                self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
+                self.execute(f"INSERT INTO {target} ({names}) SELECT {select} FROM {relation}")
+            except self.errors as exc:
+                where = f"rows {rows}..{rows + batch.num_rows}" if batch is not None else "its rows"
+                raise WarehouseError(
+                    f"{table.display}: the {self.name} warehouse refused {what} at {where}: "
+                    + str(exc).strip().splitlines()[0],
+                    table=table.display,
+                    hint="if a value does not fit its warehouse type (e.g. NaN in numeric(p,s)), "
+                    "see README, Type mapping; nothing of this write was committed",
+                ) from None
+            if batch is not None:
+                rows += batch.num_rows
+                nbytes += batch.nbytes
+            else:
+                rows += int(self.fetchall(f"SELECT count(*) FROM {relation}")[0][0])
+            if progress is not None:
+                progress(rows, nbytes)
+        return rows, nbytes
 
     def _settle_leftovers(self, table: Table, marker: int, still_in_source: KeyCheck | None) -> None:
         """Rows the slice held before but not now: deleted in the source, or moved by an update to

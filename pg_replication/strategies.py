@@ -1,0 +1,89 @@
+"""Replication without a slot: the query strategies (append, updated_at, reload).
+
+Each sync reads the table's watermark from the warehouse, then, in one REPEATABLE READ snapshot
+of the source, the new mark and the rows past the old one, and writes rows and mark in one
+warehouse transaction. What each strategy sees (README, Strategies):
+
+- append: rows whose primary key is greater than the largest key copied; no updates, no deletes.
+- updated_at: rows whose cursor column is at or after the watermark minus ``lookback``, upserted
+  by key. The look-back window is needed because a transaction's cursor value is set when the row
+  is written, but the row is visible only at commit: a long transaction can commit a cursor value
+  older than rows another transaction committed (and a sync read) earlier. No deletes.
+- reload: a full copy swapped in atomically, on every sync or on the ``reload_on`` days (also a
+  periodic safety net for append/updated_at, which catches deletes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+
+from psycopg import sql
+
+from pg_replication.backfill import current_table
+from pg_replication.source.catalog import Table
+from pg_replication.source.connection import connect
+from pg_replication.source.query_reader import read_where
+from pg_replication.source.watermarks import Watermark, after_key, cursor_mark, initial_mark, key_mark, since_cursor
+from pg_replication.types import SESSION_OPTIONS
+from pg_replication.warehouse.base import Warehouse
+
+
+@dataclass
+class SyncResult:
+    table: Table
+    mode: str  # appended, upserted, reloaded, skipped
+    rows: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    watermark: Watermark | None = None
+    reason: str | None = None
+
+
+def reload_due(table: Table, today: date, mark: Watermark) -> bool:
+    entry = table.entry
+    assert entry is not None
+    days = entry.reload_days()
+    if days is None:
+        return entry.strategy == "reload"
+    weekdays, month_days = days
+    listed = today.weekday() in weekdays or today.day in month_days
+    return listed and mark.reloaded != today.isoformat()
+
+
+def sync_table(
+    conninfo: str, warehouse: Warehouse, table: Table, *, today: date | None = None, log: Callable[[str], None] = lambda _m: None
+) -> SyncResult:
+    """One sync of a table with a query strategy."""
+    started = time.monotonic()
+    entry = table.entry
+    assert entry is not None
+    if warehouse.load_state(table).status != "streaming":
+        return SyncResult(table, "skipped", reason="its backfill is not complete: materialize every partition first")
+    table = current_table(conninfo, warehouse, table)  # follow new columns
+    mark = Watermark.from_json(warehouse.watermark(table))
+    today = today or datetime.now(timezone.utc).date()
+    reload = reload_due(table, today, mark)
+    if entry.strategy == "reload" and not reload:
+        return SyncResult(table, "skipped", watermark=mark, reason=f"{today:%a %d}: not a reload_on day, or reloaded already")
+    with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if reload:
+            new = Watermark(initial_mark(conn, table), today.isoformat() if entry.reload_on is not None else mark.reloaded)
+            rows = read_where(conn, table, sql.SQL("true"), [], warehouse.map_column)
+            written, mode = warehouse.replace_rows(table, rows, new.to_json()), "reloaded"
+        elif entry.strategy == "append":
+            where, params = after_key(table, mark.mark)  # type: ignore[arg-type]
+            new = Watermark(key_mark(conn, table, where, params) or mark.mark, mark.reloaded)
+            rows = read_where(conn, table, where, params, warehouse.map_column)
+            written, mode = warehouse.upsert_rows(table, rows, new.to_json()), "appended"
+        else:
+            where, params = since_cursor(table, mark.mark, entry.lookback)  # type: ignore[arg-type]
+            new = Watermark(cursor_mark(conn, table, where, params, mark.mark), mark.reloaded)  # type: ignore[arg-type]
+            rows = read_where(conn, table, where, params, warehouse.map_column)
+            written, mode = warehouse.upsert_rows(table, rows, new.to_json()), "upserted"
+    result = SyncResult(table, mode, written.rows, written.bytes, time.monotonic() - started, new)
+    log(f"{table.display}: {mode} {result.rows:,} rows in {result.seconds:.2f} s (watermark {new.mark})")
+    return result
