@@ -1,5 +1,5 @@
 """``pg-replication``: the operator's command line (status, list, listwh, drop-slot, resync,
-wait-for-lsn). Readable tables on a terminal, ``--json`` for scripts.
+wait-for-lsn, install-triggers, uninstall-triggers). Readable tables on a terminal, ``--json`` for scripts.
 
 Exit codes: 0 ok; 1 an error (message and hint on stderr, no traceback); 2 usage; 3 wait-for-lsn
 timed out; 4 status found a problem (a failed table, or a lost or missing slot).
@@ -22,6 +22,7 @@ from pg_replication.source.catalog import introspect, list_source_tables, select
 from pg_replication.source.connection import connect, source_conninfo
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
+from pg_replication.source.triggers import install, uninstall
 from pg_replication.warehouse.connect import open_warehouse
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNHEALTHY = 1, 2, 3, 4
@@ -166,6 +167,29 @@ def cmd_resync(args) -> int:
     return 0
 
 
+def cmd_install_triggers(args) -> int:
+    config = load_config()
+    with connect(source_conninfo()) as conn:
+        tables = [t for t in introspect(conn, config) if t.entry and t.entry.strategy == "triggers"]
+        if not tables:
+            raise PgReplicationError("no table in replication.yaml has strategy triggers", hint="set `strategy: triggers` on a table")
+        install(conn, tables, grant_to=args.grant_to)
+    for table in tables:
+        print(f"{table.display}: changes captured")
+    if args.grant_to:
+        print(f"role {args.grant_to!r} may read and delete captured changes (grant it SELECT on the tables too)")
+    return 0
+
+
+def cmd_uninstall_triggers(args) -> int:
+    if not _confirm(args, "Remove every capture trigger and the captured changes not yet drained?"):
+        return EXIT_USAGE
+    with connect(source_conninfo()) as conn:
+        removed = uninstall(conn)
+    print(f"removed capture from {len(removed)} table(s){': ' + ', '.join(removed) if removed else ''}; schema _pg_replication dropped")
+    return 0
+
+
 def wait_for_lsn(read_state: Callable[[], tuple[int | None, dict[str, str]]], lsn: int, timeout: float) -> bool:
     """Poll until the warehouse has drained past ``lsn`` and every table streams. (A drain run
     must be happening: the sensor requests them.)"""
@@ -213,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     resync.add_argument("table")
     resync.add_argument("--yes", action="store_true")
     resync.set_defaults(run=cmd_resync)
+    triggers = sub.add_parser("install-triggers", help="capture changes with triggers (strategy triggers); run as the table owner")
+    triggers.add_argument("--grant-to", metavar="ROLE", help="the role pg_replication connects as: may read and delete captured changes")
+    triggers.set_defaults(run=cmd_install_triggers)
+    untriggers = sub.add_parser("uninstall-triggers", help="remove every capture trigger and the change table")
+    untriggers.add_argument("--yes", action="store_true")
+    untriggers.set_defaults(run=cmd_uninstall_triggers)
     wait = sub.add_parser("wait-for-lsn", help="wait until every table has applied an LSN")
     wait.add_argument("lsn")
     wait.add_argument("--timeout", type=float, default=60.0)

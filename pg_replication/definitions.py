@@ -18,6 +18,7 @@ from pg_replication.checks import build_table_checks
 from pg_replication.config import ReplicationConfig, load_config
 from pg_replication.jobs import build_cdc_job
 from pg_replication.notifications import build_notification_sensors
+from pg_replication.schedules import build_sync_schedules
 from pg_replication.sensors import build_cdc_sensor
 from pg_replication.io_managers import WarehouseIOManager
 from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
@@ -59,12 +60,15 @@ def build_definitions(
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
     cdc_job = build_cdc_job(config, tables, translator)
+    schedules = build_sync_schedules(config, tables, translator)
+    sync_jobs = [s.job for s in schedules]
     warehouse = build_warehouse_resource(config)
     return dg.Definitions(
         assets=assets,
         asset_checks=build_table_checks(tables, config, translator),
-        jobs=[cdc_job],
-        sensors=[build_cdc_sensor(config, cdc_job), *build_notification_sensors(config, [cdc_job])],
+        jobs=[cdc_job, *sync_jobs],
+        schedules=schedules,
+        sensors=[build_cdc_sensor(config, cdc_job, tables), *build_notification_sensors(config, [cdc_job, *sync_jobs])],
         resources={
             "source": build_source_resource(),
             "warehouse": warehouse,

@@ -5,6 +5,7 @@ import time
 import dagster as dg
 
 from pg_replication.assets import TableAssetTranslator
+from pg_replication.capture import CaptureSettings, drain_captured
 from pg_replication.cdc import DrainResult, DrainSettings, TableOutcome, drain_once
 from pg_replication.config import ReplicationConfig
 from pg_replication.resources import PostgresSource, WarehouseResource
@@ -24,10 +25,11 @@ def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataVa
         "updated": dg.MetadataValue.int(stats.updated),
         "deleted": dg.MetadataValue.int(stats.deleted),
         "truncated": dg.MetadataValue.int(stats.truncated),
-        "first_lsn": dg.MetadataValue.text(int_to_lsn(stats.first_lsn or 0)),
-        "last_lsn": dg.MetadataValue.text(int_to_lsn(stats.last_lsn or 0)),
         "mode": dg.MetadataValue.text(outcome.mode),
     }
+    if stats.first_lsn is not None:  # captured changes (strategy triggers) have no LSN
+        metadata["first_lsn"] = dg.MetadataValue.text(int_to_lsn(stats.first_lsn))
+        metadata["last_lsn"] = dg.MetadataValue.text(int_to_lsn(stats.last_lsn or stats.first_lsn))
     if stats.last_commit_time is not None:
         commit = stats.last_commit_time / 1e6
         metadata["last_commit_time"] = dg.MetadataValue.timestamp(commit)
@@ -37,33 +39,56 @@ def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataVa
     return metadata
 
 
+def strategy_of(table: Table) -> str:
+    return table.entry.strategy if table.entry else "cdc"
+
+
+def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, what: str):
+    """One materialization per applied table (the micro-batch), with its metadata."""
+    now = time.time()
+    for outcome in result.tables.values():
+        if outcome.mode == "applied":
+            yield dg.AssetMaterialization(
+                asset_key=translator.get_asset_key(outcome.table),
+                description=what,
+                metadata=table_metadata(outcome, now),
+            )
+
+
 def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: TableAssetTranslator) -> dg.JobDefinition:
+    """Drains the slot (tables with strategy cdc) and the trigger change table (strategy triggers)."""
     name = f"{config.source.name}_cdc_drain"
     settings = DrainSettings(slot=config.source.slot, publication=config.source.publication)
+    slot_tables = [t for t in tables if strategy_of(t) == "cdc"]
+    captured_tables = [t for t in tables if strategy_of(t) == "triggers"]
 
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={})
     def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, warehouse: WarehouseResource):
-        run_settings = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
+        failed = {}
         with warehouse.open() as wh:
-            result: DrainResult = drain_once(source.conninfo, wh, tables, run_settings, context.log.info)
-        now = time.time()
-        context.log.info(
-            f"drained {result.changes:,} changes in {result.transactions:,} transactions up to "
-            f"{int_to_lsn(result.drained_lsn)} in {result.seconds:.2f} s (caught up: {result.caught_up})"
-        )
-        for outcome in result.tables.values():
-            if outcome.mode == "applied":
-                yield dg.AssetMaterialization(
-                    asset_key=translator.get_asset_key(outcome.table),
-                    description=f"CDC micro-batch up to {int_to_lsn(outcome.stats.last_lsn or 0)}",
-                    metadata=table_metadata(outcome, now),
+            if slot_tables:
+                run_settings = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
+                result: DrainResult = drain_once(source.conninfo, wh, slot_tables, run_settings, context.log.info)
+                context.log.info(
+                    f"drained {result.changes:,} changes in {result.transactions:,} transactions up to "
+                    f"{int_to_lsn(result.drained_lsn)} in {result.seconds:.2f} s (caught up: {result.caught_up})"
                 )
-        if result.failed:
-            problems = "; ".join(o.error or key for key, o in result.failed.items())
+                yield from _report(context, translator, result, f"CDC micro-batch up to {int_to_lsn(result.drained_lsn)}")
+                failed.update(result.failed)
+            if captured_tables:
+                result = drain_captured(source.conninfo, wh, captured_tables, CaptureSettings(max_changes=config.max_changes), context.log.info)
+                context.log.info(
+                    f"drained {result.changes:,} captured changes up to change {result.drained_lsn} in "
+                    f"{result.seconds:.2f} s (caught up: {result.caught_up})"
+                )
+                yield from _report(context, translator, result, f"captured changes up to change {result.drained_lsn}")
+                failed.update(result.failed)
+        if failed:
+            problems = "; ".join(o.error or key for key, o in failed.items())
             raise dg.Failure(
-                description=f"{len(result.failed)} table(s) could not be applied, their changes wait in their "
+                description=f"{len(failed)} table(s) could not be applied, their changes wait in their "
                 f"change logs (other tables were applied): {problems}",
-                metadata={"failed_tables": dg.MetadataValue.text(", ".join(result.failed))},
+                metadata={"failed_tables": dg.MetadataValue.text(", ".join(failed))},
                 allow_retries=False,
             )
 

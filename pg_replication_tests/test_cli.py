@@ -75,3 +75,19 @@ def test_errors_are_one_clean_message(setup, capsys, monkeypatch):
     monkeypatch.setenv("POSTGRES_URL", "postgresql://u:hunter2@127.0.0.1:1/x")
     code, _, err = _run(capsys, "status")
     assert code == cli.EXIT_ERROR and "cannot connect" in err and "hunter2" not in err and "Traceback" not in err
+
+
+def test_install_and_uninstall_triggers(pg, write_config, capsys):
+    pg.execute("CREATE TABLE c (id int PRIMARY KEY)")
+    write_config({"tables": [{"name": "c", "strategy": "triggers"}]})
+    code, out, _ = _run(capsys, "install-triggers")
+    assert code == 0 and '"public"."c": changes captured' in out
+    pg.execute("INSERT INTO c VALUES (1)")
+    assert pg.execute("SELECT op, key FROM _pg_replication.changes").fetchall() == [("I", [1])]
+    code, _, err = _run(capsys, "uninstall-triggers")  # no terminal: refuses without --yes
+    assert code == cli.EXIT_USAGE and "--yes" in err
+    code, out, _ = _run(capsys, "uninstall-triggers", "--yes")
+    assert code == 0 and "removed capture from 1 table(s)" in out
+    write_config({"tables": ["c"]})
+    code, _, err = _run(capsys, "install-triggers")
+    assert code == cli.EXIT_ERROR and "no table in replication.yaml has strategy triggers" in err
