@@ -86,7 +86,7 @@ class TableAssetTranslator:
             "pg_replication/schema": table.schema,
             "pg_replication/table": table.name,
             "pg_replication/primary_key": ", ".join(table.primary_key),
-            "pg_replication/strategy": table.entry.strategy if table.entry else "cdc",
+            "pg_replication/strategy": table.strategy,
             "pg_replication/replica_identity": {"d": "default", "f": "full", "i": "index", "n": "nothing"}.get(
                 table.replica_identity, table.replica_identity
             ),

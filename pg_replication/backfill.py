@@ -49,7 +49,7 @@ def ensure_plan(
     slices might miss is after the plan LSN, in the slot."""
     plan = warehouse.load_state(table).plan
     if plan is None:
-        strategy = table.entry.strategy if table.entry else "cdc"
+        strategy = table.strategy
         with connect(conninfo, options=SESSION_OPTIONS) as conn:
             if cdc is not None and strategy == "cdc":
                 # Publication first: decoding reads the catalog as of each change, and a slot

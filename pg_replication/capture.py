@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pg_replication.cdc import DrainResult, failpoint
-from pg_replication.changes import TableBatch
+from pg_replication.cdc import DrainResult, TableOutcome, failpoint
+from pg_replication.changes import TableBatch, TableStats
+from pg_replication.errors import PgReplicationError
 from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.snapshot import Mapper
@@ -33,14 +34,13 @@ from pg_replication.types import SESSION_OPTIONS, TypeMapping
 
 @dataclass(frozen=True)
 class CaptureSettings:
-    position: str = "triggers"  # the warehouse's cursor row for this source's change table
+    position: str = "triggers/changes"  # the warehouse's cursor row (no slot can have this name)
     max_changes: int = 100_000
 
 
 @dataclass
 class _Plan:
     table: Table
-    key: str
     columns: tuple[str, ...]
     mappings: dict[str, TypeMapping]
 
@@ -92,6 +92,29 @@ def _read_table(conn: psycopg.Connection, table: Table, keys: list, mapper: Mapp
             segment.delete(tuple(key))
 
 
+def _fold(conn: psycopg.Connection, table: Table, changes: list, warehouse) -> tuple[TableBatch, dict]:
+    """One table's captured changes as a batch of its current rows, and the missing values of
+    columns the warehouse does not have yet."""
+    key = f"{table.schema}.{table.name}"
+    batch = TableBatch()
+    keys: dict[str, list] = {}
+    truncated = False
+    for _, _, _, op, change_key, at in changes:
+        if op == "T":
+            truncated, keys = True, {}  # rows touched before it are re-read as they are now
+            batch.stats.truncated += 1
+        else:
+            keys[json.dumps(change_key)] = change_key
+            batch.stats.inserted += op == "I"
+            batch.stats.updated += op == "U"
+            batch.stats.deleted += op == "D"
+        batch.stats.last_commit_time = at
+    _read_table(conn, table, list(keys.values()), warehouse.map_column, batch, truncated)
+    stored = warehouse.stored_columns(key)
+    new = [c.name for c in table.columns if c.name not in stored]
+    return batch, (missing_values(conn, table, new) if new and stored else {})
+
+
 def drain_captured(
     conninfo: str, warehouse, tables: list[Table], settings: CaptureSettings, log: Callable[[str], None] = lambda m: None
 ) -> DrainResult:
@@ -100,6 +123,10 @@ def drain_captured(
     by_name = {(t.schema, t.name): t for t in tables}
     with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if not conn.execute("SELECT pg_try_advisory_xact_lock(hashtext('pg_replication capture drain'))").fetchone()[0]:  # type: ignore[index]
+            # An older snapshot committing after a newer one would overwrite newer rows.
+            log("another drain of the captured changes is running; this one does nothing")
+            return DrainResult(warehouse.drained_lsn(settings.position) or 0)
         rows = conn.execute(
             sql.SQL("SELECT id, schema_name, table_name, op, key, (extract(epoch FROM at) * 1e6)::int8 FROM {} ORDER BY id LIMIT %s").format(CHANGES),
             [settings.max_changes + 1],
@@ -111,37 +138,32 @@ def drain_captured(
             grouped[(row[1], row[2])].append(row)
         captured = _Captured({}, {})
         missing: dict[str, dict] = {}
+        unread: dict[str, TableOutcome] = {}  # tables whose rows could not be read: changes kept
+        kept: set[int] = set()
         for name, changes in grouped.items():
             if name not in by_name:
                 log(f"{sql.Identifier(*name).as_string()}: {len(changes)} captured changes for a table no longer configured, dropped")
                 continue
-            table = refresh_table(conn, by_name[name])  # follow added columns
-            key = f"{table.schema}.{table.name}"
-            batch = TableBatch()
-            keys: dict[str, list] = {}
-            truncated = False
-            for change_id, _, _, op, change_key, at in changes:
-                if op == "T":
-                    truncated, keys = True, {}  # rows touched before it are re-read as they are now
-                    batch.stats.truncated += 1
-                else:
-                    keys[json.dumps(change_key)] = change_key
-                    batch.stats.inserted += op == "I"
-                    batch.stats.updated += op == "U"
-                    batch.stats.deleted += op == "D"
-                batch.stats.last_commit_time = at
-            _read_table(conn, table, list(keys.values()), warehouse.map_column, batch, truncated)
-            captured.batches[key] = batch
-            captured.plans[key] = _Plan(table, key, tuple(c.name for c in table.columns), {c.name: warehouse.map_column(c) for c in table.columns})
-            new = [c.name for c in table.columns if c.name not in warehouse.stored_columns(key)]
-            missing[key] = missing_values(conn, table, new) if new and warehouse.stored_columns(key) else {}
+            table, key = by_name[name], f"{name[0]}.{name[1]}"
+            try:
+                with conn.transaction():  # a savepoint: one table's failure leaves the others readable
+                    table = refresh_table(conn, table)  # follow added columns
+                    captured.batches[key], missing[key] = _fold(conn, table, changes, warehouse)
+                    captured.plans[key] = _Plan(table, tuple(c.name for c in table.columns), {c.name: warehouse.map_column(c) for c in table.columns})
+            except (psycopg.Error, PgReplicationError) as exc:
+                captured.batches.pop(key, None)
+                unread[key] = TableOutcome(table, TableStats(), "failed", None, f"{key}: {str(exc).strip().splitlines()[0]}")
+                kept.update(r[0] for r in changes)
         last_id = rows[-1][0] if rows else (warehouse.drained_lsn(settings.position) or 0)
         result = DrainResult(last_id, len(rows), 0, 0, exhausted)
         result.tables = warehouse.apply_drain(captured, last_id, settings.position, missing) if captured.batches else {}
+        result.tables.update(unread)
         failpoint("after_commit")
-        conn.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(CHANGES), [[r[0] for r in rows]])
+        applied = [r[0] for r in rows if r[0] not in kept]
+        conn.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(CHANGES), [applied])
         conn.commit()
     result.seconds = time.monotonic() - started
     for key, outcome in result.failed.items():
-        log(f"{key}: captured changes not applied ({outcome.error}); they wait in its change log")
+        where = "in the change table" if key in unread else "in its change log"
+        log(f"{key}: captured changes not applied ({outcome.error}); they wait {where}")
     return result

@@ -186,7 +186,7 @@ def cmd_uninstall_triggers(args) -> int:
         return EXIT_USAGE
     with connect(source_conninfo()) as conn:
         removed = uninstall(conn)
-    print(f"removed capture from {len(removed)} table(s){': ' + ', '.join(removed) if removed else ''}; schema _pg_replication dropped")
+    print(f"removed capture from {len(removed)} table(s){': ' + ', '.join(removed) if removed else ''}; schema _pg_replication_capture dropped")
     return 0
 
 
@@ -223,6 +223,18 @@ def cmd_wait_for_lsn(args) -> int:
     return EXIT_TIMEOUT
 
 
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """The warehouse and source drivers' errors (Snowflake's only if it was loaded)."""
+    import duckdb
+    import psycopg
+
+    errors: list[type[BaseException]] = [duckdb.Error, psycopg.Error]
+    snowflake_errors = sys.modules.get("snowflake.connector.errors")
+    if snowflake_errors is not None:
+        errors.append(snowflake_errors.Error)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pg-replication", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -254,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pg-replication: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # a driver's error: one line, never a traceback (or a password in one)
-        if type(exc).__module__.split(".")[0] not in ("duckdb", "psycopg", "snowflake"):
+        if not isinstance(exc, _driver_errors()):
             raise
         print(f"pg-replication: warehouse error: {redact(str(exc).strip().splitlines()[0])}", file=sys.stderr)
         return EXIT_ERROR

@@ -82,9 +82,22 @@ class NotificationConfig(_Model):
     on_success: bool = Field(False, description="Also notify successful syncs (failures always are).")
 
 
+def _check_cron(value: str) -> str:
+    from dagster._utils.schedules import is_valid_cron_string
+
+    if not is_valid_cron_string(value):
+        raise ValueError(f"{value!r} is not a cron expression (five fields, e.g. '*/15 * * * *')")
+    return value
+
+
 class Defaults(_Model):
     partitions: Annotated[int, Field(ge=1, le=4096)] = 4
     schedule: str = Field("*/15 * * * *", description="Cron of query-strategy syncs (append, updated_at, reload).")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_is_cron(cls, value: str) -> str:
+        return _check_cron(value)
 
 
 Strategy = Literal["cdc", "append", "updated_at", "reload", "triggers"]
@@ -154,6 +167,8 @@ class TableEntry(_Model):
         if self.schedule is not None and self.strategy not in QUERY_STRATEGIES:
             raise ValueError(f"'schedule' applies to the strategies {', '.join(QUERY_STRATEGIES)} (cdc and triggers follow the sensor)")
         self.reload_days()  # raises ValueError naming a bad day
+        if self.schedule is not None:
+            _check_cron(self.schedule)
         return self
 
     def reload_days(self) -> tuple[set[int], set[int]] | None:

@@ -39,10 +39,6 @@ def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataVa
     return metadata
 
 
-def strategy_of(table: Table) -> str:
-    return table.entry.strategy if table.entry else "cdc"
-
-
 def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, what: str):
     """One materialization per applied table (the micro-batch), with its metadata."""
     now = time.time()
@@ -59,8 +55,8 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
     """Drains the slot (tables with strategy cdc) and the trigger change table (strategy triggers)."""
     name = f"{config.source.name}_cdc_drain"
     settings = DrainSettings(slot=config.source.slot, publication=config.source.publication)
-    slot_tables = [t for t in tables if strategy_of(t) == "cdc"]
-    captured_tables = [t for t in tables if strategy_of(t) == "triggers"]
+    slot_tables = [t for t in tables if t.strategy == "cdc"]
+    captured_tables = [t for t in tables if t.strategy == "triggers"]
 
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={})
     def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, warehouse: WarehouseResource):
@@ -92,7 +88,10 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
                 allow_retries=False,
             )
 
-    @dg.job(name=name, description=f"Drain the {settings.slot!r} replication slot into the warehouse.", tags={"pg_replication/kind": "cdc"})
+    sources = ([f"the {settings.slot!r} replication slot"] if slot_tables else []) + (["the captured changes"] if captured_tables else [])
+    description = f"Drain {' and '.join(sources) or 'nothing (no table uses strategy cdc or triggers)'} into the warehouse."
+
+    @dg.job(name=name, description=description, tags={"pg_replication/kind": "cdc"})
     def cdc_job():
         drain()
 

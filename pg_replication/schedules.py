@@ -1,7 +1,10 @@
 """The query strategies (append, updated_at, reload) in Dagster: one sync job and one schedule
 per cron expression of replication.yaml, each materializing the tables it synced."""
 
+import hashlib
+
 import dagster as dg
+import psycopg
 
 from pg_replication.assets import TableAssetTranslator
 from pg_replication.config import QUERY_STRATEGIES, ReplicationConfig
@@ -17,7 +20,7 @@ def sync_metadata(result: SyncResult) -> dict[str, dg.MetadataValue]:
         "rows": dg.MetadataValue.int(result.rows),
         "bytes": dg.MetadataValue.int(result.bytes),
         "seconds": dg.MetadataValue.float(round(result.seconds, 3)),
-        "strategy": dg.MetadataValue.text(result.table.entry.strategy if result.table.entry else "cdc"),
+        "strategy": dg.MetadataValue.text(result.table.strategy),
     }
     if result.watermark is not None and result.watermark.mark is not None:
         metadata["watermark"] = dg.MetadataValue.text(str(result.watermark.mark))
@@ -32,7 +35,7 @@ def _sync_job(name: str, cron: str, tables: list[Table], pool: str, translator: 
             for table in tables:
                 try:
                     result = sync_table(source.conninfo, wh, table, log=context.log.info)
-                except (PgReplicationError, *wh.errors) as exc:  # one table's trouble stops only that table
+                except (PgReplicationError, psycopg.Error, *wh.errors) as exc:  # one table's trouble stops only that table
                     failed.append(f"{table.display}: {str(exc).strip().splitlines()[0]}")
                     continue
                 if result.mode == "skipped":
@@ -40,8 +43,11 @@ def _sync_job(name: str, cron: str, tables: list[Table], pool: str, translator: 
                     continue
                 yield dg.AssetMaterialization(
                     asset_key=translator.get_asset_key(table),
-                    description=f"{result.mode} by its {table.entry.strategy if table.entry else ''} sync",
-                    metadata={**sync_metadata(result), "dagster/row_count": dg.MetadataValue.int(wh.row_count(table))},
+                    description=f"{result.mode} by its {table.strategy} sync",
+                    metadata={
+                        **sync_metadata(result),
+                        **({"dagster/row_count": dg.MetadataValue.int(wh.row_count(table))} if wh.counts_rows_cheaply else {}),
+                    },
                 )
         if failed:
             raise dg.Failure(description=f"{len(failed)} table(s) did not sync (the others did): {'; '.join(failed)}", allow_retries=False)
@@ -61,8 +67,9 @@ def build_sync_schedules(config: ReplicationConfig, tables: list[Table], transla
         if table.entry is not None and table.entry.strategy in QUERY_STRATEGIES:
             by_cron.setdefault(table.entry.schedule or config.defaults.schedule, []).append(table)
     schedules = []
-    for i, (cron, group) in enumerate(sorted(by_cron.items())):
-        name = f"{config.source.name}_sync_{i}"
+    for cron, group in sorted(by_cron.items()):
+        # named after the cron, so adding another schedule renames nothing (nor its UI state)
+        name = f"{config.source.name}_sync_{hashlib.sha1(cron.encode()).hexdigest()[:8]}"
         job = _sync_job(name, cron, group, config.source.pool, translator)
         schedules.append(
             dg.ScheduleDefinition(

@@ -21,14 +21,14 @@ IN_PROGRESS = [
 
 def _captured_up_to(conn) -> int | None:
     """The newest captured change id, None when nothing waits (or capture is not installed)."""
-    if conn.execute("SELECT to_regclass('_pg_replication.changes')").fetchone()[0] is None:
+    if conn.execute("SELECT to_regclass('_pg_replication_capture.changes')").fetchone()[0] is None:
         return None
-    return conn.execute("SELECT max(id) FROM _pg_replication.changes").fetchone()[0]
+    return conn.execute("SELECT max(id) FROM _pg_replication_capture.changes").fetchone()[0]
 
 
 def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: list[Table]) -> dg.SensorDefinition:
     slot = config.source.slot
-    strategies = {t.entry.strategy if t.entry else "cdc" for t in tables}
+    strategies = {t.strategy for t in tables}
     watch_slot, watch_capture = "cdc" in strategies, "triggers" in strategies
 
     @dg.sensor(

@@ -60,8 +60,10 @@ def sync_table(
     started = time.monotonic()
     entry = table.entry
     assert entry is not None
-    if warehouse.load_state(table).status != "streaming":
-        return SyncResult(table, "skipped", reason="its backfill is not complete: materialize every partition first")
+    status = warehouse.load_state(table).status
+    if status != "streaming":
+        why = "its backfill is not complete: materialize every partition first" if status == "backfilling" else f"status {status}"
+        return SyncResult(table, "skipped", reason=why)
     table = current_table(conninfo, warehouse, table)  # follow new columns
     mark = Watermark.from_json(warehouse.watermark(table))
     today = today or datetime.now(timezone.utc).date()
@@ -70,6 +72,9 @@ def sync_table(
         return SyncResult(table, "skipped", watermark=mark, reason=f"{today:%a %d}: not a reload_on day, or reloaded already")
     with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        lock = sql.SQL("SELECT pg_try_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"pg_replication sync {table.display}"))
+        if not conn.execute(lock).fetchone()[0]:  # type: ignore[index]
+            return SyncResult(table, "skipped", watermark=mark, reason="another sync of this table is running")
         if reload:
             new = Watermark(initial_mark(conn, table), today.isoformat() if entry.reload_on is not None else mark.reloaded)
             rows = read_where(conn, table, sql.SQL("true"), [], warehouse.map_column)

@@ -54,7 +54,7 @@ def test_every_kind_of_change_arrives(pg, pg_url, target):
     pg.execute("INSERT INTO t VALUES (1, 'after truncate', 0, NULL)")
     h.drain_all()
     h.assert_equal(pg, "t")
-    assert pg.execute("SELECT count(*) FROM _pg_replication.changes").fetchone() == (0,)  # applied rows are deleted
+    assert pg.execute("SELECT count(*) FROM _pg_replication_capture.changes").fetchone() == (0,)  # applied rows are deleted
 
 
 def test_changes_during_the_backfill_wait_in_the_log(pg, pg_url, target):
@@ -98,7 +98,7 @@ def test_uninstall_removes_everything_and_a_least_privilege_role_drains(pg, pg_u
         with connect(pg_url) as conn:
             assert uninstall(conn) == ['"public"."t"']
         assert pg.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pg_replication%'").fetchone() == (0,)
-        assert pg.execute("SELECT count(*) FROM pg_namespace WHERE nspname = '_pg_replication'").fetchone() == (0,)
+        assert pg.execute("SELECT count(*) FROM pg_namespace WHERE nspname = '_pg_replication_capture'").fetchone() == (0,)
         pg.execute("INSERT INTO t VALUES (3, 'c')")  # writes still work without the triggers
     finally:
         pg.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
@@ -131,3 +131,20 @@ def test_convergence_under_concurrent_writes(pg, pg_url, target):
     h.drain_all()
     h.reload()
     h.assert_equal(pg, "t")
+
+
+@pytest.mark.parametrize("target", ["duckdb"], indirect=True)
+def test_a_table_that_cannot_be_read_keeps_its_changes_and_stops_only_itself(pg, pg_url, target):
+    for name in ("a", "b"):
+        pg.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
+    h = CaptureHarness(pg_url, target, ["a", "b"])
+    h.backfill()
+    pg.execute("INSERT INTO a VALUES (1, 'x')")
+    pg.execute("INSERT INTO b VALUES (1, 'y')")
+    pg.execute("ALTER TABLE b DROP CONSTRAINT b_pkey")  # its changes can no longer be matched
+    (result,) = h.drain_all()
+    assert result.tables["public.a"].mode == "applied"
+    assert result.tables["public.b"].mode == "failed" and "primary key" in result.tables["public.b"].error
+    h.assert_equal(pg, "a")
+    waiting = pg.execute("SELECT table_name FROM _pg_replication_capture.changes").fetchall()
+    assert waiting == [("b",)]

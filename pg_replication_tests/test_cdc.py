@@ -26,7 +26,8 @@ def test_insert_update_delete(orders, pg):
     stats = result.tables["public.orders"].stats
     assert (stats.inserted, stats.updated, stats.deleted) == (2, 101, 143)
     assert result.tables["public.orders"].mode == "applied"
-    assert result.tables["public.orders"].rows_now == 1002 - 143
+    counted = orders.target.kind != "postgres"  # a replica's count(*) scans the table: not per batch
+    assert result.tables["public.orders"].rows_now == (1002 - 143 if counted else None)
 
 
 def test_primary_key_change_and_reinsert(orders, pg):

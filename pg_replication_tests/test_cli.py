@@ -83,7 +83,7 @@ def test_install_and_uninstall_triggers(pg, write_config, capsys):
     code, out, _ = _run(capsys, "install-triggers")
     assert code == 0 and '"public"."c": changes captured' in out
     pg.execute("INSERT INTO c VALUES (1)")
-    assert pg.execute("SELECT op, key FROM _pg_replication.changes").fetchall() == [("I", [1])]
+    assert pg.execute("SELECT op, key FROM _pg_replication_capture.changes").fetchall() == [("I", [1])]
     code, _, err = _run(capsys, "uninstall-triggers")  # no terminal: refuses without --yes
     assert code == cli.EXIT_USAGE and "--yes" in err
     code, out, _ = _run(capsys, "uninstall-triggers", "--yes")

@@ -75,3 +75,26 @@ def test_snowflake_names_the_missing_variables(monkeypatch):
     monkeypatch.setenv("SNOWFLAKE_ACCOUNT", "acme")
     with pytest.raises(ConfigError, match="SNOWFLAKE_USER, SNOWFLAKE_DATABASE"):
         snowflake_settings()
+
+
+def test_duckdb_state_written_by_the_previous_version_is_upgraded_in_place(pg, pg_url, duckdb_path):
+    import duckdb
+
+    from pg_replication_tests.replication import Harness
+
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO t SELECT i, 'a' FROM generate_series(1, 100) i")
+    h = Harness(pg_url, duckdb_path, ["t"])
+    h.backfill()
+    h.drain_all()
+    with duckdb.connect(str(duckdb_path)) as conn:  # the state as 0.1 wrote it
+        conn.execute('ALTER TABLE "_pg_replication"."tables" DROP COLUMN watermark')
+        conn.execute("UPDATE \"_pg_replication\".\"tables\" SET columns = replace(columns, '\"type\"', '\"duckdb\"')")
+        for table, column in (("tables", "updated_at"), ("cursor", "updated_at"), ("slices", "copied_at")):
+            conn.execute(f'ALTER TABLE "_pg_replication"."{table}" ALTER COLUMN {column} TYPE TIMESTAMPTZ USING to_timestamp({column})')
+    pg.execute("UPDATE t SET v = 'b' WHERE id < 10")
+    pg.execute("ALTER TABLE t ADD COLUMN n int DEFAULT 7")
+    pg.execute("INSERT INTO t VALUES (500, 'c', 1)")
+    h.drain_all()
+    h.reload()
+    h.assert_equal(pg, "t")

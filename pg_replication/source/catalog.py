@@ -71,6 +71,11 @@ class Table:
         return sql.Identifier(self.schema, self.name)
 
     @property
+    def strategy(self) -> str:
+        """How changes are found: cdc, append, updated_at, reload or triggers."""
+        return self.entry.strategy if self.entry else "cdc"
+
+    @property
     def display(self) -> str:
         return sql.Identifier(self.schema, self.name).as_string()
 
@@ -220,6 +225,26 @@ def describe_tables(
     return tables
 
 
+_TIME_CURSORS = {"timestamp", "timestamptz", "date"}
+_NUMBER_CURSORS = {"int2", "int4", "int8", "numeric"}
+
+
+def _check_cursor(display: str, column: Column, lookback: str) -> None:
+    """An updated_at cursor must order changes: a time or a number, with a look-back to match."""
+    t, _ = column.type.resolved(column.typmod)
+    if t.schema != "pg_catalog" or t.name not in _TIME_CURSORS | _NUMBER_CURSORS:
+        raise TableNotReplicableError(
+            f"{display}: cursor {column.name!r} is {column.type_sql}; it must be a timestamp, date or number",
+            table=display,
+        )
+    if t.name in _NUMBER_CURSORS and not lookback.strip().lstrip("-").replace(".", "", 1).isdigit():
+        raise TableNotReplicableError(
+            f"{display}: cursor {column.name!r} is a number, so lookback must be one (not {lookback!r})",
+            hint="e.g. lookback: '1000' re-reads the last 1000 cursor values",
+            table=display,
+        )
+
+
 def _build_table(src: SourceTable, entry: TableEntry, cols: list[Column], pkey: tuple[str, ...] | None, leaves) -> Table:
     display = sql.Identifier(src.schema, src.name).as_string()
     names = [c.name for c in cols]
@@ -257,6 +282,8 @@ def _build_table(src: SourceTable, entry: TableEntry, cols: list[Column], pkey: 
             hint=f"columns are: {', '.join(names)}",
             table=display,
         )
+    if entry.cursor is not None:
+        _check_cursor(display, next(c for c in cols if c.name == entry.cursor), entry.lookback)
     kept = tuple(c for c in cols if c.name not in entry.exclude_columns)
     return Table(
         schema=src.schema,

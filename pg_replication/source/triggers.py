@@ -1,7 +1,8 @@
 """Trigger-based change capture, for sources without logical replication.
 
-``install`` creates, in the source, schema ``_pg_replication`` with one change table and one
-trigger function, and on each table row triggers (insert, update, delete) and a statement
+``install`` creates, in the source, schema ``_pg_replication_capture`` (its own: a Postgres
+warehouse in the same database keeps its state in ``_pg_replication``) with one change table and
+one trigger function, and on each table row triggers (insert, update, delete) and a statement
 trigger (truncate). A trigger records which key changed, not the row: the drain reads the
 current rows of the keys it sees, in the same snapshot as the change rows, so every value is
 read exactly as the backfill reads it (no JSON round trip) and a key touched many times is read
@@ -16,13 +17,13 @@ from psycopg import sql
 from pg_replication.errors import SourceNotReadyError
 from pg_replication.source.catalog import Table
 
-SCHEMA = "_pg_replication"
+SCHEMA = "_pg_replication_capture"
 CHANGES = sql.Identifier(SCHEMA, "changes")
 ROW_TRIGGER, TRUNCATE_TRIGGER = "pg_replication_capture", "pg_replication_capture_truncate"
 
 _SETUP = """
-CREATE SCHEMA IF NOT EXISTS _pg_replication;
-CREATE TABLE IF NOT EXISTS _pg_replication.changes (
+CREATE SCHEMA IF NOT EXISTS _pg_replication_capture;
+CREATE TABLE IF NOT EXISTS _pg_replication_capture.changes (
     id bigserial PRIMARY KEY,
     schema_name text NOT NULL,
     table_name text NOT NULL,
@@ -30,7 +31,7 @@ CREATE TABLE IF NOT EXISTS _pg_replication.changes (
     key jsonb,                    -- the primary key values, in key order (NULL for T)
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE OR REPLACE FUNCTION _pg_replication.capture() RETURNS trigger
+CREATE OR REPLACE FUNCTION _pg_replication_capture.capture() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     -- TG_ARGV: schema, table (the root of a partitioned table), then the key columns
@@ -39,7 +40,7 @@ DECLARE
     old_key jsonb;
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO _pg_replication.changes (schema_name, table_name, op) VALUES (TG_ARGV[0], TG_ARGV[1], 'T');
+        INSERT INTO _pg_replication_capture.changes (schema_name, table_name, op) VALUES (TG_ARGV[0], TG_ARGV[1], 'T');
         RETURN NULL;
     END IF;
     IF TG_OP <> 'INSERT' THEN
@@ -49,9 +50,9 @@ BEGIN
         SELECT jsonb_agg(to_jsonb(NEW) -> k ORDER BY n) INTO new_key FROM unnest(keys) WITH ORDINALITY AS u(k, n);
     END IF;
     IF TG_OP = 'UPDATE' AND old_key IS DISTINCT FROM new_key THEN  -- a key change: the old key is gone
-        INSERT INTO _pg_replication.changes (schema_name, table_name, op, key) VALUES (TG_ARGV[0], TG_ARGV[1], 'D', old_key);
+        INSERT INTO _pg_replication_capture.changes (schema_name, table_name, op, key) VALUES (TG_ARGV[0], TG_ARGV[1], 'D', old_key);
     END IF;
-    INSERT INTO _pg_replication.changes (schema_name, table_name, op, key)
+    INSERT INTO _pg_replication_capture.changes (schema_name, table_name, op, key)
     VALUES (TG_ARGV[0], TG_ARGV[1], left(TG_OP, 1), coalesce(new_key, old_key));
     RETURN NULL;
 END $$;
@@ -68,20 +69,20 @@ def install(conn: psycopg.Connection, tables: list[Table], grant_to: str | None 
             conn.execute(
                 sql.SQL(
                     "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} "
-                    "FOR EACH ROW EXECUTE FUNCTION _pg_replication.capture({})"
+                    "FOR EACH ROW EXECUTE FUNCTION _pg_replication_capture.capture({})"
                 ).format(sql.Identifier(ROW_TRIGGER), table.ident, args)
             )
             if table.relkind != "p":  # Postgres fires no TRUNCATE trigger on a partitioned table
                 conn.execute(
                     sql.SQL(
                         "CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {} "
-                        "FOR EACH STATEMENT EXECUTE FUNCTION _pg_replication.capture({})"
+                        "FOR EACH STATEMENT EXECUTE FUNCTION _pg_replication_capture.capture({})"
                     ).format(sql.Identifier(TRUNCATE_TRIGGER), table.ident, args)
                 )
         if grant_to:
             role = sql.Identifier(grant_to)
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA _pg_replication TO {}").format(role))
-            conn.execute(sql.SQL("GRANT SELECT, DELETE ON _pg_replication.changes TO {}").format(role))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA _pg_replication_capture TO {}").format(role))
+            conn.execute(sql.SQL("GRANT SELECT, DELETE ON _pg_replication_capture.changes TO {}").format(role))
 
 
 def uninstall(conn: psycopg.Connection) -> list[str]:
@@ -96,7 +97,7 @@ def uninstall(conn: psycopg.Connection) -> list[str]:
         for schema, name in rows:
             for trigger in (ROW_TRIGGER, TRUNCATE_TRIGGER):
                 conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), sql.Identifier(schema, name)))
-        conn.execute("DROP SCHEMA IF EXISTS _pg_replication CASCADE")
+        conn.execute("DROP SCHEMA IF EXISTS _pg_replication_capture CASCADE")
     return [sql.Identifier(s, n).as_string() for s, n in rows]
 
 

@@ -37,10 +37,9 @@ def _cast(table: Table, column: str) -> sql.Composable:
 
 def initial_mark(conn: psycopg.Connection, table: Table) -> str | list[str] | None:
     """The strategy's mark over the whole table now (None for strategies without one)."""
-    strategy = table.entry.strategy if table.entry else "cdc"
-    if strategy == "append":
+    if table.strategy == "append":
         return key_mark(conn, table, sql.SQL("true"), [])
-    if strategy == "updated_at":
+    if table.strategy == "updated_at":
         return cursor_mark(conn, table, sql.SQL("true"), [], None)
     return None
 

@@ -10,7 +10,8 @@ Contract:
 - Replication state (plan, slices, schema, applied LSN) lives in the warehouse itself, in the
   ``_pg_replication`` schema, and is only ever written in the same transaction as the data it
   describes. Stored progress never moves backward.
-- One writer at a time per warehouse file or table: the Dagster layer enforces it with pools.
+- Writers of one table's state wait for each other (a lock on its state row); the Dagster layer
+  also limits writers with pools (DuckDB takes one writing process).
 """
 
 from __future__ import annotations

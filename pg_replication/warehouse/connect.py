@@ -111,7 +111,7 @@ def _duckdb_connect(config: ReplicationConfig, read_only: bool, wait_seconds: fl
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
-            return duckdb.connect(config.duckdb_path(), read_only=read_only)
+            return duckdb.connect(config.duckdb_path(), read_only=read_only, config={"memory_limit": config.warehouse.memory_limit})
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                 raise PgReplicationError(

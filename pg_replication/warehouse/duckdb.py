@@ -16,7 +16,7 @@ import pyarrow as pa
 from pg_replication.source.catalog import Table
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import staging
-from pg_replication.warehouse.base import SLICE_COLUMN
+from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA
 from pg_replication.warehouse.base import quote as q
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
 from pg_replication.warehouse.staging import StagedChanges
@@ -43,12 +43,23 @@ class DuckDBWarehouse(SqlWarehouse):
         self.conn = conn
         super().__init__(read_only=read_only)
 
+    def _ensure_state_tables(self) -> None:
+        super()._ensure_state_tables()
+        # An earlier version kept times as TIMESTAMPTZ; the engine writes epoch seconds.
+        for table, column in (("tables", "updated_at"), ("cursor", "updated_at"), ("slices", "copied_at")):
+            kind = self.fetchall(
+                "SELECT data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ? AND column_name = ?",
+                [STATE_SCHEMA, table, column],
+            )
+            if kind and kind[0][0].startswith("TIMESTAMP"):
+                self.execute(f"ALTER TABLE {q(STATE_SCHEMA, table)} ALTER COLUMN {q(column)} TYPE DOUBLE USING epoch({q(column)})")
+
     def execute(self, query: str, params: Sequence = ()) -> None:
-        self.conn.execute(query, list(params))
+        self.conn.execute(query, list(params) or None)
 
     def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
         # Always fetch everything: DuckDB 2 refuses the next statement while a result is open.
-        return self.conn.execute(query, list(params)).fetchall()
+        return self.conn.execute(query, list(params) or None).fetchall()
 
     def begin(self) -> None:
         self.conn.execute("BEGIN TRANSACTION")
@@ -80,16 +91,10 @@ class DuckDBWarehouse(SqlWarehouse):
         columns = ", ".join(q(c) for c in self.stored_columns(f"{schema}.{name}"))
         return self.conn.execute(f"SELECT {columns} FROM {q(schema, name)}").to_arrow_table()
 
-    def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
-        # The primary key is declared when the backfill completes: bulk loading into a table
-        # without its index, then building it once, is several times cheaper.
-        cols = ", ".join(f"{q(name)} {m.ddl}" for name, m in columns)
-        self.execute(f"CREATE SCHEMA IF NOT EXISTS {q(table.schema)}")
-        self.execute(f"CREATE TABLE IF NOT EXISTS {self.table_name(table)} ({cols}, {q(SLICE_COLUMN)} INTEGER)")
-
     def declare_primary_key(self, table: Table) -> None:
-        """In its own transaction: DuckDB fails a commit that built an index over keys the same
-        transaction deleted and inserted."""
+        """Declared when the backfill completes: bulk loading into a table without its index, then
+        building it once, is several times cheaper. In its own transaction: DuckDB fails a commit
+        that built an index over keys the same transaction deleted and inserted."""
         has_key = self.fetchall(
             "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = ? AND table_name = ? "
             "AND constraint_type = 'PRIMARY KEY'",

@@ -5,9 +5,12 @@ mapping, how a batch is staged and how staged changes are applied. Everything el
 once: the state tables, slice bookkeeping, the change log, schema evolution and the per-table
 failure isolation of a drain.
 
-Every write has one shape: staging and DDL first (idempotent, so a retry after a crash is
-harmless), then one transaction of DML that writes the data and the state describing it.
-Snowflake commits implicitly on DDL, so the transaction must hold DML only.
+Every write ends in one transaction that holds the data and the state describing it. What a
+warehouse cannot do inside a transaction happens before it, idempotently: schema changes, change
+logs and staged change batches always (Snowflake commits implicitly on DDL); a slice's batches
+are staged inside the transaction where that is allowed (DuckDB, Postgres) and before it
+otherwise. A reload loads its copy outside any transaction and swaps it in with one. Writers of
+one table's state wait for each other on its state row (``_lock_state``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class SqlWarehouse:
     errors: tuple[type[BaseException], ...] = ()  # the driver's errors: a refused write
     text_type = "TEXT"
     schema_prefix = ""  # warehouse schema = prefix + source schema
+    counts_rows_cheaply = True  # count(*) reads metadata, not rows: report it with every micro-batch
 
     def __init__(self, *, read_only: bool = False) -> None:
         """``read_only``: only read state (checks and ``status`` create nothing)."""
@@ -152,9 +156,14 @@ class SqlWarehouse:
     def _ensure_state_tables(self) -> None:
         self.create_schema(STATE_SCHEMA)
         for name, (columns, key) in self.STATE_TABLES.items():
-            cols = ", ".join(f"{self.ident(c)} {self.text_type if t == 'text' else t}" for c, t in columns)  # quoted: ROWS is reserved in Snowflake
+            typed = [(c, self.text_type if t == "text" else t) for c, t in columns]
+            cols = ", ".join(f"{self.ident(c)} {t}" for c, t in typed)  # quoted: ROWS is reserved in Snowflake
             keys = ", ".join(self.ident(k) for k in key)
             self.execute(f"CREATE TABLE IF NOT EXISTS {self.state(name)} ({cols}, PRIMARY KEY ({keys}))")
+            have = {c.lower() for c in self.physical_columns(STATE_SCHEMA, name) or ()}
+            for column, ddl in typed:  # state written by an earlier version: add what it lacks
+                if column not in have:
+                    self.execute(f"ALTER TABLE {self.state(name)} ADD COLUMN {self.ident(column)} {ddl}")
 
     def _upsert_state(self, table: str, key: dict, values: dict) -> None:
         """Update the row named by ``key`` or insert it (portable: no ON CONFLICT / MERGE)."""
@@ -168,6 +177,11 @@ class SqlWarehouse:
             f"(SELECT 1 FROM {self.state(table)} WHERE {where})",
             [*key.values(), *values.values(), *key.values()],
         )
+
+    def _lock_state(self, key: str) -> None:
+        """Inside a transaction: writers of one table's state (slices, drains) wait for each other
+        here, and read what the one before them committed."""
+        self.execute(f"UPDATE {self.state('tables')} SET updated_at = ? WHERE table_key = ?", [time.time(), key])
 
     def _table_row(self, key: str) -> tuple | None:
         rows = self.fetchall(f"SELECT plan, status, error, columns FROM {self.state('tables')} WHERE table_key = ?", [key])
@@ -190,8 +204,12 @@ class SqlWarehouse:
         return plan
 
     def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
+        """{name: {"type": warehouse type, "load": expression}} of the table's warehouse columns."""
         row = self._table_row(key)
-        return json.loads(row[3]) if row and row[3] else {}
+        columns = json.loads(row[3]) if row and row[3] else {}
+        for column in columns.values():  # written by an earlier version, which said "duckdb"
+            column.setdefault("type", column.get("duckdb"))
+        return columns
 
     def stored_mappings(self, table: Table) -> dict[str, TypeMapping]:
         """The warehouse's columns as mappings of staged text (what the change log holds)."""
@@ -216,6 +234,11 @@ class SqlWarehouse:
 
     def seconds_since_drain(self, slot: str) -> float | None:
         rows = self.fetchall(f"SELECT updated_at FROM {self.state('cursor')} WHERE slot = ?", [slot])
+        return time.time() - float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def seconds_since_write(self, table: Table) -> float | None:
+        """Since the table's state was last written (its last sync, for the query strategies)."""
+        rows = self.fetchall(f"SELECT updated_at FROM {self.state('tables')} WHERE table_key = ?", [table_key(table)])
         return time.time() - float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     def set_drained_lsn(self, slot: str, lsn: int) -> None:
@@ -362,6 +385,7 @@ class SqlWarehouse:
         relations = self.slice_relations(table, batches)
         self.begin()
         try:
+            self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
             self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
             rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
             self._settle_leftovers(table, previous, still_in_source)
@@ -406,7 +430,7 @@ class SqlWarehouse:
         try:
             relations = self.slice_relations(table, batches)
             try:
-                rows, nbytes = self._load_rows(table, copy, relations, None, "a reload")
+                rows, nbytes = self._load_rows(table, copy, relations, None, "a reload", evict=False)
             finally:
                 relations.close()  # type: ignore[attr-defined]
             with self.transaction():
@@ -423,10 +447,18 @@ class SqlWarehouse:
         return rows[0][0] if rows else None
 
     def _load_rows(
-        self, table: Table, target: str, relations, slice_value: int | None, what: str, progress: Progress | None = None
+        self,
+        table: Table,
+        target: str,
+        relations,
+        slice_value: int | None,
+        what: str,
+        progress: Progress | None = None,
+        evict: bool = True,
     ) -> tuple[int, int]:
         """Insert staged source rows into ``target``, first deleting rows with the same keys (a
-        row an update moved here from another slice's pages is still stored under that slice)."""
+        row an update moved here from another slice's pages is still stored under that slice);
+        ``evict=False`` for a target that starts empty."""
         mappings = dict(self.column_mappings(table))
         names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
         keys = ", ".join(self.ident(k) for k in table.primary_key)
@@ -436,7 +468,8 @@ class SqlWarehouse:
         rows = nbytes = 0
         for relation, batch in relations:
             try:
-                self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
+                if evict:
+                    self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
                 self.execute(f"INSERT INTO {target} ({names}) SELECT {select} FROM {relation}")
             except self.errors as exc:
                 where = f"rows {rows}..{rows + batch.num_rows}" if batch is not None else "its rows"
@@ -572,7 +605,7 @@ class SqlWarehouse:
                     self.ensure_log(plan.table, plan.columns)
             while True:
                 try:
-                    return self._apply_drain_once(decoded, staged, pending, statuses, failed_now, target_lsn, slot, failpoint)
+                    return self._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint)
                 except _TableFailed as failure:
                     failed_now[failure.key] = failure.describe()
                     self.ensure_log(decoded.plans[failure.key].table, decoded.plans[failure.key].columns)
@@ -590,12 +623,15 @@ class SqlWarehouse:
             self.ensure_log(plan.table, plan.columns)
         return added
 
-    def _apply_drain_once(self, decoded, staged, pending, statuses, failed_now, target_lsn, slot, failpoint) -> dict:
+    def _apply_drain_once(self, decoded, staged, pending, failed_now, target_lsn, slot, failpoint) -> dict:
         from pg_replication.cdc import TableOutcome
 
         outcomes = {}
         self.begin()
         try:
+            for key in decoded.batches:
+                self._lock_state(key)
+            statuses = self.statuses()  # after the locks: a backfill that just completed is seen
             for key, batch in decoded.batches.items():
                 plan = decoded.plans[key]
                 status, error = statuses.get(key, ("backfilling", None))
@@ -610,8 +646,10 @@ class SqlWarehouse:
                             self.apply_changes(plan.table, changes, plan.mappings)
                     except (*self.errors, PgReplicationError) as exc:
                         raise _TableFailed(key, batch.stats.first_lsn, exc) from None
-                    self._upsert_state("tables", {"table_key": key}, {"applied_lsn": batch.stats.last_lsn, "updated_at": time.time()})
-                    outcomes[key] = TableOutcome(plan.table, batch.stats, "applied", self.row_count(plan.table))
+                    applied = {"applied_lsn": batch.stats.last_lsn} if batch.stats.last_lsn is not None else {}
+                    self._upsert_state("tables", {"table_key": key}, {**applied, "updated_at": time.time()})
+                    rows_now = self.row_count(plan.table) if self.counts_rows_cheaply else None
+                    outcomes[key] = TableOutcome(plan.table, batch.stats, "applied", rows_now)
                     continue
                 for changes in staged[key]:
                     self.append_log(plan.table, changes)

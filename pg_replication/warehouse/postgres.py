@@ -88,6 +88,7 @@ class PostgresWarehouse(SqlWarehouse):
 
     name = "postgres"
     errors = (psycopg.Error,)
+    counts_rows_cheaply = False  # count(*) scans the table
     text_type = "text"
 
     def __init__(self, conn: psycopg.Connection, *, schema_prefix: str = "", read_only: bool = False) -> None:

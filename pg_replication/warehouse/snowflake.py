@@ -25,7 +25,7 @@ import snowflake.connector
 import snowflake.connector.pandas_tools  # called through the module: fakesnow patches the attribute
 from snowflake.connector import SnowflakeConnection
 
-from pg_replication.errors import ConfigError
+from pg_replication.errors import ConfigError, WarehouseError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import snowflake_types, staging
@@ -52,8 +52,7 @@ class SnowflakeWarehouse(SqlWarehouse):
 
     ``merge``: apply each change segment with one MERGE (the default). ``merge=False`` resolves
     it into a scratch table, then DELETE + INSERT: the same result, for emulators (fakesnow) that
-    cannot run MERGE inside a transaction. ``schema_prefix``: warehouse schema = prefix + source
-    schema. The session's current schema becomes ``_PG_REPLICATION`` (see the module docstring).
+    cannot run MERGE inside a transaction. The session's current schema becomes ``_PG_REPLICATION`` (see the module docstring).
 
     Example::
 
@@ -66,13 +65,13 @@ class SnowflakeWarehouse(SqlWarehouse):
     errors = (snowflake.connector.errors.Error, duckdb.Error)  # fakesnow leaks raw DuckDB errors
     text_type = "VARCHAR"
 
-    def __init__(self, conn: SnowflakeConnection, *, read_only: bool = False, merge: bool = True, schema_prefix: str = "") -> None:
+    def __init__(self, conn: SnowflakeConnection, *, read_only: bool = False, merge: bool = True) -> None:
         if getattr(conn, "_paramstyle", None) != "qmark":
             raise ConfigError(
                 "SnowflakeWarehouse needs a connection opened with paramstyle='qmark'",
                 hint="pass paramstyle='qmark' to snowflake.connector.connect (or SnowflakeResource)",
             )
-        self.conn, self.merge, self.schema_prefix = conn, merge, schema_prefix
+        self.conn, self.merge = conn, merge
         self.cursor = conn.cursor()
         self._in_transaction = False
         self._scratch: dict[str, str] = {}  # table key -> its scratch table (merge=False)
@@ -175,7 +174,9 @@ class SnowflakeWarehouse(SqlWarehouse):
         if data.num_rows == 0:
             return
         frame = data.rename_columns([fold(c) for c in data.schema.names]).to_pandas(types_mapper=pd.ArrowDtype)
-        snowflake.connector.pandas_tools.write_pandas(self.conn, frame, fold(name), quote_identifiers=True)
+        success, _, rows, _ = snowflake.connector.pandas_tools.write_pandas(self.conn, frame, fold(name), quote_identifiers=True)
+        if not success or rows != data.num_rows:
+            raise WarehouseError(f"Snowflake loaded {rows} of {data.num_rows} staged rows into {fold(name)}")
 
     def stage(self, name: str, data: pa.Table) -> str:
         relation = self._create_stage(name, data.schema.names)
