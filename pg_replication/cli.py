@@ -88,13 +88,15 @@ def cmd_status(args) -> int:
             "lag_seconds": round(since_drain, 1) if since_drain is not None and slot.lag_bytes else 0.0,
         }
     header = (
-        f"slot {config.source.slot}: missing"
+        f"slot {config.source.slot}: missing" + ("" if any(t.strategy == "cdc" for t in tables) else " (no table uses strategy cdc)")
         if slot_info is None
         else "slot {name}: active={active} wal_status={wal_status} confirmed={confirmed_lsn} current={current_lsn} "
         "lag={lag_bytes} B / {lag_seconds} s retained={wal_retained_bytes} B".format(**slot_info)
     )
     _emit(args, {"slot": slot_info, "tables": rows}, rows, ["table", "status", "backfill", "applied_lsn", "source_rows_est", "warehouse_rows", "error"], header)
-    unhealthy = slot is None or slot.wal_status == "lost" or any(r["status"] == "failed" for r in rows)
+    needs_slot = any(t.strategy == "cdc" for t in tables)
+    slot_trouble = (slot is None and needs_slot) or (slot is not None and slot.wal_status == "lost")
+    unhealthy = slot_trouble or any(r["status"] == "failed" for r in rows)
     return EXIT_UNHEALTHY if unhealthy else 0
 
 

@@ -27,14 +27,14 @@ def sync_metadata(result: SyncResult) -> dict[str, dg.MetadataValue]:
     return metadata
 
 
-def _sync_job(name: str, cron: str, tables: list[Table], pool: str, translator: TableAssetTranslator) -> dg.JobDefinition:
-    @dg.op(name=f"{name}_tables", pool=pool, out={})
+def _sync_job(name: str, cron: str, tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> dg.JobDefinition:
+    @dg.op(name=f"{name}_tables", pool=config.source.pool, out={})
     def sync(context: dg.OpExecutionContext, source: PostgresSource, warehouse: WarehouseResource):
         failed = []
         with warehouse.open() as wh:
             for table in tables:
                 try:
-                    result = sync_table(source.conninfo, wh, table, log=context.log.info)
+                    result = sync_table(source.conninfo, wh, table, readers=config.source.readers, log=context.log.info)
                 except (PgReplicationError, psycopg.Error, *wh.errors) as exc:  # one table's trouble stops only that table
                     failed.append(f"{table.display}: {str(exc).strip().splitlines()[0]}")
                     continue
@@ -70,7 +70,7 @@ def build_sync_schedules(config: ReplicationConfig, tables: list[Table], transla
     for cron, group in sorted(by_cron.items()):
         # named after the cron, so adding another schedule renames nothing (nor its UI state)
         name = f"{config.source.name}_sync_{hashlib.sha1(cron.encode()).hexdigest()[:8]}"
-        job = _sync_job(name, cron, group, config.source.pool, translator)
+        job = _sync_job(name, cron, group, config, translator)
         schedules.append(
             dg.ScheduleDefinition(
                 name=f"{name}_schedule",

@@ -26,6 +26,7 @@ from pg_replication.backfill import current_table
 from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
 from pg_replication.source.query_reader import read_where
+from pg_replication.source.snapshot import make_plan, read_slice
 from pg_replication.source.watermarks import Watermark, after_key, cursor_mark, initial_mark, key_mark, since_cursor
 from pg_replication.types import SESSION_OPTIONS
 from pg_replication.warehouse.base import Warehouse
@@ -54,9 +55,15 @@ def reload_due(table: Table, today: date, mark: Watermark) -> bool:
 
 
 def sync_table(
-    conninfo: str, warehouse: Warehouse, table: Table, *, today: date | None = None, log: Callable[[str], None] = lambda _m: None
+    conninfo: str,
+    warehouse: Warehouse,
+    table: Table,
+    *,
+    today: date | None = None,
+    readers: int = 2,
+    log: Callable[[str], None] = lambda _m: None,
 ) -> SyncResult:
-    """One sync of a table with a query strategy."""
+    """One sync of a table with a query strategy; a reload reads with ``readers`` COPY streams."""
     started = time.monotonic()
     entry = table.entry
     assert entry is not None
@@ -76,9 +83,14 @@ def sync_table(
         if not conn.execute(lock).fetchone()[0]:  # type: ignore[index]
             return SyncResult(table, "skipped", watermark=mark, reason="another sync of this table is running")
         if reload:
+            # The mark is read before the readers' snapshot: rows in between are read again next time.
             new = Watermark(initial_mark(conn, table), today.isoformat() if entry.reload_on is not None else mark.reloaded)
-            rows = read_where(conn, table, sql.SQL("true"), [], warehouse.map_column)
-            written, mode = warehouse.replace_rows(table, rows, new.to_json()), "reloaded"
+            whole = make_plan(conn, table, 1, "0/0").slices[0]  # CTID ranges, split among the readers
+            rows = read_slice(conninfo, table, whole, readers=readers, mapper=warehouse.map_column)
+            try:
+                written, mode = warehouse.replace_rows(table, rows, new.to_json()), "reloaded"
+            finally:
+                rows.close()
         elif entry.strategy == "append":
             where, params = after_key(table, mark.mark)  # type: ignore[arg-type]
             new = Watermark(key_mark(conn, table, where, params) or mark.mark, mark.reloaded)
