@@ -70,6 +70,9 @@ _INTERVAL_SELECT = (
     " + extract(microseconds from {0}))::int8 || ' microseconds')"
 )
 
+# Kept as their exact text form in DuckDB and Snowflake (no lossless native type; a Postgres replica keeps them).
+TEXT_FORM_TYPES = ("inet", "cidr", "macaddr", "macaddr8", "bit", "varbit", "tsvector", "tsquery", "xml")
+
 # Base types by name (pg_catalog). Anything not here falls back to text.
 TYPE_TABLE: dict[str, TypeMapping] = {
     "int2": TypeMapping(pa.int16(), "SMALLINT"),
@@ -100,16 +103,7 @@ TYPE_TABLE: dict[str, TypeMapping] = {
     "money": TypeMapping(
         pa.string(), "DECIMAL(19,2)", load="CAST({0} AS DECIMAL(19,2))", select="{0}::numeric", from_text=money_to_number
     ),
-    # Kept as their exact text form (no lossless native DuckDB type):
-    "inet": _TEXT,
-    "cidr": _TEXT,
-    "macaddr": _TEXT,
-    "macaddr8": _TEXT,
-    "bit": _TEXT,
-    "varbit": _TEXT,
-    "tsvector": _TEXT,
-    "tsquery": _TEXT,
-    "xml": _TEXT,
+    **{name: _TEXT for name in TEXT_FORM_TYPES},
 }
 
 # Element types whose JSON form (to_json) DuckDB casts exactly into a typed LIST.

@@ -78,16 +78,7 @@ TYPE_TABLE: dict[str, TypeMapping] = {
     "timetz": _TEXT,  # Snowflake has no time with an offset
     "interval": _TEXT,  # ISO 8601 text ('P1Y2M3DT4H5M6S'): IntervalStyle=iso_8601
     "money": _cast("NUMBER(19,2)", select="{0}::numeric", from_text=types.TYPE_TABLE["money"].from_text),
-    # Kept as their exact text form (no lossless native Snowflake type):
-    "inet": _TEXT,
-    "cidr": _TEXT,
-    "macaddr": _TEXT,
-    "macaddr8": _TEXT,
-    "bit": _TEXT,
-    "varbit": _TEXT,
-    "tsvector": _TEXT,
-    "tsquery": _TEXT,
-    "xml": _TEXT,
+    **{name: _TEXT for name in types.TEXT_FORM_TYPES},
 }
 
 
