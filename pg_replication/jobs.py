@@ -39,14 +39,15 @@ def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataVa
     return metadata
 
 
-def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, what: str):
-    """One materialization per applied table (the micro-batch), with its metadata."""
+def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, drained: str, description: str):
+    """Log the drain, then one materialization per applied table (the micro-batch)."""
+    context.log.info(f"drained {drained} in {result.seconds:.2f} s (caught up: {result.caught_up})")
     now = time.time()
     for outcome in result.tables.values():
         if outcome.mode == "applied":
             yield dg.AssetMaterialization(
                 asset_key=translator.get_asset_key(outcome.table),
-                description=what,
+                description=description,
                 metadata=table_metadata(outcome, now),
             )
 
@@ -65,19 +66,14 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
             if slot_tables:
                 run_settings = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
                 result: DrainResult = drain_once(source.conninfo, wh, slot_tables, run_settings, context.log.info)
-                context.log.info(
-                    f"drained {result.changes:,} changes in {result.transactions:,} transactions up to "
-                    f"{int_to_lsn(result.drained_lsn)} in {result.seconds:.2f} s (caught up: {result.caught_up})"
-                )
-                yield from _report(context, translator, result, f"CDC micro-batch up to {int_to_lsn(result.drained_lsn)}")
+                lsn = int_to_lsn(result.drained_lsn)
+                drained = f"{result.changes:,} changes in {result.transactions:,} transactions up to {lsn}"
+                yield from _report(context, translator, result, drained, f"CDC micro-batch up to {lsn}")
                 failed.update(result.failed)
             if captured_tables:
                 result = drain_captured(source.conninfo, wh, captured_tables, CaptureSettings(max_changes=config.max_changes), context.log.info)
-                context.log.info(
-                    f"drained {result.changes:,} captured changes up to change {result.drained_lsn} in "
-                    f"{result.seconds:.2f} s (caught up: {result.caught_up})"
-                )
-                yield from _report(context, translator, result, f"captured changes up to change {result.drained_lsn}")
+                drained = f"{result.changes:,} captured changes up to change {result.drained_lsn}"
+                yield from _report(context, translator, result, drained, f"captured changes up to change {result.drained_lsn}")
                 failed.update(result.failed)
         if failed:
             problems = "; ".join(o.error or key for key, o in failed.items())

@@ -112,14 +112,25 @@ _JSON_NATIVE_ELEMENTS = {"int2", "int4", "int8", "float4", "float8", "bool", "te
 _TEXT_CAST_ELEMENTS = {"uuid", "date", "timestamp", "timestamptz", "time", "timetz", "numeric", "oid"}
 
 
+def numeric_typmod(typmod: int) -> tuple[int, int] | None:
+    """(precision, scale) of a numeric's type modifier; None when no precision is declared."""
+    if typmod < 4:
+        return None
+    return ((typmod - 4) >> 16) & 0xFFFF, (typmod - 4) & 0xFFFF
+
+
+def decimal_precision(typmod: int) -> tuple[int, int] | None:
+    """(precision, scale) a warehouse decimal can hold exactly (p <= 38), else None."""
+    declared = numeric_typmod(typmod)
+    if declared is None or declared[0] > DECIMAL_MAX_PRECISION or declared[1] > declared[0]:
+        return None
+    return declared
+
+
 def numeric_mapping(typmod: int) -> TypeMapping:
     """numeric(p,s) with p <= 38 -> DECIMAL(p,s); unconstrained or wider numeric keeps its text."""
-    if typmod < 4:  # no precision declared
-        return _TEXT
-    precision, scale = ((typmod - 4) >> 16) & 0xFFFF, (typmod - 4) & 0xFFFF
-    if precision > DECIMAL_MAX_PRECISION or scale > precision:
-        return _TEXT
-    return _cast(f"DECIMAL({precision},{scale})")
+    fits = decimal_precision(typmod)
+    return _TEXT if fits is None else _cast(f"DECIMAL({fits[0]},{fits[1]})")
 
 
 def _base_mapping(t: PgType, typmod: int) -> TypeMapping:

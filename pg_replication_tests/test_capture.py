@@ -13,7 +13,7 @@ from pg_replication.errors import SourceNotReadyError
 from pg_replication.source.connection import connect
 from pg_replication.source.triggers import install, uninstall
 from pg_replication_tests.replication import Harness
-from pg_replication_tests.test_exactly_once import Writer
+from pg_replication_tests.test_exactly_once import converge, create_writers_table
 
 
 class CaptureHarness(Harness):
@@ -106,12 +106,10 @@ def test_uninstall_removes_everything_and_a_least_privilege_role_drains(pg, pg_u
 
 
 def test_convergence_under_concurrent_writes(pg, pg_url, target):
-    pg.execute("CREATE TABLE t (id int PRIMARY KEY, pad text, n int)")
-    pg.execute("INSERT INTO t SELECT i, repeat('p', i % 200), 0 FROM generate_series(1, 3000) i")
+    create_writers_table(pg)
     h = CaptureHarness(pg_url, target, ["t"], partitions=4)
-    writer = Writer(pg_url, seed=int(os.environ.get("PGR_SEED", "7")))
-    writer.start()
-    try:
+
+    def interleave():
         h.backfill(slices=[2])
         h.drain(max_changes=500)
         h.backfill(slices=[0, 3])
@@ -119,18 +117,8 @@ def test_convergence_under_concurrent_writes(pg, pg_url, target):
         h.backfill(slices=[1])  # completes the backfill: the log is replayed
         h.drain()
         h.backfill(slices=[2])  # a partition re-run while capture is live
-        for _ in range(200):  # let the writer get past its TRUNCATE and ADD COLUMN
-            if writer.transactions > 160 or writer.error:
-                break
-            h.drain(max_changes=3000)
-    finally:
-        writer.stop.set()
-        writer.join(timeout=60)
-    assert writer.error is None, writer.error
-    assert writer.transactions > 160
-    h.drain_all()
-    h.reload()
-    h.assert_equal(pg, "t")
+
+    converge(pg, h, interleave)
 
 
 @pytest.mark.parametrize("target", ["duckdb"], indirect=True)

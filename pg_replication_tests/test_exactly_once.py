@@ -114,25 +114,19 @@ class Writer(threading.Thread):
             conn.execute("UPDATE t SET id = %s WHERE id = %s", (self.moved_id, key))
 
 
-def test_convergence_under_concurrent_writes(pg, pg_url, target):
+def create_writers_table(pg: psycopg.Connection) -> None:
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, pad text, n int)")
     pg.execute("INSERT INTO t SELECT i, repeat('p', i % 200), 0 FROM generate_series(1, 3000) i")
-    h = Harness(pg_url, target, ["t"], partitions=4)
-    writer = Writer(pg_url, seed=int(os.environ.get("PGR_SEED", "7")))
+
+
+def converge(pg: psycopg.Connection, h: Harness, interleave) -> None:
+    """While a Writer changes table t, run ``interleave()`` (slices, drains, crashes), keep
+    draining until the writer is past its TRUNCATE and ADD COLUMN, then compare every row."""
+    writer = Writer(h.pg_url, seed=int(os.environ.get("PGR_SEED", "7")))
     writer.start()
     try:
-        h.backfill(slices=[2])
-        h.drain(max_changes=500)
-        h.backfill(slices=[0])
-        crash_or_drain(h, "mid_apply")
-        h.drain(max_changes=2000)
-        h.backfill(slices=[3])
-        crash_or_drain(h, "after_commit")
-        h.backfill(slices=[1])  # completes the backfill: the log is replayed
-        h.drain()
-        h.backfill(slices=[2])  # a partition re-run while CDC is live
-        crash_or_drain(h, "after_read")
-        for _ in range(200):  # let the writer get past its TRUNCATE and ADD COLUMN
+        interleave()
+        for _ in range(200):
             if writer.transactions > 160 or writer.error:
                 break
             h.drain(max_changes=3000)
@@ -144,3 +138,23 @@ def test_convergence_under_concurrent_writes(pg, pg_url, target):
     h.drain_all()
     h.reload()
     h.assert_equal(pg, "t")
+
+
+def test_convergence_under_concurrent_writes(pg, pg_url, target):
+    create_writers_table(pg)
+    h = Harness(pg_url, target, ["t"], partitions=4)
+
+    def interleave():
+        h.backfill(slices=[2])
+        h.drain(max_changes=500)
+        h.backfill(slices=[0])
+        crash_or_drain(h, "mid_apply")
+        h.drain(max_changes=2000)
+        h.backfill(slices=[3])
+        crash_or_drain(h, "after_commit")
+        h.backfill(slices=[1])  # completes the backfill: the log is replayed
+        h.drain()
+        h.backfill(slices=[2])  # a partition re-run while CDC is live
+        crash_or_drain(h, "after_read")
+
+    converge(pg, h, interleave)

@@ -383,22 +383,18 @@ class SqlWarehouse:
         previous = -1 - index  # rows this slice wrote before, until the new copy replaces them
         started = time.monotonic()
         relations = self.slice_relations(table, batches)
-        self.begin()
         try:
-            self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
-            self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
-            rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
-            self._settle_leftovers(table, previous, still_in_source)
-            self._upsert_state(
-                "slices",
-                {"table_key": table_key(table), "slice": index},
-                {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
-            )
-            self._start_streaming_when_complete(table)
-            self.commit()
-        except BaseException:
-            self.rollback()
-            raise
+            with self.transaction():
+                self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
+                self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
+                rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
+                self._settle_leftovers(table, previous, still_in_source)
+                self._upsert_state(
+                    "slices",
+                    {"table_key": table_key(table), "slice": index},
+                    {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
+                )
+                self._start_streaming_when_complete(table)
         finally:
             relations.close()  # type: ignore[attr-defined]
         if self.load_state(table).status == "streaming":
@@ -409,14 +405,10 @@ class SqlWarehouse:
         """Insert the rows, replacing any with the same key, and store the table's new
         watermark, in one transaction (the append and updated_at strategies)."""
         relations = self.slice_relations(table, batches)
-        self.begin()
         try:
-            rows, nbytes = self._load_rows(table, self.table_name(table), relations, None, "a sync")
-            self._upsert_state("tables", {"table_key": table_key(table)}, {"watermark": watermark, "updated_at": time.time()})
-            self.commit()
-        except BaseException:
-            self.rollback()
-            raise
+            with self.transaction():
+                rows, nbytes = self._load_rows(table, self.table_name(table), relations, None, "a sync")
+                self._set_watermark(table, watermark)
         finally:
             relations.close()  # type: ignore[attr-defined]
         return SliceResult(rows, nbytes)
@@ -436,10 +428,13 @@ class SqlWarehouse:
             with self.transaction():
                 self.execute(f"DELETE FROM {target}")
                 self.execute(f"INSERT INTO {target} SELECT * FROM {copy}")
-                self._upsert_state("tables", {"table_key": table_key(table)}, {"watermark": watermark, "updated_at": time.time()})
+                self._set_watermark(table, watermark)
         finally:
             self.execute(f"DROP TABLE IF EXISTS {copy}")
         return SliceResult(rows, nbytes)
+
+    def _set_watermark(self, table: Table, watermark: str | None) -> None:
+        self._upsert_state("tables", {"table_key": table_key(table)}, {"watermark": watermark, "updated_at": time.time()})
 
     def watermark(self, table: Table) -> str | None:
         """How far a query strategy has read (its own JSON), None before the first time."""

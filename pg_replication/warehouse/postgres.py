@@ -21,7 +21,7 @@ from psycopg import sql
 
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Column, PgType, Table
-from pg_replication.types import SESSION_OPTIONS, TypeMapping
+from pg_replication.types import SESSION_OPTIONS, TypeMapping, numeric_typmod
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import SLICE_COLUMN
 from pg_replication.warehouse.engine import SqlWarehouse
@@ -38,8 +38,9 @@ def _type_sql(t: PgType, typmod: int) -> str | None:
     if t.schema != "pg_catalog" or t.kind not in ("base", "range", "multirange"):
         return None
     name = sql.Identifier("pg_catalog", t.name).as_string()
-    if t.name == "numeric" and typmod >= 4:
-        return f"{name}({((typmod - 4) >> 16) & 0xFFFF},{(typmod - 4) & 0xFFFF})"
+    declared = numeric_typmod(typmod) if t.name == "numeric" else None
+    if declared is not None:
+        return f"{name}({declared[0]},{declared[1]})"
     if t.name in _LENGTH_TYPES and typmod >= 4:
         return f"{name}({typmod - 4})"
     if t.name in _PRECISION_TYPES | _BIT_TYPES and typmod >= 0:

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from pg_replication import types
 from pg_replication.source.catalog import Column, PgType
-from pg_replication.types import DECIMAL_MAX_PRECISION, TypeMapping
+from pg_replication.types import TypeMapping
 
 _TEXT = TypeMapping(pa.string(), "VARCHAR")
 
@@ -84,12 +84,8 @@ TYPE_TABLE: dict[str, TypeMapping] = {
 
 def numeric_mapping(typmod: int) -> TypeMapping:
     """numeric(p,s) with p <= 38 -> NUMBER(p,s); unconstrained or wider numeric keeps its text."""
-    if typmod < 4:
-        return _TEXT
-    precision, scale = ((typmod - 4) >> 16) & 0xFFFF, (typmod - 4) & 0xFFFF
-    if precision > DECIMAL_MAX_PRECISION or scale > precision:
-        return _TEXT
-    return _cast(f"NUMBER({precision},{scale})")
+    fits = types.decimal_precision(typmod)
+    return _TEXT if fits is None else _cast(f"NUMBER({fits[0]},{fits[1]})")
 
 
 def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
