@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
+from pg_replication.source.recovery import row_reader
 from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
 from pg_replication.source.triggers import require_capture
@@ -117,7 +118,8 @@ def run_backfill(
             conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit, mapper=warehouse.map_column
         )
         try:
-            result = warehouse.write_slice(table, index, batches, progress, still_in_source)
+            read_rows = row_reader(conninfo, table, warehouse.map_column)
+            result = warehouse.write_slice(table, index, batches, progress, still_in_source, read_rows)
         finally:
             batches.close()
         total_rows += result.rows

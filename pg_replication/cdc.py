@@ -23,6 +23,7 @@ from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.source import pgoutput as po
 from pg_replication.source.catalog import Column, PgType, Table, load_types, missing_values
 from pg_replication.source.connection import connect
+from pg_replication.source.recovery import row_reader
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
 from pg_replication.source.snapshot import Mapper
 from pg_replication.types import SESSION_OPTIONS, TypeMapping
@@ -247,7 +248,9 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
         target = max(drained or 0, decoded.last_end_lsn or 0, before if decoded.exhausted else 0, status.confirmed_lsn)
         missing_values = _missing_values(conn, decoded)
         result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
-        result.tables = warehouse.apply_drain(decoded, target, settings.slot, missing_values)
+        result.tables = warehouse.apply_drain(
+            decoded, target, settings.slot, missing_values, lambda table: row_reader(conninfo, table, warehouse.map_column)
+        )
         failpoint("after_commit")
         if target > status.confirmed_lsn:
             advance(conn, settings.slot, target)

@@ -59,6 +59,10 @@ class Segment:
         self.rows.clear()
         self.truncated = True
 
+    @property
+    def has_unknowns(self) -> bool:
+        return any(u is not None and u.unknown for u in self.rows.values())
+
 
 @dataclass
 class TableStats:

@@ -27,7 +27,7 @@ def _blob_is_out_of_line(pg) -> None:
     assert stored >= 3000  # EXTERNAL: the value lives in the TOAST table, uncompressed
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: unchanged TOAST written as NULL when the warehouse row is missing")
+
 def test_key_change_before_its_slice_is_copied(docs, pg):
     _blob_is_out_of_line(pg)
     docs.backfill(slices=[1])
@@ -38,7 +38,7 @@ def test_key_change_before_its_slice_is_copied(docs, pg):
     docs.assert_equal(pg, "docs")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: unchanged TOAST written as NULL when the warehouse row is missing")
+
 def test_page_moving_update_into_a_copied_slice(docs, pg):
     docs.backfill(slices=[1])
     before = pg.execute("SELECT ctid FROM docs WHERE id = 4").fetchone()[0]
@@ -52,7 +52,7 @@ def test_page_moving_update_into_a_copied_slice(docs, pg):
     docs.assert_equal(pg, "docs")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: unchanged TOAST written as NULL when the warehouse row is missing")
+
 def test_slice_rerun_while_streaming_then_key_change(docs, pg):
     docs.backfill()
     assert docs.drain_all()

@@ -24,6 +24,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from pg_replication.source.catalog import Table
+from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import BackfillPlan
 
 def quote(*names: str) -> str:
@@ -78,10 +79,13 @@ class Warehouse(Protocol):
         batches: Iterable[pa.RecordBatch],
         progress: Progress | None = None,
         still_in_source: KeyCheck | None = None,
+        read_rows: RowReader | None = None,
     ) -> SliceResult:
         """Replace the slice's rows; rows it held before that the source no longer has are
         deleted, rows an update moved elsewhere stay. When this completes the backfill, the
-        table's change log is replayed and the table starts streaming, in the same transaction."""
+        table's change log is replayed and the table starts streaming, in the same transaction;
+        a logged change that keeps a value of a row the warehouse does not hold is completed
+        from the source (``read_rows``), never written as NULL."""
         ...
 
     def row_count(self, table: Table) -> int: ...
@@ -94,11 +98,14 @@ class Warehouse(Protocol):
         """The end of the last change batch committed for this slot (None before the first)."""
         ...
 
-    def apply_drain(self, decoded, target_lsn: int, slot: str, missing_values: dict) -> dict:
+    def apply_drain(
+        self, decoded, target_lsn: int, slot: str, missing_values: dict, read_rows: Callable[[Table], RowReader] | None = None
+    ) -> dict:
         """In one transaction: apply each streaming table's folded changes (or append them to the
         change log of a table still backfilling or failed), then record ``target_lsn`` as drained.
         A table the warehouse refuses is marked failed and logged instead; the others commit.
-        Returns the outcome per table (``cdc.TableOutcome``)."""
+        Unchanged-TOAST values whose warehouse row is missing are read from the source
+        (``read_rows(table)``). Returns the outcome per table (``cdc.TableOutcome``)."""
         ...
 
     def statuses(self) -> dict[str, tuple[str, str | None]]:

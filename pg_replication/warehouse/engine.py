@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import VOLATILE_DEFAULT, Column, Table
+from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import BackfillPlan
 from pg_replication.types import TypeMapping, map_column
 from pg_replication.warehouse import staging
@@ -32,6 +33,7 @@ from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, 
 from pg_replication.warehouse.staging import StagedChanges
 
 SEGMENT, COLUMNS = "_segment", "_columns"  # change-log columns beside the staged ones
+RECOVERED_SEGMENT = -1  # change-log rows re-read from the source, applied and removed in one transaction
 
 
 def table_key(table: Table) -> str:
@@ -375,6 +377,7 @@ class SqlWarehouse:
         batches: Iterable[pa.RecordBatch],
         progress: Progress | None = None,
         still_in_source: KeyCheck | None = None,
+        read_rows: RowReader | None = None,
     ) -> SliceResult:
         """Replace the slice's rows; rows it held before that the source no longer has are
         deleted, rows an update moved elsewhere stay. When this completes the backfill, the
@@ -394,7 +397,7 @@ class SqlWarehouse:
                     {"table_key": table_key(table), "slice": index},
                     {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
                 )
-                self._start_streaming_when_complete(table)
+                self._start_streaming_when_complete(table, read_rows)
         finally:
             relations.close()  # type: ignore[attr-defined]
         if self.load_state(table).status == "streaming":
@@ -503,11 +506,11 @@ class SqlWarehouse:
         for key in keys:
             self.execute(f"DELETE FROM {self.table_name(table)} WHERE {where}", list(key))
 
-    def _start_streaming_when_complete(self, table: Table) -> None:
+    def _start_streaming_when_complete(self, table: Table, read_rows: RowReader | None) -> None:
         state = self.load_state(table)
         if state.plan is None or len(state.slices_done) < state.plan.partitions or state.status != "backfilling":
             return
-        self.replay_log(table)
+        self.replay_log(table, read_rows)
         self.set_status(table_key(table), "streaming")
 
     # -- the change log ---------------------------------------------------------------------
@@ -545,14 +548,13 @@ class SqlWarehouse:
             [json.dumps(changes.columns)],
         )
 
-    def replay_log(self, table: Table) -> int:
+    def replay_log(self, table: Table, read_rows: RowReader | None = None) -> int:
         """Apply every logged segment in order, then empty the log. Returns the rows replayed."""
         name = self.log_name(table)
         if self.physical_columns(STATE_SCHEMA, name) is None:
             return 0
         log = self.state(name)
         mappings = self.stored_mappings(table)
-        fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
         replayed = 0
         segment_column, columns_column = self.ident(SEGMENT), self.ident(COLUMNS)
         for segment, columns_json, rows, truncates in self.fetchall(
@@ -560,19 +562,77 @@ class SqlWarehouse:
                 FROM {log} GROUP BY {segment_column}, {columns_column} ORDER BY 1"""
         ):
             columns = tuple(c for c in json.loads(columns_json) if c in mappings)
-            values = [f"{self.ident(c)} AS {self.ident(staging.value_column(i))}" for i, c in enumerate(columns)]
-            relation = (
-                f"(SELECT {self.ident(staging.OP)}, {self.ident(staging.UNKNOWN)}, {', '.join(fills)}, "
-                f'{", ".join(values)} FROM {log} WHERE {segment_column} = {int(segment)})'
-            )
-            self.apply_changes(table, StagedChanges(relation, columns, bool(truncates), int(rows)), mappings)
+            relation = self._log_segment(table, int(segment), columns)
+            self.apply_segment(table, StagedChanges(relation, columns, bool(truncates), int(rows)), mappings, read_rows)
             replayed += int(rows)
         self.execute(f"DELETE FROM {log}")
         return replayed
 
+    def _log_segment(self, table: Table, segment: int, columns: Sequence[str]) -> str:
+        """One logged segment as a staged relation (see staging.py)."""
+        fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
+        values = [f"{self.ident(c)} AS {self.ident(staging.value_column(i))}" for i, c in enumerate(columns)]
+        return (
+            f"(SELECT {self.ident(staging.OP)}, {self.ident(staging.UNKNOWN)}, {', '.join(fills)}, "
+            f"{', '.join(values)} FROM {self.state(self.log_name(table))} WHERE {self.ident(SEGMENT)} = {int(segment)})"
+        )
+
+    def apply_segment(
+        self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping], read_rows: RowReader | None
+    ) -> None:
+        """Apply one staged segment inside the caller's transaction. Upserts that keep a value the
+        warehouse does not hold (its row is missing) are completed from the source's current row
+        (``read_rows``): a version at or after the change, so later changes converge on it."""
+        target = self.table_name(table)
+        orphans: list[tuple] = []
+        if changes.unknowns:
+            orphans = [tuple(r) for r in self.fetchall(staging.orphaned_fills(changes, target, mappings, table.primary_key, self.ident))]
+        self.apply_changes(table, changes, mappings)
+        if not orphans:
+            return
+        if read_rows is None:
+            raise WarehouseError(
+                f"{table.display}: {len(orphans)} change(s) keep a value of a row the warehouse does not hold, "
+                "and no source is at hand to read it",
+                table=table.display,
+                hint="resync the table (pg-replication resync TABLE)",
+            )
+        self._apply_recovered(table, changes.columns, orphans, read_rows(changes.columns, orphans), mappings)
+
+    def _apply_recovered(self, table: Table, columns: tuple[str, ...], keys: list[tuple], found: dict, mappings) -> None:
+        """Rewrite ``keys`` with the rows the source has now (deleting the ones it no longer has),
+        staged through the change log so every dialect applies them inside the transaction."""
+        log = self.state(self.log_name(table))
+        position = {name: i for i, name in enumerate(columns)}
+        width = len(table.primary_key)
+        rows = []
+        for seq, key in enumerate(keys):
+            values = found.get(key)
+            if values is None:  # deleted since: a later change in the slot says so as well
+                values = [None] * len(columns)
+                for k, v in zip(table.primary_key, key):
+                    values[position[k]] = v
+                rows.append([seq, RECOVERED_SEGMENT, json.dumps(columns), "D", None, *([None] * width), *values])
+            else:
+                rows.append([seq, RECOVERED_SEGMENT, json.dumps(columns), "U", None, *key, *values])
+        names = [staging.SEQ, SEGMENT, COLUMNS, staging.OP, staging.UNKNOWN]
+        names += [staging.fill_column(i) for i in range(width)] + list(columns)
+        marks = "(" + ", ".join("?" for _ in names) + ")"
+        for start in range(0, len(rows), 200):
+            chunk = rows[start : start + 200]
+            self.execute(
+                f"INSERT INTO {log} ({', '.join(self.ident(n) for n in names)}) VALUES {', '.join(marks for _ in chunk)}",
+                [v for row in chunk for v in row],
+            )
+        relation = self._log_segment(table, RECOVERED_SEGMENT, columns)
+        self.apply_changes(table, StagedChanges(relation, columns, False, len(rows), unknowns=False), mappings)
+        self.execute(f"DELETE FROM {log} WHERE {self.ident(SEGMENT)} = ?", [RECOVERED_SEGMENT])
+
     # -- CDC --------------------------------------------------------------------------------
 
-    def apply_drain(self, decoded, target_lsn: int, slot: str, missing_values: dict) -> dict:
+    def apply_drain(
+        self, decoded, target_lsn: int, slot: str, missing_values: dict, read_rows: Callable[[Table], RowReader] | None = None
+    ) -> dict:
         """Apply (streaming tables) or log (the rest) every table's changes, and record the
         drained LSN, in one transaction. A table whose apply fails is marked failed and logged
         instead, and the transaction is retried without it."""
@@ -592,7 +652,9 @@ class SqlWarehouse:
                     name = f"pgr_changes_{len(names)}"
                     names.append(name)
                     relation = self.stage(name, staging.segment_table(segment, len(plan.table.primary_key)))
-                    staged[key].append(StagedChanges(relation, segment.columns, segment.truncated, len(segment.rows)))
+                    staged[key].append(
+                        StagedChanges(relation, segment.columns, segment.truncated, len(segment.rows), segment.has_unknowns)
+                    )
                 try:
                     pending[key] = self.prepare_table(plan, status, missing_values.get(key, {}))
                 except (*self.errors, PgReplicationError) as exc:
@@ -600,7 +662,7 @@ class SqlWarehouse:
                     self.ensure_log(plan.table, plan.columns)
             while True:
                 try:
-                    return self._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint)
+                    return self._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows)
                 except _TableFailed as failure:
                     failed_now[failure.key] = failure.describe()
                     self.ensure_log(decoded.plans[failure.key].table, decoded.plans[failure.key].columns)
@@ -614,11 +676,10 @@ class SqlWarehouse:
         added = {}
         if status != "failed" and self.physical_columns(self.schema_of(plan.table), plan.table.name) is not None:
             added = self.add_columns(plan.table, {n: plan.mappings[n] for n in plan.columns}, missing)
-        if status != "streaming":
-            self.ensure_log(plan.table, plan.columns)
+        self.ensure_log(plan.table, plan.columns)  # streaming tables too: values re-read from the source pass through it
         return added
 
-    def _apply_drain_once(self, decoded, staged, pending, failed_now, target_lsn, slot, failpoint) -> dict:
+    def _apply_drain_once(self, decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows) -> dict:
         from pg_replication.cdc import TableOutcome
 
         outcomes = {}
@@ -637,8 +698,9 @@ class SqlWarehouse:
                     self._store_columns(key, {**self.stored_columns(key), **added})
                 if status == "streaming":
                     try:
+                        reader = read_rows(plan.table) if read_rows is not None else None
                         for changes in staged[key]:
-                            self.apply_changes(plan.table, changes, plan.mappings)
+                            self.apply_segment(plan.table, changes, plan.mappings, reader)
                     except (*self.errors, PgReplicationError) as exc:
                         raise _TableFailed(key, batch.stats.first_lsn, exc) from None
                     applied = {"applied_lsn": batch.stats.last_lsn} if batch.stats.last_lsn is not None else {}

@@ -41,6 +41,7 @@ class StagedChanges:
     columns: tuple[str, ...]  # the source column behind c0, c1, ...
     truncated: bool  # the segment starts by emptying the table
     rows: int
+    unknowns: bool = True  # some row keeps a warehouse value (False only when known to be none)
 
 
 def _strings(values) -> pa.Array:
@@ -107,8 +108,25 @@ def resolved_select(
         if name not in key:
             value = f"CASE WHEN substr(s.{ident(UNKNOWN)}, {i + 1}, 1) = '1' THEN {kept} ELSE {value} END"
         select.append(f"{value} AS {ident(name)}")
-    join = " AND ".join(f"w.{ident(k)} = {typed(mappings[k], 's.' + ident(fill_column(j)))}" for j, k in enumerate(key))
     return (
-        f"SELECT {', '.join(select)} FROM {changes.relation} s LEFT JOIN {target} w ON {join} "
+        f"SELECT {', '.join(select)} FROM {changes.relation} s LEFT JOIN {target} w ON {fill_join(mappings, key, ident)} "
         f"WHERE s.{ident(OP)} <> 'T'"
+    )
+
+
+def fill_join(mappings: dict[str, TypeMapping], key: Sequence[str], ident: Callable[..., str]) -> str:
+    """Staged rows ``s`` to the warehouse rows ``w`` their unknown values come from."""
+    return " AND ".join(f"w.{ident(k)} = {typed(mappings[k], 's.' + ident(fill_column(j)))}" for j, k in enumerate(key))
+
+
+def orphaned_fills(
+    changes: StagedChanges, target: str, mappings: dict[str, TypeMapping], key: Sequence[str], ident: Callable[..., str]
+) -> str:
+    """``SELECT <staged key>`` of the upserts that keep a warehouse value the warehouse does not
+    hold: the row to take it from is missing."""
+    position = {name: i for i, name in enumerate(changes.columns)}
+    keys = ", ".join(f"s.{ident(value_column(position[k]))}" for k in key)
+    return (
+        f"SELECT {keys} FROM {changes.relation} s LEFT JOIN {target} w ON {fill_join(mappings, key, ident)} "
+        f"WHERE s.{ident(OP)} = 'U' AND s.{ident(UNKNOWN)} LIKE '%1%' AND w.{ident(key[0])} IS NULL"
     )
