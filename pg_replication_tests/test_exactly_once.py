@@ -72,7 +72,10 @@ def test_killed_drain_resumes_exactly_once(pg, pg_url, target, failpoint):
 
 
 class Writer(threading.Thread):
-    """Random transactions against the table until stopped; one TRUNCATE and one ADD COLUMN."""
+    """Random transactions against the table until stopped; one TRUNCATE and one ADD COLUMN.
+
+    ``blob`` is stored out of line (several kB, STORAGE EXTERNAL): updates that leave it alone,
+    page-moving ones and key changes included, send it as pgoutput's 'unchanged TOAST' marker."""
 
     def __init__(self, url: str, seed: int) -> None:
         super().__init__(daemon=True)
@@ -95,7 +98,10 @@ class Writer(threading.Thread):
                         conn.execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 42")
                     if self.transactions == 120:
                         conn.execute("TRUNCATE t")
-                        conn.execute("INSERT INTO t (id, pad, n) SELECT i, 'reborn', 1 FROM generate_series(1, 300) i")
+                        conn.execute(
+                            "INSERT INTO t (id, pad, n, blob) SELECT i, 'reborn', 1, repeat(md5(i::text), 120) "
+                            "FROM generate_series(1, 300) i"
+                        )
         except BaseException as exc:  # surfaced by the test
             self.error = exc
 
@@ -104,19 +110,28 @@ class Writer(threading.Thread):
         key = self.rng.randint(1, 3000)
         if op < 0.35:
             self.next_id += 1
-            conn.execute("INSERT INTO t (id, pad, n) VALUES (%s, %s, 0)", (self.next_id, "x" * self.rng.randint(0, 300)))
-        elif op < 0.8:  # a longer pad moves the row to another page, often another slice
+            conn.execute(
+                "INSERT INTO t (id, pad, n, blob) VALUES (%s, %s, 0, %s)",
+                (self.next_id, "x" * self.rng.randint(0, 300), self.blob()),
+            )
+        elif op < 0.75:  # a longer pad moves the row to another page, often another slice
             conn.execute("UPDATE t SET pad = %s, n = n + 1 WHERE id = %s", ("y" * self.rng.randint(0, 600), key))
+        elif op < 0.8:
+            conn.execute("UPDATE t SET blob = %s WHERE id = %s", (self.blob(), key))
         elif op < 0.95:
             conn.execute("DELETE FROM t WHERE id = %s", (key,))
         else:
             self.moved_id += 1
-            conn.execute("UPDATE t SET id = %s WHERE id = %s", (self.moved_id, key))
+            conn.execute("UPDATE t SET id = %s WHERE id = %s", (self.moved_id, key))  # blob unchanged
+
+    def blob(self) -> str:
+        return "".join(self.rng.choice("abcdefgh") for _ in range(16)) * self.rng.randint(150, 400)
 
 
 def create_writers_table(pg: psycopg.Connection) -> None:
-    pg.execute("CREATE TABLE t (id int PRIMARY KEY, pad text, n int)")
-    pg.execute("INSERT INTO t SELECT i, repeat('p', i % 200), 0 FROM generate_series(1, 3000) i")
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, pad text, n int, blob text)")
+    pg.execute("ALTER TABLE t ALTER COLUMN blob SET STORAGE EXTERNAL")  # out of line, several kB
+    pg.execute("INSERT INTO t SELECT i, repeat('p', i % 200), 0, repeat(md5(i::text), 100) FROM generate_series(1, 3000) i")
 
 
 def converge(pg: psycopg.Connection, h: Harness, interleave) -> None:
