@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pg_replication.errors import PlanMismatchError
-from pg_replication.source.catalog import Table, missing_values, refresh_table
+from pg_replication.source.catalog import Table, describe_new_columns, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
 from pg_replication.source.slot import add_to_publication, ensure_slot
@@ -77,10 +77,7 @@ def current_table(conninfo: str, warehouse: Warehouse, table: Table) -> Table:
     """Re-read the table from the catalog and make the warehouse table match it."""
     with connect(conninfo) as conn:
         table = refresh_table(conn, table)
-        stored = warehouse.stored_columns(f"{table.schema}.{table.name}")
-        new = [c.name for c in table.columns if c.name not in stored]
-        missing = missing_values(conn, table, new) if stored and new else {}
-    warehouse.ensure_table(table, missing)
+        warehouse.ensure_table(table, lambda names: describe_new_columns(conn, table, names))
     return table
 
 

@@ -25,7 +25,7 @@ from psycopg import sql
 from pg_replication.cdc import DrainResult, TableOutcome, failpoint
 from pg_replication.changes import TableBatch, TableStats
 from pg_replication.errors import PgReplicationError
-from pg_replication.source.catalog import Table, missing_values, refresh_table
+from pg_replication.source.catalog import Table, describe_new_columns, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.snapshot import Mapper
 from pg_replication.source.triggers import CHANGES
@@ -92,9 +92,8 @@ def _read_table(conn: psycopg.Connection, table: Table, keys: list, mapper: Mapp
             segment.delete(tuple(key))
 
 
-def _fold(conn: psycopg.Connection, table: Table, changes: list, warehouse) -> tuple[TableBatch, dict]:
-    """One table's captured changes as a batch of its current rows, and the missing values of
-    columns the warehouse does not have yet."""
+def _fold(conn: psycopg.Connection, table: Table, changes: list, warehouse) -> TableBatch:
+    """One table's captured changes as a batch of its current rows."""
     key = f"{table.schema}.{table.name}"
     batch = TableBatch()
     keys: dict[str, list] = {}
@@ -110,9 +109,7 @@ def _fold(conn: psycopg.Connection, table: Table, changes: list, warehouse) -> t
             batch.stats.deleted += op == "D"
         batch.stats.last_commit_time = at
     _read_table(conn, table, list(keys.values()), warehouse.map_column, batch, truncated)
-    stored = warehouse.stored_columns(key)
-    new = [c.name for c in table.columns if c.name not in stored]
-    return batch, (missing_values(conn, table, new) if new and stored else {})
+    return batch
 
 
 def drain_captured(
@@ -137,7 +134,6 @@ def drain_captured(
         for row in rows:
             grouped[(row[1], row[2])].append(row)
         captured = _Captured({}, {})
-        missing: dict[str, dict] = {}
         unread: dict[str, TableOutcome] = {}  # tables whose rows could not be read: changes kept
         kept: set[int] = set()
         for name, changes in grouped.items():
@@ -148,7 +144,7 @@ def drain_captured(
             try:
                 with conn.transaction():  # a savepoint: one table's failure leaves the others readable
                     table = refresh_table(conn, table)  # follow added columns
-                    captured.batches[key], missing[key] = _fold(conn, table, changes, warehouse)
+                    captured.batches[key] = _fold(conn, table, changes, warehouse)
                     captured.plans[key] = _Plan(table, tuple(c.name for c in table.columns), {c.name: warehouse.map_column(c) for c in table.columns})
             except (psycopg.Error, PgReplicationError) as exc:
                 captured.batches.pop(key, None)
@@ -156,7 +152,8 @@ def drain_captured(
                 kept.update(r[0] for r in changes)
         last_id = rows[-1][0] if rows else (warehouse.drained_lsn(settings.position) or 0)
         result = DrainResult(last_id, len(rows), 0, 0, exhausted)
-        result.tables = warehouse.apply_drain(captured, last_id, settings.position, missing) if captured.batches else {}
+        describe_new = lambda table: lambda names: describe_new_columns(conn, table, names)  # noqa: E731
+        result.tables = warehouse.apply_drain(captured, last_id, settings.position, describe_new) if captured.batches else {}
         result.tables.update(unread)
         failpoint("after_commit")
         applied = [r[0] for r in rows if r[0] not in kept]

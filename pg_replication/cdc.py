@@ -21,7 +21,7 @@ import psycopg
 from pg_replication.changes import Segment, TableBatch, TableStats
 from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.source import pgoutput as po
-from pg_replication.source.catalog import Column, PgType, Table, load_types, missing_values
+from pg_replication.source.catalog import Column, PgType, Table, describe_new_columns, load_types
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
@@ -83,20 +83,17 @@ class _RelationPlan:
     converters: tuple[tuple[int, Callable[[str], str]], ...]
     key_converters: tuple[Callable[[str], str] | None, ...]  # per key column, for old tuples
     mappings: dict[str, TypeMapping]
-    new_columns: dict[str, Column]
 
 
 def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
     known = {c.name: c for c in table.columns}
     columns = tuple(c.name for c in rel.columns)
     mappings: dict[str, TypeMapping] = {}
-    new_columns: dict[str, Column] = {}
     for i, rc in enumerate(rel.columns):
         col = known.get(rc.name)
         if col is None or col.type.oid != rc.type_oid or col.typmod != rc.typmod:
             pg_type = types.get(rc.type_oid) or PgType(rc.type_oid, "", f"oid {rc.type_oid}", "base")
             col = Column(rc.name, i + 1, pg_type, rc.typmod, col.ndims if col else 1, False, pg_type.name)
-            new_columns[rc.name] = col
         mappings[rc.name] = mapper(col)
     missing = [k for k in table.primary_key if k not in columns]
     if missing:
@@ -104,7 +101,7 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], map
     converters = tuple((i, mappings[n].from_text) for i, n in enumerate(columns) if mappings[n].from_text)
     return _RelationPlan(
         table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in table.primary_key),
-        converters, tuple(mappings[k].from_text for k in table.primary_key), mappings, new_columns,  # type: ignore[arg-type]
+        converters, tuple(mappings[k].from_text for k in table.primary_key), mappings,  # type: ignore[arg-type]
     )
 
 
@@ -207,7 +204,6 @@ def _read_batch(
                     previous = plans.get(plan.key)
                     if previous is not None:  # earlier segments may still need dropped columns
                         plan.mappings = {**previous.mappings, **plan.mappings}
-                        plan.new_columns = {**previous.new_columns, **plan.new_columns}
                     plans[plan.key] = plan
                 continue
             if kind is po.Truncate and not skipping:
@@ -246,10 +242,13 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
         decoded = _read_batch(conn, by_name, settings, drained or 0, warehouse.map_column)
         failpoint("after_read")
         target = max(drained or 0, decoded.last_end_lsn or 0, before if decoded.exhausted else 0, status.confirmed_lsn)
-        missing_values = _missing_values(conn, decoded)
         result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
         result.tables = warehouse.apply_drain(
-            decoded, target, settings.slot, missing_values, lambda table: row_reader(conninfo, table, warehouse.map_column)
+            decoded,
+            target,
+            settings.slot,
+            lambda table: lambda names: describe_new_columns(conn, table, names),
+            lambda table: row_reader(conninfo, table, warehouse.map_column),
         )
         failpoint("after_commit")
         if target > status.confirmed_lsn:
@@ -258,10 +257,6 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
     for key, outcome in result.failed.items():
         log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")
     return result
-
-
-def _missing_values(conn: psycopg.Connection, decoded: _Decoded) -> dict[str, dict[str, str | None]]:
-    return {key: missing_values(conn, plan.table, plan.new_columns) for key, plan in decoded.plans.items() if plan.new_columns}
 
 
 __all__ = ["DrainResult", "DrainSettings", "Segment", "StateBehindSlotError", "drain_once"]

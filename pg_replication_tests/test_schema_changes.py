@@ -23,7 +23,6 @@ def items(pg, pg_url, target):
     return h
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: schema changes decided from what the process saw at load")
 def test_add_column_with_a_default_in_a_fresh_process(items, pg):
     pg.execute("INSERT INTO items VALUES (1001, 1, 1, 'a', 'before the DDL, same batch')")
     pg.execute("UPDATE items SET qty = -1 WHERE id = 2")
@@ -46,7 +45,6 @@ def test_add_column_without_default_then_default_for_new_rows(items, pg):
     items.assert_equal(pg, "items")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: schema changes decided from what the process saw at load")
 @pytest.mark.parametrize(
     "ddl",
     [
@@ -67,7 +65,6 @@ def test_volatile_default_fails_the_table_loudly(items, pg, ddl):
         assert wh.statuses()["public.items"][0] == "failed"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: schema changes decided from what the process saw at load")
 def test_widening_type_changes_are_followed(items, pg):
     pg.execute("ALTER TABLE items ALTER COLUMN qty TYPE bigint, ALTER COLUMN price TYPE numeric(14,4)")
     pg.execute("ALTER TABLE items ALTER COLUMN code TYPE varchar(40)")
@@ -82,7 +79,6 @@ def test_widening_type_changes_are_followed(items, pg):
     items.assert_equal(pg, "items")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: schema changes decided from what the process saw at load")
 def test_rename_is_followed(items, pg):
     pg.execute("ALTER TABLE items RENAME COLUMN note TO remark")
     pg.execute("UPDATE items SET remark = 'renamed' WHERE id <= 10")

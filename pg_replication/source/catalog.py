@@ -336,6 +336,20 @@ def missing_values(conn: psycopg.Connection, table: Table, names) -> dict[str, s
     return out
 
 
+def describe_new_columns(conn: psycopg.Connection, table: Table, names: list[str]) -> dict[str, tuple[int | None, str | None]]:
+    """For columns the warehouse does not have yet: their attribute number (renames keep it) and
+    missing value (see ``missing_values``); (None, None) for a name the source no longer has."""
+    attnums = dict(
+        conn.execute(
+            "SELECT attname, attnum FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+            "AND attname = ANY(%s)",
+            (table.oid, list(names)),
+        ).fetchall()
+    )
+    missing = missing_values(conn, table, names)
+    return {name: (attnums.get(name), missing.get(name)) for name in names}
+
+
 def _single_array_element(text: str | None) -> str | None:
     from pg_replication.source.text_values import parse_array
 

@@ -2,8 +2,10 @@
 
 Contract:
 - ``ensure_table`` creates the warehouse table from the source's catalog (primary key declared)
-  or evolves it: new source columns are added; a column whose type changed raises
-  SchemaChangeError naming it; a dropped source column is kept (nullable) so no data is lost.
+  or evolves it, decided from the warehouse's stored columns (evolution.py): new source columns
+  are added with Postgres's value for existing rows; renames and widening type changes are
+  followed; any other type change or an unknowable value raises SchemaChangeError naming the
+  column; a dropped source column is kept (nullable) so no data is lost.
 - ``write_slice`` replaces exactly the rows one backfill slice wrote before and records the
   slice as done, in one transaction: a failure leaves the table and the state as they were.
   Re-running a slice any number of times gives the same result.
@@ -25,6 +27,7 @@ from psycopg import sql
 
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
+from pg_replication.warehouse.evolution import DescribeNew
 from pg_replication.source.snapshot import BackfillPlan
 
 def quote(*names: str) -> str:
@@ -57,9 +60,9 @@ KeyCheck = Callable[[list[tuple]], set[tuple]]  # which of these primary keys th
 class Warehouse(Protocol):
     name: str
 
-    def ensure_table(self, table: Table, missing: dict[str, str | None] | None = None) -> None:
-        """Create the table, or add new source columns; ``missing`` gives, per new column, the
-        value rows that existed before ALTER TABLE ADD COLUMN have (Postgres's missing value)."""
+    def ensure_table(self, table: Table, describe_new: DescribeNew = ...) -> None:
+        """Create the table, or follow the source's columns; ``describe_new(names)`` reads, for
+        columns the warehouse lacks, their attribute number and Postgres's missing value."""
         ...
 
     def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
@@ -99,7 +102,12 @@ class Warehouse(Protocol):
         ...
 
     def apply_drain(
-        self, decoded, target_lsn: int, slot: str, missing_values: dict, read_rows: Callable[[Table], RowReader] | None = None
+        self,
+        decoded,
+        target_lsn: int,
+        slot: str,
+        describe_new: Callable[[Table], DescribeNew],
+        read_rows: Callable[[Table], RowReader] | None = None,
     ) -> dict:
         """In one transaction: apply each streaming table's folded changes (or append them to the
         change log of a table still backfilling or failed), then record ``target_lsn`` as drained.

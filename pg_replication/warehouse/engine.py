@@ -19,16 +19,18 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
 from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
-from pg_replication.source.catalog import VOLATILE_DEFAULT, Column, Table
+from pg_replication.source.catalog import Column, Table
 from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import BackfillPlan
 from pg_replication.types import TypeMapping, map_column
 from pg_replication.warehouse import staging
+from pg_replication.warehouse.evolution import DescribeNew, SchemaEvolution
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult, TableState, quote
 from pg_replication.warehouse.staging import StagedChanges
 
@@ -40,7 +42,7 @@ def table_key(table: Table) -> str:
     return f"{table.schema}.{table.name}"
 
 
-class SqlWarehouse:
+class SqlWarehouse(SchemaEvolution):
     """The engine; a dialect subclass fills in the hooks marked below."""
 
     name = "sql"
@@ -315,58 +317,15 @@ class SqlWarehouse:
 
     # -- schema -----------------------------------------------------------------------------
 
-    def ensure_table(self, table: Table, missing: dict[str, str | None] | None = None) -> None:
-        """Create the table, or add the columns the source gained."""
+    def ensure_table(self, table: Table, describe_new: DescribeNew = lambda names: {}) -> None:
+        """Create the table, or follow the source's columns (see evolution.py)."""
         mappings = self.column_mappings(table)
         if self.physical_columns(self.schema_of(table), table.name) is None:
             self.create_table(table, mappings)
-        added = self.add_columns(table, dict(mappings), missing or {})
+        added = self.add_columns(table, dict(mappings), describe_new)
         stored = self.stored_columns(table_key(table))
         if added or not stored:
             self._store_columns(table_key(table), {**stored, **added})
-
-    def add_columns(self, table: Table, mappings: dict[str, TypeMapping], missing: dict[str, str | None]) -> dict:
-        """DDL half of following the source's columns (idempotent): add new ones (existing rows
-        get the value Postgres gives them, its 'missing value'); refuse a changed type; keep
-        dropped ones. Returns what the stored column state must gain."""
-        stored = self.stored_columns(table_key(table))
-        physical = {self.fold(c) for c in self.physical_columns(self.schema_of(table), table.name) or ()}
-        added = {}
-        for name, mapping in mappings.items():
-            if name in stored:
-                if stored[name]["type"] != mapping.ddl:
-                    raise SchemaChangeError(
-                        f"{table.display}: column {name!r} changed type from {stored[name]['type']} to "
-                        f"{mapping.ddl} in the source; the warehouse table cannot follow in place",
-                        table=table.display,
-                    )
-                continue
-            added[name] = {"type": mapping.ddl, "load": mapping.load}
-            if self.fold(name) in physical:  # created with the table, or added by a run that then failed
-                continue
-            value = missing.get(name)
-            if value is not None and value != VOLATILE_DEFAULT and mapping.from_text is not None:
-                value = mapping.from_text(value)  # Postgres's text form -> the staged form loads read
-            if value == VOLATILE_DEFAULT:
-                raise SchemaChangeError(
-                    f"{table.display}: column {name!r} was added with a volatile default; existing rows "
-                    "got values that no change event carries",
-                    table=table.display,
-                )
-            self.add_column(table, name, mapping, value)
-        return added
-
-    def add_column(self, table: Table, name: str, mapping: TypeMapping, value: str | None) -> None:
-        """Add a column; rows already there get ``value`` (Postgres's missing value), later
-        inserts do not."""
-        target, column = self.table_name(table), self.ident(name)
-        if value is None:
-            self.execute(f"ALTER TABLE {target} ADD COLUMN {column} {mapping.ddl}")
-            return
-        literal = staging.typed(mapping, "'" + value.replace("'", "''") + "'")
-        self.execute(f"ALTER TABLE {target} ADD COLUMN {column} {mapping.ddl} DEFAULT {literal}")
-        # Every write names every column, so a default left by a crash here would never apply.
-        self.execute(f"ALTER TABLE {target} ALTER COLUMN {column} DROP DEFAULT")
 
     # -- backfill ---------------------------------------------------------------------------
 
@@ -555,6 +514,7 @@ class SqlWarehouse:
             return 0
         log = self.state(name)
         mappings = self.stored_mappings(table)
+        defaults = self.defaults(table, tuple(c.name for c in table.columns))
         replayed = 0
         segment_column, columns_column = self.ident(SEGMENT), self.ident(COLUMNS)
         for segment, columns_json, rows, truncates in self.fetchall(
@@ -563,7 +523,8 @@ class SqlWarehouse:
         ):
             columns = tuple(c for c in json.loads(columns_json) if c in mappings)
             relation = self._log_segment(table, int(segment), columns)
-            self.apply_segment(table, StagedChanges(relation, columns, bool(truncates), int(rows)), mappings, read_rows)
+            changes = StagedChanges(relation, columns, bool(truncates), int(rows), defaults=defaults)
+            self.apply_segment(table, changes, mappings, read_rows)
             replayed += int(rows)
         self.execute(f"DELETE FROM {log}")
         return replayed
@@ -631,7 +592,12 @@ class SqlWarehouse:
     # -- CDC --------------------------------------------------------------------------------
 
     def apply_drain(
-        self, decoded, target_lsn: int, slot: str, missing_values: dict, read_rows: Callable[[Table], RowReader] | None = None
+        self,
+        decoded,
+        target_lsn: int,
+        slot: str,
+        describe_new: Callable[[Table], DescribeNew],
+        read_rows: Callable[[Table], RowReader] | None = None,
     ) -> dict:
         """Apply (streaming tables) or log (the rest) every table's changes, and record the
         drained LSN, in one transaction. A table whose apply fails is marked failed and logged
@@ -656,7 +622,7 @@ class SqlWarehouse:
                         StagedChanges(relation, segment.columns, segment.truncated, len(segment.rows), segment.has_unknowns)
                     )
                 try:
-                    pending[key] = self.prepare_table(plan, status, missing_values.get(key, {}))
+                    pending[key] = self.prepare_table(plan, status, describe_new(plan.table))
                 except (*self.errors, PgReplicationError) as exc:
                     failed_now[key] = _describe_failure(key, batch.stats.first_lsn, exc)
                     self.ensure_log(plan.table, plan.columns)
@@ -670,12 +636,12 @@ class SqlWarehouse:
             for name in names:
                 self.unstage(name)
 
-    def prepare_table(self, plan, status: str, missing: dict[str, str | None]) -> dict:
+    def prepare_table(self, plan, status: str, describe_new: DescribeNew) -> dict:
         """DDL before the transaction: the warehouse table follows the relation's columns, the
         change log can hold them. Returns the columns the stored state gains."""
         added = {}
         if status != "failed" and self.physical_columns(self.schema_of(plan.table), plan.table.name) is not None:
-            added = self.add_columns(plan.table, {n: plan.mappings[n] for n in plan.columns}, missing)
+            added = self.add_columns(plan.table, {n: plan.mappings[n] for n in plan.columns}, describe_new)
         self.ensure_log(plan.table, plan.columns)  # streaming tables too: values re-read from the source pass through it
         return added
 
@@ -699,8 +665,9 @@ class SqlWarehouse:
                 if status == "streaming":
                     try:
                         reader = read_rows(plan.table) if read_rows is not None else None
+                        defaults = self.defaults(plan.table, plan.columns)
                         for changes in staged[key]:
-                            self.apply_segment(plan.table, changes, plan.mappings, reader)
+                            self.apply_segment(plan.table, replace(changes, defaults=defaults), plan.mappings, reader)
                     except (*self.errors, PgReplicationError) as exc:
                         raise _TableFailed(key, batch.stats.first_lsn, exc) from None
                     applied = {"applied_lsn": batch.stats.last_lsn} if batch.stats.last_lsn is not None else {}

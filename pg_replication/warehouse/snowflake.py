@@ -203,8 +203,8 @@ class SnowflakeWarehouse(SqlWarehouse):
         select = ", ".join(f"{self.ident(p)} AS {self.ident(n)}" for p, n in zip(positional, names))
         return _Staged(self, _SLICE_STAGE, f"(SELECT {select} FROM {self._stage_name(_SLICE_STAGE)})")
 
-    def prepare_table(self, plan, status: str, missing: dict[str, str | None]) -> dict:
-        added = super().prepare_table(plan, status, missing)
+    def prepare_table(self, plan, status: str, describe_new) -> dict:
+        added = super().prepare_table(plan, status, describe_new)
         if status == "streaming":
             self._prepare_scratch(plan.table)
         return added

@@ -15,7 +15,7 @@ operation: ``resolved_select`` turns staged rows into typed warehouse rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -42,6 +42,7 @@ class StagedChanges:
     truncated: bool  # the segment starts by emptying the table
     rows: int
     unknowns: bool = True  # some row keeps a warehouse value (False only when known to be none)
+    defaults: dict[str, str] = field(default_factory=dict)  # typed literal for a column it lacks, on new rows
 
 
 def _strings(values) -> pa.Array:
@@ -82,6 +83,11 @@ def typed(mapping: TypeMapping, expr: str) -> str:
     return f"CAST({mapping.load_sql(expr)} AS {mapping.ddl})"
 
 
+def literal(mapping: TypeMapping, value: str) -> str:
+    """A staged text value as a typed SQL literal (DDL defaults, where no parameter can go)."""
+    return typed(mapping, "'" + value.replace("'", "''") + "'")
+
+
 def resolved_select(
     changes: StagedChanges,
     target: str,
@@ -93,14 +99,17 @@ def resolved_select(
     """``SELECT _op, <every warehouse column, typed>`` for the segment's 'U' and 'D' rows.
 
     A column the row marks unknown, or one the segment does not carry (dropped from the source,
-    or added to the warehouse later), keeps the value of the warehouse row named by ``_f*``.
-    A 'D' row carries only its key.
+    or added to the warehouse later), keeps the value of the warehouse row named by ``_f*``; a
+    new row takes the column's ``defaults`` entry (Postgres's value for rows that existed when the
+    column was added). A 'D' row carries only its key.
     """
     position = {name: i for i, name in enumerate(changes.columns)}
     select = [f"s.{ident(OP)} AS {ident(OP)}"]
     for name in target_columns:
         kept = f"w.{ident(name)}"
         if name not in position:
+            if name in changes.defaults:
+                kept = f"CASE WHEN w.{ident(key[0])} IS NULL THEN {changes.defaults[name]} ELSE {kept} END"
             select.append(f"{kept} AS {ident(name)}")
             continue
         i = position[name]
