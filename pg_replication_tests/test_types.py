@@ -53,12 +53,7 @@ def _compare(pg, target) -> None:
     assert not problems, "\n".join(problems + ([report] if report else []))
 
 
-_DUCKDB_ARRAYS = "issue 10: BC dates/timestamps in arrays (AD or refused) and JSON null in jsonb[] (SQL NULL) on DuckDB"
-
-
-def test_type_corpus_round_trips_exactly(pg, pg_url, target, request):
-    if target.kind == "duckdb":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_DUCKDB_ARRAYS))
+def test_type_corpus_round_trips_exactly(pg, pg_url, target):
     pg.execute(corpus_table_sql("public", "corpus", target.kind))
     _backfill(pg_url, ["public.corpus"], target)
     _compare(pg, target)
@@ -91,11 +86,9 @@ def test_type_table_covers_the_readme(tmp_path):
         assert mapping.ddl and mapping.arrow is not None, name
 
 
-def test_type_corpus_round_trips_through_cdc(pg, pg_url, target, request):
+def test_type_corpus_round_trips_through_cdc(pg, pg_url, target):
     """The same corpus, inserted after the backfill and then updated: every value arrives through
     pgoutput's text form and the same warehouse conversion."""
-    if target.kind == "duckdb":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_DUCKDB_ARRAYS + "; json[] elements re-serialized by CDC"))
     from pg_replication_tests.replication import Harness
 
     pg.execute(corpus_table_sql("public", "corpus", target.kind))
@@ -121,7 +114,6 @@ _ONE_VALUE = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: BC elements and JSON elements of arrays not exact on DuckDB")
 @pytest.mark.parametrize("target", ["duckdb"], indirect=True)
 @pytest.mark.parametrize("column", list(_ONE_VALUE))
 def test_array_value_exact_on_duckdb_through_backfill_and_cdc(pg, pg_url, target, column):
@@ -148,7 +140,6 @@ _PAST_DUCKDB = {
     "timestamptz": ("'294270-01-01 00:00:00+00'", "294270-01-01 00:00:00+00"),
     "timestamp[]": ("ARRAY['2024-01-01', '294270-01-01']::timestamp[]", "294270-01-01 00:00:00"),
 }
-_REFUSAL_NAMES = "issue 10: a value DuckDB cannot hold is refused without naming its column and key"
 
 
 def _far_and_near(pg, pg_type: str) -> None:
@@ -161,7 +152,6 @@ def _names_the_value(message: str, shown: str) -> None:
     assert "far" in message and "column v" in message and "(id)=(4242)" in message and shown in message, message
 
 
-@pytest.mark.xfail(strict=True, reason=_REFUSAL_NAMES)
 @pytest.mark.parametrize("target", ["duckdb"], indirect=True)
 @pytest.mark.parametrize("pg_type", list(_PAST_DUCKDB))
 def test_value_duckdb_cannot_hold_fails_the_slice_naming_column_key_and_value(pg, pg_url, target, pg_type):
@@ -178,7 +168,6 @@ def test_value_duckdb_cannot_hold_fails_the_slice_naming_column_key_and_value(pg
     assert target.rows(bare_table("public", "near"), ["id", "v"]) == [(1, 1)]
 
 
-@pytest.mark.xfail(strict=True, reason=_REFUSAL_NAMES)
 @pytest.mark.parametrize("target", ["duckdb"], indirect=True)
 @pytest.mark.parametrize("pg_type", list(_PAST_DUCKDB))
 def test_value_duckdb_cannot_hold_fails_that_table_in_cdc_naming_column_key_and_value(pg, pg_url, target, pg_type):
