@@ -39,6 +39,9 @@ class TypeMapping:
     select: str = "{0}"  # Postgres expression for the COPY query ({0} is the column)
     fallback: bool = False  # True when the type is not known: its text form is kept
     from_text: Callable[[str], str] | None = None  # output-function text -> staged form (CDC)
+    # Warehouse SQL over the staged column, true for a value the warehouse type cannot hold: the
+    # dialect checks it before loading, to refuse the write naming column, key and value.
+    refuse: str | None = None
 
     def select_sql(self, column: str) -> sql.Composable:
         return sql.SQL(self.select).format(sql.Identifier(column))  # type: ignore[arg-type]
@@ -58,8 +61,22 @@ def _cast(duck: str) -> TypeMapping:
 _BC = "CASE WHEN ends_with({0}, ' BC') THEN regexp_replace(left({0}, -3), '^(\\d+-\\d+-\\d+)', '\\1 (BC)') ELSE {0} END"
 
 
+# DuckDB timestamps end at 294247-01-10 04:00:54.775806 AD (Postgres: 294276 AD). Postgres prints
+# such a year with 6 digits: only those values pay for the TRY of the load expression.
+_PAST_TIMESTAMP_RANGE = "strpos({0}, '-') > 6 AND TRY(%s) IS NULL"
+
+
 def _datetime(duck: str) -> TypeMapping:
-    return TypeMapping(pa.string(), duck, load=f"CAST({_BC} AS {duck})")
+    load = f"CAST({_BC} AS {duck})"
+    refuse = None if duck == "DATE" else _PAST_TIMESTAMP_RANGE % load
+    return TypeMapping(pa.string(), duck, load=load, refuse=refuse)
+
+
+def _each_element(lists: str, dims: int, element: str, depth: int = 0) -> str:
+    """DuckDB SQL applying ``element`` (over ``{0}``) to every element of a ``dims``-deep LIST."""
+    var = f"e{depth}"
+    inner = element.replace("{0}", var) if dims <= 1 else _each_element(var, dims - 1, element, depth + 1)
+    return f"list_transform({lists}, lambda {var}: {inner})"
 
 
 # Interval as its three exact fields; DuckDB's INTERVAL has the same months/days/µs model.
@@ -107,9 +124,13 @@ TYPE_TABLE: dict[str, TypeMapping] = {
 }
 
 # Element types whose JSON form (to_json) DuckDB casts exactly into a typed LIST.
-_JSON_NATIVE_ELEMENTS = {"int2", "int4", "int8", "float4", "float8", "bool", "text", "varchar", "bpchar", "name", "char", "citext", "json", "jsonb"}
+_JSON_NATIVE_ELEMENTS = {"int2", "int4", "int8", "float4", "float8", "bool", "text", "varchar", "bpchar", "name", "char", "citext"}
 # Element types whose Postgres text form DuckDB parses exactly (cast from VARCHAR elements).
-_TEXT_CAST_ELEMENTS = {"uuid", "date", "timestamp", "timestamptz", "time", "timetz", "numeric", "oid"}
+_TEXT_CAST_ELEMENTS = {"uuid", "time", "timetz", "numeric", "oid"}
+# Element types staged as their text (to_json(x::text[])) and converted element by element with
+# the base type's load expression: BC dates and timestamps, and JSON elements that keep their
+# exact text (a JSON null stays a JSON value, apart from a NULL element).
+_EACH_ELEMENT = {"date", "timestamp", "timestamptz", "json", "jsonb"}
 
 
 def numeric_typmod(typmod: int) -> tuple[int, int] | None:
@@ -147,10 +168,7 @@ def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
     return TypeMapping(pa.string(), "VARCHAR", fallback=True)
 
 
-_ELEMENT_JSON_KIND = {
-    "int2": "int", "int4": "int", "int8": "int", "float4": "float", "float8": "float", "bool": "bool",
-    "json": "json", "jsonb": "json",
-}
+_ELEMENT_JSON_KIND = {"int2": "int", "int4": "int", "int8": "int", "float4": "float", "float8": "float", "bool": "bool"}
 
 
 def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
@@ -171,6 +189,15 @@ def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
         return TypeMapping(
             pa.string(), f"VARCHAR{dims}", load=f"CAST(CAST({{0}} AS JSON) AS VARCHAR{dims})",
             select="to_json({0}::text[])", from_text=as_strings,
+        )
+    if elem.kind != "enum" and elem.schema == "pg_catalog" and elem.name in _EACH_ELEMENT:
+        base = TYPE_TABLE[elem.name]
+        strings = f"CAST(CAST({{0}} AS JSON) AS VARCHAR{dims})"
+        load = _each_element(strings, max(ndims, 1), base.load)
+        # An element with a 6-digit year, as to_json quotes it: "294270-01-01 00:00:00".
+        refuse = None if base.refuse is None else "regexp_matches({0}, '\"\\d{6,}-') AND TRY(" + load + ") IS NULL"
+        return TypeMapping(
+            pa.string(), f"{base.ddl}{dims}", load=load, select="to_json({0}::text[])", from_text=as_strings, refuse=refuse,
         )
     if elem.schema == "pg_catalog" and elem.name in _TEXT_CAST_ELEMENTS:
         target = _base_mapping(elem, elem_mod).ddl

@@ -7,7 +7,8 @@ parsed JSON), never a lossy cast, so "equal" means the value survived.
 
 Snowflake is read back raw (no warehouse-side SQL: fakesnow and Snowflake differ too much), and
 each column's ``snowflake`` converter turns the Python value the connector returns into the
-source's canonical form. A column Snowflake keeps as text (``snowflake_source``) is compared
+source's canonical form (``snowflake_normalize``, when given, is the source side's canonical form
+there: JSON arrays compare element text elsewhere, parsed values on Snowflake). A column Snowflake keeps as text (``snowflake_source``) is compared
 with the Postgres output text, exactly. Values Snowflake cannot hold (``snowflake_left_out``,
 each with its reason, listed by ``left_out("snowflake")``) become NULL in the Snowflake corpus;
 their refusal is tested elsewhere.
@@ -122,6 +123,7 @@ class CorpusColumn:
     # expression to compare with when Snowflake keeps the column as text (default: ``pg_canon``,
     # normalised); and the values it cannot hold, literal -> why (NULL in its corpus instead).
     snowflake: Callable[[Any], Any] | None = None
+    snowflake_normalize: Callable[[Any], Any] | None = None  # the source's canonical form on Snowflake (default: ``normalize``)
     snowflake_source: str | None = None
     snowflake_left_out: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +148,25 @@ _INTERVAL_PG = "ARRAY[(extract(year from {c}) * 12 + extract(month from {c}))::i
 _INTERVAL_DUCK = "[datepart('year', {c}) * 12 + datepart('month', {c}), datepart('day', {c}), datepart('hour', {c}) * 3600000000 + datepart('minute', {c}) * 60000000 + datepart('microseconds', {c})]"
 _TIME_PG = "(extract(epoch from {c}) * 1000000)::int8"
 _TIME_DUCK = "datepart('hour', {c}) * 3600000000 + datepart('minute', {c}) * 60000000 + datepart('microseconds', {c})"
+
+
+def _pg_elements(element: str) -> str:
+    """An array's elements in order (flattened), each rendered by ``element`` (over ``{c}``)."""
+    return (
+        f"CASE WHEN {{c}} IS NOT NULL THEN ARRAY(SELECT {element.format(c='x')} "
+        "FROM unnest({c}) WITH ORDINALITY u(x, o) ORDER BY o) END"
+    )
+
+
+def _duck_elements(element: str, dims: int = 1) -> str:
+    """The same on a DuckDB LIST (``dims`` levels deep)."""
+    flat = "{c}" if dims == 1 else "flatten({c})"
+    return f"list_transform({flat}, lambda x: {element.format(c='x')})"
+
+
+# Exact element text: epoch microseconds / days since 1970, or the infinity's name.
+_TS_TEXT_PG = "CASE WHEN isfinite({c}) THEN (extract(epoch from {c}) * 1000000)::int8::text ELSE {c}::text END"
+_TS_TEXT_DUCK = "CASE WHEN isinf({c}) THEN CASE WHEN {c} > '2000-01-01' THEN 'infinity' ELSE '-infinity' END ELSE CAST(epoch_us({c}) AS VARCHAR) END"
 _OUTPUT_TEXT = "CASE WHEN {c} IS NOT NULL THEN format('%s', {c}) END"  # the type's output function, exactly as COPY writes it
 
 
@@ -153,6 +174,27 @@ _OUTPUT_TEXT = "CASE WHEN {c} IS NOT NULL THEN format('%s', {c}) END"  # the typ
 _SF_NO_INFINITY = "Snowflake dates and timestamps have no infinity"
 _SF_NO_BC = "Snowflake dates and timestamps have no BC era"
 _SF_YEAR_9999 = "Snowflake dates and timestamps end at year 9999"
+
+
+_SF_ARRAY_NULLS = "a Snowflake ARRAY holds a NULL element and a JSON null alike"
+_SF_JSON_DUPLICATE_KEYS = "Snowflake's PARSE_JSON refuses duplicate object keys"
+
+
+def _sf_epoch_us(text: str) -> str:
+    return str(_sf_timestamp(datetime.fromisoformat(text)))
+
+
+def _sf_days(text: str) -> str:
+    return _sf_date(date.fromisoformat(text))
+
+
+def _flatten(v: list) -> list:
+    return [y for x in v for y in (_flatten(x) if isinstance(x, list) else [x])]
+
+
+def _json_elements(v: Any) -> Any:
+    """JSON element texts -> their parsed values (Snowflake keeps values, not the text)."""
+    return None if v is None else [None if x is None else json.loads(x) for x in v]
 
 
 def _ts_normalize(v: Any) -> Any:
@@ -198,9 +240,9 @@ CORPUS: list[CorpusColumn] = [
         snowflake_left_out={"'infinity'": _SF_NO_INFINITY, "'-infinity'": _SF_NO_INFINITY, "'0044-03-15 12:00:00 BC'": _SF_NO_BC},
     ),
     CorpusColumn(
-        "c_tstz", "timestamptz", ["'2024-02-29 23:59:59.999999+05:30'", "'infinity'", "'-infinity'", "'2000-01-01 00:00:00.000001 UTC'"],
+        "c_tstz", "timestamptz", ["'2024-02-29 23:59:59.999999+05:30'", "'infinity'", "'-infinity'", "'2000-01-01 00:00:00.000001 UTC'", "'0044-03-15 12:00:00+00 BC'"],
         pg_canon=_TS_PG, duck_canon=_TS_DUCK, normalize=_ts_normalize, snowflake=_sf_timestamp,
-        snowflake_left_out={"'infinity'": _SF_NO_INFINITY, "'-infinity'": _SF_NO_INFINITY},
+        snowflake_left_out={"'infinity'": _SF_NO_INFINITY, "'-infinity'": _SF_NO_INFINITY, "'0044-03-15 12:00:00+00 BC'": _SF_NO_BC},
     ),
     CorpusColumn(
         "c_time", "time", ["'00:00:00'", "'23:59:59.999999'", "'24:00:00'"], pg_canon=_TIME_PG, duck_canon=_TIME_DUCK, snowflake=_sf_time,
@@ -232,10 +274,52 @@ CORPUS: list[CorpusColumn] = [
     CorpusColumn("a_float8", "float8[]", ["ARRAY['NaN', 'Infinity', '-Infinity', 0.1]::float8[]"], normalize=_float, snowflake=_sf_array(_json_float, _float)),
     CorpusColumn("a_bool", "bool[]", ["ARRAY[true, false, NULL]"], snowflake=_sf_array()),
     CorpusColumn("a_numeric", "numeric(10,2)[]", ["ARRAY[1.50, -99999999.99, NULL]"], snowflake=_sf_array(Decimal)),
-    CorpusColumn("a_date", "date[]", ["ARRAY['2024-02-29'::date, NULL]"], snowflake=_sf_array(date.fromisoformat)),
-    CorpusColumn("a_tstz", "timestamptz[]", ["ARRAY['2024-02-29 10:00:00.123456+02'::timestamptz]"], snowflake=_sf_array(datetime.fromisoformat)),
+    # Dates and timestamps inside arrays: BC, ±infinity and the extremes, compared element by element.
+    CorpusColumn(
+        "a_date", "date[]",
+        ["ARRAY['2024-02-29'::date, NULL]", "ARRAY['0044-03-15 BC'::date, 'infinity', '-infinity', '5874897-12-31', '4713-01-01 BC', NULL]"],
+        pg_canon=_pg_elements(_DATE_PG), duck_canon=_duck_elements(_DATE_DUCK), snowflake=_sf_array(_sf_days),
+        snowflake_left_out={"ARRAY['0044-03-15 BC'::date, 'infinity', '-infinity', '5874897-12-31', '4713-01-01 BC', NULL]": _SF_NO_BC},
+    ),
+    CorpusColumn(
+        "a_date_2d", "date[][]",
+        ["ARRAY[['2024-02-29'::date, NULL]]", "ARRAY[['0044-03-15 BC'::date, NULL], ['infinity'::date, '1970-01-02']]"],
+        pg_canon=_pg_elements(_DATE_PG), duck_canon=_duck_elements(_DATE_DUCK, dims=2), snowflake=_sf_array(_sf_days, _flatten),
+        snowflake_left_out={"ARRAY[['0044-03-15 BC'::date, NULL], ['infinity'::date, '1970-01-02']]": _SF_NO_BC},
+    ),
+    CorpusColumn(
+        "a_ts", "timestamp[]",
+        [
+            "ARRAY['2024-02-29 23:59:59.999999'::timestamp, NULL]",
+            "ARRAY['0044-03-15 12:00:00 BC'::timestamp, 'infinity', '-infinity', '4713-11-24 00:00:00 BC', '1970-01-01']",
+            "'{}'",
+        ],
+        pg_canon=_pg_elements(_TS_TEXT_PG), duck_canon=_duck_elements(_TS_TEXT_DUCK), snowflake=_sf_array(_sf_epoch_us),
+        snowflake_left_out={"ARRAY['0044-03-15 12:00:00 BC'::timestamp, 'infinity', '-infinity', '4713-11-24 00:00:00 BC', '1970-01-01']": _SF_NO_BC},
+    ),
+    CorpusColumn(
+        "a_tstz", "timestamptz[]",
+        ["ARRAY['2024-02-29 10:00:00.123456+02'::timestamptz]", "ARRAY['0044-03-15 12:00:00+00 BC'::timestamptz, 'infinity', '-infinity', NULL]"],
+        pg_canon=_pg_elements(_TS_TEXT_PG), duck_canon=_duck_elements(_TS_TEXT_DUCK), snowflake=_sf_array(_sf_epoch_us),
+        snowflake_left_out={"ARRAY['0044-03-15 12:00:00+00 BC'::timestamptz, 'infinity', '-infinity', NULL]": _SF_NO_BC},
+    ),
     CorpusColumn("a_uuid", "uuid[]", ["ARRAY['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid]"], snowflake=_sf_array(uuid.UUID)),
-    CorpusColumn("a_jsonb", "jsonb[]", ["ARRAY['{\"a\": 1}'::jsonb, '[2]'::jsonb, NULL]"], duck_normalize=_json_list, snowflake=_sf_array()),
+    # JSON arrays: each element keeps its text (json as written, jsonb as Postgres prints it), and
+    # a JSON null stays a JSON value, apart from a NULL element.
+    CorpusColumn(
+        "a_jsonb", "jsonb[]",
+        ["ARRAY['{\"a\": 1}'::jsonb, '[2]'::jsonb, NULL]", "ARRAY['null'::jsonb, NULL, '\"null\"', '{\"k\": {\"n\": 1.5e3, \"u\": \"ü\"}}']"],
+        pg_canon="{c}::text[]", duck_canon="CAST({c} AS VARCHAR[])",
+        snowflake_normalize=_json_elements, snowflake=_sf_array(),
+        snowflake_left_out={"ARRAY['null'::jsonb, NULL, '\"null\"', '{\"k\": {\"n\": 1.5e3, \"u\": \"ü\"}}']": _SF_ARRAY_NULLS},
+    ),
+    CorpusColumn(
+        "a_json", "json[]",
+        ["ARRAY['{\"b\": 1}'::json, '[2.50]']", "ARRAY['{\"b\":  1.50e3, \"a\":2, \"a\":3}'::json, 'null', NULL, ' [ 1 ,2] ', '\"ü\\u00fc\"']"],
+        pg_canon="{c}::text[]", duck_canon="CAST({c} AS VARCHAR[])",
+        snowflake_normalize=_json_elements, snowflake=_sf_array(),
+        snowflake_left_out={"ARRAY['{\"b\":  1.50e3, \"a\":2, \"a\":3}'::json, 'null', NULL, ' [ 1 ,2] ', '\"ü\\u00fc\"']": _SF_JSON_DUPLICATE_KEYS},
+    ),
     CorpusColumn("a_enum", "mood[]", ["ARRAY['ok', 'happy ☺']::mood[]"], pg_canon="{c}::text[]", snowflake=_sf_array()),
     CorpusColumn("a_bytea", "bytea[]", ["ARRAY['\\x00ff'::bytea]"], pg_canon=_OUTPUT_TEXT),
     CorpusColumn("a_inet", "inet[]", ["ARRAY['10.0.0.1'::inet, NULL, '10.0.0.0/8']"], pg_canon=_OUTPUT_TEXT),
@@ -304,7 +388,7 @@ def _canonical(col: CorpusColumn, kind: str, source: Any, warehouse: Any) -> tup
     if kind == "snowflake":
         if col.snowflake_source:  # kept as text: the Postgres output text, exactly
             return source, warehouse
-        return col.normalize(source), (col.snowflake or col.normalize)(warehouse)
+        return (col.snowflake_normalize or col.normalize)(source), (col.snowflake or col.normalize)(warehouse)
     return col.normalize(source), (col.duck_normalize or col.normalize)(warehouse)
 
 

@@ -12,6 +12,8 @@ settings CDC decoding runs under):
     interval, bytea, inet, range, composite, enum, tsvector, xml, point, money and bit arrays:
     NULL elements, empty, 2-D/3-D, explicit bounds, elements with quotes, backslashes, commas,
     braces, spaces, unicode and the string "NULL";
+  * json[]/jsonb[]: CDC's converter stages each element's exact text, as the backfill's select
+    does (a JSON null as the text 'null', a NULL element as null), 1-D, 2-D and empty;
   * property: any text[] (optional unicode strings without NUL) Postgres renders parses back to
     the same list (PGR_FUZZ_EXAMPLES overrides the 200 examples).
 
@@ -306,3 +308,32 @@ def test_text_arrays_rendered_by_postgres_parse_back(shared_pg, values):
     text = shared_pg.execute("SELECT %s::text[]::text", (values,)).fetchone()[0]
     assert parse_array(text) == values
     assert json.loads(array_to_json("text")(text)) == values
+
+
+# --------------------------------------------------------------------------- json arrays, both paths
+
+JSON_ARRAYS = [
+    ("json[]", "ARRAY['{\"b\":  1.50e3, \"a\":2, \"a\":3}'::json, 'null', NULL, ' [ 1 ,2] ', '\"\\u00fc\"', '\"NULL\"']"),
+    ("jsonb[]", "ARRAY['null'::jsonb, NULL, '\"null\"', '{\"k\": {\"n\": 1.5e3, \"u\": \"ü\"}}', '1']"),
+    ("jsonb[]", "ARRAY[['{}'::jsonb, '[]'], [NULL, '\"a,b\"'::jsonb]]"),
+    ("json[]", "'{}'::json[]"),
+]
+
+
+@pytest.mark.parametrize("pg_type, literal", JSON_ARRAYS)
+def test_json_array_elements_stage_the_same_text_in_backfill_and_cdc(pg, pg_type, literal):
+    """CDC's converter over the array's text form stages exactly what the backfill's COPY
+    select stages: each element's own text, a JSON null as the text 'null', a NULL element as null."""
+    from pg_replication.config import parse_config
+    from pg_replication.source.catalog import introspect
+    from pg_replication.types import map_column
+
+    pg.execute(f"CREATE TABLE j (id int PRIMARY KEY, v {pg_type})")
+    pg.execute(f"INSERT INTO j VALUES (1, {literal})")
+    (table,) = introspect(pg, parse_config({"tables": ["j"]}))
+    mapping = map_column(table.column("v"))
+    text, staged, elements = pg.execute(
+        sql.SQL("SELECT v::text, ({})::text, v::text[] FROM j").format(mapping.select_sql("v"))
+    ).fetchone()
+    assert mapping.from_text is not None
+    assert json.loads(mapping.from_text(text)) == json.loads(staged) == elements

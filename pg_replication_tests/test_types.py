@@ -18,7 +18,7 @@ from pg_replication.source.connection import connect
 from pg_replication.types import TYPE_TABLE, map_column
 from pg_replication_tests.replication import bare_table
 from pg_replication_tests.targets import KINDS
-from pg_replication_tests.corpus import CORPUS_ROWS, corpus_table_sql, left_out_report, mismatches, pg_select, warehouse_select
+from pg_replication_tests.corpus import CORPUS, CORPUS_ROWS, corpus_table_sql, left_out_report, mismatches, pg_select, warehouse_select
 
 
 def _backfill(pg_url, tables, target, partitions=3):
@@ -100,3 +100,91 @@ def test_type_corpus_round_trips_through_cdc(pg, pg_url, target):
     pg.execute("UPDATE corpus SET c_int4 = c_int4 WHERE id % 2 = 0")  # unchanged TOAST on the 1 MB text
     h.drain_all()
     _compare(pg, target)
+
+
+# Issue 10, point 9: one value per defect, the same value through the backfill (id 1) and CDC
+# (id 2), compared with the corpus column's canonical forms (epoch µs, days, JSON element text).
+_ONE_VALUE = {
+    "a_ts": "ARRAY['0044-03-15 12:00:00 BC'::timestamp, NULL]",  # arrived as AD, silently
+    "a_tstz": "ARRAY['0044-03-15 12:00:00+00 BC'::timestamptz]",  # refused
+    "a_date": "ARRAY['0044-03-15 BC'::date]",  # refused
+    "a_date_2d": "ARRAY[['0044-03-15 BC'::date], ['infinity'::date]]",  # refused
+    "a_jsonb": "ARRAY['null'::jsonb, NULL]",  # the JSON null became SQL NULL
+    "a_json": "ARRAY['{\"b\":  1.50e3}'::json, 'null']",  # elements re-serialized
+}
+
+
+@pytest.mark.parametrize("target", ["duckdb"], indirect=True)
+@pytest.mark.parametrize("column", list(_ONE_VALUE))
+def test_array_value_exact_on_duckdb_through_backfill_and_cdc(pg, pg_url, target, column):
+    from pg_replication_tests.replication import Harness
+
+    col = next(c for c in CORPUS if c.name == column)
+    literal = _ONE_VALUE[column]
+    pg.execute(f"CREATE TABLE one (id int PRIMARY KEY, v {col.pg_type})")
+    pg.execute(f"INSERT INTO one VALUES (1, {literal})")
+    h = Harness(pg_url, target, ["one"])
+    h.backfill()
+    pg.execute(f"INSERT INTO one VALUES (2, {literal})")
+    h.drain_all()
+    source = pg.execute(f"SELECT id, {col.pg_canon.format(c='v')} FROM one ORDER BY id").fetchall()
+    with target.open(read_only=True) as wh:
+        stored = wh.fetchall(f"SELECT id, {col.duck_canon.format(c='v')} FROM {wh.table_name(h.table('one'))} ORDER BY id")
+    assert stored == source
+
+
+# Past DuckDB's TIMESTAMP range: it ends at 294247-01-10 04:00:54.775806, Postgres at 294276 AD.
+# (literal, the value as the message must show it)
+_PAST_DUCKDB = {
+    "timestamp": ("'294270-01-01'", "294270-01-01 00:00:00"),
+    "timestamptz": ("'294270-01-01 00:00:00+00'", "294270-01-01 00:00:00+00"),
+    "timestamp[]": ("ARRAY['2024-01-01', '294270-01-01']::timestamp[]", "294270-01-01 00:00:00"),
+}
+
+
+def _far_and_near(pg, pg_type: str) -> None:
+    pg.execute(f"CREATE TABLE far (id int PRIMARY KEY, v {pg_type})")
+    pg.execute("CREATE TABLE near (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO far SELECT i, NULL FROM generate_series(1, 50) i")
+
+
+def _names_the_value(message: str, shown: str) -> None:
+    assert "far" in message and "column v" in message and "(id)=(4242)" in message and shown in message, message
+
+
+@pytest.mark.parametrize("target", ["duckdb"], indirect=True)
+@pytest.mark.parametrize("pg_type", list(_PAST_DUCKDB))
+def test_value_duckdb_cannot_hold_fails_the_slice_naming_column_key_and_value(pg, pg_url, target, pg_type):
+    literal, shown = _PAST_DUCKDB[pg_type]
+    _far_and_near(pg, pg_type)
+    pg.execute(f"INSERT INTO far VALUES (4242, {literal})")
+    pg.execute("INSERT INTO near VALUES (1, 1)")
+    with pytest.raises(WarehouseError) as err:
+        _backfill(pg_url, ["far"], target, partitions=1)
+    _names_the_value(str(err.value), shown)
+    assert '"public"."far"' in str(err.value)
+    assert target.rows(bare_table("public", "far"), ["id"]) == []  # nothing of the slice committed
+    _backfill(pg_url, ["near"], target, partitions=1)  # only that table stops
+    assert target.rows(bare_table("public", "near"), ["id", "v"]) == [(1, 1)]
+
+
+@pytest.mark.parametrize("target", ["duckdb"], indirect=True)
+@pytest.mark.parametrize("pg_type", list(_PAST_DUCKDB))
+def test_value_duckdb_cannot_hold_fails_that_table_in_cdc_naming_column_key_and_value(pg, pg_url, target, pg_type):
+    from pg_replication_tests.replication import Harness
+
+    literal, shown = _PAST_DUCKDB[pg_type]
+    _far_and_near(pg, pg_type)
+    h = Harness(pg_url, target, ["far", "near"])
+    h.backfill()
+    pg.execute(f"INSERT INTO far VALUES (4242, {literal})")
+    pg.execute("UPDATE far SET v = NULL WHERE id = 1")
+    pg.execute("INSERT INTO near VALUES (1, 1)")
+    (result,) = h.drain_all()
+    far = result.tables["public.far"]
+    assert far.mode == "failed"
+    _names_the_value(far.error, shown)
+    assert result.tables["public.near"].mode == "applied"
+    h.assert_equal(pg, "near")
+    with target.open(read_only=True) as wh:
+        assert wh.statuses()["public.far"][0] == "failed"

@@ -4,6 +4,10 @@ Arrow batches are inserted straight from memory (DuckDB scans Arrow without copy
 slice streams batch by batch inside its transaction. Staged changes are applied by rebuilding
 the touched rows (DELETE + INSERT), not UPDATE: DuckDB skips an UPDATE whose new value compares
 equal to the old one (-0.0 vs 0.0, '1 mon' vs '30 days'), which would lose the change.
+
+A value a DuckDB type cannot hold (a timestamp after 294247 AD: ``TypeMapping.refuse``) is looked
+for in each staged batch before it is loaded, so the refusal names the column, the row's key and
+the value; that write fails and nothing of it is committed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import duckdb
 import pyarrow as pa
 
+from pg_replication.errors import WarehouseError
 from pg_replication.source.catalog import Table
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import staging
@@ -81,11 +86,45 @@ class DuckDBWarehouse(SqlWarehouse):
         self.conn.unregister(name)
 
     def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+        mappings = dict(self.column_mappings(table))
+        guarded = {name: q(name) for name, m in mappings.items() if m.refuse}
+        keys = [q(k) for k in table.primary_key]
         try:
             for batch in batches:
-                yield self.stage("pgr_batch", batch), batch  # type: ignore[arg-type]
+                relation = self.stage("pgr_batch", batch)  # type: ignore[arg-type]
+                self._refuse_unheld(table, relation, guarded, keys, mappings)
+                yield relation, batch
         finally:
             self.unstage("pgr_batch")
+
+    def _refuse_unheld(
+        self, table: Table, relation: str, columns: dict[str, str], keys: list[str], mappings: dict[str, TypeMapping], where: str = "TRUE"
+    ) -> None:
+        """Fail naming column, key and value when a staged value of ``columns`` (name -> staged
+        expression) is one its DuckDB type cannot hold (``TypeMapping.refuse``)."""
+        shown_keys = ", ".join(f"CAST({k} AS VARCHAR)" for k in keys)
+        for name, staged in columns.items():
+            mapping = mappings[name]
+            assert mapping.refuse is not None
+            found = self.fetchall(
+                f"SELECT {shown_keys}, CAST({staged} AS VARCHAR) FROM {relation} s "
+                f"WHERE ({where}) AND {mapping.refuse.replace('{0}', staged)} LIMIT 1"
+            )
+            if not found:
+                continue
+            *key, value = found[0]
+            if len(value) > 300:
+                value = value[:300] + "…"
+            source_type = next((c.type_sql for c in table.columns if c.name == name), mapping.ddl)
+            raise WarehouseError(
+                f"{table.display}: column {name} ({source_type}) of the row with key "
+                f"({', '.join(table.primary_key)})=({', '.join(str(k) for k in key)}) holds {value}, "
+                f"which DuckDB's {mapping.ddl} cannot hold",
+                table=table.display,
+                hint="DuckDB timestamps end at 294247-01-10 04:00:54.775806 AD (Postgres: 294276 AD); correct the "
+                "value in the source or leave the column out (exclude_columns), then re-run; nothing of this write "
+                "was committed (README, Type mapping)",
+            )
 
     def read_table(self, schema: str, name: str) -> pa.Table:
         columns = ", ".join(q(c) for c in self.stored_columns(f"{schema}.{name}"))
@@ -120,6 +159,7 @@ class DuckDBWarehouse(SqlWarehouse):
         target = self.table_name(table)
         if changes.truncated:
             self.execute(f"DELETE FROM {target}")
+        self._refuse_unheld_changes(table, changes, mappings)
         columns = list(self.stored_columns(table_key(table)))
         resolved = staging.resolved_select(changes, target, columns, mappings, table.primary_key, q)
         keys = ", ".join(q(k) for k in table.primary_key)
@@ -132,3 +172,14 @@ class DuckDBWarehouse(SqlWarehouse):
             f"WHERE {q(staging.OP)} = 'U'"
         )
         self.execute("DROP TABLE pgr_resolved")
+
+    def _refuse_unheld_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
+        position = {name: i for i, name in enumerate(changes.columns)}
+        guarded = {n: f"s.{q(staging.value_column(i))}" for n, i in position.items() if n in mappings and mappings[n].refuse}
+        if not guarded:
+            return
+        keys = [
+            f"s.{q(staging.value_column(position[k]))}" if k in position else f"s.{q(staging.fill_column(j))}"
+            for j, k in enumerate(table.primary_key)
+        ]
+        self._refuse_unheld(table, changes.relation, guarded, keys, mappings, where=f"s.{q(staging.OP)} = 'U'")

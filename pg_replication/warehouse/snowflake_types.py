@@ -28,6 +28,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pg_replication import types
+from pg_replication.source.text_values import array_to_json
 from pg_replication.source.catalog import Column, PgType
 from pg_replication.types import TypeMapping
 
@@ -105,6 +106,11 @@ def map_column(column: Column) -> TypeMapping:
     an ARRAY when ``types.py`` stages it as JSON (``to_json``), else its Postgres text."""
     t, typmod = column.type.resolved(column.typmod)
     if t.kind == "array" and t.element is not None:
+        element, _ = t.element.resolved(typmod)
+        if element.schema == "pg_catalog" and element.name in ("json", "jsonb"):
+            # JSON elements as themselves (DuckDB keeps their text instead): a VARIANT holds the
+            # values, not the text, and a JSON null and a NULL element are both null in an ARRAY.
+            return TypeMapping(pa.string(), "ARRAY", load="PARSE_JSON({0})", select="to_json({0})", from_text=array_to_json("json"))
         staged = types.map_column(column)
         if staged.select.startswith("to_json("):
             return TypeMapping(pa.string(), "ARRAY", load="PARSE_JSON({0})", select=staged.select, from_text=staged.from_text)
