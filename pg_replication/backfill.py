@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
+from pg_replication.source.identity import check_declared_key
 from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
 from pg_replication.source.triggers import require_capture
@@ -51,6 +52,7 @@ def ensure_plan(
     if plan is None:
         strategy = table.strategy
         with connect(conninfo, options=SESSION_OPTIONS) as conn:
+            check_declared_key(conn, table)  # reads the table: once, here, not at load
             if cdc is not None and strategy == "cdc":
                 # Publication first: decoding reads the catalog as of each change, and a slot
                 # older than its publication fails on the changes from before it existed.

@@ -14,9 +14,6 @@ from pg_replication.source.connection import connect
 from pg_replication.source.slot import sync_publication
 from pg_replication_tests.replication import Harness
 
-XFAIL = "issue 10: tables are published whatever their replica identity"
-
-
 def _introspect(pg_url, tables):
     with connect(pg_url) as conn:
         return introspect(conn, parse_config({"tables": tables}))
@@ -26,7 +23,6 @@ def _published(pg, name: str) -> bool:
     return pg.execute("SELECT count(*) FROM pg_publication_tables WHERE tablename = %s", (name,)).fetchone()[0] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_table_without_primary_key_is_refused_until_it_has_an_identity(pg, pg_url, duckdb_path):
     pg.execute("CREATE TABLE no_pk (k int NOT NULL, v text)")
     pg.execute("INSERT INTO no_pk SELECT i, 'a' FROM generate_series(1, 20) i")
@@ -48,7 +44,6 @@ def test_table_without_primary_key_is_refused_until_it_has_an_identity(pg, pg_ur
     h.assert_equal(pg, "no_pk")
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_identity_nothing_is_refused(pg, pg_url):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pg.execute("ALTER TABLE t REPLICA IDENTITY NOTHING")
@@ -57,7 +52,6 @@ def test_identity_nothing_is_refused(pg, pg_url):
     assert 'ALTER TABLE "public"."t" REPLICA IDENTITY DEFAULT' in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_identity_index_over_other_columns_is_refused(pg, pg_url):
     """Deletes and key changes would arrive carrying ``code``, not the key ``id``."""
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL, v text)")
@@ -73,7 +67,6 @@ def test_identity_index_over_other_columns_is_refused(pg, pg_url):
     assert table.primary_key == ("code",)
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_declared_key_without_index_gets_the_index_statements(pg, pg_url):
     pg.execute("CREATE TABLE ev (k bigint, v text, secret text)")
     with pytest.raises(TableNotReplicableError) as err:
@@ -91,7 +84,6 @@ def test_declared_key_without_index_gets_the_index_statements(pg, pg_url):
     assert [c.name for c in table.columns] == ["k", "v"]
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_column_list_that_does_not_cover_the_identity_is_refused(pg, pg_url, duckdb_path):
     """With REPLICA IDENTITY FULL, a column list leaving out ``secret`` fails every UPDATE."""
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, secret text, v int)")
@@ -112,7 +104,6 @@ def test_column_list_that_does_not_cover_the_identity_is_refused(pg, pg_url, duc
     h.assert_equal(pg, "t", ["id", "v"])
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL)
 def test_identity_changed_after_load_is_never_published(pg, pg_url, duckdb_path):
     pg.execute("CREATE TABLE no_pk (k int, v text)")
     pg.execute("ALTER TABLE no_pk REPLICA IDENTITY FULL")
@@ -128,7 +119,6 @@ def test_identity_changed_after_load_is_never_published(pg, pg_url, duckdb_path)
     pg.execute("DELETE FROM no_pk")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a declared primary_key with duplicates merges rows silently")
 def test_declared_key_with_duplicates_is_refused_before_the_plan(pg, pg_url, duckdb_path):
     pg.execute("CREATE TABLE dup (k int, v text)")
     pg.execute("ALTER TABLE dup REPLICA IDENTITY FULL")

@@ -16,6 +16,11 @@ from psycopg import errors, sql
 
 from pg_replication.errors import PgReplicationError, SourceNotReadyError
 from pg_replication.source.catalog import Table
+from pg_replication.source.identity import (
+    check_replica_identity,
+    identity_problems,
+    published_columns,
+)
 from pg_replication.source.pgoutput import lsn_to_int
 
 
@@ -143,8 +148,13 @@ def _table_item(table: Table) -> sql.Composable:
 
 
 def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Table]) -> bool:
-    """Make the publication hold exactly ``tables``. Returns True when it changed anything."""
+    """Make the publication hold exactly ``tables``. Returns True when it changed anything.
+    A table whose replica identity is refused (see source/identity.py) is
+    never added; its own backfill reports why (``add_to_publication``)."""
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    published_cols = published_columns(conn, publication) if exists else {}
+    refused = identity_problems(conn, [t for t in tables if (t.schema, t.name) not in published_cols])
+    tables = [t for t in tables if (t.schema, t.name) not in refused]
     items = sql.SQL(", ").join(_table_item(t) for t in tables)
     if not exists:
         if not tables:
@@ -155,7 +165,7 @@ def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Ta
             )
         )
         return True
-    published = publication_tables(conn, publication)
+    published = set(published_cols)
     if published == {(t.schema, t.name) for t in tables}:
         return False
     if not _owns_publication(conn, publication):
@@ -185,7 +195,10 @@ def _require_published(published: set[tuple[str, str]], publication: str, tables
 
 
 def add_to_publication(conn: psycopg.Connection, publication: str, table: Table) -> None:
-    """Publish one more table (the backfill calls this before it plans)."""
+    """Publish one more table (the backfill calls this before it plans). Refuses a table whose
+    replica identity would break the source's writes or not carry the key (it may have changed
+    since load)."""
+    check_replica_identity(conn, [table])
     published = publication_tables(conn, publication)
     if (table.schema, table.name) in published:
         return
