@@ -43,7 +43,6 @@ def people(pg):
     pg.execute("INSERT INTO people SELECT i, 'n' || i, 'old-' || i FROM generate_series(1, 50) i")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: sync_publication keeps the old column list")
 def test_exclude_added_to_a_published_table_narrows_the_column_list(people, pg, pg_url, duckdb_path):
     h = Harness(pg_url, duckdb_path, ["people"])
     h.backfill()
@@ -60,7 +59,6 @@ def test_exclude_added_to_a_published_table_narrows_the_column_list(people, pg, 
     assert "leak-" not in repr(results)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the decoder adds a column it is sent, even an excluded one")
 def test_decoder_drops_excluded_columns_whatever_the_slot_sends(people, pg, pg_url, duckdb_path):
     h = Harness(pg_url, duckdb_path, [{"name": "people", "exclude_columns": ["ssn"]}])
     h.backfill()
@@ -77,7 +75,6 @@ def test_decoder_drops_excluded_columns_whatever_the_slot_sends(people, pg, pg_u
     assert "leak-" not in repr(results)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a publication we do not own may publish an excluded column")
 def test_publication_not_ours_publishing_an_excluded_column_is_refused_at_load(pg, pg_url):
     pg.execute("CREATE SCHEMA app")
     pg.execute("CREATE TABLE app.people (id int PRIMARY KEY, name text, ssn text)")
@@ -103,7 +100,6 @@ def test_publication_not_ours_publishing_an_excluded_column_is_refused_at_load(p
         pg.execute("DROP ROLE IF EXISTS replicator")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a table already published with every column keeps its column list")
 def test_backfill_narrows_a_column_list_that_sends_an_excluded_column(people, pg, pg_url, duckdb_path):
     pg.execute("CREATE PUBLICATION pgr_test_pub FOR TABLE people")  # ours (same owner), every column
     h = Harness(pg_url, duckdb_path, [{"name": "people", "exclude_columns": ["ssn"]}])

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from pg_replication.config import ReplicationConfig, TableEntry, split_qualified_name
 from pg_replication.errors import TableNotReplicableError
-from pg_replication.source.identity import check_replica_identity
+from pg_replication.source.identity import check_publication_columns, check_replica_identity
 
 TYPE_KINDS = {"b": "base", "c": "composite", "d": "domain", "e": "enum", "p": "pseudo", "r": "range", "m": "multirange"}
 
@@ -306,7 +306,9 @@ def _build_table(src: SourceTable, entry: TableEntry, cols: list[Column], pkey: 
 
 def introspect(conn: psycopg.Connection, config: ReplicationConfig) -> list[Table]:
     """The configured tables, fully described. Raises TableNotReplicableError on the first problem."""
-    return describe_tables(conn, select_tables(config, list_source_tables(conn)))
+    tables = describe_tables(conn, select_tables(config, list_source_tables(conn)))
+    check_publication_columns(conn, config.source.publication, tables)
+    return tables
 
 
 VOLATILE_DEFAULT = "\x00volatile"  # marks a column added with a volatile default (table rewritten)

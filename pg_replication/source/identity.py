@@ -142,6 +142,46 @@ def published_columns(conn: psycopg.Connection, publication: str) -> dict[tuple[
     }
 
 
+def leaked_columns(table: Table, published: dict[tuple[str, str], list[str]]) -> list[str]:
+    """Excluded columns of ``table`` that the publication sends."""
+    excluded = table.entry.exclude_columns if table.entry else []
+    sent = published.get((table.schema, table.name), [])
+    return [c for c in excluded if c in sent]
+
+
+def check_publication_columns(conn: psycopg.Connection, publication: str, tables: list[Table]) -> None:
+    """Refuse a publication we do not own that publishes an excluded column.
+
+    An error at load, not a warning: the values would leave the source in every change the slot
+    sends (the decoder drops them, but they would cross the network and sit in the drain's
+    memory), we cannot change a publication we do not own, and a warning in a code location's
+    load log is read by nobody. Only its owner can fix it (or the exclusion is removed), so we
+    fail closed. A publication we own is fixed by the next backfill or drain instead
+    (``slot.sync_publication``); the decoder drops excluded columns whatever the slot sends.
+    """
+    owned = conn.execute(
+        "SELECT pg_has_role(pubowner, 'USAGE') FROM pg_publication WHERE pubname = %s", (publication,)
+    ).fetchone()
+    if owned is None or owned[0]:
+        return
+    published = published_columns(conn, publication)
+    for table in tables:
+        leaked = leaked_columns(table, published)
+        if leaked:
+            kept = [c for c in published[(table.schema, table.name)] if c not in leaked]
+            fix = sql.SQL("ALTER PUBLICATION {} SET TABLE {} ({}), ...").format(
+                sql.Identifier(publication), table.ident, sql.SQL(", ").join(sql.Identifier(c) for c in kept)
+            )
+            raise TableNotReplicableError(
+                f"{table.display}: publication {sql.Identifier(publication).as_string()} (not ours to change) "
+                f"publishes {', '.join(leaked)}, which exclude_columns keeps in the source",
+                hint=f"as the publication's owner, list the table with the columns to send: {fix.as_string()} "
+                "(a FOR TABLES IN SCHEMA publication cannot have column lists: list its tables), "
+                "or remove the column from exclude_columns",
+                table=table.display,
+            )
+
+
 def check_declared_key(conn: psycopg.Connection, table: Table) -> None:
     """A ``primary_key:`` from replication.yaml must be unique and never NULL in the source.
 
