@@ -132,3 +132,23 @@ def test_declared_key_with_duplicates_is_refused_before_the_plan(pg, pg_url, duc
     pg.execute("DELETE FROM dup WHERE v = 'c'")
     h.backfill()
     h.assert_equal(pg, "dup")
+
+
+def test_each_partition_needs_its_own_identity(pg, pg_url):
+    """An UPDATE is checked against the partition it touches; ALTER TABLE on the root does not recurse."""
+    pg.execute("CREATE TABLE m (id int NOT NULL, day date NOT NULL) PARTITION BY RANGE (day)")
+    pg.execute("CREATE TABLE m_2024 PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    pg.execute("ALTER TABLE m REPLICA IDENTITY FULL")
+    with pytest.raises(TableNotReplicableError) as err:
+        _introspect(pg_url, [{"name": "m", "primary_key": ["id", "day"]}])
+    assert '"public"."m_2024" (a partition of "public"."m")' in str(err.value)
+    assert 'ALTER TABLE "public"."m_2024" REPLICA IDENTITY FULL' in str(err.value)
+    pg.execute('ALTER TABLE "public"."m_2024" REPLICA IDENTITY FULL')
+    (table,) = _introspect(pg_url, [{"name": "m", "primary_key": ["id", "day"]}])
+    assert table.primary_key == ("id", "day")
+
+
+def test_query_strategies_are_not_published_so_need_no_identity(pg, pg_url):
+    pg.execute("CREATE TABLE log (seq int, v text)")
+    (table,) = _introspect(pg_url, [{"name": "log", "primary_key": ["seq"], "strategy": "append"}])
+    assert table.strategy == "append"
