@@ -152,3 +152,12 @@ def test_query_strategies_are_not_published_so_need_no_identity(pg, pg_url):
     pg.execute("CREATE TABLE log (seq int, v text)")
     (table,) = _introspect(pg_url, [{"name": "log", "primary_key": ["seq"], "strategy": "append"}])
     assert table.strategy == "append"
+
+
+def test_declared_key_with_nulls_is_refused(pg, pg_url, duckdb_path):
+    pg.execute("CREATE TABLE nk (k int, v text)")
+    pg.execute("ALTER TABLE nk REPLICA IDENTITY FULL")
+    pg.execute("INSERT INTO nk VALUES (1, 'a'), (NULL, 'b')")
+    h = Harness(pg_url, duckdb_path, [{"name": "nk", "primary_key": ["k"]}])
+    with pytest.raises(TableNotReplicableError, match="NULL key column \\(k=NULL\\)"):
+        h.backfill()

@@ -215,9 +215,9 @@ def check_declared_key(conn: psycopg.Connection, table: Table) -> None:
         return
     *values, count = row
     shown = ", ".join(f"{k}={'NULL' if v is None else v}" for k, v in zip(key, values))
+    why = f"{count} row(s) have a NULL key column ({shown})" if None in values else f"{shown} is held by {count} rows"
     raise TableNotReplicableError(
-        f"{table.display}: primary_key ({', '.join(key)}) is not unique in the source: {shown} "
-        f"is held by {count} row(s){' (a key is never NULL)' if None in values else ''}",
+        f"{table.display}: primary_key ({', '.join(key)}) is not unique in the source: {why}",
         hint="declare columns that identify one row (a unique index over them lets Postgres keep it "
         "so), or fix the rows; changes to rows sharing a key would be merged into one",
         table=table.display,
