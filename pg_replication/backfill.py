@@ -13,6 +13,7 @@ from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import Table, describe_new_columns, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
+from pg_replication.source.replica_identity import check_declared_key
 from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
 from pg_replication.source.triggers import require_capture
@@ -52,6 +53,7 @@ def ensure_plan(
     if plan is None:
         strategy = table.strategy
         with connect(conninfo, options=SESSION_OPTIONS) as conn:
+            check_declared_key(conn, table)  # reads the table: once, here, not at load
             if cdc is not None and strategy == "cdc":
                 # Publication first: decoding reads the catalog as of each change, and a slot
                 # older than its publication fails on the changes from before it existed.

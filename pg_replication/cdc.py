@@ -83,13 +83,18 @@ class _RelationPlan:
     converters: tuple[tuple[int, Callable[[str], str]], ...]
     key_converters: tuple[Callable[[str], str] | None, ...]  # per key column, for old tuples
     mappings: dict[str, TypeMapping]
+    keep: tuple[int, ...] | None = None  # positions of the tuple to keep (None: all)
 
 
 def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
     known = {c.name: c for c in table.columns}
-    columns = tuple(c.name for c in rel.columns)
+    # Excluded columns are dropped here, whatever the publication sends (one we do not own, or
+    # changes decoded before our column list was narrowed): never a "new column" to add.
+    excluded = set(table.entry.exclude_columns) if table.entry else set()
+    keep = tuple(i for i, rc in enumerate(rel.columns) if rc.name not in excluded)
+    columns = tuple(rel.columns[i].name for i in keep)
     mappings: dict[str, TypeMapping] = {}
-    for i, rc in enumerate(rel.columns):
+    for i, rc in ((i, rel.columns[i]) for i in keep):
         col = known.get(rc.name)
         if col is None or col.type.oid != rc.type_oid or col.typmod != rc.typmod:
             pg_type = types.get(rc.type_oid) or PgType(rc.type_oid, "", f"oid {rc.type_oid}", "base")
@@ -102,11 +107,14 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], map
     return _RelationPlan(
         table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in table.primary_key),
         converters, tuple(mappings[k].from_text for k in table.primary_key), mappings,  # type: ignore[arg-type]
+        keep=None if len(keep) == len(rel.columns) else keep,
     )
 
 
 
 def _stage(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[list[str | None], set[int]]:
+    if plan.keep is not None:
+        values = tuple(values[i] for i in plan.keep)
     staged: list = list(values)
     unknown: set[int] = set()
     if po.UNCHANGED in values:
@@ -123,6 +131,8 @@ def _stage(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[list[str 
 
 def _old_key(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[str | None, ...]:
     """The primary key of an old tuple ('K' or 'O'), staged like new values."""
+    if plan.keep is not None:
+        values = tuple(values[i] for i in plan.keep)
     return tuple(
         convert(v) if convert is not None and isinstance(v, str) else v  # type: ignore[misc]
         for convert, v in zip(plan.key_converters, (values[i] for i in plan.key_positions))

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from pg_replication.config import ReplicationConfig, TableEntry, split_qualified_name
 from pg_replication.errors import TableNotReplicableError
+from pg_replication.source.replica_identity import check_publication_columns, check_replica_identity
 
 TYPE_KINDS = {"b": "base", "c": "composite", "d": "domain", "e": "enum", "p": "pseudo", "r": "range", "m": "multirange"}
 
@@ -222,6 +223,7 @@ def describe_tables(
     for src, entry in selected:
         leaves = conn.execute(_LEAVES_SQL, {"oid": src.oid}).fetchall()
         tables.append(_build_table(src, entry, columns[src.oid], pkeys.get(src.oid), leaves))
+    check_replica_identity(conn, tables)  # published tables must keep the source's writes working
     return tables
 
 
@@ -304,7 +306,9 @@ def _build_table(src: SourceTable, entry: TableEntry, cols: list[Column], pkey: 
 
 def introspect(conn: psycopg.Connection, config: ReplicationConfig) -> list[Table]:
     """The configured tables, fully described. Raises TableNotReplicableError on the first problem."""
-    return describe_tables(conn, select_tables(config, list_source_tables(conn)))
+    tables = describe_tables(conn, select_tables(config, list_source_tables(conn)))
+    check_publication_columns(conn, config.source.publication, tables)
+    return tables
 
 
 VOLATILE_DEFAULT = "\x00volatile"  # marks a column added with a volatile default (table rewritten)

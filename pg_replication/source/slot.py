@@ -14,8 +14,14 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, sql
 
-from pg_replication.errors import PgReplicationError, SourceNotReadyError
+from pg_replication.errors import PgReplicationError, SourceNotReadyError, TableNotReplicableError
 from pg_replication.source.catalog import Table
+from pg_replication.source.replica_identity import (
+    check_replica_identity,
+    identity_problems,
+    leaked_columns,
+    published_columns,
+)
 from pg_replication.source.pgoutput import lsn_to_int
 
 
@@ -143,8 +149,13 @@ def _table_item(table: Table) -> sql.Composable:
 
 
 def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Table]) -> bool:
-    """Make the publication hold exactly ``tables``. Returns True when it changed anything."""
+    """Make the publication hold exactly ``tables``, each with its column list. Returns True when
+    it changed anything. A table whose replica identity is refused (see source/identity.py) is
+    never added; its own backfill reports why (``add_to_publication``)."""
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    published_cols = published_columns(conn, publication) if exists else {}
+    refused = identity_problems(conn, [t for t in tables if (t.schema, t.name) not in published_cols])
+    tables = [t for t in tables if (t.schema, t.name) not in refused]
     items = sql.SQL(", ").join(_table_item(t) for t in tables)
     if not exists:
         if not tables:
@@ -155,8 +166,9 @@ def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Ta
             )
         )
         return True
-    published = publication_tables(conn, publication)
-    if published == {(t.schema, t.name) for t in tables}:
+    published = set(published_cols)
+    leaking = any(leaked_columns(t, published_cols) for t in tables)  # exclude_columns added later
+    if published == {(t.schema, t.name) for t in tables} and not leaking:
         return False
     if not _owns_publication(conn, publication):
         _require_published(published, publication, tables)
@@ -185,11 +197,29 @@ def _require_published(published: set[tuple[str, str]], publication: str, tables
 
 
 def add_to_publication(conn: psycopg.Connection, publication: str, table: Table) -> None:
-    """Publish one more table (the backfill calls this before it plans)."""
-    published = publication_tables(conn, publication)
-    if (table.schema, table.name) in published:
-        return
+    """Publish one more table (the backfill calls this before it plans). Refuses a table whose
+    replica identity would break the source's writes or not carry the key (it may have changed
+    since load), and narrows the column list of a published table to leave excluded columns out."""
+    check_replica_identity(conn, [table])
+    published_cols = published_columns(conn, publication)
+    published = set(published_cols)
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    if (table.schema, table.name) in published:
+        leaked = leaked_columns(table, published_cols)
+        if not leaked:
+            return
+        if not _owns_publication(conn, publication):
+            raise TableNotReplicableError(
+                f"{table.display}: publication {publication!r} (not ours to change) publishes "
+                f"{', '.join(leaked)}, which exclude_columns keeps in the source",
+                hint="as the publication's owner, give the table a column list without them, "
+                "or remove them from exclude_columns",
+                table=table.display,
+            )
+        with conn.transaction():  # one change for decoding: never published without the list
+            conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(sql.Identifier(publication), table.ident))
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), _table_item(table)))
+        return
     if exists and not _owns_publication(conn, publication):
         _require_published(published, publication, [table])
     verb = "ALTER PUBLICATION {} ADD TABLE {}" if exists else (
