@@ -150,7 +150,7 @@ def _table_item(table: Table) -> sql.Composable:
 
 def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Table]) -> bool:
     """Make the publication hold exactly ``tables``, each with its column list. Returns True when
-    it changed anything. A table whose replica identity is refused (see source/identity.py) is
+    it changed anything. A table whose replica identity is refused (see source/replica_identity.py) is
     never added; its own backfill reports why (``add_to_publication``)."""
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
     published_cols = published_columns(conn, publication) if exists else {}
