@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
+from pg_replication.source.inflight import wait_for_writers
 from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
 from pg_replication.source.triggers import require_capture
@@ -46,7 +47,9 @@ def ensure_plan(
 ) -> BackfillPlan:
     """The stored plan, or a new one. With CDC, the slot exists and the table is published
     before the plan's LSN is read, and that before any page is counted: every change the
-    slices might miss is after the plan LSN, in the slot."""
+    slices might miss is after the plan LSN, in the slot. Transactions that wrote the table
+    before it was published end before the LSN is read (see source/inflight.py): their changes
+    may be decoded as unpublished, so the slices must see them."""
     plan = warehouse.load_state(table).plan
     if plan is None:
         strategy = table.strategy
@@ -56,6 +59,8 @@ def ensure_plan(
                 # older than its publication fails on the changes from before it existed.
                 add_to_publication(conn, cdc.publication, table)
                 ensure_slot(conn, cdc.slot)
+                # Always, not only when we just added it: a drain may have published it.
+                wait_for_writers(conn, table)
             if strategy == "triggers":
                 require_capture(conn, table)  # changes from here on are captured
             lsn = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
