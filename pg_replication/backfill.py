@@ -14,13 +14,14 @@ from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.inflight import wait_for_writers
 from pg_replication.source.slot import add_to_publication, ensure_slot
-from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
+from pg_replication.source.snapshot import BackfillPlan, PlanStaleError, SliceReader, keys_in_source, make_plan
 from pg_replication.source.triggers import require_capture
 from pg_replication.source.watermarks import Watermark, initial_mark
 from pg_replication.types import SESSION_OPTIONS
 from pg_replication.warehouse.base import Warehouse
 
 PROGRESS_EVERY_SECONDS = 5.0
+REPLAN_ATTEMPTS = 5  # rewrites racing each slice this often are not plausible: fail loudly then
 
 
 @dataclass(frozen=True)
@@ -118,14 +119,52 @@ def run_backfill(
 
         table = current_table(conninfo, warehouse, table)  # columns may change between slices
         still_in_source = keys_in_source(conninfo, table)
-        batches = read_slice(
-            conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit, mapper=warehouse.map_column
-        )
+        reader, plan = _open_slice(conninfo, warehouse, table, plan, index, readers, per_slice_limit, log)
         try:
-            result = warehouse.write_slice(table, index, batches, progress, still_in_source)
+            result = warehouse.write_slice(table, index, reader, progress, still_in_source)
         finally:
-            batches.close()
+            reader.close()
         total_rows += result.rows
         total_bytes += result.bytes
         log(f"{table.display} slice {index} done: {result.rows:,} rows in {time.monotonic() - slice_started:.1f} s")
     return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn)
+
+
+def _open_slice(
+    conninfo: str,
+    warehouse: Warehouse,
+    table: Table,
+    plan: BackfillPlan,
+    index: int,
+    readers: int,
+    row_limit: int | None,
+    log: Callable[[str], None],
+) -> tuple[SliceReader, BackfillPlan]:
+    """A reader of slice ``index`` whose snapshot sees the files the plan was cut from (the
+    reader checks them), re-planning after a rewrite."""
+    for attempt in range(REPLAN_ATTEMPTS):
+        try:
+            reader = SliceReader(
+                conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit,
+                mapper=warehouse.map_column, plan=plan,
+            )
+            return reader, plan
+        except PlanStaleError as stale:
+            if attempt == REPLAN_ATTEMPTS - 1:
+                raise
+            log(f"{stale.message}; re-planning the slices not copied yet")
+            plan = _replan(conninfo, warehouse, table, plan, index)
+    raise AssertionError("unreachable")
+
+
+def _replan(conninfo: str, warehouse: Warehouse, table: Table, stale: BackfillPlan, index: int) -> BackfillPlan:
+    """After a rewrite the rows sit on other pages, those of copied slices included. Every row
+    the rewrite kept is copied again by the slices not copied yet (and the one this run copies
+    now), which share the new file's pages; copied slices get none (their rows are in the
+    warehouse, and re-copied ones replace them by key). The plan LSN stays: changes after it are
+    in the slot whatever the pages."""
+    done = warehouse.load_state(table).slices_done
+    only = sorted({k for k in range(stale.partitions) if k not in done} | {index})
+    with connect(conninfo, options=SESSION_OPTIONS) as conn:
+        plan = make_plan(conn, table, stale.partitions, stale.lsn, only)
+    return warehouse.replace_plan(table, stale, plan, rerun=index)

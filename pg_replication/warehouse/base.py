@@ -71,6 +71,11 @@ class Warehouse(Protocol):
         """Store the plan unless one exists; return the stored one (first writer wins)."""
         ...
 
+    def replace_plan(self, table: Table, stale: BackfillPlan, plan: BackfillPlan, rerun: int) -> BackfillPlan:
+        """Replace ``stale`` by ``plan`` unless another run replaced it first; return the stored
+        plan. Slice ``rerun`` counts as not copied until copied again."""
+        ...
+
     def write_slice(
         self,
         table: Table,

@@ -203,6 +203,21 @@ class SqlWarehouse:
         self._upsert_state("tables", {"table_key": table_key(table)}, values)
         return plan
 
+    def replace_plan(self, table: Table, stale: BackfillPlan, plan: BackfillPlan, rerun: int) -> BackfillPlan:
+        """Swap ``plan`` (a re-plan after a rewrite) in for ``stale`` unless another run already
+        replaced it; returns the plan now stored. Slice ``rerun``, which the new plan gives pages
+        even if it was copied before, counts as not copied until it is copied again."""
+        key = table_key(table)
+        with self.transaction():
+            self._lock_state(key)
+            row = self._table_row(key)
+            stored = BackfillPlan.from_json(row[0]) if row and row[0] else None
+            if stored is not None and stored != stale:
+                return stored
+            self._upsert_state("tables", {"table_key": key}, {"plan": plan.to_json(), "updated_at": time.time()})
+            self.execute(f"DELETE FROM {self.state('slices')} WHERE table_key = ? AND slice = ?", [key, rerun])
+        return plan
+
     def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
         """{name: {"type": warehouse type, "load": expression}} of the table's warehouse columns."""
         row = self._table_row(key)
