@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import Table, missing_values, refresh_table
 from pg_replication.source.connection import connect
+from pg_replication.source.identity import relation_identity
 from pg_replication.source.inflight import wait_for_writers
+from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.slot import add_to_publication, ensure_slot
 from pg_replication.source.snapshot import BackfillPlan, PlanStaleError, SliceReader, keys_in_source, make_plan
 from pg_replication.source.triggers import require_capture
@@ -54,6 +56,7 @@ def ensure_plan(
     plan = warehouse.load_state(table).plan
     if plan is None:
         strategy = table.strategy
+        identity = None
         with connect(conninfo, options=SESSION_OPTIONS) as conn:
             if cdc is not None and strategy == "cdc":
                 # Publication first: decoding reads the catalog as of each change, and a slot
@@ -65,9 +68,12 @@ def ensure_plan(
             if strategy == "triggers":
                 require_capture(conn, table)  # changes from here on are captured
             lsn = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
+            if cdc is not None and strategy == "cdc":  # the relation whose changes follow the plan
+                now = relation_identity(conn, cdc.publication, table)
+                identity = {"relation_oid": now.oid, "publication_member": now.member, "covered_lsn": lsn_to_int(lsn)}
             # Read before the pages are counted: every row the slices might miss is past it.
             mark = Watermark(initial_mark(conn, table)).to_json()
-            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn), mark)
+            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn), mark, identity)
     if plan.partitions != partitions:
         raise PlanMismatchError(
             f"{table.display}: the stored backfill plan has {plan.partitions} partitions "
@@ -101,6 +107,12 @@ def run_backfill(
     cdc: SlotSettings | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BackfillResult:
+    if cdc is not None and table.strategy == "cdc":
+        with connect(conninfo) as conn:
+            now = relation_identity(conn, cdc.publication, table)
+        reason = warehouse.restart_if_gap(table, now, warehouse.drained_lsn(cdc.slot) or 0)
+        if reason is not None:  # a plan for another relation, or a stream with a gap
+            log(f"{table.display}: backfill restarted: {reason}")
     table = current_table(conninfo, warehouse, table)
     plan = ensure_plan(conninfo, warehouse, table, partitions, cdc)
     per_slice_limit = -(-row_limit // partitions) if row_limit else None

@@ -29,8 +29,6 @@ from pg_replication_tests.replication import Harness
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-GAP = "issue 10: a table that left the stream resumes streaming with a gap"
-
 
 def _status(h: Harness, name: str) -> tuple[str, str | None]:
     with h.target.open(read_only=True) as wh:
@@ -48,7 +46,6 @@ def _streaming(pg, pg_url, target, tables=("t",)) -> Harness:
     return h
 
 
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_dropped_and_recreated_table_is_backfilled_again(pg, pg_url, target):
     h = _streaming(pg, pg_url, target)
     pg.execute("DROP TABLE t")
@@ -66,7 +63,6 @@ def test_dropped_and_recreated_table_is_backfilled_again(pg, pg_url, target):
     h.assert_equal(pg, "t")
 
 
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_table_removed_from_config_and_added_back_is_backfilled_again(pg, pg_url, target):
     h = _streaming(pg, pg_url, target, ("a", "t"))
     h.reload(["a"])
@@ -86,7 +82,6 @@ def test_table_removed_from_config_and_added_back_is_backfilled_again(pg, pg_url
     h.assert_equal(pg, "a")
 
 
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_table_that_left_the_publication_is_backfilled_again(pg, pg_url, duckdb_path):
     h = _streaming(pg, pg_url, duckdb_path)
     pg.execute("ALTER PUBLICATION pgr_test_pub DROP TABLE t")
@@ -100,7 +95,6 @@ def test_table_that_left_the_publication_is_backfilled_again(pg, pg_url, duckdb_
     h.assert_equal(pg, "t")
 
 
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_renamed_away_and_back_keeps_streaming_without_a_gap(pg, pg_url, target):
     h = _streaming(pg, pg_url, target)
     pg.execute("ALTER TABLE t RENAME TO t_renamed")
@@ -119,7 +113,6 @@ def _cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_recreated_table_through_the_cli(pg, pg_url, write_config, duckdb_path, tmp_path):
     """What an operator runs: materialize the partitions, drain with `dagster job execute`,
     re-create the table, drain, read `pg-replication status`, materialize again, drain."""
@@ -142,7 +135,7 @@ def test_recreated_table_through_the_cli(pg, pg_url, write_config, duckdb_path, 
     out = _cli(drain, env, tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "backfill restarted" in out.stdout + out.stderr
-    out = _cli(["pg-replication", "status", "--json"], env, tmp_path)
+    out = _cli(["pg-replication", "--json", "status"], env, tmp_path)
     (row,) = json.loads(out.stdout)["tables"]
     assert row["status"] == "backfilling" and "re-created" in row["error"], out.stdout
     for args in (materialize, drain):

@@ -106,6 +106,11 @@ class Warehouse(Protocol):
         Returns the outcome per table (``cdc.TableOutcome``)."""
         ...
 
+    def restart_if_gap(self, table: Table, now, drained: int) -> str | None:
+        """Reset a planned table whose relation identity, publication entry or drain coverage
+        shows a gap in its stream (source/identity.py) to backfilling; return the reason."""
+        ...
+
     def statuses(self) -> dict[str, tuple[str, str | None]]:
         """{table key: (status, error)}: backfilling, streaming or failed."""
         ...
