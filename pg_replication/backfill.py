@@ -14,14 +14,18 @@ from pg_replication.source.catalog import Table, describe_new_columns, refresh_t
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
 from pg_replication.source.replica_identity import check_declared_key
+from pg_replication.source.identity import relation_identity
+from pg_replication.source.inflight import wait_for_writers
+from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.slot import add_to_publication, ensure_slot
-from pg_replication.source.snapshot import BackfillPlan, keys_in_source, make_plan, read_slice
+from pg_replication.source.snapshot import BackfillPlan, PlanStaleError, SliceReader, keys_in_source, make_plan
 from pg_replication.source.triggers import require_capture
 from pg_replication.source.watermarks import Watermark, initial_mark
 from pg_replication.types import SESSION_OPTIONS
 from pg_replication.warehouse.base import Warehouse
 
 PROGRESS_EVERY_SECONDS = 5.0
+REPLAN_ATTEMPTS = 5  # rewrites racing each slice this often are not plausible: fail loudly then
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,13 @@ def ensure_plan(
 ) -> BackfillPlan:
     """The stored plan, or a new one. With CDC, the slot exists and the table is published
     before the plan's LSN is read, and that before any page is counted: every change the
-    slices might miss is after the plan LSN, in the slot."""
+    slices might miss is after the plan LSN, in the slot. Transactions that wrote the table
+    before it was published end before the LSN is read (see source/inflight.py): their changes
+    may be decoded as unpublished, so the slices must see them."""
     plan = warehouse.load_state(table).plan
     if plan is None:
         strategy = table.strategy
+        identity = None
         with connect(conninfo, options=SESSION_OPTIONS) as conn:
             check_declared_key(conn, table)  # reads the table: once, here, not at load
             if cdc is not None and strategy == "cdc":
@@ -59,12 +66,17 @@ def ensure_plan(
                 # older than its publication fails on the changes from before it existed.
                 add_to_publication(conn, cdc.publication, table)
                 ensure_slot(conn, cdc.slot)
+                # Always, not only when we just added it: a drain may have published it.
+                wait_for_writers(conn, table)
             if strategy == "triggers":
                 require_capture(conn, table)  # changes from here on are captured
             lsn = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
+            if cdc is not None and strategy == "cdc":  # the relation whose changes follow the plan
+                now = relation_identity(conn, cdc.publication, table)
+                identity = {"relation_oid": now.oid, "publication_member": now.member, "covered_lsn": lsn_to_int(lsn)}
             # Read before the pages are counted: every row the slices might miss is past it.
             mark = Watermark(initial_mark(conn, table)).to_json()
-            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn), mark)
+            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn), mark, identity)
     if plan.partitions != partitions:
         raise PlanMismatchError(
             f"{table.display}: the stored backfill plan has {plan.partitions} partitions "
@@ -95,6 +107,12 @@ def run_backfill(
     cdc: SlotSettings | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> BackfillResult:
+    if cdc is not None and table.strategy == "cdc":
+        with connect(conninfo) as conn:
+            now = relation_identity(conn, cdc.publication, table)
+        reason = warehouse.restart_if_gap(table, now, warehouse.drained_lsn(cdc.slot) or 0)
+        if reason is not None:  # a plan for another relation, or a stream with a gap
+            log(f"{table.display}: backfill restarted: {reason}")
     table = current_table(conninfo, warehouse, table)
     plan = ensure_plan(conninfo, warehouse, table, partitions, cdc)
     per_slice_limit = -(-row_limit // partitions) if row_limit else None
@@ -113,15 +131,53 @@ def run_backfill(
 
         table = current_table(conninfo, warehouse, table)  # columns may change between slices
         still_in_source = keys_in_source(conninfo, table)
-        batches = read_slice(
-            conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit, mapper=warehouse.map_column
-        )
+        reader, plan = _open_slice(conninfo, warehouse, table, plan, index, readers, per_slice_limit, log)
         try:
             read_rows = row_reader(conninfo, table, warehouse.map_column)
-            result = warehouse.write_slice(table, index, batches, progress, still_in_source, read_rows)
+            result = warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows)
         finally:
-            batches.close()
+            reader.close()
         total_rows += result.rows
         total_bytes += result.bytes
         log(f"{table.display} slice {index} done: {result.rows:,} rows in {time.monotonic() - slice_started:.1f} s")
     return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn)
+
+
+def _open_slice(
+    conninfo: str,
+    warehouse: Warehouse,
+    table: Table,
+    plan: BackfillPlan,
+    index: int,
+    readers: int,
+    row_limit: int | None,
+    log: Callable[[str], None],
+) -> tuple[SliceReader, BackfillPlan]:
+    """A reader of slice ``index`` whose snapshot sees the files the plan was cut from (the
+    reader checks them), re-planning after a rewrite."""
+    for attempt in range(REPLAN_ATTEMPTS):
+        try:
+            reader = SliceReader(
+                conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit,
+                mapper=warehouse.map_column, plan=plan,
+            )
+            return reader, plan
+        except PlanStaleError as stale:
+            if attempt == REPLAN_ATTEMPTS - 1:
+                raise
+            log(f"{stale.message}; re-planning the slices not copied yet")
+            plan = _replan(conninfo, warehouse, table, plan, index)
+    raise AssertionError("unreachable")
+
+
+def _replan(conninfo: str, warehouse: Warehouse, table: Table, stale: BackfillPlan, index: int) -> BackfillPlan:
+    """After a rewrite the rows sit on other pages, those of copied slices included. Every row
+    the rewrite kept is copied again by the slices not copied yet (and the one this run copies
+    now), which share the new file's pages; copied slices get none (their rows are in the
+    warehouse, and re-copied ones replace them by key). The plan LSN stays: changes after it are
+    in the slot whatever the pages."""
+    done = warehouse.load_state(table).slices_done
+    only = sorted({k for k in range(stale.partitions) if k not in done} | {index})
+    with connect(conninfo, options=SESSION_OPTIONS) as conn:
+        plan = make_plan(conn, table, stale.partitions, stale.lsn, only)
+    return warehouse.replace_plan(table, stale, plan, rerun=index)

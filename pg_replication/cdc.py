@@ -24,6 +24,7 @@ from pg_replication.source import pgoutput as po
 from pg_replication.source.catalog import Column, PgType, Table, describe_new_columns, load_types
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
+from pg_replication.source.identity import relation_identity
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
 from pg_replication.source.snapshot import Mapper
 from pg_replication.types import SESSION_OPTIONS, TypeMapping
@@ -68,6 +69,7 @@ class DrainResult:
     caught_up: bool = True
     seconds: float = 0.0
     tables: dict[str, TableOutcome] = field(default_factory=dict)
+    restarted: dict[str, str] = field(default_factory=dict)  # table key: why its backfill restarted
 
     @property
     def failed(self) -> dict[str, TableOutcome]:
@@ -148,10 +150,33 @@ class _Decoded:
     transactions: int
     bytes: int
     exhausted: bool
+    covered: tuple[str, ...] = ()  # the tables this drain includes (their streams continue)
+    drained_before: int = 0  # the drained position this drain started from
+
+
+def _relation_table(
+    rel: po.Relation, tables: dict[tuple[str, str], Table], by_oid: dict[int, Table] | None
+) -> Table | None:
+    """The configured table a Relation message stands for, recognised by its oid: a change made
+    while the table had another name is still its change, and a relation that has the name now
+    but is not the one planned (dropped and re-created since) is not."""
+    if by_oid is None:
+        return tables.get((rel.schema, rel.name))
+    table = by_oid.get(rel.oid)
+    if table is None:
+        named = tables.get((rel.schema, rel.name))
+        if named is not None and named not in by_oid.values():  # no relation has its name now
+            table = named
+    return table
 
 
 def _read_batch(
-    conn: psycopg.Connection, tables: dict[tuple[str, str], Table], settings: DrainSettings, skip_below: int, mapper: Mapper
+    conn: psycopg.Connection,
+    tables: dict[tuple[str, str], Table],
+    settings: DrainSettings,
+    skip_below: int,
+    mapper: Mapper,
+    by_oid: dict[int, Table] | None = None,
 ) -> _Decoded:
     types = load_types(conn)
     relations: dict[int, _RelationPlan | None] = {}
@@ -207,7 +232,7 @@ def _read_batch(
                     break
                 continue
             if kind is po.Relation:
-                table = tables.get((msg.schema, msg.name))  # type: ignore[union-attr]
+                table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
                 plan = _plan_relation(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
                 relations[msg.oid] = plan  # type: ignore[union-attr]
                 if plan:
@@ -248,11 +273,16 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
             )
         if drained is not None and drained > status.confirmed_lsn:
             advance(conn, settings.slot, drained)  # a previous run committed but died before advancing
+        restarted, by_oid = _check_identities(conn, warehouse, tables, settings, drained or 0)
+        for key, reason in restarted.items():
+            log(f"{key}: backfill restarted: {reason}. Materialize all its partitions again")
         before = flushed_lsn(conn)
-        decoded = _read_batch(conn, by_name, settings, drained or 0, warehouse.map_column)
+        decoded = _read_batch(conn, by_name, settings, drained or 0, warehouse.map_column, by_oid)
+        decoded.covered, decoded.drained_before = tuple(f"{t.schema}.{t.name}" for t in tables), drained or 0
         failpoint("after_read")
         target = max(drained or 0, decoded.last_end_lsn or 0, before if decoded.exhausted else 0, status.confirmed_lsn)
         result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
+        result.restarted = restarted
         result.tables = warehouse.apply_drain(
             decoded,
             target,
@@ -267,6 +297,23 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
     for key, outcome in result.failed.items():
         log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")
     return result
+
+
+def _check_identities(
+    conn: psycopg.Connection, warehouse, tables: list[Table], settings: DrainSettings, drained: int
+) -> tuple[dict[str, str], dict[int, Table]]:
+    """Restart the backfill of every table whose stream has a gap (source/identity.py), and map
+    the relation oids that stand for configured tables now."""
+    restarted: dict[str, str] = {}
+    by_oid: dict[int, Table] = {}
+    for table in tables:
+        now = relation_identity(conn, settings.publication, table)
+        if now.oid is not None:
+            by_oid[now.oid] = table
+        reason = warehouse.restart_if_gap(table, now, drained)
+        if reason is not None:
+            restarted[f"{table.schema}.{table.name}"] = reason
+    return restarted, by_oid
 
 
 __all__ = ["DrainResult", "DrainSettings", "Segment", "StateBehindSlotError", "drain_once"]

@@ -5,6 +5,12 @@ relation is read when the plan is made, each leaf's last segment is open-ended s
 later to new pages still belong to a slice, and no two slices share a page. Slices never use
 OFFSET and never scan the whole table: Postgres 14+ answers ``ctid`` ranges with a TID range scan.
 
+Pages mean something only in the file they were counted in. A rewrite (VACUUM FULL, CLUSTER,
+pg_repack, a rewriting ALTER TABLE, TRUNCATE) gives the relation a new file, its relfilenode,
+and moves rows to other pages. The plan keeps each leaf's relfilenode, and every slice checks them
+inside its own snapshot, under an ACCESS SHARE lock that keeps rewrites out until the slice's
+reader closes: a changed file raises PlanStaleError and the caller re-plans (backfill.py).
+
 Reading a slice runs ``readers`` COPY streams in parallel threads, all inside one exported
 snapshot, so a slice is a consistent picture even though its pages are read by several sessions.
 """
@@ -16,7 +22,7 @@ import json
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -24,6 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
 
+from pg_replication.errors import PgReplicationError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.connection import connect
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
@@ -52,12 +59,23 @@ class Segment:
         return parts
 
 
+class PlanStaleError(PgReplicationError):
+    """The relation's file changed since the plan was made (a rewrite): its pages moved."""
+
+    retryable = True
+    default_hint = "the backfill re-plans the slices not yet copied and retries"
+
+
 @dataclass(frozen=True)
 class BackfillPlan:
-    """Where each backfill partition reads from, and the LSN from which changes must be replayed."""
+    """Where each backfill partition reads from, and the LSN from which changes must be replayed.
+
+    ``filenodes`` holds (schema, relation, relfilenode) of every leaf the pages were counted in;
+    empty for plans stored by an earlier version (not checked)."""
 
     lsn: str
     slices: tuple[tuple[Segment, ...], ...]
+    filenodes: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def partitions(self) -> int:
@@ -65,13 +83,38 @@ class BackfillPlan:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"lsn": self.lsn, "slices": [[[s.schema, s.relation, s.start, s.end] for s in sl] for sl in self.slices]}
+            {
+                "lsn": self.lsn,
+                "slices": [[[s.schema, s.relation, s.start, s.end] for s in sl] for sl in self.slices],
+                "filenodes": [list(f) for f in self.filenodes],
+            }
         )
 
     @classmethod
     def from_json(cls, text: str) -> BackfillPlan:
         data = json.loads(text)
-        return cls(data["lsn"], tuple(tuple(Segment(*seg) for seg in sl) for sl in data["slices"]))
+        return cls(
+            data["lsn"],
+            tuple(tuple(Segment(*seg) for seg in sl) for sl in data["slices"]),
+            tuple((s, r, int(f)) for s, r, f in data.get("filenodes", ())),
+        )
+
+    def stale_because(self, conn: psycopg.Connection, leaves: Sequence[tuple[str, str]]) -> str | None:
+        """Why the plan's pages no longer describe the table (None when they still do): a leaf's
+        file changed, or leaves were attached or detached. Plans without filenodes pass."""
+        if not self.filenodes:
+            return None
+        if {(s, r) for s, r, _ in self.filenodes} != set(leaves):
+            return "its partitions changed since the backfill was planned"
+        for schema, relation, filenode in self.filenodes:
+            now = relation_filenode(conn, schema, relation)
+            if now != filenode:
+                return (
+                    f"{sql.Identifier(schema, relation).as_string(conn)} was rewritten since the backfill was "
+                    f"planned (VACUUM FULL, CLUSTER, pg_repack, a rewriting ALTER TABLE or TRUNCATE: file "
+                    f"{filenode} is now {now})"
+                )
+        return None
 
 
 def relation_pages(conn: psycopg.Connection, schema: str, relation: str) -> int:
@@ -82,9 +125,32 @@ def relation_pages(conn: psycopg.Connection, schema: str, relation: str) -> int:
     return int(row[0]) if row else 0
 
 
-def make_plan(conn: psycopg.Connection, table: Table, partitions: int, lsn: str) -> BackfillPlan:
-    """Cut the table's pages (over all its leaf partitions) into ``partitions`` contiguous slices."""
+def relation_filenode(conn: psycopg.Connection, schema: str, relation: str) -> int | None:
+    """The relation's current relfilenode (None when it no longer exists)."""
+    row = conn.execute(
+        "SELECT pg_relation_filenode(to_regclass(%s))", (sql.Identifier(schema, relation).as_string(conn),)
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def make_plan(
+    conn: psycopg.Connection, table: Table, partitions: int, lsn: str, only: Sequence[int] | None = None
+) -> BackfillPlan:
+    """Cut the table's pages (over all its leaf partitions) into ``partitions`` contiguous slices.
+    ``only``: cut them among these slices alone, the others get no pages (a re-plan after a
+    rewrite, when the other slices are already copied)."""
+    # Files before pages: a rewrite in between leaves the plan with the old file, and stale.
+    filenodes = tuple((schema, rel, relation_filenode(conn, schema, rel) or 0) for schema, rel in table.leaves)
     pages = [(schema, rel, relation_pages(conn, schema, rel)) for schema, rel in table.leaves]
+    owners = list(range(partitions)) if only is None else sorted(set(only))
+    cut = _cut(pages, len(owners))
+    slices: list[tuple[Segment, ...]] = [() for _ in range(partitions)]
+    for owner, segments in zip(owners, cut):
+        slices[owner] = segments
+    return BackfillPlan(lsn, tuple(slices), filenodes)
+
+
+def _cut(pages: list[tuple[str, str, int]], partitions: int) -> list[tuple[Segment, ...]]:
     total = sum(p for *_, p in pages)
     bounds = [round(k * total / partitions) for k in range(partitions + 1)]
     slices: list[list[Segment]] = [[] for _ in range(partitions)]
@@ -98,7 +164,7 @@ def make_plan(conn: psycopg.Connection, table: Table, partitions: int, lsn: str)
             lo, hi = max(bounds[k], offset) - offset, min(bounds[k + 1], offset + count) - offset
             slices[k].append(Segment(schema, rel, lo, None if hi == count else hi))
         offset += count
-    return BackfillPlan(lsn, tuple(tuple(s) for s in slices))
+    return [tuple(s) for s in slices]
 
 
 Mapper = Callable[[Column], TypeMapping]  # the warehouse's type mapping (Warehouse.map_column)
@@ -208,13 +274,18 @@ class SliceReader:
         readers: int = 2,
         row_limit: int | None = None,
         mapper: Mapper = map_column,
+        plan: BackfillPlan | None = None,
     ) -> None:
+        """``plan``: the plan ``segments`` come from; its files are checked in this snapshot
+        (PlanStaleError when a leaf was rewritten) and kept from rewrites until ``close()``."""
         self.conninfo, self.table, self.mapper = conninfo, table, mapper
         self.schema = staging_schema(table, mapper)
         self.coordinator = connect(conninfo, autocommit=False, options=SESSION_OPTIONS)
         try:
             self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             self.snapshot = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+            if plan is not None:
+                self._check_files(plan)
             pieces = [
                 p for seg in segments for p in seg.split(readers, relation_pages(self.coordinator, seg.schema, seg.relation))
             ]
@@ -233,6 +304,20 @@ class SliceReader:
         ]
         for t in self.threads:
             t.start()
+
+    def _check_files(self, plan: BackfillPlan) -> None:
+        """A rewrite committed before the lock shows as a new file; after it, none can happen
+        until this transaction ends (a rewrite needs ACCESS EXCLUSIVE)."""
+        leaves = [(s, r) for s, r, _ in plan.filenodes if relation_filenode(self.coordinator, s, r) is not None]
+        if leaves:
+            self.coordinator.execute(
+                sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
+                    sql.SQL(", ").join(sql.Identifier(s, r) for s, r in leaves)
+                )
+            )
+        reason = plan.stale_because(self.coordinator, self.table.leaves)
+        if reason is not None:
+            raise PlanStaleError(f"{self.table.display}: {reason}", table=self.table.display, lsn=plan.lsn)
 
     def _put(self, item: pa.RecordBatch | _Done) -> None:
         while not self.stop.is_set():

@@ -75,6 +75,11 @@ class Warehouse(Protocol):
         """Store the plan unless one exists; return the stored one (first writer wins)."""
         ...
 
+    def replace_plan(self, table: Table, stale: BackfillPlan, plan: BackfillPlan, rerun: int) -> BackfillPlan:
+        """Replace ``stale`` by ``plan`` unless another run replaced it first; return the stored
+        plan. Slice ``rerun`` counts as not copied until copied again."""
+        ...
+
     def write_slice(
         self,
         table: Table,
@@ -114,6 +119,11 @@ class Warehouse(Protocol):
         A table the warehouse refuses is marked failed and logged instead; the others commit.
         Unchanged-TOAST values whose warehouse row is missing are read from the source
         (``read_rows(table)``). Returns the outcome per table (``cdc.TableOutcome``)."""
+        ...
+
+    def restart_if_gap(self, table: Table, now, drained: int) -> str | None:
+        """Reset a planned table whose relation identity, publication entry or drain coverage
+        shows a gap in its stream (source/identity.py) to backfilling; return the reason."""
         ...
 
     def statuses(self) -> dict[str, tuple[str, str | None]]:

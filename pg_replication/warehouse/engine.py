@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Column, Table
+from pg_replication.source.identity import RelationIdentity, identity_problem
 from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import BackfillPlan
 from pg_replication.types import TypeMapping, map_column
@@ -143,7 +144,9 @@ class SqlWarehouse(SchemaEvolution):
     STATE_TABLES = {  # name: (columns, primary key)
         "tables": (
             (("table_key", "text"), ("plan", "text"), ("columns", "text"), ("status", "text"), ("error", "text"),
-             ("applied_lsn", "BIGINT"), ("watermark", "text"), ("updated_at", "DOUBLE PRECISION")),
+             ("applied_lsn", "BIGINT"), ("watermark", "text"), ("updated_at", "DOUBLE PRECISION"),
+             # relation identity (source/identity.py): pg_class oid, publication entry, drains covered
+             ("relation_oid", "BIGINT"), ("publication_member", "text"), ("covered_lsn", "BIGINT")),
             ("table_key",),
         ),
         "cursor": ((("slot", "text"), ("drained_lsn", "BIGINT"), ("updated_at", "DOUBLE PRECISION")), ("slot",)),
@@ -198,14 +201,67 @@ class SqlWarehouse(SchemaEvolution):
         status = (row[1] if row else None) or "backfilling"
         return TableState(table_key(table), plan, frozenset(int(r[0]) for r in done), status)
 
-    def save_plan(self, table: Table, plan: BackfillPlan, watermark: str | None = None) -> BackfillPlan:
-        """Store the plan (and a query strategy's starting watermark) unless one exists."""
+    def save_plan(
+        self, table: Table, plan: BackfillPlan, watermark: str | None = None, identity: dict | None = None
+    ) -> BackfillPlan:
+        """Store the plan (and a query strategy's starting watermark, and a CDC table's relation
+        identity: relation_oid, publication_member, covered_lsn) unless one exists."""
         row = self._table_row(table_key(table))
         if row and row[0]:
             return BackfillPlan.from_json(row[0])
-        values = {"plan": plan.to_json(), "watermark": watermark, "updated_at": time.time()}
+        values = {"plan": plan.to_json(), "watermark": watermark, "updated_at": time.time(), **(identity or {})}
         self._upsert_state("tables", {"table_key": table_key(table)}, values)
         return plan
+
+    def replace_plan(self, table: Table, stale: BackfillPlan, plan: BackfillPlan, rerun: int) -> BackfillPlan:
+        """Swap ``plan`` (a re-plan after a rewrite) in for ``stale`` unless another run already
+        replaced it; returns the plan now stored. Slice ``rerun``, which the new plan gives pages
+        even if it was copied before, counts as not copied until it is copied again."""
+        key = table_key(table)
+        with self.transaction():
+            self._lock_state(key)
+            row = self._table_row(key)
+            stored = BackfillPlan.from_json(row[0]) if row and row[0] else None
+            if stored is not None and stored != stale:
+                return stored
+            self._upsert_state("tables", {"table_key": key}, {"plan": plan.to_json(), "updated_at": time.time()})
+            self.execute(f"DELETE FROM {self.state('slices')} WHERE table_key = ? AND slice = ?", [key, rerun])
+        return plan
+
+    def restart_if_gap(self, table: Table, now: RelationIdentity, drained: int) -> str | None:
+        """Send a planned table whose stream has a gap (see source/identity.py) back to
+        backfilling: its data, plan, slices and change log are dropped, and its status says why.
+        Returns the reason, or None (state from before identities were stored adopts ``now``)."""
+        key = table_key(table)
+        rows = self.fetchall(
+            f"SELECT plan, relation_oid, publication_member, covered_lsn FROM {self.state('tables')} WHERE table_key = ?",
+            [key],
+        )
+        if not rows or not rows[0][0]:
+            return None
+        _, oid, member, covered = rows[0]
+        stored = (None if oid is None else int(oid), member, None if covered is None else int(covered))
+        reason = identity_problem(table.display, stored, now, drained)
+        if reason is None:
+            adopt = {"relation_oid": now.oid} if oid is None else {}
+            adopt.update({"publication_member": now.member} if member is None and now.member else {})
+            adopt.update({"covered_lsn": drained} if covered is None else {})
+            if adopt:
+                self._upsert_state("tables", {"table_key": key}, adopt)
+            return None
+        self.reset_table(table)
+        self.set_status(key, "backfilling", f"backfill restarted: {reason}")
+        return reason
+
+    def _advance_coverage(self, keys: Sequence[str], drained: int, target: int) -> None:
+        """Inside the drain's transaction: the tables this drain included are covered up to
+        ``target``, provided no earlier drain skipped them (covered from ``drained`` on)."""
+        if keys:
+            marks = ", ".join("?" for _ in keys)
+            self.execute(
+                f"UPDATE {self.state('tables')} SET covered_lsn = ? WHERE table_key IN ({marks}) AND covered_lsn >= ?",
+                [target, *keys, drained],
+            )
 
     def stored_columns(self, key: str) -> dict[str, dict[str, str]]:
         """{name: {"type": warehouse type, "load": expression}} of the table's warehouse columns."""
@@ -682,6 +738,7 @@ class SqlWarehouse(SchemaEvolution):
                 mode = "failed" if status == "failed" else "logged"
                 outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
             failpoint("mid_apply")
+            self._advance_coverage(getattr(decoded, "covered", ()), getattr(decoded, "drained_before", 0), target_lsn)
             self.set_drained_lsn(slot, target_lsn)
             self.commit()
             return outcomes
