@@ -84,6 +84,13 @@ class WarehouseError(PgReplicationError):
     default_hint = "fix the warehouse problem named above, then re-run; no data was lost"
 
 
+class ConcurrentDrainError(PgReplicationError):
+    """Another drain committed past the position this one started from."""
+
+    retryable = True
+    default_hint = "this drain applied nothing; the next run continues from where the other one stopped"
+
+
 class PlanMismatchError(PgReplicationError):
     """The stored backfill plan no longer fits the configuration."""
 
