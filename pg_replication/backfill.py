@@ -130,6 +130,8 @@ def run_backfill(
                 log(f"{table.display} slice {index}: {rows:,} rows, {nbytes / 2**20:,.0f} MiB, {rate:,.0f} rows/s")
 
         table = current_table(conninfo, warehouse, table)  # columns may change between slices
+        if table.strategy in ("cdc", "triggers"):
+            warehouse.reopen_for_rerun(table)
         still_in_source = keys_in_source(conninfo, table)
         reader, plan = _open_slice(conninfo, warehouse, table, plan, index, readers, per_slice_limit, log)
         try:

@@ -55,7 +55,6 @@ def counters(pg, pg_url, target):
     return h
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: progress can move backwards")
 def test_a_drain_that_lost_the_race_applies_nothing(counters, pg):
     pg.execute("UPDATE counters SET n = 1 WHERE id = 1")
 
@@ -71,7 +70,6 @@ def test_a_drain_that_lost_the_race_applies_nothing(counters, pg):
     assert counters.warehouse_rows("counters")[0] == (1, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: progress can move backwards")
 def test_slice_rerun_never_overwrites_a_newer_change(counters, pg):
     def drain_after_the_snapshot():  # the re-run's reader holds its snapshot already
         pg.execute("UPDATE counters SET n = 99 WHERE id = 1")
@@ -88,7 +86,6 @@ def test_slice_rerun_never_overwrites_a_newer_change(counters, pg):
         assert wh.statuses()["public.counters"][0] == "streaming"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: progress can move backwards")
 def test_racing_planners_store_one_plan(pg, pg_url, target):
     if target.kind != "postgres":
         pytest.skip("runs need concurrent writers: the Postgres replica takes them")

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from pg_replication.errors import PgReplicationError, SchemaChangeError, WarehouseError
+from pg_replication.errors import ConcurrentDrainError, PgReplicationError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.identity import RelationIdentity, identity_problem
 from pg_replication.source.recovery import RowReader
@@ -206,12 +206,21 @@ class SqlWarehouse(SchemaEvolution):
     ) -> BackfillPlan:
         """Store the plan (and a query strategy's starting watermark, and a CDC table's relation
         identity: relation_oid, publication_member, covered_lsn) unless one exists."""
-        row = self._table_row(table_key(table))
+        key = table_key(table)
+        row = self._table_row(key)
         if row and row[0]:
             return BackfillPlan.from_json(row[0])
         values = {"plan": plan.to_json(), "watermark": watermark, "updated_at": time.time(), **(identity or {})}
-        self._upsert_state("tables", {"table_key": table_key(table)}, values)
-        return plan
+        with self.transaction():
+            # Compare-and-set: of two runs planning at once, the first plan stored wins and both use it.
+            sets = ", ".join(f"{self.ident(c)} = ?" for c in values)
+            self.execute(
+                f"UPDATE {self.state('tables')} SET {sets} WHERE table_key = ? AND plan IS NULL", [*values.values(), key]
+            )
+            if self._table_row(key) is None:
+                self._upsert_state("tables", {"table_key": key}, values)
+            stored = self._table_row(key)
+        return BackfillPlan.from_json(stored[0]) if stored and stored[0] else plan
 
     def replace_plan(self, table: Table, stale: BackfillPlan, plan: BackfillPlan, rerun: int) -> BackfillPlan:
         """Swap ``plan`` (a re-plan after a rewrite) in for ``stale`` unless another run already
@@ -303,6 +312,32 @@ class SqlWarehouse(SchemaEvolution):
 
     def set_drained_lsn(self, slot: str, lsn: int) -> None:
         self._upsert_state("cursor", {"slot": slot}, {"drained_lsn": lsn, "updated_at": time.time()})
+
+    def _claim_cursor(self, slot: str, expected: int) -> None:
+        """Inside the drain's transaction, before anything is applied: the drained position is
+        still the one this drain started from (compare-and-set; the row lock makes a concurrent
+        drain wait here and then see ours). Otherwise another drain committed first, and applying
+        this batch would move the position backwards and replay older changes over newer ones."""
+        self.execute(f"UPDATE {self.state('cursor')} SET updated_at = ? WHERE slot = ?", [time.time(), slot])
+        stored = self.drained_lsn(slot) or 0
+        if stored != expected:
+            from pg_replication.source.pgoutput import int_to_lsn
+
+            raise ConcurrentDrainError(
+                f"slot {slot!r}: another drain committed up to {int_to_lsn(stored)} while this one read from "
+                f"{int_to_lsn(expected)}",
+                lsn=int_to_lsn(stored),
+            )
+
+    def reopen_for_rerun(self, table: Table) -> None:
+        """A slice re-run of a streaming table: from now on drains log its changes, so none
+        applied after the re-run's snapshot can be overwritten by it; the re-run replays them
+        and streams again (as the last slice of a backfill does). Called before the snapshot."""
+        key = table_key(table)
+        with self.transaction():
+            self._lock_state(key)  # waits for a drain applying to it: its changes precede the snapshot
+            if self.statuses().get(key, ("backfilling", None))[0] == "streaming":
+                self.set_status(key, "backfilling")
 
     def report(self) -> list[dict]:
         """Per table: status, error, applied LSN, backfill slices done, plan size, last update."""
@@ -707,6 +742,9 @@ class SqlWarehouse(SchemaEvolution):
         outcomes = {}
         self.begin()
         try:
+            expected = getattr(decoded, "drained_before", None)  # the slot drain's start; capture serializes itself
+            if expected is not None:
+                self._claim_cursor(slot, expected)
             for key in decoded.batches:
                 self._lock_state(key)
             statuses = self.statuses()  # after the locks: a backfill that just completed is seen
