@@ -15,6 +15,7 @@ from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
 from pg_replication.source.triggers import CHANGES
+from pg_replication.source.watermarks import append_exactness
 
 
 def _warehouse_state(resource: WarehouseResource, table: Table, position: str | None) -> tuple[int | None, float | None, str, int | None]:
@@ -54,8 +55,9 @@ def build_table_checks(tables: list[Table], config: ReplicationConfig, translato
     return checks
 
 
-def _source_count(source: PostgresSource, table: Table) -> tuple[int, int, bool]:
-    """(rows, flushed WAL position, captured changes of the table waiting) in one snapshot."""
+def _source_count(source: PostgresSource, table: Table) -> tuple[int, int, bool, str | None]:
+    """(rows, flushed WAL position, captured changes of the table waiting) in one snapshot, and
+    for append why it may skip rows that commit late (None when it cannot)."""
     with source.connect() as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident)).fetchone()[0]  # type: ignore[index]
@@ -66,7 +68,8 @@ def _source_count(source: PostgresSource, table: Table) -> tuple[int, int, bool]
                 (table.schema, table.name),
             ).fetchone()[0]  # type: ignore[index]
         )
-    return rows, at, waiting
+        late = append_exactness(conn, table) if table.strategy == "append" else None
+    return rows, at, waiting, late
 
 
 def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fresh_within: int) -> list:
@@ -74,7 +77,7 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fr
 
     @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once changes have caught up).")
     def parity(source: PostgresSource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        source_rows, at, waiting = _source_count(source, table)
+        source_rows, at, waiting, late = _source_count(source, table)
         drained, _, status, wh_rows = _warehouse_state(warehouse, table, position)
         if table.strategy == "cdc":
             exact = drained is not None and drained >= at and status == "streaming"
@@ -87,14 +90,17 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fr
             "warehouse_lsn": int_to_lsn(drained) if drained and table.strategy == "cdc" else "none",
             "exact": exact,
         }
+        if table.strategy == "append":
+            metadata["keeps_late_commits"] = late is None
         passed = wh_rows == source_rows
         return dg.AssetCheckResult(
             passed=passed,
             severity=dg.AssetCheckSeverity.ERROR if exact else dg.AssetCheckSeverity.WARN,
-            description=None if passed else (
+            description=(f"append may skip rows that commit late: {late}" if late else None) if passed else (
                 f"{table.display}: {source_rows:,} rows in Postgres, {wh_rows} in the warehouse"
                 + (f" (source at {int_to_lsn(at)}, warehouse at {int_to_lsn(drained) if drained else 'nothing drained'})" if table.strategy == "cdc" else "")
                 + ("" if exact else f" ({table.strategy}: not caught up, or a difference it cannot see until a reload)")
+                + (f"; append may skip rows that commit late: {late}" if late else "")
             ),
             metadata=metadata,
         )

@@ -24,6 +24,10 @@ def sync_metadata(result: SyncResult) -> dict[str, dg.MetadataValue]:
     }
     if result.watermark is not None and result.watermark.mark is not None:
         metadata["watermark"] = dg.MetadataValue.text(str(result.watermark.mark))
+    if result.table.strategy == "append":
+        metadata["keeps_late_commits"] = dg.MetadataValue.bool(result.warning is None)
+        if result.warning:
+            metadata["late_commits"] = dg.MetadataValue.text(result.warning)
     return metadata
 
 
@@ -38,6 +42,8 @@ def _sync_job(name: str, cron: str, tables: list[Table], config: ReplicationConf
                 except (PgReplicationError, psycopg.Error, *wh.errors) as exc:  # one table's trouble stops only that table
                     failed.append(f"{table.display}: {str(exc).strip().splitlines()[0]}")
                     continue
+                if result.warning:
+                    context.log.warning(f"{table.display}: strategy append may skip rows that commit late: {result.warning}")
                 if result.mode == "skipped":
                     context.log.info(f"{table.display}: skipped ({result.reason})")
                     continue

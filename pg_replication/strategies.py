@@ -4,7 +4,11 @@ Each sync reads the table's watermark from the warehouse, then, in one REPEATABL
 of the source, the new mark and the rows past the old one, and writes rows and mark in one
 warehouse transaction. What each strategy sees (README, Strategies):
 
-- append: rows whose primary key is greater than the largest key copied; no updates, no deletes.
+- append: rows whose primary key is greater than the largest key known to be final: a key is
+  final once every transaction running when it was read has ended, so a transaction that commits
+  a key below one already copied is still read (``watermarks.advance_append`` has the proof and
+  its assumptions; ``append_exactness`` names a table where they cannot hold). No updates, no
+  deletes.
 - updated_at: rows whose cursor column is at or after the watermark minus ``lookback``, upserted
   by key. The look-back window is needed because a transaction's cursor value is set when the row
   is written, but the row is visible only at commit: a long transaction can commit a cursor value
@@ -27,7 +31,15 @@ from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
 from pg_replication.source.query_reader import read_where
 from pg_replication.source.snapshot import make_plan, read_slice
-from pg_replication.source.watermarks import Watermark, after_key, cursor_mark, initial_mark, key_mark, since_cursor
+from pg_replication.source.watermarks import (
+    Watermark,
+    advance_append,
+    append_exactness,
+    cursor_mark,
+    initial_mark,
+    running_transactions,
+    since_cursor,
+)
 from pg_replication.types import SESSION_OPTIONS
 from pg_replication.warehouse.base import Warehouse
 
@@ -41,6 +53,7 @@ class SyncResult:
     seconds: float = 0.0
     watermark: Watermark | None = None
     reason: str | None = None
+    warning: str | None = None  # append: why it cannot promise to keep every committed row
 
 
 def reload_due(table: Table, today: date, mark: Watermark) -> bool:
@@ -77,14 +90,21 @@ def sync_table(
     reload = reload_due(table, today, mark)
     if entry.strategy == "reload" and not reload:
         return SyncResult(table, "skipped", watermark=mark, reason=f"{today:%a %d}: not a reload_on day, or reloaded already")
+    warning = None
     with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
+        if entry.strategy == "append":  # before this sync's snapshot (advance_append)
+            still_running, warning = running_transactions(conn), append_exactness(conn, table)
+            conn.commit()
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         lock = sql.SQL("SELECT pg_try_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"pg_replication sync {table.display}"))
         if not conn.execute(lock).fetchone()[0]:  # type: ignore[index]
             return SyncResult(table, "skipped", watermark=mark, reason="another sync of this table is running")
         if reload:
-            # The mark is read before the readers' snapshot: rows in between are read again next time.
-            new = Watermark(initial_mark(conn, table), today.isoformat() if entry.reload_on is not None else mark.reloaded)
+            day = today.isoformat() if entry.reload_on is not None else mark.reloaded
+            if entry.strategy == "append":  # its floor and candidate stay true: keep them
+                new = Watermark(mark.mark, day, mark.candidate, mark.running)
+            else:  # read before the readers' snapshot: rows in between are read again next time
+                new = Watermark(initial_mark(conn, table), day)
             whole = make_plan(conn, table, 1, "0/0").slices[0]  # CTID ranges, split among the readers
             rows = read_slice(conninfo, table, whole, readers=readers, mapper=warehouse.map_column)
             try:
@@ -92,8 +112,7 @@ def sync_table(
             finally:
                 rows.close()
         elif entry.strategy == "append":
-            where, params = after_key(table, mark.mark)  # type: ignore[arg-type]
-            new = Watermark(key_mark(conn, table, where, params) or mark.mark, mark.reloaded)
+            where, params, new = advance_append(conn, table, mark, still_running)
             rows = read_where(conn, table, where, params, warehouse.map_column)
             written, mode = warehouse.upsert_rows(table, rows, new.to_json()), "appended"
         else:
@@ -101,6 +120,6 @@ def sync_table(
             new = Watermark(cursor_mark(conn, table, where, params, mark.mark), mark.reloaded)  # type: ignore[arg-type]
             rows = read_where(conn, table, where, params, warehouse.map_column)
             written, mode = warehouse.upsert_rows(table, rows, new.to_json()), "upserted"
-    result = SyncResult(table, mode, written.rows, written.bytes, time.monotonic() - started, new)
+    result = SyncResult(table, mode, written.rows, written.bytes, time.monotonic() - started, new, warning=warning)
     log(f"{table.display}: {mode} {result.rows:,} rows in {result.seconds:.2f} s (watermark {new.mark})")
     return result

@@ -27,13 +27,13 @@ class Browser:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         port_file = Path(self.profile) / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 180
         while not (port_file.exists() and port_file.read_text().strip()):
             if time.monotonic() > deadline:
                 raise RuntimeError("chromium did not start its DevTools endpoint")
             time.sleep(0.1)
         port = port_file.read_text().split()[0]
-        targets = json.loads(subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/json"], capture_output=True, text=True).stdout)
+        targets = json.loads(subprocess.run(["curl", "-s", "--max-time", "120", f"http://127.0.0.1:{port}/json"], capture_output=True, text=True).stdout)
         page = next(t for t in targets if t["type"] == "page")
         self.ws = connect(page["webSocketDebuggerUrl"], max_size=64 << 20)
         self.next_id = 0
@@ -57,7 +57,7 @@ class Browser:
     def text(self) -> str:
         return self.evaluate("document.body ? document.body.innerText : ''") or ""
 
-    def wait_for_text(self, *texts: str, timeout: float = 60) -> str:
+    def wait_for_text(self, *texts: str, timeout: float = 300) -> str:
         deadline = time.monotonic() + timeout
         while True:
             body = self.text()
@@ -66,6 +66,16 @@ class Browser:
             if time.monotonic() > deadline:
                 raise AssertionError(f"page never showed {texts!r}; it shows: {body[:500]!r}")
             time.sleep(0.3)
+
+    def wait_until_still(self, timeout: float = 60) -> None:
+        """Wait until the page's layout stops changing (three equal looks in a row); a page that
+        keeps moving (an animation) is pictured as it is when ``timeout`` ends."""
+        look = "JSON.stringify([...document.querySelectorAll('*')].slice(0, 3000).map(e => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }))"
+        deadline, last, same = time.monotonic() + timeout, None, 0
+        while same < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            now = self.evaluate(look)
+            same, last = (same + 1 if now == last else 0), now
 
     def _act(self, text: str, action: str, last: bool = True) -> None:
         found = self.evaluate(
@@ -92,5 +102,9 @@ class Browser:
     def close(self) -> None:
         self.ws.close()
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         shutil.rmtree(self.profile, ignore_errors=True)

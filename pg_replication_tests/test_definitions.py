@@ -32,7 +32,7 @@ def cli_env(pg, pg_url, write_config, duckdb_path, tmp_path):
 
 
 def _run(args, env, cwd):
-    return subprocess.run([DAGSTER, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([DAGSTER, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.e2e

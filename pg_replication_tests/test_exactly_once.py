@@ -39,7 +39,7 @@ def drain_in_subprocess(h: Harness, failpoint: str) -> int:
     tables = ",".join(t if isinstance(t, str) else t["name"] for t in h.raw_tables)
     out = subprocess.run(
         [sys.executable, "-c", CRASHING_DRAIN, h.pg_url, h.target.spec(), tables, h.settings.slot],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=900,
     )
     return out.returncode
 
@@ -147,7 +147,8 @@ def converge(pg: psycopg.Connection, h: Harness, interleave) -> None:
             h.drain(max_changes=3000)
     finally:
         writer.stop.set()
-        writer.join(timeout=60)
+        writer.join(timeout=600)
+    assert not writer.is_alive(), "the writer did not stop within 600 s"
     assert writer.error is None, writer.error
     assert writer.transactions > 160
     h.drain_all()
