@@ -160,7 +160,7 @@ def settled_key_mark(conn: psycopg.Connection, table: Table, timeout: float = SE
     assert conn.autocommit, "settled_key_mark polls between transactions"
     mark, running = _mark_and_running(conn, table)
     waiting, deadline, pause = set(running), time.monotonic() + timeout, 0.05
-    while waiting := waiting & running_transactions(conn):
+    while waiting := _blocking(waiting, running_transactions(conn)):
         if time.monotonic() > deadline:
             raise SourceNotReadyError(
                 f"{table.display}: strategy append waited {timeout:.0f} s for transactions older than its "
@@ -171,6 +171,13 @@ def settled_key_mark(conn: psycopg.Connection, table: Table, timeout: float = SE
         time.sleep(pause)
         pause = min(pause * 2, 1.0)
     return mark
+
+
+def _blocking(recorded: set[str], now: set[str]) -> set[str]:
+    """Which of the transactions running now keep a mark from settling: those recorded with it,
+    and any prepared transaction (a transaction recorded by its virtual id keeps no virtual id
+    once prepared, and may yet commit)."""
+    return {t for t in now if t in recorded or t.startswith("prepared:")}
 
 
 def _describe(conn: psycopg.Connection, vxids: set[str]) -> str:
@@ -197,7 +204,7 @@ def advance_append(
     transaction is always running, and only the oldest candidate's transactions all end.
     """
     floor, candidate, running = mark.mark, mark.candidate, mark.running
-    if candidate is not None and not set(running or ()) & still_running:
+    if candidate is not None and not _blocking(set(running or ()), still_running):
         floor, candidate = candidate, None  # every key <= candidate is final in this snapshot
     if candidate is None:
         candidate, now_running = _mark_and_running(conn, table)
