@@ -133,12 +133,19 @@ def run_backfill(
         if table.strategy in ("cdc", "triggers"):
             warehouse.reopen_for_rerun(table)
         still_in_source = keys_in_source(conninfo, table)
-        reader, plan = _open_slice(conninfo, warehouse, table, plan, index, readers, per_slice_limit, log)
-        try:
-            read_rows = row_reader(conninfo, table, warehouse.map_column)
-            result = warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows)
-        finally:
-            reader.close()
+        read_rows = row_reader(conninfo, table, warehouse.map_column)
+        for attempt in range(REPLAN_ATTEMPTS):
+            reader, plan = _open_slice(conninfo, warehouse, table, plan, index, readers, per_slice_limit, log)
+            try:
+                result = warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows)
+                break
+            except PlanStaleError as stale:  # a reader, under its lock, found a rewrite newer than the open
+                if attempt == REPLAN_ATTEMPTS - 1:
+                    raise
+                log(f"{stale.message}; re-planning the slices not copied yet")
+                plan = _replan(conninfo, warehouse, table, plan, index)
+            finally:
+                reader.close()
         total_rows += result.rows
         total_bytes += result.bytes
         log(f"{table.display} slice {index} done: {result.rows:,} rows in {time.monotonic() - slice_started:.1f} s")

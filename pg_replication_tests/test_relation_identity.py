@@ -15,19 +15,15 @@ relation by oid and keeps streaming.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
 import pytest
 
+from pg_replication_tests import operator
+from pg_replication_tests.operator import dagster_env, run_cli
 from pg_replication_tests.replication import Harness
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def _status(h: Harness, name: str) -> tuple[str, str | None]:
@@ -107,39 +103,29 @@ def test_renamed_away_and_back_keeps_streaming_without_a_gap(pg, pg_url, target)
     h.assert_equal(pg, "t")
 
 
-def _cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
-    return out
-
-
 @pytest.mark.e2e
-def test_recreated_table_through_the_cli(pg, pg_url, write_config, duckdb_path, tmp_path):
+def test_recreated_table_through_therun_cli(pg, pg_url, write_config, duckdb_path, tmp_path):
     """What an operator runs: materialize the partitions, drain with `dagster job execute`,
     re-create the table, drain, read `pg-replication status`, materialize again, drain."""
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO t SELECT i, 'v0' FROM generate_series(1, 3000) i")
     write_config({"source": {"slot": "pgr_cli", "publication": "pgr_cli"}, "tables": ["t"], "defaults": {"partitions": 2}})
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
-    materialize = ["dagster", "asset", "materialize", "-m", "pg_replication.definitions", "--select", "public/t",
-                   "--partition-range", "000...001"]
-    drain = ["dagster", "job", "execute", "-m", "pg_replication.definitions", "-j", "postgres_cdc_drain"]
+    env = dagster_env(tmp_path)
+    materialize, drain = operator.materialize("public/t", "000...001"), operator.drain()
     for args in (materialize, drain):
-        out = _cli(args, env, tmp_path)
+        out = run_cli(args, env, tmp_path)
         assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     pg.execute("DROP TABLE t")
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO t SELECT i, 'new' FROM generate_series(100, 200) i")
-    out = _cli(drain, env, tmp_path)
+    out = run_cli(drain, env, tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "backfill restarted" in out.stdout + out.stderr
-    out = _cli(["pg-replication", "--json", "status"], env, tmp_path)
+    out = run_cli(["pg-replication", "--json", "status"], env, tmp_path)
     (row,) = json.loads(out.stdout)["tables"]
     assert row["status"] == "backfilling" and "re-created" in row["error"], out.stdout
     for args in (materialize, drain):
-        out = _cli(args, env, tmp_path)
+        out = run_cli(args, env, tmp_path)
         assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
         got = wh.execute('SELECT id, v FROM "public"."t" ORDER BY id').fetchall()

@@ -9,8 +9,11 @@ carries fails the table loudly; widening type changes and renames are followed i
 
 from __future__ import annotations
 
+import duckdb
 import pytest
 
+from pg_replication_tests import operator
+from pg_replication_tests.operator import dagster_env, run_cli
 from pg_replication_tests.replication import Harness
 
 
@@ -86,3 +89,32 @@ def test_rename_is_followed(items, pg):
     items.drain_all()
     items.assert_equal(pg, "items")
     assert "note" not in items.target.columns(items.table("items"))
+
+
+@pytest.mark.e2e
+def test_toast_and_add_column_through_the_cli(pg, write_config, duckdb_path, tmp_path):
+    """The paths users take, each step a fresh process: a slice, a key change that keeps an
+    out-of-line value, a drain, the other slice, then ADD COLUMN with a default around inserts
+    and a drain started after the DDL."""
+    pg.execute("CREATE TABLE docs (id int PRIMARY KEY, blob text, pad text)")
+    pg.execute("ALTER TABLE docs ALTER COLUMN blob SET STORAGE EXTERNAL")
+    pg.execute("ALTER TABLE docs ALTER COLUMN pad SET STORAGE PLAIN")
+    pg.execute("INSERT INTO docs SELECT i, repeat(md5(i::text), 100), repeat('p', 900) FROM generate_series(1, 200) i")
+    write_config({"source": {"slot": "pgr_cli_schema", "publication": "pgr_cli_schema"}, "tables": ["docs"], "defaults": {"partitions": 2}})
+    env = dagster_env(tmp_path)
+
+    def run(args):
+        out = run_cli(args, env, tmp_path)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+
+    run(operator.materialize("public/docs", "001...001"))
+    pg.execute("UPDATE docs SET id = 1000 WHERE id = 2")
+    run(operator.drain())
+    run(operator.materialize("public/docs", "000...000"))
+    pg.execute("INSERT INTO docs VALUES (2000, 'before the DDL', 'x')")
+    pg.execute("ALTER TABLE docs ADD COLUMN status text DEFAULT 'open'")
+    pg.execute("INSERT INTO docs VALUES (2001, 'after the DDL', 'y', 'closed')")
+    run(operator.drain())
+    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
+        got = wh.execute('SELECT id, blob, pad, status FROM "public"."docs" ORDER BY id').fetchall()
+    assert got == pg.execute("SELECT id, blob, pad, status FROM docs ORDER BY id").fetchall()

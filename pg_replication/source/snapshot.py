@@ -284,8 +284,9 @@ class SliceReader:
         try:
             self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             self.snapshot = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
+            self.plan = plan
             if plan is not None:
-                self._check_files(plan)
+                self._check_files(self.coordinator, plan, lock=False)
             pieces = [
                 p for seg in segments for p in seg.split(readers, relation_pages(self.coordinator, seg.schema, seg.relation))
             ]
@@ -305,17 +306,19 @@ class SliceReader:
         for t in self.threads:
             t.start()
 
-    def _check_files(self, plan: BackfillPlan) -> None:
-        """A rewrite committed before the lock shows as a new file; after it, none can happen
-        until this transaction ends (a rewrite needs ACCESS EXCLUSIVE)."""
-        leaves = [(s, r) for s, r, _ in plan.filenodes if relation_filenode(self.coordinator, s, r) is not None]
-        if leaves:
-            self.coordinator.execute(
+    def _check_files(self, conn: psycopg.Connection, plan: BackfillPlan, lock: bool) -> None:
+        """A rewrite committed before the check shows as a new file. Each reader checks again
+        under its ACCESS SHARE lock, after which none can happen until it is done (a rewrite
+        needs ACCESS EXCLUSIVE). The coordinator takes no lock: it waits for the readers, and a
+        DDL queued behind its lock would queue their locks behind it (a deadlock)."""
+        leaves = [(s, r) for s, r, _ in plan.filenodes if relation_filenode(conn, s, r) is not None]
+        if lock and leaves:
+            conn.execute(
                 sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
                     sql.SQL(", ").join(sql.Identifier(s, r) for s, r in leaves)
                 )
             )
-        reason = plan.stale_because(self.coordinator, self.table.leaves)
+        reason = plan.stale_because(conn, self.table.leaves)
         if reason is not None:
             raise PlanStaleError(f"{self.table.display}: {reason}", table=self.table.display, lsn=plan.lsn)
 
@@ -333,6 +336,8 @@ class SliceReader:
             with connect(self.conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+                if self.plan is not None:
+                    self._check_files(conn, self.plan, lock=True)
                 while not self.stop.is_set():
                     try:
                         piece = self.work.get_nowait()

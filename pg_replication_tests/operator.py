@@ -1,0 +1,33 @@
+"""What an operator runs, in fresh processes: the `dagster` and `pg-replication` CLIs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def dagster_env(tmp_path: Path) -> dict[str, str]:
+    """The environment with a DAGSTER_HOME holding the shipped dagster.yaml."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    return {**os.environ, "DAGSTER_HOME": str(home)}
+
+
+def run_cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """One command of the venv (``dagster``, ``pg-replication``); generous deadline for a loaded box."""
+    return subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def materialize(select: str, partitions: str) -> list[str]:
+    return ["dagster", "asset", "materialize", "-m", "pg_replication.definitions", "--select", select, "--partition-range", partitions]
+
+
+def drain(job: str = "postgres_cdc_drain") -> list[str]:
+    return ["dagster", "job", "execute", "-m", "pg_replication.definitions", "-j", job]
