@@ -104,7 +104,7 @@ def test_renamed_away_and_back_keeps_streaming_without_a_gap(pg, pg_url, target)
 
 
 @pytest.mark.e2e
-def test_recreated_table_through_therun_cli(pg, pg_url, write_config, duckdb_path, tmp_path):
+def test_recreated_table_through_the_cli(pg, pg_url, write_config, duckdb_path, tmp_path):
     """What an operator runs: materialize the partitions, drain with `dagster job execute`,
     re-create the table, drain, read `pg-replication status`, materialize again, drain."""
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
