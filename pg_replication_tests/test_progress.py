@@ -112,3 +112,20 @@ def test_racing_planners_store_one_plan(pg, pg_url, target):
     with target.open() as wh:
         stored = wh.load_state(table).plan
     assert len(got) == len(plans) and all(p == stored for p in got)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: found in review")
+def test_two_slice_reruns_at_once_never_overwrite_a_newer_change(counters, pg):
+    def the_other_rerun_completes_then_a_change_is_drained():
+        counters.backfill(slices=[0])
+        pg.execute("UPDATE counters SET n = 99 WHERE id = 1")
+        counters.drain_all()
+
+    with counters.target.open() as wh:
+        run_backfill(
+            counters.pg_url, OtherRunFirst(wh, "write_slice", the_other_rerun_completes_then_a_change_is_drained),
+            counters.table("counters"), [1],
+            partitions=2, cdc=SlotSettings(counters.settings.slot, counters.settings.publication),
+        )
+    counters.drain_all()
+    counters.assert_equal(pg, "counters")

@@ -118,3 +118,29 @@ def test_toast_and_add_column_through_the_cli(pg, write_config, duckdb_path, tmp
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
         got = wh.execute('SELECT id, blob, pad, status FROM "public"."docs" ORDER BY id').fetchall()
     assert got == pg.execute("SELECT id, blob, pad, status FROM docs ORDER BY id").fetchall()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: found in review")
+def test_changes_before_a_rename_in_the_same_batch(items, pg):
+    pg.execute("UPDATE items SET note = 'before' WHERE id <= 5")
+    pg.execute("ALTER TABLE items RENAME COLUMN note TO remark")
+    pg.execute("UPDATE items SET remark = 'after' WHERE id = 5")
+    items.reload()
+    items.drain_all()
+    items.assert_equal(pg, "items")
+
+
+def test_changes_before_a_rename_logged_during_the_backfill(pg, pg_url, target):
+    pg.execute("CREATE TABLE items (id int PRIMARY KEY, note text)")
+    pg.execute("INSERT INTO items SELECT i, 'n' FROM generate_series(1, 300) i")
+    h = Harness(pg_url, target, ["items"], partitions=2)
+    h.backfill(slices=[0])
+    pg.execute("UPDATE items SET note = 'before' WHERE id % 7 = 0")
+    h.drain_all()  # logged: the backfill is not complete
+    pg.execute("ALTER TABLE items RENAME COLUMN note TO remark")
+    pg.execute("UPDATE items SET remark = 'after' WHERE id = 14")
+    h.reload()
+    h.drain_all()
+    h.backfill(slices=[1])
+    h.drain_all()
+    h.assert_equal(pg, "items")
