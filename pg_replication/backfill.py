@@ -22,7 +22,7 @@ from pg_replication.source.snapshot import BackfillPlan, PlanStaleError, SliceRe
 from pg_replication.source.triggers import require_capture
 from pg_replication.source.watermarks import Watermark, initial_mark
 from pg_replication.types import SESSION_OPTIONS
-from pg_replication.warehouse.base import Warehouse
+from pg_replication.warehouse.base import SliceResult, Warehouse
 
 PROGRESS_EVERY_SECONDS = 5.0
 REPLAN_ATTEMPTS = 5  # rewrites racing each slice this often are not plausible: fail loudly then
@@ -131,28 +131,20 @@ def run_backfill(
 
         table = current_table(conninfo, warehouse, table)  # columns may change between slices
         if table.strategy in ("cdc", "triggers"):
-            warehouse.reopen_for_rerun(table)
+            warehouse.reopen_for_rerun(table, index)
         still_in_source = keys_in_source(conninfo, table)
         read_rows = row_reader(conninfo, table, warehouse.map_column)
-        for attempt in range(REPLAN_ATTEMPTS):
-            reader, plan = _open_slice(conninfo, warehouse, table, plan, index, readers, per_slice_limit, log)
-            try:
-                result = warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows)
-                break
-            except PlanStaleError as stale:  # a reader, under its lock, found a rewrite newer than the open
-                if attempt == REPLAN_ATTEMPTS - 1:
-                    raise
-                log(f"{stale.message}; re-planning the slices not copied yet")
-                plan = _replan(conninfo, warehouse, table, plan, index)
-            finally:
-                reader.close()
+        result, plan = _copy_slice(
+            conninfo, warehouse, table, plan, index, readers, per_slice_limit, log,
+            lambda reader, plan: warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows, plan),
+        )
         total_rows += result.rows
         total_bytes += result.bytes
         log(f"{table.display} slice {index} done: {result.rows:,} rows in {time.monotonic() - slice_started:.1f} s")
     return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn)
 
 
-def _open_slice(
+def _copy_slice(
     conninfo: str,
     warehouse: Warehouse,
     table: Table,
@@ -161,21 +153,27 @@ def _open_slice(
     readers: int,
     row_limit: int | None,
     log: Callable[[str], None],
-) -> tuple[SliceReader, BackfillPlan]:
-    """A reader of slice ``index`` whose snapshot sees the files the plan was cut from (the
-    reader checks them), re-planning after a rewrite."""
+    write: Callable[[SliceReader, BackfillPlan], SliceResult],
+) -> tuple[SliceResult, BackfillPlan]:
+    """Copy slice ``index`` under ``plan``: its readers check the files the plan was cut from.
+    After a rewrite (found at open or by a reader under its lock), or when another run re-planned
+    meanwhile, re-plan and copy again."""
     for attempt in range(REPLAN_ATTEMPTS):
+        reader = None
         try:
             reader = SliceReader(
                 conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit,
                 mapper=warehouse.map_column, plan=plan,
             )
-            return reader, plan
+            return write(reader, plan), plan
         except PlanStaleError as stale:
             if attempt == REPLAN_ATTEMPTS - 1:
                 raise
             log(f"{stale.message}; re-planning the slices not copied yet")
             plan = _replan(conninfo, warehouse, table, plan, index)
+        finally:
+            if reader is not None:
+                reader.close()
     raise AssertionError("unreachable")
 
 

@@ -120,7 +120,6 @@ def test_backfill_narrows_a_column_list_that_sends_an_excluded_column(people, pg
     assert _leaks(duckdb_path, "leak-") == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: found in review")
 def test_column_added_after_the_column_list_is_replicated(people, pg, pg_url, duckdb_path):
     h = Harness(pg_url, duckdb_path, [{"name": "people", "exclude_columns": ["ssn"]}])
     h.backfill()

@@ -114,7 +114,6 @@ def test_racing_planners_store_one_plan(pg, pg_url, target):
     assert len(got) == len(plans) and all(p == stored for p in got)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: found in review")
 def test_two_slice_reruns_at_once_never_overwrite_a_newer_change(counters, pg):
     def the_other_rerun_completes_then_a_change_is_drained():
         counters.backfill(slices=[0])

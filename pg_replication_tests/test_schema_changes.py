@@ -120,7 +120,6 @@ def test_toast_and_add_column_through_the_cli(pg, write_config, duckdb_path, tmp
     assert got == pg.execute("SELECT id, blob, pad, status FROM docs ORDER BY id").fetchall()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: found in review")
 def test_changes_before_a_rename_in_the_same_batch(items, pg):
     pg.execute("UPDATE items SET note = 'before' WHERE id <= 5")
     pg.execute("ALTER TABLE items RENAME COLUMN note TO remark")

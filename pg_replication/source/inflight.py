@@ -49,7 +49,9 @@ FROM pg_locks l
 WHERE l.locktype = 'relation' AND l.granted
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.relation = ANY(%(relations)s)
-  AND l.mode NOT IN ('AccessShareLock', 'RowShareLock')
+  -- Row writes hold ROW EXCLUSIVE, TRUNCATE ACCESS EXCLUSIVE; autovacuum, ANALYZE and CREATE
+  -- INDEX (CONCURRENTLY) hold other modes and write no rows: never waited for.
+  AND l.mode IN ('RowExclusiveLock', 'AccessExclusiveLock')
   AND l.pid IS DISTINCT FROM pg_backend_pid()
 """
 

@@ -149,6 +149,19 @@ def leaked_columns(table: Table, published: dict[tuple[str, str], list[str]]) ->
     return [c for c in excluded if c in sent]
 
 
+def unpublished_columns(table: Table, published: dict[tuple[str, str], list[str]]) -> list[str]:
+    """Columns of ``table`` its column list leaves out: added to the source after the list was
+    set (Postgres never extends an explicit list), so their values are not sent."""
+    if not (table.entry and table.entry.exclude_columns) or (table.schema, table.name) not in published:
+        return []
+    sent = set(published[(table.schema, table.name)])
+    return [c.name for c in table.columns if c.name not in sent]
+
+
+def column_list_stale(table: Table, published: dict[tuple[str, str], list[str]]) -> bool:
+    return bool(leaked_columns(table, published) or unpublished_columns(table, published))
+
+
 def check_publication_columns(conn: psycopg.Connection, publication: str, tables: list[Table]) -> None:
     """Refuse a publication we do not own that publishes an excluded column.
 

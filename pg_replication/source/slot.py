@@ -14,13 +14,15 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, sql
 
-from pg_replication.errors import PgReplicationError, SourceNotReadyError, TableNotReplicableError
+from pg_replication.errors import PgReplicationError, SourceNotReadyError, SourceUnavailableError, TableNotReplicableError
 from pg_replication.source.catalog import Table
 from pg_replication.source.replica_identity import (
     check_replica_identity,
+    column_list_stale,
     identity_problems,
     leaked_columns,
     published_columns,
+    unpublished_columns,
 )
 from pg_replication.source.pgoutput import lsn_to_int
 
@@ -133,15 +135,6 @@ def require_slot(conn: psycopg.Connection, slot: str) -> SlotStatus:
     return status
 
 
-def publication_tables(conn: psycopg.Connection, publication: str) -> set[tuple[str, str]]:
-    return {
-        (s, t)
-        for s, t in conn.execute(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (publication,)
-        )
-    }
-
-
 def _table_item(table: Table) -> sql.Composable:
     if table.entry and table.entry.exclude_columns:  # a column list keeps excluded data at home
         return sql.SQL("{} ({})").format(table.ident, sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns))
@@ -160,23 +153,46 @@ def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Ta
     if not exists:
         if not tables:
             return False
-        conn.execute(
+        _publication_ddl(
+            conn,
             sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)").format(
                 sql.Identifier(publication), items
-            )
+            ),
         )
         return True
     published = set(published_cols)
-    leaking = any(leaked_columns(t, published_cols) for t in tables)  # exclude_columns added later
-    if published == {(t.schema, t.name) for t in tables} and not leaking:
+    # exclude_columns added later, or columns added to the table since its list was set. The
+    # re-listed entry is a new one: the table is backfilled again (source/identity.py), which
+    # its values missed until now require.
+    stale = any(column_list_stale(t, published_cols) for t in tables)
+    if published == {(t.schema, t.name) for t in tables} and not stale:
         return False
     if not _owns_publication(conn, publication):
         _require_published(published, publication, tables)
         return False
     if not tables:  # never dropped: a slot cannot decode across its publication's absence
         return False
-    conn.execute(sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(publication), items))
+    _publication_ddl(conn, sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(sql.Identifier(publication), items))
     return True
+
+
+DDL_LOCK_TIMEOUT = "5s"
+
+
+def _publication_ddl(conn: psycopg.Connection, *statements: sql.Composable) -> None:
+    """Publication DDL in one transaction that waits for its table locks at most
+    DDL_LOCK_TIMEOUT: queued behind a long transaction's lock, it would queue the DDL and
+    maintenance that come after it too. The next run tries again."""
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(DDL_LOCK_TIMEOUT)))
+            for statement in statements:
+                conn.execute(statement)
+    except errors.LockNotAvailable:
+        raise SourceUnavailableError(
+            f"changing the publication waited more than {DDL_LOCK_TIMEOUT} for a table lock",
+            hint="a long transaction or DDL holds a lock on a replicated table; the next run tries again",
+        ) from None
 
 
 def _owns_publication(conn: psycopg.Connection, publication: str) -> bool:
@@ -205,27 +221,33 @@ def add_to_publication(conn: psycopg.Connection, publication: str, table: Table)
     published = set(published_cols)
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
     if (table.schema, table.name) in published:
-        leaked = leaked_columns(table, published_cols)
-        if not leaked:
+        if not column_list_stale(table, published_cols):
             return
         if not _owns_publication(conn, publication):
+            leaked = leaked_columns(table, published_cols)
             raise TableNotReplicableError(
                 f"{table.display}: publication {publication!r} (not ours to change) publishes "
-                f"{', '.join(leaked)}, which exclude_columns keeps in the source",
-                hint="as the publication's owner, give the table a column list without them, "
-                "or remove them from exclude_columns",
+                + (
+                    f"{', '.join(leaked)}, which exclude_columns keeps in the source"
+                    if leaked
+                    else f"no values of {', '.join(unpublished_columns(table, published_cols))} (its column list predates them)"
+                ),
+                hint="as the publication's owner, give the table a column list of exactly the columns "
+                "replication.yaml keeps",
                 table=table.display,
             )
-        with conn.transaction():  # one change for decoding: never published without the list
-            conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(sql.Identifier(publication), table.ident))
-            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), _table_item(table)))
+        _publication_ddl(  # one transaction, one change for decoding: never published without the list
+            conn,
+            sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(sql.Identifier(publication), table.ident),
+            sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), _table_item(table)),
+        )
         return
     if exists and not _owns_publication(conn, publication):
         _require_published(published, publication, [table])
     verb = "ALTER PUBLICATION {} ADD TABLE {}" if exists else (
         "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)"
     )
-    conn.execute(sql.SQL(verb).format(sql.Identifier(publication), _table_item(table)))
+    _publication_ddl(conn, sql.SQL(verb).format(sql.Identifier(publication), _table_item(table)))
 
 
 def peek(

@@ -88,6 +88,7 @@ class Warehouse(Protocol):
         progress: Progress | None = None,
         still_in_source: KeyCheck | None = None,
         read_rows: RowReader | None = None,
+        plan: BackfillPlan | None = None,
     ) -> SliceResult:
         """Replace the slice's rows; rows it held before that the source no longer has are
         deleted, rows an update moved elsewhere stay. When this completes the backfill, the

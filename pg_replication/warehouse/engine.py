@@ -28,7 +28,7 @@ from pg_replication.errors import ConcurrentDrainError, PgReplicationError, Sche
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.identity import RelationIdentity, identity_problem
 from pg_replication.source.recovery import RowReader
-from pg_replication.source.snapshot import BackfillPlan
+from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
 from pg_replication.types import TypeMapping, map_column
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.evolution import DescribeNew, SchemaEvolution
@@ -329,13 +329,16 @@ class SqlWarehouse(SchemaEvolution):
                 lsn=int_to_lsn(stored),
             )
 
-    def reopen_for_rerun(self, table: Table) -> None:
-        """A slice re-run of a streaming table: from now on drains log its changes, so none
-        applied after the re-run's snapshot can be overwritten by it; the re-run replays them
-        and streams again (as the last slice of a backfill does). Called before the snapshot."""
+    def reopen_for_rerun(self, table: Table, index: int) -> None:
+        """Before a slice's snapshot is taken: the slice counts as not copied until this copy
+        commits, and a streaming table's drains log its changes from now on. So no change applied
+        after the snapshot can be overwritten by it, and no other slice can complete the backfill
+        (and start applying) while it runs; the copy that completes it replays the log and
+        streams again. A re-run that dies leaves the table backfilling, its slice missing."""
         key = table_key(table)
         with self.transaction():
             self._lock_state(key)  # waits for a drain applying to it: its changes precede the snapshot
+            self.execute(f"DELETE FROM {self.state('slices')} WHERE table_key = ? AND slice = ?", [key, index])
             if self.statuses().get(key, ("backfilling", None))[0] == "streaming":
                 self.set_status(key, "backfilling")
 
@@ -428,10 +431,13 @@ class SqlWarehouse(SchemaEvolution):
         progress: Progress | None = None,
         still_in_source: KeyCheck | None = None,
         read_rows: RowReader | None = None,
+        plan: BackfillPlan | None = None,
     ) -> SliceResult:
         """Replace the slice's rows; rows it held before that the source no longer has are
         deleted, rows an update moved elsewhere stay. When this completes the backfill, the
-        table's change log is replayed and the table starts streaming, in the same transaction."""
+        table's change log is replayed and the table starts streaming, in the same transaction.
+        ``plan``: the plan the slice was read under; PlanStaleError when another run re-planned
+        meanwhile (its pages may now belong to this slice)."""
         target = self.table_name(table)
         previous = -1 - index  # rows this slice wrote before, until the new copy replaces them
         started = time.monotonic()
@@ -439,6 +445,13 @@ class SqlWarehouse(SchemaEvolution):
         try:
             with self.transaction():
                 self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
+                stored = self.load_state(table).plan
+                if plan is not None and stored is not None and stored != plan:
+                    raise PlanStaleError(
+                        f"{table.display}: slice {index} was read under a plan another run has replaced",
+                        table=table.display,
+                        lsn=plan.lsn,
+                    )
                 self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
                 rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
                 self._settle_leftovers(table, previous, still_in_source)
@@ -612,16 +625,18 @@ class SqlWarehouse(SchemaEvolution):
             f"""SELECT {segment_column}, {columns_column}, count(*), sum(CASE WHEN {self.ident(staging.OP)} = 'T' THEN 1 ELSE 0 END)
                 FROM {log} GROUP BY {segment_column}, {columns_column} ORDER BY 1"""
         ):
-            columns = tuple(c for c in json.loads(columns_json) if c in mappings)
-            relation = self._log_segment(table, int(segment), columns)
-            changes = StagedChanges(relation, columns, bool(truncates), int(rows), defaults=defaults)
+            logged = json.loads(columns_json)
+            pairs = [(c, now) for c, now in zip(logged, self.current_names(table, logged)) if now in mappings]
+            relation = self._log_segment(table, int(segment), [c for c, _ in pairs])
+            changes = StagedChanges(relation, tuple(now for _, now in pairs), bool(truncates), int(rows), defaults=defaults)
             self.apply_segment(table, changes, mappings, read_rows)
             replayed += int(rows)
         self.execute(f"DELETE FROM {log}")
         return replayed
 
     def _log_segment(self, table: Table, segment: int, columns: Sequence[str]) -> str:
-        """One logged segment as a staged relation (see staging.py)."""
+        """One logged segment as a staged relation (see staging.py); ``columns`` are the log's
+        column names (a renamed column's are its old name)."""
         fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
         values = [f"{self.ident(c)} AS {self.ident(staging.value_column(i))}" for i, c in enumerate(columns)]
         return (
@@ -761,7 +776,10 @@ class SqlWarehouse(SchemaEvolution):
                         reader = read_rows(plan.table) if read_rows is not None else None
                         defaults = self.defaults(plan.table, plan.columns)
                         for changes in staged[key]:
-                            self.apply_segment(plan.table, replace(changes, defaults=defaults), plan.mappings, reader)
+                            columns = self.current_names(plan.table, changes.columns)
+                            mappings = {**plan.mappings, **{n: plan.mappings[o] for o, n in zip(changes.columns, columns)}}
+                            changes = replace(changes, columns=columns, defaults=defaults)
+                            self.apply_segment(plan.table, changes, mappings, reader)
                     except (*self.errors, PgReplicationError) as exc:
                         raise _TableFailed(key, batch.stats.first_lsn, exc) from None
                     applied = {"applied_lsn": batch.stats.last_lsn} if batch.stats.last_lsn is not None else {}

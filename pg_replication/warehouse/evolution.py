@@ -17,7 +17,7 @@ run killed between them resumes where it stopped.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pg_replication.errors import SchemaChangeError
 from pg_replication.source.catalog import VOLATILE_DEFAULT, Table
@@ -118,9 +118,23 @@ class SchemaEvolution:
         for old, new in renames.items():
             if self.fold(old) in physical and self.fold(new) not in physical:  # type: ignore[attr-defined]
                 self.execute(f"ALTER TABLE {self.table_name(table)} RENAME COLUMN {self.ident(old)} TO {self.ident(new)}")  # type: ignore[attr-defined]
-        renamed = {renames.get(name, name): c for name, c in stored.items()}
+        renamed = {  # "was": earlier names, which changes drained or logged before the rename carry
+            renames.get(name, name): {**c, "was": [*c.get("was", []), name]} if name in renames else c
+            for name, c in stored.items()
+        }
         self._store_columns(f"{table.schema}.{table.name}", renamed)  # type: ignore[attr-defined]
         return renamed
+
+    def current_names(self, table: Table, columns: Sequence[str]) -> tuple[str, ...]:
+        """A segment's columns under their names now: a segment from before a rename carries the
+        old name (and not the new one, which is how it is told from a later column reusing it)."""
+        stored = self.stored_columns(f"{table.schema}.{table.name}")  # type: ignore[attr-defined]
+        now = {old: name for name, c in stored.items() for old in c.get("was", ())}
+        return tuple(now[c] if c in now and now[c] not in columns else c for c in columns)
+
+    def sql_literal(self, mapping: TypeMapping, value: str) -> str:
+        """A staged value as a typed literal of this warehouse's SQL (where no parameter can go)."""
+        return staging.literal(mapping, value)
 
     def alter_column_type(self, table: Table, name: str, ddl: str) -> None:
         self.execute(f"ALTER TABLE {self.table_name(table)} ALTER COLUMN {self.ident(name)} TYPE {ddl}")  # type: ignore[attr-defined]
@@ -132,7 +146,7 @@ class SchemaEvolution:
         if value is None:
             self.execute(f"ALTER TABLE {target} ADD COLUMN {column} {mapping.ddl}")  # type: ignore[attr-defined]
             return
-        self.execute(f"ALTER TABLE {target} ADD COLUMN {column} {mapping.ddl} DEFAULT {staging.literal(mapping, value)}")  # type: ignore[attr-defined]
+        self.execute(f"ALTER TABLE {target} ADD COLUMN {column} {mapping.ddl} DEFAULT {self.sql_literal(mapping, value)}")  # type: ignore[attr-defined]
         # Every write names every column, so a default left by a crash here would never apply.
         self.execute(f"ALTER TABLE {target} ALTER COLUMN {column} DROP DEFAULT")  # type: ignore[attr-defined]
 
@@ -141,7 +155,7 @@ class SchemaEvolution:
         ADD COLUMN came after them): the value Postgres gives them, as typed SQL literals."""
         stored = self.stored_columns(f"{table.schema}.{table.name}")  # type: ignore[attr-defined]
         return {
-            name: staging.literal(TypeMapping(None, c["type"], load=c["load"]), c["missing"])  # type: ignore[arg-type]
+            name: self.sql_literal(TypeMapping(None, c["type"], load=c["load"]), c["missing"])  # type: ignore[arg-type]
             for name, c in stored.items()
             if c.get("missing") is not None and name in current
         }

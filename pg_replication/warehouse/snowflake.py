@@ -203,6 +203,10 @@ class SnowflakeWarehouse(SqlWarehouse):
         select = ", ".join(f"{self.ident(p)} AS {self.ident(n)}" for p, n in zip(positional, names))
         return _Staged(self, _SLICE_STAGE, f"(SELECT {select} FROM {self._stage_name(_SLICE_STAGE)})")
 
+    def sql_literal(self, mapping: TypeMapping, value: str) -> str:
+        # Snowflake reads backslashes in string literals as escapes: double them.
+        return staging.typed(mapping, "'" + value.replace("\\", "\\\\").replace("'", "''") + "'")
+
     def prepare_table(self, plan, status: str, describe_new) -> dict:
         added = super().prepare_table(plan, status, describe_new)
         if status == "streaming":
