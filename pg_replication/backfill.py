@@ -14,7 +14,7 @@ from pg_replication.source.catalog import Table, describe_new_columns, refresh_t
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
 from pg_replication.source.replica_identity import check_declared_key
-from pg_replication.source.identity import relation_identity
+from pg_replication.source.relation_identity import relation_identity
 from pg_replication.source.inflight import wait_for_writers
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.slot import add_to_publication, ensure_slot

@@ -24,7 +24,7 @@ from pg_replication.source import pgoutput as po
 from pg_replication.source.catalog import Column, PgType, Table, describe_new_columns, load_types
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
-from pg_replication.source.identity import relation_identity
+from pg_replication.source.relation_identity import relation_identity
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
 from pg_replication.source.snapshot import Mapper
 from pg_replication.types import SESSION_OPTIONS, TypeMapping
@@ -302,7 +302,7 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
 def _check_identities(
     conn: psycopg.Connection, warehouse, tables: list[Table], settings: DrainSettings, drained: int
 ) -> tuple[dict[str, str], dict[int, Table]]:
-    """Restart the backfill of every table whose stream has a gap (source/identity.py), and map
+    """Restart the backfill of every table whose stream has a gap (source/relation_identity.py), and map
     the relation oids that stand for configured tables now."""
     restarted: dict[str, str] = {}
     by_oid: dict[int, Table] = {}

@@ -162,7 +162,7 @@ def sync_publication(conn: psycopg.Connection, publication: str, tables: list[Ta
         return True
     published = set(published_cols)
     # exclude_columns added later, or columns added to the table since its list was set. The
-    # re-listed entry is a new one: the table is backfilled again (source/identity.py), which
+    # re-listed entry is a new one: the table is backfilled again (source/relation_identity.py), which
     # its values missed until now require.
     stale = any(column_list_stale(t, published_cols) for t in tables)
     if published == {(t.schema, t.name) for t in tables} and not stale:

@@ -124,7 +124,7 @@ class Warehouse(Protocol):
 
     def restart_if_gap(self, table: Table, now, drained: int) -> str | None:
         """Reset a planned table whose relation identity, publication entry or drain coverage
-        shows a gap in its stream (source/identity.py) to backfilling; return the reason."""
+        shows a gap in its stream (source/relation_identity.py) to backfilling; return the reason."""
         ...
 
     def statuses(self) -> dict[str, tuple[str, str | None]]:

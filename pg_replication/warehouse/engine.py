@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from pg_replication.errors import ConcurrentDrainError, PgReplicationError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Column, Table
-from pg_replication.source.identity import RelationIdentity, identity_problem
+from pg_replication.source.relation_identity import RelationIdentity, identity_problem
 from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
 from pg_replication.types import TypeMapping, map_column
@@ -145,7 +145,7 @@ class SqlWarehouse(SchemaEvolution):
         "tables": (
             (("table_key", "text"), ("plan", "text"), ("columns", "text"), ("status", "text"), ("error", "text"),
              ("applied_lsn", "BIGINT"), ("watermark", "text"), ("updated_at", "DOUBLE PRECISION"),
-             # relation identity (source/identity.py): pg_class oid, publication entry, drains covered
+             # relation identity (source/relation_identity.py): pg_class oid, publication entry, drains covered
              ("relation_oid", "BIGINT"), ("publication_member", "text"), ("covered_lsn", "BIGINT")),
             ("table_key",),
         ),
@@ -238,7 +238,7 @@ class SqlWarehouse(SchemaEvolution):
         return plan
 
     def restart_if_gap(self, table: Table, now: RelationIdentity, drained: int) -> str | None:
-        """Send a planned table whose stream has a gap (see source/identity.py) back to
+        """Send a planned table whose stream has a gap (see source/relation_identity.py) back to
         backfilling: its data, plan, slices and change log are dropped, and its status says why.
         Returns the reason, or None (state from before identities were stored adopts ``now``)."""
         key = table_key(table)
