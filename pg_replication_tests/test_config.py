@@ -90,7 +90,6 @@ def test_split_qualified_name_rejects(name):
         split_qualified_name(name)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: on_schema_change is not a setting")
 def test_on_schema_change_per_table_with_a_default():
     config = parse_config({"defaults": {"on_schema_change": "resync"}, "tables": ["a", {"name": "b", "on_schema_change": "fail"}]})
     assert [t.on_schema_change for t in config.tables] == ["resync", "fail"]
