@@ -138,7 +138,7 @@ def build_retry_job(config: ReplicationConfig, tables: list[Table]) -> dg.JobDef
     """Replays a failed table's change log into it (after its cause was fixed) and sets it streaming."""
     name = f"{config.source.name}_retry_table"
 
-    @dg.op(name=name, pool=config.source.pool, out={})
+    @dg.op(name=f"{config.source.name}_replay_change_log", pool=config.source.pool, out={})
     def retry(context: dg.OpExecutionContext, config: RetryTableConfig, source: PostgresSource, warehouse: WarehouseResource):
         table = find_table(tables, config.table)
         with warehouse.open() as wh:

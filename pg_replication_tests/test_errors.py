@@ -248,7 +248,7 @@ def test_retry_command_and_job(shop, pg, duckdb_path, capsys):
     pg.execute("UPDATE a SET v = 5 WHERE id = 500")
     assert _drain_job(shop).success
     job = shop.resolve_job_def("postgres_retry_table")
-    run_config = {"ops": {"postgres_retry_table": {"config": {"table": "public.a"}}}}
+    run_config = {"ops": {"postgres_replay_change_log": {"config": {"table": "public.a"}}}}
     assert job.execute_in_process(run_config=run_config).success
     assert _status(duckdb_path, "public.a") == ("streaming", None)
     pg.execute("INSERT INTO a VALUES (600, 'NaN')")
