@@ -55,7 +55,7 @@ class DrainSettings:
 class TableOutcome:
     table: Table
     stats: TableStats
-    mode: str  # applied, logged, failed
+    mode: str  # applied, logged (backfilling), failed (this drain), held (failed before), resynced
     rows_now: int | None = None
     error: str | None = None
 
@@ -289,6 +289,7 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
             settings.slot,
             lambda table: lambda names: describe_new_columns(conn, table, names),
             lambda table: row_reader(conninfo, table, warehouse.map_column),
+            log=log,
         )
         failpoint("after_commit")
         if target > status.confirmed_lsn:

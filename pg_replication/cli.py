@@ -1,4 +1,4 @@
-"""``pg-replication``: the operator's command line (status, list, listwh, drop-slot, resync,
+"""``pg-replication``: the operator's command line (status, list, listwh, drop-slot, resync, retry,
 wait-for-lsn, install-triggers, uninstall-triggers). Readable tables on a terminal, ``--json`` for scripts.
 
 Exit codes: 0 ok; 1 an error (message and hint on stderr, no traceback); 2 usage; 3 wait-for-lsn
@@ -17,7 +17,7 @@ from psycopg import sql
 
 from pg_replication.config import load_config
 from pg_replication.errors import PgReplicationError, redact
-from pg_replication.operations import drop_slot, resync_table
+from pg_replication.operations import drop_slot, resync_table, retry_table
 from pg_replication.source.catalog import introspect, list_source_tables, select_tables
 from pg_replication.source.connection import connect, source_conninfo
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
@@ -169,6 +169,21 @@ def cmd_resync(args) -> int:
     return 0
 
 
+def cmd_retry(args) -> int:
+    config = load_config()
+    with connect(source_conninfo()) as conn:
+        tables = [t for t in introspect(conn, config) if args.table in (f"{t.schema}.{t.name}", t.name, t.display)]
+    if not tables:
+        raise PgReplicationError(f"{args.table!r} is not a configured table", hint="see `pg-replication status`")
+    (table,) = tables
+    if not _confirm(args, f"Retry {table.display}? Its logged changes are applied now (fix what made it fail first)."):
+        return EXIT_USAGE
+    with open_warehouse(config) as wh:
+        replayed = retry_table(source_conninfo(), wh, table)
+    print(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
+    return 0
+
+
 def cmd_install_triggers(args) -> int:
     config = load_config()
     with connect(source_conninfo()) as conn:
@@ -251,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     resync.add_argument("table")
     resync.add_argument("--yes", action="store_true")
     resync.set_defaults(run=cmd_resync)
+    retry = sub.add_parser("retry", help="replay a failed table's change log after its cause was fixed")
+    retry.add_argument("table")
+    retry.add_argument("--yes", action="store_true")
+    retry.set_defaults(run=cmd_retry)
     triggers = sub.add_parser("install-triggers", help="capture changes with triggers (strategy triggers); run as the table owner")
     triggers.add_argument("--grant-to", metavar="ROLE", help="the role pg_replication connects as: may read and delete captured changes")
     triggers.set_defaults(run=cmd_install_triggers)

@@ -90,8 +90,14 @@ def _check_cron(value: str) -> str:
     return value
 
 
+OnSchemaChange = Literal["resync", "fail"]
+
+
 class Defaults(_Model):
     partitions: Annotated[int, Field(ge=1, le=4096)] = 4
+    on_schema_change: OnSchemaChange = Field(
+        "fail", description="A schema change the warehouse cannot follow in place: fail the table, or resync it."
+    )
     schedule: str = Field("*/15 * * * *", description="Cron of query-strategy syncs (append, updated_at, reload).")
 
     @field_validator("schedule")
@@ -143,6 +149,13 @@ class TableEntry(_Model):
         "for append/updated_at a periodic reload that also catches deletes.",
     )
     schedule: str | None = Field(None, description="Cron of the sync schedule of a query strategy (default: defaults.schedule).")
+    on_schema_change: OnSchemaChange | None = Field(
+        None,
+        description="A schema change the warehouse cannot follow in place (an incompatible type change, an ADD "
+        "COLUMN whose existing values no change carries): fail the table (its changes wait in its change log "
+        "until `pg-replication resync`), or resync it automatically (its backfill runs again). "
+        "Default: defaults.on_schema_change.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -200,6 +213,16 @@ class ReplicationConfig(_Model):
         if isinstance(value, list):
             return [{"name": item} if isinstance(item, str) else item for item in value]
         return value
+
+    @model_validator(mode="after")
+    def _apply_defaults(self) -> ReplicationConfig:
+        """Entries carry their resolved on_schema_change: the engine sees entries, not defaults."""
+        tables = [
+            t if t.on_schema_change is not None else t.model_copy(update={"on_schema_change": self.defaults.on_schema_change})
+            for t in self.tables
+        ]
+        object.__setattr__(self, "tables", tables)  # frozen model: set once, while it is validated
+        return self
 
     def duckdb_path(self) -> str:
         return os.environ.get("DUCKDB_PATH") or self.warehouse.path

@@ -16,7 +16,7 @@ from dagster_duckdb import DuckDBResource
 
 from pg_replication.checks import build_table_checks
 from pg_replication.config import ReplicationConfig, load_config
-from pg_replication.jobs import build_cdc_job
+from pg_replication.jobs import build_cdc_job, build_retry_job
 from pg_replication.notifications import build_notification_sensors
 from pg_replication.schedules import build_sync_schedules
 from pg_replication.sensors import build_cdc_sensor
@@ -66,7 +66,7 @@ def build_definitions(
     return dg.Definitions(
         assets=assets,
         asset_checks=build_table_checks(tables, config, translator),
-        jobs=[cdc_job, *sync_jobs],
+        jobs=[cdc_job, *sync_jobs, build_retry_job(config, [t for t in tables if t.strategy in ("cdc", "triggers")])],
         schedules=schedules,
         sensors=[build_cdc_sensor(config, cdc_job, tables), *build_notification_sensors(config, [cdc_job, *sync_jobs])],
         resources={

@@ -8,6 +8,7 @@ message ever includes a password: connection strings are redacted before they ar
 from __future__ import annotations
 
 import re
+import sys
 
 
 class PgReplicationError(Exception):
@@ -84,6 +85,19 @@ class WarehouseError(PgReplicationError):
     default_hint = "fix the warehouse problem named above, then re-run; no data was lost"
 
 
+class TransientWarehouseError(WarehouseError):
+    """The warehouse failed for a passing reason (out of memory, deadlock, serialization failure,
+    lock or statement timeout, lost connection) on every retry of the drain: nothing was applied,
+    the slot did not move, and no table was marked failed."""
+
+    retryable = True
+    default_hint = (
+        "nothing to do if it passes: the next drain retries from the same position. If it keeps "
+        "happening, fix the cause named above (e.g. raise warehouse.memory_limit, end the session "
+        "holding the lock)"
+    )
+
+
 class ConcurrentDrainError(PgReplicationError):
     """Another drain committed past the position this one started from."""
 
@@ -105,3 +119,41 @@ def redact(text: str) -> str:
     """Replace passwords in connection URLs and key=value conninfo strings with ``***``."""
     text = _PASSWORD_IN_URL.sub(r"\1***\3", text)
     return _PASSWORD_KV.sub(r"\1***", text)
+
+
+# Snowflake error numbers of passing conditions: 604 statement canceled, 625 too many statements
+# waiting for a lock, 630 statement or warehouse timeout.
+_SNOWFLAKE_TRANSIENT_ERRNOS = frozenset({604, 625, 630})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the same work later can succeed without anyone fixing anything. Decided by
+    the drivers' exception classes (and Snowflake's error numbers), never by message text. A
+    ``WarehouseError`` that wraps a driver error is transient when that error is."""
+    if isinstance(exc, TransientWarehouseError):
+        return True
+    if isinstance(exc, PgReplicationError):
+        inner = exc.__cause__ or exc.__context__
+        return isinstance(exc, WarehouseError) and inner is not None and is_transient(inner)
+    duckdb = sys.modules.get("duckdb")
+    if duckdb is not None and isinstance(exc, (duckdb.OutOfMemoryException, duckdb.TransactionException)):
+        return True  # TransactionException: a write-write conflict with another connection
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(exc, psycopg.Error):
+        e = psycopg.errors
+        passing = (
+            e.TransactionRollback, e.SerializationFailure, e.DeadlockDetected,  # class 40
+            e.LockNotAvailable,  # lock_timeout
+            e.QueryCanceled,  # statement_timeout
+            e.ConnectionException,  # class 08
+            e.AdminShutdown, e.CrashShutdown, e.CannotConnectNow, e.IdleSessionTimeout,
+            e.OutOfMemory, e.TooManyConnections,
+        )
+        # A bare OperationalError (no SQLSTATE) is the client's: the connection was lost.
+        return isinstance(exc, passing) or (type(exc) is psycopg.OperationalError and exc.sqlstate is None)
+    snowflake = sys.modules.get("snowflake.connector.errors")
+    if snowflake is not None and isinstance(exc, snowflake.Error):
+        if isinstance(exc, (snowflake.OperationalError, snowflake.ServiceUnavailableError, snowflake.RequestTimeoutError)):
+            return True
+        return getattr(exc, "errno", None) in _SNOWFLAKE_TRANSIENT_ERRNOS
+    return False

@@ -1,13 +1,19 @@
-"""The CDC drain job: one op that drains a bounded batch and reports each table it touched."""
+"""The CDC drain job (one op that drains a bounded batch and reports each table it touched) and
+the retry job (replays a failed table's change log)."""
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
+from pydantic import Field
 
 from pg_replication.assets import TableAssetTranslator
 from pg_replication.capture import CaptureSettings, drain_captured
 from pg_replication.cdc import DrainResult, DrainSettings, TableOutcome, drain_once
 from pg_replication.config import ReplicationConfig
+from pg_replication.errors import is_transient
+from pg_replication.operations import retry_table
 from pg_replication.resources import PostgresSource, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn
@@ -40,16 +46,46 @@ def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataVa
 
 
 def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, drained: str, description: str):
-    """Log the drain, then one materialization per applied table (the micro-batch)."""
+    """Log the drain, then one materialization per applied table (the micro-batch); a table that
+    failed in an earlier drain (held) or was reset by ``on_schema_change: resync`` says so."""
     context.log.info(f"drained {drained} in {result.seconds:.2f} s (caught up: {result.caught_up})")
     now = time.time()
-    for outcome in result.tables.values():
+    for key, outcome in result.tables.items():
         if outcome.mode == "applied":
             yield dg.AssetMaterialization(
                 asset_key=translator.get_asset_key(outcome.table),
                 description=description,
                 metadata=table_metadata(outcome, now),
             )
+        elif outcome.mode == "held":
+            context.log.warning(
+                f"{key} is failed ({outcome.error}); its {outcome.stats.changes:,} change(s) wait in its change log. "
+                f"Fix the cause, then `pg-replication retry {key}` (or the retry job)"
+            )
+        elif outcome.mode == "resynced":
+            context.log.warning(f"{key}: {outcome.error}")
+            yield dg.AssetObservation(
+                asset_key=translator.get_asset_key(outcome.table),
+                description="on_schema_change: resync",
+                metadata={"resynced": dg.MetadataValue.text(outcome.error or ""), "mode": dg.MetadataValue.text("resynced")},
+            )
+
+
+@contextmanager
+def _transient_as_retryable() -> Iterator[None]:
+    """A transient error that outlived the drain's own retries fails the run as retryable (run
+    retries may take it; the sensor's next run does anyway): no table was marked failed."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise dg.Failure(
+            description=f"transient warehouse error, nothing applied, no table marked failed; the next drain retries: "
+            + str(exc).strip().splitlines()[0],
+            metadata={"retryable": dg.MetadataValue.bool(True)},
+            allow_retries=True,
+        ) from exc
 
 
 def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: TableAssetTranslator) -> dg.JobDefinition:
@@ -62,7 +98,7 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={})
     def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, warehouse: WarehouseResource):
         failed = {}
-        with warehouse.open() as wh:
+        with _transient_as_retryable(), warehouse.open() as wh:
             if slot_tables:
                 run_settings = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
                 result: DrainResult = drain_once(source.conninfo, wh, slot_tables, run_settings, context.log.info)
@@ -75,7 +111,7 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
                 drained = f"{result.changes:,} captured changes up to change {result.drained_lsn}"
                 yield from _report(context, translator, result, drained, f"captured changes up to change {result.drained_lsn}")
                 failed.update(result.failed)
-        if failed:
+        if failed:  # newly failed only: a table failed before is held, and does not fail the run again
             problems = "; ".join(o.error or key for key, o in failed.items())
             raise dg.Failure(
                 description=f"{len(failed)} table(s) could not be applied, their changes wait in their "
@@ -92,3 +128,38 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
         drain()
 
     return cdc_job
+
+
+class RetryTableConfig(dg.Config):
+    table: str = Field(description="The failed table to retry: schema.table (or its name alone when unambiguous).")
+
+
+def build_retry_job(config: ReplicationConfig, tables: list[Table]) -> dg.JobDefinition:
+    """Replays a failed table's change log into it (after its cause was fixed) and sets it streaming."""
+    name = f"{config.source.name}_retry_table"
+
+    @dg.op(name=f"{config.source.name}_replay_change_log", pool=config.source.pool, out={})
+    def retry(context: dg.OpExecutionContext, config: RetryTableConfig, source: PostgresSource, warehouse: WarehouseResource):
+        table = find_table(tables, config.table)
+        with warehouse.open() as wh:
+            replayed = retry_table(source.conninfo, wh, table)
+        context.log.info(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
+
+    @dg.job(name=name, description="Replay a failed table's change log (config: table) and stream it again.", tags={"pg_replication/kind": "retry"})
+    def retry_job():
+        retry()
+
+    return retry_job
+
+
+def find_table(tables: list[Table], name: str) -> Table:
+    """A configured table by schema.table, quoted display name, or bare name when unambiguous."""
+    from pg_replication.errors import PgReplicationError
+
+    found = [t for t in tables if name in (f"{t.schema}.{t.name}", t.display)] or [t for t in tables if t.name == name]
+    if len(found) != 1:
+        raise PgReplicationError(
+            f"{name!r} is {'ambiguous' if found else 'not a configured table'}",
+            hint="name it as schema.table (see `pg-replication status`)",
+        )
+    return found[0]

@@ -28,3 +28,18 @@ def drop_slot(conninfo: str, warehouse, slot: str) -> bool:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     warehouse.reset_cursor(slot)
     return existed
+
+
+def retry_table(conninfo: str, warehouse, table: Table) -> int:
+    """Replay a failed table's change log into it, and set it streaming, in one warehouse
+    transaction; returns the changes replayed. The warehouse table first follows the source's
+    columns as they are now. If the cause is not fixed, this fails the same way and the table
+    stays failed with its log intact. No re-backfill."""
+    from pg_replication.source.catalog import describe_new_columns, refresh_table
+    from pg_replication.source.recovery import row_reader
+
+    with connect(conninfo) as conn:
+        table = refresh_table(conn, table)
+        return warehouse.retry_table(
+            table, lambda names: describe_new_columns(conn, table, names), row_reader(conninfo, table, warehouse.map_column)
+        )

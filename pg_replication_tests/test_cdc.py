@@ -138,8 +138,9 @@ def test_alter_column_type_fails_that_table_only(pg, pg_url, target):
     h.assert_equal(pg, "b")
     pg.execute("INSERT INTO b VALUES (2, 2)")
     pg.execute("INSERT INTO a VALUES (2, 'two')")
-    (result,) = h.drain_all()
-    assert result.tables["public.a"].mode == "failed" and result.tables["public.b"].mode == "applied"
+    (result,) = h.drain_all()  # failed once: later drains hold its changes and fail nothing
+    assert result.tables["public.a"].mode == "held" and result.tables["public.b"].mode == "applied"
+    assert not result.failed
     h.assert_equal(pg, "b")
 
 

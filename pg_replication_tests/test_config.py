@@ -88,3 +88,13 @@ def test_split_qualified_name(name, parts):
 def test_split_qualified_name_rejects(name):
     with pytest.raises(ValueError):
         split_qualified_name(name)
+
+
+def test_on_schema_change_per_table_with_a_default():
+    config = parse_config({"defaults": {"on_schema_change": "resync"}, "tables": ["a", {"name": "b", "on_schema_change": "fail"}]})
+    assert [t.on_schema_change for t in config.tables] == ["resync", "fail"]
+    assert parse_config({"tables": ["a"]}).tables[0].on_schema_change == "fail"
+    with pytest.raises(ConfigError, match=r"tables\.0\.on_schema_change: Input should be 'resync' or 'fail'"):
+        parse_config({"tables": [{"name": "a", "on_schema_change": "drop"}]})
+    with pytest.raises(ConfigError, match=r"defaults\.on_schema_change"):
+        parse_config({"defaults": {"on_schema_change": "ignore"}, "tables": ["a"]})

@@ -18,13 +18,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from pg_replication.errors import ConcurrentDrainError, PgReplicationError, SchemaChangeError, WarehouseError
+from pg_replication.errors import (
+    ConcurrentDrainError,
+    PgReplicationError,
+    SchemaChangeError,
+    TransientWarehouseError,
+    WarehouseError,
+    is_transient,
+)
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.relation_identity import RelationIdentity, identity_problem
 from pg_replication.source.recovery import RowReader
@@ -51,6 +58,9 @@ class SqlWarehouse(SchemaEvolution):
     text_type = "TEXT"
     schema_prefix = ""  # warehouse schema = prefix + source schema
     counts_rows_cheaply = True  # count(*) reads metadata, not rows: report it with every micro-batch
+    # Waits between attempts of a drain that met a transient error (errors.is_transient); after the
+    # last one the drain fails as retryable, having applied nothing.
+    transient_delays: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
     def __init__(self, *, read_only: bool = False) -> None:
         """``read_only``: only read state (checks and ``status`` create nothing)."""
@@ -117,6 +127,10 @@ class SqlWarehouse(SchemaEvolution):
         cols = ", ".join(f"{self.ident(name)} {m.ddl}" for name, m in columns)
         self.create_schema(self.schema_of(table))
         self.execute(f"CREATE TABLE IF NOT EXISTS {self.table_name(table)} ({cols}, {self.ident(SLICE_COLUMN)} INTEGER)")
+
+    def prepare_replay(self, table: Table) -> None:
+        """DDL before a transaction that replays the table's change log (``retry_table``); most
+        dialects need none."""
 
     def declare_primary_key(self, table: Table) -> None:
         """Called after each slice commit once the backfill is complete (the default declares
@@ -372,6 +386,38 @@ class SqlWarehouse(SchemaEvolution):
             self.execute(f"DELETE FROM {self.state('slices')} WHERE table_key = ?", [table_key(table)])
             self.execute(f"DELETE FROM {self.state('tables')} WHERE table_key = ?", [table_key(table)])
 
+    def retry_table(self, table: Table, describe_new: DescribeNew, read_rows: RowReader | None) -> int:
+        """A failed table, its cause fixed: follow the source's columns (DDL, as a drain's
+        prepare), then replay its change log and set it streaming in one transaction. Returns the
+        changes replayed. Fails (the table stays failed, its log kept) if the cause is not fixed."""
+        key = table_key(table)
+        status, error = self.statuses().get(key, (None, None))
+        if status != "failed":
+            raise PgReplicationError(
+                f"{table.display} is not failed (status: {status or 'not started'}): nothing to retry",
+                table=table.display,
+                hint="see `pg-replication status`; retry replays the change log of a failed table",
+            )
+        try:
+            added = self.add_columns(table, dict(self.column_mappings(table)), describe_new)
+            self.prepare_replay(table)
+            with self.transaction():
+                self._lock_state(key)
+                if added:
+                    self._store_columns(key, {**self.stored_columns(key), **added})
+                replayed = self.replay_log(table, read_rows)
+                self.set_status(key, "streaming")
+        except (*self.errors, PgReplicationError) as exc:
+            if isinstance(exc, PgReplicationError) and not isinstance(exc, WarehouseError):
+                raise
+            raise WarehouseError(
+                f"{table.display}: retry failed, the table stays failed with its change log kept: "
+                + str(exc).strip().splitlines()[0],
+                table=table.display,
+                hint=f"the cause is not fixed yet (it failed with: {error}); fix it and retry, or resync the table",
+            ) from exc
+        return replayed
+
     def reset_cursor(self, slot: str) -> None:
         self.execute(f"DELETE FROM {self.state('cursor')} WHERE slot = ?", [slot])
 
@@ -597,19 +643,72 @@ class SqlWarehouse(SchemaEvolution):
         return list(columns)
 
     def append_log(self, table: Table, changes: StagedChanges) -> None:
+        """Append a staged segment to the table's change log, folded per key so the log stays
+        bounded (one row per key and column set, not one per change):
+
+        - a segment that starts with a TRUNCATE replaces the whole log: nothing before it matters;
+        - a segment with the column set of the log's last segment is merged into it (``_fold_log``);
+        - otherwise it becomes a new segment, replayed after the others.
+        """
         log = self.state(self.log_name(table))
         seq_column, segment_column = self.ident(staging.SEQ), self.ident(SEGMENT)
+        if changes.truncated:
+            self.execute(f"DELETE FROM {log}")
         row = self.fetchall(f"SELECT coalesce(max({seq_column}), 0), coalesce(max({segment_column}), 0) FROM {log}")[0]
-        seq, segment = int(row[0]) + 1, int(row[1]) + 1
+        seq, last = int(row[0]) + 1, int(row[1])
+        columns_json = json.dumps(changes.columns)
+        same = last > 0 and self.fetchall(
+            f"SELECT count(*) FROM {log} WHERE {segment_column} = ? AND {self.ident(COLUMNS)} = ?", [last, columns_json]
+        )[0][0]
         fills = [self.ident(staging.fill_column(i)) for i in range(len(table.primary_key))]
         names = [seq_column, segment_column, self.ident(COLUMNS), self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
         names += [self.ident(c) for c in changes.columns]
-        values = [f"{self.ident(staging.SEQ)} + {seq}", str(segment), "?", self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
+        values = [f"{self.ident(staging.SEQ)} + {seq}", str(last + 1), "?", self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
         values += [self.ident(staging.value_column(i)) for i in range(len(changes.columns))]
         self.execute(
             f"INSERT INTO {log} ({', '.join(names)}) SELECT {', '.join(values)} FROM {changes.relation}",
-            [json.dumps(changes.columns)],
+            [columns_json],
         )
+        if same:
+            self._fold_log(table, changes.columns, last, last + 1)
+
+    def _fold_log(self, table: Table, columns: Sequence[str], into: int, new: int) -> None:
+        """Merge logged segment ``new`` into ``into`` (same columns): replaying the merged segment
+        leaves the table as replaying both in order would.
+
+        1. A row of ``new`` that keeps warehouse values (unchanged TOAST) and names a row ``into``
+           upserts takes the values that row knows, and the rest from where that row takes them
+           (its fill key): by then the warehouse holds ``into``'s version, not the one it starts from.
+        2. The rows of ``into`` whose key ``new`` writes or deletes go: ``new``'s row is the last word.
+        3. ``new``'s rows join ``into``.
+        """
+        log = self.state(self.log_name(table))
+        op, unknown, segment = self.ident(staging.OP), self.ident(staging.UNKNOWN), self.ident(SEGMENT)
+        width = len(table.primary_key)
+        sets = []
+        flags = []
+        for i, name in enumerate(columns):
+            col = self.ident(name)
+            keeps = f"substr(n.{unknown}, {i + 1}, 1) = '1'"
+            knows = f"(l.{unknown} IS NULL OR substr(l.{unknown}, {i + 1}, 1) <> '1')"
+            sets.append(f"{col} = CASE WHEN {keeps} AND {knows} THEN l.{col} ELSE n.{col} END")
+            flags.append(f"CASE WHEN {keeps} AND NOT {knows} THEN '1' ELSE '0' END")
+        sets.append(f"{unknown} = {' || '.join(flags)}")
+        sets += [f"{self.ident(staging.fill_column(j))} = l.{self.ident(staging.fill_column(j))}" for j in range(width)]
+        join = " AND ".join(
+            f"l.{self.ident(k)} = n.{self.ident(staging.fill_column(j))}" for j, k in enumerate(table.primary_key)
+        )
+        self.execute(
+            f"UPDATE {log} AS n SET {', '.join(sets)} FROM {log} AS l "
+            f"WHERE n.{segment} = {int(new)} AND n.{op} = 'U' AND n.{unknown} LIKE '%1%' "
+            f"AND l.{segment} = {int(into)} AND l.{op} = 'U' AND {join}"
+        )
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        self.execute(
+            f"DELETE FROM {log} WHERE {segment} = {int(into)} AND {op} <> 'T' AND ({keys}) IN "
+            f"(SELECT {keys} FROM {log} WHERE {segment} = {int(new)} AND {op} <> 'T')"
+        )
+        self.execute(f"UPDATE {log} SET {segment} = {int(into)} WHERE {segment} = {int(new)}")
 
     def replay_log(self, table: Table, read_rows: RowReader | None = None) -> int:
         """Apply every logged segment in order, then empty the log. Returns the rows replayed."""
@@ -704,10 +803,33 @@ class SqlWarehouse(SchemaEvolution):
         slot: str,
         describe_new: Callable[[Table], DescribeNew],
         read_rows: Callable[[Table], RowReader] | None = None,
+        log: Callable[[str], None] = lambda message: None,
     ) -> dict:
         """Apply (streaming tables) or log (the rest) every table's changes, and record the
-        drained LSN, in one transaction. A table whose apply fails is marked failed and logged
-        instead, and the transaction is retried without it."""
+        drained LSN, in one transaction. A table whose apply fails for good is marked failed and
+        logged instead, and the transaction is retried without it. A transient error (see
+        errors.is_transient) rolls the whole transaction back and retries it after a wait; when
+        it persists, TransientWarehouseError: nothing applied, no table marked failed."""
+        resynced: dict[str, str] = {}  # tables reset by on_schema_change: resync (DDL: done once)
+        for attempt, delay in enumerate((*self.transient_delays, None)):
+            try:
+                return self._apply_drain_attempt(decoded, target_lsn, slot, describe_new, read_rows, resynced, log)
+            except Exception as exc:
+                if not isinstance(exc, _TableTransient) and not is_transient(exc):
+                    raise
+                failure = exc if isinstance(exc, _TableTransient) else _TableTransient(None, None, exc)
+                if delay is None:
+                    raise TransientWarehouseError(
+                        f"{failure.describe()} (a passing error: tried {attempt + 1} times over "
+                        f"{sum(self.transient_delays):g} s); nothing was applied and no table was marked failed",
+                        table=failure.key,
+                        lsn=failure.lsn_text(),
+                    ) from failure.exc
+                log(f"{failure.describe()}: transient, retrying the drain in {delay:g} s")
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _apply_drain_attempt(self, decoded, target_lsn, slot, describe_new, read_rows, resynced, log) -> dict:
         from pg_replication.cdc import failpoint
 
         statuses = self.statuses()
@@ -730,17 +852,34 @@ class SqlWarehouse(SchemaEvolution):
                 try:
                     pending[key] = self.prepare_table(plan, status, describe_new(plan.table))
                 except (*self.errors, PgReplicationError) as exc:
-                    failed_now[key] = _describe_failure(key, batch.stats.first_lsn, exc)
+                    if is_transient(exc):
+                        raise _TableTransient(key, batch.stats.first_lsn, exc) from exc
+                    if isinstance(exc, SchemaChangeError) and _on_schema_change(plan.table) == "resync":
+                        resynced[key] = self._resync(plan.table, _describe_failure(key, batch.stats.first_lsn, exc))
+                        log(f"{key}: {resynced[key]}")
+                    else:
+                        failed_now[key] = _describe_failure(key, batch.stats.first_lsn, exc)
                     self.ensure_log(plan.table, plan.columns)
             while True:
                 try:
-                    return self._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows)
+                    outcomes = self._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows)
+                    for key, reason in resynced.items():
+                        if key in outcomes:
+                            outcomes[key] = replace(outcomes[key], mode="resynced", error=reason)
+                    return outcomes
                 except _TableFailed as failure:
                     failed_now[failure.key] = failure.describe()
                     self.ensure_log(decoded.plans[failure.key].table, decoded.plans[failure.key].columns)
         finally:
             for name in names:
                 self.unstage(name)
+
+    def _resync(self, table: Table, reason: str) -> str:
+        """on_schema_change: resync. Reset the table (its backfill runs again) instead of failing it."""
+        self.reset_table(table)
+        message = f"resynced after a schema change it cannot follow ({reason}); materialize all its partitions to backfill it again"
+        self.set_status(table_key(table), "backfilling", message)
+        return message
 
     def prepare_table(self, plan, status: str, describe_new: DescribeNew) -> dict:
         """DDL before the transaction: the warehouse table follows the relation's columns, the
@@ -781,6 +920,8 @@ class SqlWarehouse(SchemaEvolution):
                             changes = replace(changes, columns=columns, defaults=defaults)
                             self.apply_segment(plan.table, changes, mappings, reader)
                     except (*self.errors, PgReplicationError) as exc:
+                        if is_transient(exc):
+                            raise _TableTransient(key, batch.stats.first_lsn, exc) from exc
                         raise _TableFailed(key, batch.stats.first_lsn, exc) from None
                     applied = {"applied_lsn": batch.stats.last_lsn} if batch.stats.last_lsn is not None else {}
                     self._upsert_state("tables", {"table_key": key}, {**applied, "updated_at": time.time()})
@@ -790,8 +931,8 @@ class SqlWarehouse(SchemaEvolution):
                 for changes in staged[key]:
                     self.append_log(plan.table, changes)
                 if key in failed_now:
-                    self.set_status(key, "failed", error)
-                mode = "failed" if status == "failed" else "logged"
+                    self.set_status(key, "failed", error)  # once: later drains find it failed and hold its changes
+                mode = "failed" if key in failed_now else "held" if status == "failed" else "logged"
                 outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
             failpoint("mid_apply")
             self._advance_coverage(getattr(decoded, "covered", ()), getattr(decoded, "drained_before", 0), target_lsn)
@@ -799,8 +940,29 @@ class SqlWarehouse(SchemaEvolution):
             self.commit()
             return outcomes
         except BaseException:
-            self.rollback()
+            with suppress(*self.errors):  # a lost connection cannot roll back: the original error tells
+                self.rollback()
             raise
+
+
+def _on_schema_change(table: Table) -> str:
+    return getattr(table.entry, "on_schema_change", None) or "fail"
+
+
+class _TableTransient(Exception):
+    """A transient error while one table (or, with key None, the drain) was applied."""
+
+    def __init__(self, key: str | None, first_lsn: int | None, exc: BaseException) -> None:
+        super().__init__(key, first_lsn, exc)
+        self.key, self.first_lsn, self.exc = key, first_lsn, exc
+
+    def describe(self) -> str:
+        return _describe_failure(self.key or "the drain", self.first_lsn, self.exc)
+
+    def lsn_text(self) -> str | None:
+        from pg_replication.source.pgoutput import int_to_lsn
+
+        return int_to_lsn(self.first_lsn) if self.first_lsn is not None else None
 
 
 class _TableFailed(Exception):

@@ -213,6 +213,9 @@ class SnowflakeWarehouse(SqlWarehouse):
             self._prepare_scratch(plan.table)
         return added
 
+    def prepare_replay(self, table: Table) -> None:
+        self._prepare_scratch(table)
+
     def _prepare_scratch(self, table: Table) -> None:
         """merge=False: a temporary table shaped like the target plus the op column, (re)made
         before the transaction so it follows columns the table gained."""
