@@ -10,16 +10,15 @@ and every other table keeps streaming.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
 
-from pg_replication.changes import Segment, TableBatch, TableStats
+from pg_replication.changes import Segment, TableBatch, TableOutcome
 from pg_replication.errors import PgReplicationError, SchemaChangeError
+from pg_replication.failpoints import failpoint
 from pg_replication.source import pgoutput as po
 from pg_replication.source.catalog import Column, PgType, Table, describe_new_columns, load_types
 from pg_replication.source.connection import connect
@@ -37,27 +36,12 @@ class StateBehindSlotError(PgReplicationError):
     )
 
 
-def failpoint(name: str) -> None:
-    """Crash tests: PGR_FAILPOINT=<name> kills this process here, as a power cut would."""
-    if os.environ.get("PGR_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 @dataclass(frozen=True)
 class DrainSettings:
     slot: str
     publication: str
     max_changes: int = 200_000
     max_bytes: int = 256 << 20
-
-
-@dataclass
-class TableOutcome:
-    table: Table
-    stats: TableStats
-    mode: str  # applied, logged (backfilling), failed (this drain), held (failed before), resynced
-    rows_now: int | None = None
-    error: str | None = None
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pg_replication.source.catalog import Table
+
 Staged = str | None
 
 
@@ -96,3 +98,14 @@ class TableBatch:
         if not self.segments or self.segments[-1].columns != columns:
             self.segments.append(Segment(columns, key_positions))
         return self.segments[-1]
+
+
+@dataclass
+class TableOutcome:
+    """What one drain did to one table."""
+
+    table: Table
+    stats: TableStats
+    mode: str  # applied, logged (backfilling), failed (this drain), held (failed before), resynced
+    rows_now: int | None = None
+    error: str | None = None

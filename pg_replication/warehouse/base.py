@@ -27,12 +27,18 @@ from psycopg import sql
 
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
-from pg_replication.warehouse.evolution import DescribeNew
 from pg_replication.source.snapshot import BackfillPlan
+from pg_replication.warehouse.evolution import DescribeNew
+
 
 def quote(*names: str) -> str:
     """Quote an identifier (or a dotted path of them) for the warehouse, via psycopg's composition."""
     return sql.Identifier(*names).as_string()
+
+
+def table_key(table: Table) -> str:
+    """The table's name in state, logs and drain results: ``schema.table``."""
+    return f"{table.schema}.{table.name}"
 
 
 STATE_SCHEMA = "_pg_replication"

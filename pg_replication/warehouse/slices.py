@@ -1,0 +1,181 @@
+"""Backfill slices and the query strategies' syncs: rows copied from the source replace what a
+slice held before, in one transaction with the state that records it; the slice that completes a
+backfill replays the change log and starts the table streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from pg_replication.errors import (
+    WarehouseError,
+)
+from pg_replication.source.catalog import Table
+from pg_replication.source.recovery import RowReader
+from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
+from pg_replication.warehouse.base import (
+    SLICE_COLUMN,
+    KeyCheck,
+    Progress,
+    SliceResult,
+    table_key,
+)
+
+
+class SliceWriter:
+    """Mixed into ``engine.SqlWarehouse``: uses its dialect hooks and the other parts."""
+
+    def write_slice(
+        self,
+        table: Table,
+        index: int,
+        batches: Iterable[pa.RecordBatch],
+        progress: Progress | None = None,
+        still_in_source: KeyCheck | None = None,
+        read_rows: RowReader | None = None,
+        plan: BackfillPlan | None = None,
+    ) -> SliceResult:
+        """Replace the slice's rows; rows it held before that the source no longer has are
+        deleted, rows an update moved elsewhere stay. When this completes the backfill, the
+        table's change log is replayed and the table starts streaming, in the same transaction.
+        ``plan``: the plan the slice was read under; PlanStaleError when another run re-planned
+        meanwhile (its pages may now belong to this slice)."""
+        target = self.table_name(table)
+        previous = -1 - index  # rows this slice wrote before, until the new copy replaces them
+        started = time.monotonic()
+        relations = self.slice_relations(table, batches)
+        try:
+            with self.transaction():
+                self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
+                stored = self.load_state(table).plan
+                if plan is not None and stored is not None and stored != plan:
+                    raise PlanStaleError(
+                        f"{table.display}: slice {index} was read under a plan another run has replaced",
+                        table=table.display,
+                        lsn=plan.lsn,
+                    )
+                self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
+                rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
+                self._settle_leftovers(table, previous, still_in_source)
+                self._upsert_state(
+                    "slices",
+                    {"table_key": table_key(table), "slice": index},
+                    {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
+                )
+                self._start_streaming_when_complete(table, read_rows)
+        finally:
+            relations.close()  # type: ignore[attr-defined]
+        if self.load_state(table).status == "streaming":
+            self.declare_primary_key(table)
+        return SliceResult(rows, nbytes)
+
+    def upsert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """Insert the rows, replacing any with the same key, and store the table's new
+        watermark, in one transaction (the append and updated_at strategies)."""
+        relations = self.slice_relations(table, batches)
+        try:
+            with self.transaction():
+                rows, nbytes = self._load_rows(table, self.table_name(table), relations, None, "a sync")
+                self._set_watermark(table, watermark)
+        finally:
+            relations.close()  # type: ignore[attr-defined]
+        return SliceResult(rows, nbytes)
+
+    def replace_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """A full refresh: the new copy is loaded beside the table, then swapped in by one
+        transaction, so a reader sees the old rows or the new ones, never a half-loaded table."""
+        target, copy = self.table_name(table), self.state(f"reload.{table.schema}.{table.name}")
+        self.execute(f"DROP TABLE IF EXISTS {copy}")
+        self.execute(f"CREATE TABLE {copy} AS SELECT * FROM {target} WHERE 1 = 0")
+        try:
+            relations = self.slice_relations(table, batches)
+            try:
+                rows, nbytes = self._load_rows(table, copy, relations, None, "a reload", evict=False)
+            finally:
+                relations.close()  # type: ignore[attr-defined]
+            with self.transaction():
+                self.execute(f"DELETE FROM {target}")
+                self.execute(f"INSERT INTO {target} SELECT * FROM {copy}")
+                self._set_watermark(table, watermark)
+        finally:
+            self.execute(f"DROP TABLE IF EXISTS {copy}")
+        return SliceResult(rows, nbytes)
+
+    def _set_watermark(self, table: Table, watermark: str | None) -> None:
+        self._upsert_state("tables", {"table_key": table_key(table)}, {"watermark": watermark, "updated_at": time.time()})
+
+    def watermark(self, table: Table) -> str | None:
+        """How far a query strategy has read (its own JSON), None before the first time."""
+        rows = self.fetchall(f"SELECT watermark FROM {self.state('tables')} WHERE table_key = ?", [table_key(table)])
+        return rows[0][0] if rows else None
+
+    def _load_rows(
+        self,
+        table: Table,
+        target: str,
+        relations,
+        slice_value: int | None,
+        what: str,
+        progress: Progress | None = None,
+        evict: bool = True,
+    ) -> tuple[int, int]:
+        """Insert staged source rows into ``target``, first deleting rows with the same keys (a
+        row an update moved here from another slice's pages is still stored under that slice);
+        ``evict=False`` for a target that starts empty."""
+        mappings = dict(self.column_mappings(table))
+        names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        tag = "NULL" if slice_value is None else str(int(slice_value))
+        select = ", ".join([m.load_sql(self.ident(n)) for n, m in mappings.items()] + [tag])
+        staged_keys = ", ".join(mappings[k].load_sql(self.ident(k)) for k in table.primary_key)
+        rows = nbytes = 0
+        for relation, batch in relations:
+            try:
+                if evict:
+                    self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
+                self.execute(f"INSERT INTO {target} ({names}) SELECT {select} FROM {relation}")
+            except self.errors as exc:
+                where = f"rows {rows}..{rows + batch.num_rows}" if batch is not None else "its rows"
+                raise WarehouseError(
+                    f"{table.display}: the {self.name} warehouse refused {what} at {where}: "
+                    + str(exc).strip().splitlines()[0],
+                    table=table.display,
+                    hint="if a value does not fit its warehouse type (e.g. NaN in numeric(p,s)), "
+                    "see README, Type mapping; nothing of this write was committed",
+                ) from None
+            if batch is not None:
+                rows += batch.num_rows
+                nbytes += batch.nbytes
+            else:
+                rows += int(self.fetchall(f"SELECT count(*) FROM {relation}")[0][0])
+            if progress is not None:
+                progress(rows, nbytes)
+        return rows, nbytes
+
+    def _settle_leftovers(self, table: Table, marker: int, still_in_source: KeyCheck | None) -> None:
+        """Rows the slice held before but not now: deleted in the source, or moved by an update to
+        another slice's pages. Only the source can tell: deleted rows go, moved rows stay."""
+        target = self.table_name(table)
+        keys = [self.ident(k) for k in table.primary_key]
+        slice_column = self.ident(SLICE_COLUMN)
+        leftovers = self.fetchall(f"SELECT {', '.join(keys)} FROM {target} WHERE {slice_column} = ?", [marker])
+        if leftovers:
+            alive = still_in_source(leftovers) if still_in_source is not None else set()
+            self.delete_keys(table, [tuple(k) for k in leftovers if tuple(k) not in alive])
+        self.execute(f"UPDATE {target} SET {slice_column} = NULL WHERE {slice_column} = ?", [marker])
+
+    def delete_keys(self, table: Table, keys: list[tuple]) -> None:
+        """Delete rows by primary key values as the warehouse returned them (few: rows deleted
+        in the source while the backfill ran)."""
+        where = " AND ".join(f"{self.ident(k)} = ?" for k in table.primary_key)
+        for key in keys:
+            self.execute(f"DELETE FROM {self.table_name(table)} WHERE {where}", list(key))
+
+    def _start_streaming_when_complete(self, table: Table, read_rows: RowReader | None) -> None:
+        state = self.load_state(table)
+        if state.plan is None or len(state.slices_done) < state.plan.partitions or state.status != "backfilling":
+            return
+        self.replay_log(table, read_rows)
+        self.set_status(table_key(table), "streaming")
