@@ -38,7 +38,17 @@ class StateBehindSlotError(PgReplicationError):
 
 
 def failpoint(name: str) -> None:
-    """Crash tests: PGR_FAILPOINT=<name> kills this process here, as a power cut would."""
+    """Crash tests: PGR_FAILPOINT=<name> kills this process here, as a power cut would. With
+    PGR_FAILPOINT_DIR, a file <name> in that folder arms one kill: the first process to get
+    here removes it and dies (tests arm kills in runs that the daemon launches)."""
+    armed = os.environ.get("PGR_FAILPOINT_DIR")
+    if armed:
+        try:
+            os.remove(os.path.join(armed, name))
+        except FileNotFoundError:
+            pass
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("PGR_FAILPOINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
