@@ -2,6 +2,8 @@
 (strategy triggers); when either has something to drain, request one drain run."""
 
 import json
+import os
+import socket
 
 import dagster as dg
 
@@ -10,6 +12,10 @@ from pg_replication.resources import PostgresSource
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.catalog import Table
 from pg_replication.source.slot import slot_status
+
+# The machine whose sensor asked for a drain run: Dagster's default run launcher starts the run
+# worker in the code server, next to the sensor, so only there can its process be looked at.
+HOST_TAG = "pg_replication/host"
 
 IN_PROGRESS = [
     dg.DagsterRunStatus.QUEUED,
@@ -24,6 +30,60 @@ def _captured_up_to(conn) -> int | None:
     if conn.execute("SELECT to_regclass('_pg_replication_capture.changes')").fetchone()[0] is None:
         return None
     return conn.execute("SELECT max(id) FROM _pg_replication_capture.changes").fetchone()[0]
+
+
+def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The pid Dagster records when it starts a run's worker (an engine event with no step)."""
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        event = record.dagster_event
+        pid = event.engine_event_data.metadata.get("pid") if event and not event.step_key else None
+        if pid is not None:
+            return int(pid.value)
+    return None
+
+
+def _process_started_at(pid: int) -> float | None:
+    """When process ``pid`` started, None when it is gone or a zombie. Without Linux's /proc,
+    a process that exists is taken to be the same one (-inf: started long ago)."""
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return float("-inf")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    with open("/proc/stat") as f:
+        boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def dead_run_reason(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | None:
+    """Why a STARTED drain run can never finish, or None while it may still be running.
+
+    Dagster marks a run failed when its worker dies under a live code server, but not when the
+    code server died with it (a lost node, an OOM kill of the process group): the run would stay
+    STARTED for good, and with it this sensor. A run this machine's sensor requested has its
+    worker here; it is dead when that process is gone (or a later process reuses its pid)."""
+    if run.status != dg.DagsterRunStatus.STARTED or run.tags.get(HOST_TAG) != socket.gethostname():
+        return None
+    pid = _run_worker_pid(instance, run.run_id)
+    record = instance.get_run_record_by_id(run.run_id)
+    if pid is None or record is None or record.start_time is None:
+        return None
+    started_at = _process_started_at(pid)
+    if started_at is None:
+        return f"its run worker (pid {pid}) is gone"
+    if started_at > record.start_time + 1:  # clock ticks: the worker started before RUN_START
+        return f"its run worker (pid {pid}) is gone (the pid now belongs to a later process)"
+    return None
 
 
 def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: list[Table]) -> dg.SensorDefinition:
@@ -55,9 +115,14 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
             positions.append(f"change {captured}")
         if not positions:
             return dg.SkipReason("; ".join(idle) or "no table replicates through the slot or triggers")
-        running = context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS), limit=1)
-        if running:
-            return dg.SkipReason(f"drain run {running[0].run_id} is still in progress")
+        for run in context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS)):
+            reason = dead_run_reason(context.instance, run)
+            if reason is None:
+                return dg.SkipReason(f"drain run {run.run_id} is still in progress")
+            # Failed, the run's pool slot is freed by the daemon (run_monitoring's
+            # free_slots_after_run_end_seconds in dagster.yaml); the next drain waits for it.
+            context.log.warning(f"drain run {run.run_id} marked failed: {reason}")
+            context.instance.report_run_failed(run, f"pg_replication's CDC sensor: {reason}")
         # The run key names the position; the attempt count lets a failed drain be retried.
         position = ",".join(positions)
         previous = json.loads(context.cursor) if context.cursor else {}
@@ -65,7 +130,7 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
         context.update_cursor(json.dumps({"position": position, "attempt": attempt}))
         return dg.RunRequest(
             run_key=f"{slot}:{position}:{attempt}",
-            tags={"pg_replication/lag_bytes": str(status.lag_bytes if status else 0)},
+            tags={"pg_replication/lag_bytes": str(status.lag_bytes if status else 0), HOST_TAG: socket.gethostname()},
         )
 
     return cdc_sensor
