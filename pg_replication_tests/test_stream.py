@@ -41,7 +41,6 @@ def _settled_temp_bytes(pg: psycopg.Connection) -> int:
     return last
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: peek materializes the whole backlog on the server (temp files) before the first row")
 def test_a_bounded_read_does_not_materialize_the_backlog_on_the_source(h, pg):
     """40 pending transactions (~16 MB of pgoutput) and a 1 MB read: the source must not build
     the whole backlog (a peek's result spills to temp files past work_mem) to hand over 1 MB."""
