@@ -186,8 +186,8 @@ def _read_batch(
     caught_up_at: int,
 ) -> _Decoded:
     """Fold the stream's messages until a commit past a bound (changes, bytes, seconds), or until
-    the stream is quiet between transactions: for ``idle_ms`` once the server has decoded past
-    ``caught_up_at`` (exhausted), or at all once the time budget is spent."""
+    no message is waiting between transactions once the time budget is spent, or for ``idle_ms``
+    once the server has decoded past ``caught_up_at`` (exhausted: caught up)."""
     types = load_types(conn)
     relations: dict[int, _RelationPlan | None] = {}
     plans: dict[str, _RelationPlan] = {}
@@ -204,9 +204,10 @@ def _read_batch(
         if data is None:  # no message waiting
             if in_transaction:
                 continue
-            if stream.server_end >= caught_up_at and stream.quiet_for >= idle:
+            spent = time.monotonic() >= deadline
+            if stream.server_end >= caught_up_at and (spent or stream.quiet_for >= idle):
                 exhausted = True
-            elif time.monotonic() < deadline:
+            elif not spent:
                 continue
             quiet_lsn = stream.server_end
             break
