@@ -6,11 +6,13 @@ read (the SQL functions materialize their whole result first, spilling to temp f
 read that stops early has cost the source only what it sent.
 
 The slot is confirmed (standby feedback ``flush``) only by ``confirm``, after the warehouse has
-committed the position. psycopg2 replies to keepalives on its own; what it sends as flush is at
-most the server's own end of WAL seen before the first data message of the session (nothing
-to apply lies below it), and ``server_end`` accounts for it, so the position the drain commits
-is never below what the slot may have been told. Only one session may stream a slot: a busy
-slot raises ``SlotBusyError``.
+committed the position. psycopg2 answers the keepalives the server asks a reply to (after
+``wal_sender_timeout / 2`` without one); the flush it sends then may be a position it took from
+an earlier keepalive (the server's decode position: nothing to apply lies below it). The drain
+commits at least that position, so the slot is told nothing the warehouse will not hold, but a
+drain killed between such a reply and its commit leaves the slot ahead of its warehouse (drains
+shorter than that send nothing before their commit). Only one session may stream a slot: a
+busy slot raises ``SlotBusyError``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from pg_replication.source.connection import APPLICATION_NAME, describe_target
 from pg_replication.source.slot import SlotBusyError, SlotMissingError
 from pg_replication.types import SESSION_OPTIONS
 
-# psycopg2 would send feedback on its own every status_interval: we reply ourselves instead.
+# psycopg2 would send feedback on its own every status_interval (10 s): it must not, since its
+# flush may be ahead of the warehouse. It still answers the keepalives the server asks a reply
+# to (after wal_sender_timeout / 2 without one), which keeps the session alive while reading.
 _NEVER = 10.0**9
 
 
@@ -46,14 +50,13 @@ class SlotStream:
         start_lsn: int,
         *,
         poll_seconds: float = 0.05,
-        reply_seconds: float = 10.0,
         busy_seconds: float = 5.0,
     ) -> None:
         self.slot, self.publication, self.start_lsn = slot, publication, start_lsn
-        self.poll_seconds, self.reply_seconds = poll_seconds, reply_seconds
+        self.poll_seconds = poll_seconds
         self.server_end = start_lsn  # the server decoded (and sent all messages) below this
         self.bytes = 0
-        self._last_message = self._last_reply = time.monotonic()
+        self._last_message = time.monotonic()
         try:
             self._conn = psycopg2.connect(
                 conninfo,
@@ -98,7 +101,7 @@ class SlotStream:
                     "messages": "true",
                 },
             )
-        self._last_message = self._last_reply = time.monotonic()
+        self._last_message = time.monotonic()
 
     def __enter__(self) -> SlotStream:
         return self
@@ -127,11 +130,6 @@ class SlotStream:
             # server's decode position, every message below it has arrived.
             if cur.wal_end > self.server_end:
                 self.server_end = cur.wal_end
-            now = time.monotonic()
-            if now - self._last_reply >= self.reply_seconds:
-                with self._errors():
-                    cur.send_feedback()  # a keepalive reply: no flush we have not confirmed
-                self._last_reply = now
             yield None
             select.select([cur], [], [], self.poll_seconds)
 
