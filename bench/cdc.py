@@ -6,7 +6,8 @@ On the backfill benchmark's table (``bench_rows`` in database ``pgr_bench``, bui
 rows by default) backfilled into a fresh warehouse (bench/warehouses.py), it writes N changes (40% inserts, 40%
 updates, 20% deletes, in transactions of 1,000), then measures in the same run:
   1. the decode limit: ``SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)``;
-  2. our drain: peek + decode + fold + apply + commit + slot advance, until caught up.
+  2. our drain: stream (START_REPLICATION) + decode + fold + apply + commit + slot confirm,
+     until caught up.
 Prints changes/s, the ratio to the limit and the peak RSS of this process.
 """
 

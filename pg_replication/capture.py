@@ -95,7 +95,6 @@ def _read_table(conn: psycopg.Connection, table: Table, keys: list, mapper: Mapp
 
 def _fold(conn: psycopg.Connection, table: Table, changes: list, warehouse) -> TableBatch:
     """One table's captured changes as a batch of its current rows."""
-    key = f"{table.schema}.{table.name}"
     batch = TableBatch()
     keys: dict[str, list] = {}
     truncated = False

@@ -1,9 +1,10 @@
-"""One CDC drain: read a bounded batch from the slot, fold it per table, apply or log it in one
-warehouse transaction together with the drained LSN, then advance the slot.
+"""One CDC drain: stream a bounded batch from the slot, fold it per table, apply or log it in one
+warehouse transaction together with the drained LSN, then confirm it to the slot.
 
-Exactly once: the drained LSN (end of the last transaction handled, or the WAL position before a
-peek that found nothing more) is committed with the data; transactions at or below it are
-skipped when read again, and the slot only ever moves to what the warehouse has committed.
+Exactly once: the drained LSN (end of the last transaction handled, or the server's decode
+position once the stream went quiet between transactions) is committed with the data;
+transactions at or below it are skipped when read again, and the slot is only ever confirmed to
+what the warehouse has committed (standby feedback after the commit, source/stream.py).
 A table whose changes the warehouse rejects is marked failed; its changes go to its change log
 and every other table keeps streaming.
 """
@@ -24,8 +25,9 @@ from pg_replication.source.catalog import Column, PgType, Table, describe_new_co
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
 from pg_replication.source.relation_identity import relation_identity
-from pg_replication.source.slot import advance, flushed_lsn, require_slot, peek, sync_publication
+from pg_replication.source.slot import advance, flushed_lsn, require_slot, slot_status, sync_publication
 from pg_replication.source.snapshot import Mapper
+from pg_replication.source.stream import SlotStream
 from pg_replication.types import SESSION_OPTIONS, TypeMapping
 
 
@@ -42,6 +44,8 @@ class DrainSettings:
     publication: str
     max_changes: int = 200_000
     max_bytes: int = 256 << 20
+    max_seconds: float = 30.0  # wall-clock budget of a read: it ends at the next commit after
+    idle_ms: int = 200  # caught up and no message for this long: the slot is exhausted
 
 
 @dataclass
@@ -134,6 +138,7 @@ class _Decoded:
     transactions: int
     bytes: int
     exhausted: bool
+    quiet_lsn: int = 0  # the stream went quiet between transactions: nothing pending below this
     covered: tuple[str, ...] = ()  # the tables this drain includes (their streams continue)
     drained_before: int = 0  # the drained position this drain started from
 
@@ -160,85 +165,100 @@ def _read_batch(
     settings: DrainSettings,
     skip_below: int,
     mapper: Mapper,
-    by_oid: dict[int, Table] | None = None,
+    by_oid: dict[int, Table] | None,
+    stream: SlotStream,
+    caught_up_at: int,
 ) -> _Decoded:
+    """Fold the stream's messages until a commit past a bound (changes, bytes, seconds), or until
+    no message is waiting between transactions once the time budget is spent, or for ``idle_ms``
+    once the server has decoded past ``caught_up_at`` (exhausted: caught up)."""
     types = load_types(conn)
     relations: dict[int, _RelationPlan | None] = {}
     plans: dict[str, _RelationPlan] = {}
     batches: dict[str, TableBatch] = {}
     last_end = None
     changes = transactions = nbytes = rows = 0
-    stopped_early = False
+    exhausted = in_transaction = False
     skipping = False
     commit_lsn = commit_time = 0
-    for chunk in peek(conn, settings.slot, settings.publication, max_changes=settings.max_changes):
-        for data in chunk:
-            rows += 1
-            nbytes += len(data)
-            msg = po.decode(data)
-            kind = type(msg)
-            if kind is po.Insert or kind is po.Update or kind is po.Delete:
-                if skipping:
-                    continue
-                plan = relations.get(msg.relation)  # type: ignore[union-attr]
-                if plan is None:
-                    if msg.relation not in relations:  # type: ignore[union-attr]
-                        raise po.DecodeError(f"change for relation {msg.relation} before its Relation message")  # type: ignore[union-attr]
-                    continue  # a published table we do not replicate (config changed): ignore
-                tb = batches.get(plan.key)
-                if tb is None:
-                    tb = batches[plan.key] = TableBatch()
-                segment = tb.segment(plan.columns, plan.key_positions)
-                changes += 1
-                stats = tb.stats
-                stats.saw(commit_lsn, commit_time)
-                if kind is po.Insert:
-                    segment.insert(_stage(msg.new, plan)[0])  # type: ignore[union-attr]
-                    stats.inserted += 1
-                elif kind is po.Update:
-                    values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
-                    old = msg.old  # type: ignore[union-attr]
-                    segment.update(values, unknown, None if old is None else _old_key(old, plan))
-                    stats.updated += 1
-                else:
-                    segment.delete(_old_key(msg.old, plan))  # type: ignore[union-attr]
-                    stats.deleted += 1
+    quiet_lsn = 0
+    deadline = time.monotonic() + settings.max_seconds
+    idle = settings.idle_ms / 1000
+    for data in stream:
+        if data is None:  # no message waiting
+            if in_transaction:
                 continue
-            if kind is po.Begin:
-                commit_lsn, commit_time = msg.final_lsn, msg.commit_time  # type: ignore[union-attr]
-                skipping = commit_lsn < skip_below
+            spent = time.monotonic() >= deadline
+            if stream.server_end >= caught_up_at and (spent or stream.quiet_for >= idle):
+                exhausted = True
+            elif not spent:
                 continue
-            if kind is po.Commit:
-                transactions += 0 if skipping else 1
-                last_end = msg.end_lsn  # type: ignore[union-attr]
-                if changes >= settings.max_changes or nbytes >= settings.max_bytes:
-                    stopped_early = True
-                    break
-                continue
-            if kind is po.Relation:
-                table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
-                plan = _plan_relation(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
-                relations[msg.oid] = plan  # type: ignore[union-attr]
-                if plan:
-                    previous = plans.get(plan.key)
-                    if previous is not None:  # earlier segments may still need dropped columns
-                        plan.mappings = {**previous.mappings, **plan.mappings}
-                    plans[plan.key] = plan
-                continue
-            if kind is po.Truncate and not skipping:
-                for oid in msg.relations:  # type: ignore[union-attr]
-                    plan = relations.get(oid)
-                    if plan:
-                        tb = batches.setdefault(plan.key, TableBatch())
-                        tb.segment(plan.columns, plan.key_positions).truncate()
-                        tb.stats.truncated += 1
-                        tb.stats.saw(commit_lsn, commit_time)
-                        changes += 1
-            # Origin, Type and logical messages (heartbeats) carry nothing to apply.
-        if stopped_early:
+            quiet_lsn = stream.server_end
             break
-    exhausted = not stopped_early and rows < settings.max_changes
-    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted)
+        rows += 1
+        nbytes += len(data)
+        msg = po.decode(data)
+        kind = type(msg)
+        if kind is po.Insert or kind is po.Update or kind is po.Delete:
+            if skipping:
+                continue
+            plan = relations.get(msg.relation)  # type: ignore[union-attr]
+            if plan is None:
+                if msg.relation not in relations:  # type: ignore[union-attr]
+                    raise po.DecodeError(f"change for relation {msg.relation} before its Relation message")  # type: ignore[union-attr]
+                continue  # a published table we do not replicate (config changed): ignore
+            tb = batches.get(plan.key)
+            if tb is None:
+                tb = batches[plan.key] = TableBatch()
+            segment = tb.segment(plan.columns, plan.key_positions)
+            changes += 1
+            stats = tb.stats
+            stats.saw(commit_lsn, commit_time)
+            if kind is po.Insert:
+                segment.insert(_stage(msg.new, plan)[0])  # type: ignore[union-attr]
+                stats.inserted += 1
+            elif kind is po.Update:
+                values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
+                old = msg.old  # type: ignore[union-attr]
+                segment.update(values, unknown, None if old is None else _old_key(old, plan))
+                stats.updated += 1
+            else:
+                segment.delete(_old_key(msg.old, plan))  # type: ignore[union-attr]
+                stats.deleted += 1
+            continue
+        if kind is po.Begin:
+            in_transaction = True
+            commit_lsn, commit_time = msg.final_lsn, msg.commit_time  # type: ignore[union-attr]
+            skipping = commit_lsn < skip_below
+            continue
+        if kind is po.Commit:
+            in_transaction = False
+            transactions += 0 if skipping else 1
+            last_end = msg.end_lsn  # type: ignore[union-attr]
+            if changes >= settings.max_changes or nbytes >= settings.max_bytes or time.monotonic() >= deadline:
+                break
+            continue
+        if kind is po.Relation:
+            table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
+            plan = _plan_relation(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
+            relations[msg.oid] = plan  # type: ignore[union-attr]
+            if plan:
+                previous = plans.get(plan.key)
+                if previous is not None:  # earlier segments may still need dropped columns
+                    plan.mappings = {**previous.mappings, **plan.mappings}
+                plans[plan.key] = plan
+            continue
+        if kind is po.Truncate and not skipping:
+            for oid in msg.relations:  # type: ignore[union-attr]
+                plan = relations.get(oid)
+                if plan:
+                    tb = batches.setdefault(plan.key, TableBatch())
+                    tb.segment(plan.columns, plan.key_positions).truncate()
+                    tb.stats.truncated += 1
+                    tb.stats.saw(commit_lsn, commit_time)
+                    changes += 1
+        # Origin, Type and logical messages (heartbeats) carry nothing to apply.
+    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn)
 
 
 def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None] = lambda m: None) -> DrainResult:
@@ -261,27 +281,53 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
         for key, reason in restarted.items():
             log(f"{key}: backfill restarted: {reason}. Materialize all its partitions again")
         before = flushed_lsn(conn)
-        decoded = _read_batch(conn, by_name, settings, drained or 0, warehouse.map_column, by_oid)
-        decoded.covered, decoded.drained_before = tuple(f"{t.schema}.{t.name}" for t in tables), drained or 0
-        failpoint("after_read")
-        target = max(drained or 0, decoded.last_end_lsn or 0, before if decoded.exhausted else 0, status.confirmed_lsn)
-        result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
-        result.restarted = restarted
-        result.tables = warehouse.apply_drain(
-            decoded,
-            target,
-            settings.slot,
-            lambda table: lambda names: describe_new_columns(conn, table, names),
-            lambda table: row_reader(conninfo, table, warehouse.map_column),
-            log=log,
-        )
-        failpoint("after_commit")
-        if target > status.confirmed_lsn:
-            advance(conn, settings.slot, target)
+        start = max(drained or 0, status.confirmed_lsn)
+        with SlotStream(conninfo, settings.slot, settings.publication, start) as stream:
+            decoded = _read_batch(conn, by_name, settings, drained or 0, warehouse.map_column, by_oid, stream, before)
+            decoded.covered, decoded.drained_before = tuple(f"{t.schema}.{t.name}" for t in tables), drained or 0
+            failpoint("after_read")
+            target = max(start, decoded.last_end_lsn or 0, decoded.quiet_lsn)
+            result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
+            result.restarted = restarted
+            result.tables = warehouse.apply_drain(
+                decoded,
+                target,
+                settings.slot,
+                lambda table: lambda names: describe_new_columns(conn, table, names),
+                lambda table: row_reader(conninfo, table, warehouse.map_column),
+                log=log,
+            )
+            failpoint("after_commit")
+            if target > status.confirmed_lsn:
+                try:
+                    stream.confirm(target)  # standby feedback, only now that the warehouse committed
+                except PgReplicationError:
+                    pass  # the stream broke during the apply: confirmed below instead
+        _confirm_released(conn, settings.slot, target)
     result.seconds = time.monotonic() - started
     for key, outcome in result.failed.items():
         log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")
     return result
+
+
+def _confirm_released(conn: psycopg.Connection, slot: str, target: int, wait: float = 10.0) -> None:
+    """Wait until the drain's replication session has let go of the slot (so the next drain can
+    start at once) and make sure the slot is confirmed up to ``target``: the feedback sent before
+    closing normally did it; otherwise advance it here (the warehouse has committed ``target``)."""
+    give_up = time.monotonic() + wait
+    while True:
+        status = slot_status(conn, slot)
+        if status is None or (not status.active and status.confirmed_lsn >= target):
+            return
+        if not status.active:
+            try:
+                advance(conn, slot, target)
+            except psycopg.errors.ObjectInUse:
+                pass  # another drain took the slot meanwhile: it advances it (drained > confirmed)
+            return
+        if time.monotonic() >= give_up:  # still held: the next drain advances it (drained > confirmed)
+            return
+        time.sleep(0.02)
 
 
 def _check_identities(

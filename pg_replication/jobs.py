@@ -81,7 +81,7 @@ def _transient_as_retryable() -> Iterator[None]:
         if not is_transient(exc):
             raise
         raise dg.Failure(
-            description=f"transient warehouse error, nothing applied, no table marked failed; the next drain retries: "
+            description="transient warehouse error, nothing applied, no table marked failed; the next drain retries: "
             + str(exc).strip().splitlines()[0],
             metadata={"retryable": dg.MetadataValue.bool(True)},
             allow_retries=True,

@@ -321,7 +321,7 @@ def test_folded_change_log_stays_bounded_and_replays_to_the_source(pg, pg_url, t
         h.drain_all()
         assert _log_rows(h) <= 53  # one row per key the log holds, not one per change
     pg.execute("TRUNCATE a")
-    pg.execute(f"INSERT INTO a SELECT i, i, 0, repeat(md5(i::text), 100) FROM generate_series(1, 30) i")
+    pg.execute("INSERT INTO a SELECT i, i, 0, repeat(md5(i::text), 100) FROM generate_series(1, 30) i")
     pg.execute(f"INSERT INTO a (id, v) VALUES (999, {bad})")
     h.drain_all()
     for _ in range(3):

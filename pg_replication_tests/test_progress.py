@@ -24,7 +24,8 @@ from pg_replication_tests.replication import Harness
 
 class OtherRunFirst:
     """The warehouse, with ``other()`` run just before the named write method (for a slice:
-    after its first batch was read, so its snapshot certainly precedes the other run)."""
+    after its first batch was read, so its snapshot certainly precedes the other run; for
+    ``drained_lsn``, just after this run read its position)."""
 
     def __init__(self, warehouse, method: str, other) -> None:
         self._warehouse, self._method, self._other = warehouse, method, other
@@ -39,6 +40,10 @@ class OtherRunFirst:
                 batches = iter(args[2])
                 first = next(batches)
                 args = (args[0], args[1], itertools.chain([first], batches), *args[3:])
+            if name == "drained_lsn":
+                result = attr(*args, **kwargs)
+                self._other()
+                return result
             self._other()
             return attr(*args, **kwargs)
 
@@ -62,9 +67,11 @@ def test_a_drain_that_lost_the_race_applies_nothing(counters, pg):
         pg.execute("UPDATE counters SET n = 2 WHERE id = 1")
         counters.drain_all()
 
+    # A drain holds the slot's stream from its read to its commit, so the other drain can only
+    # run between this one reading its position and opening its stream.
     with counters.target.open() as wh:
         with pytest.raises(ConcurrentDrainError):
-            drain_once(counters.pg_url, OtherRunFirst(wh, "apply_drain", newer_drain), counters.tables, counters.settings)
+            drain_once(counters.pg_url, OtherRunFirst(wh, "drained_lsn", newer_drain), counters.tables, counters.settings)
     counters.drain_all()
     counters.assert_equal(pg, "counters")
     assert counters.warehouse_rows("counters")[0] == (1, 2)

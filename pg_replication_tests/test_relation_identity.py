@@ -15,7 +15,6 @@ relation by oid and keeps streaming.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import duckdb
 import pytest

@@ -1,9 +1,9 @@
-"""The replication slot and publication: create, sync, inspect, read bounded batches, advance.
+"""The replication slot and publication: create, sync, inspect, advance.
 
-psycopg cannot stream replication (COPY_BOTH), so reads use the SQL functions. They are
-repeatable (peek) and bounded: ``upto_nchanges`` stops at the first transaction boundary after
-N changes, and a server-side cursor lets us stop early at a byte budget, always after a Commit.
-Only one session can read a slot at a time; a busy slot raises SlotBusyError.
+Drains read the slot through the streaming replication protocol (source/stream.py). ``peek``
+(the SQL function, which builds its whole result on the server before the first row) is kept
+for inspection only; no drain uses it. Only one session can read a slot at a time; a busy slot
+raises SlotBusyError.
 """
 
 from __future__ import annotations
