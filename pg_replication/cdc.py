@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 
@@ -159,6 +159,16 @@ def _relation_table(
     return table
 
 
+def _read_budget(conn: psycopg.Connection, max_seconds: float) -> float:
+    """The read's time budget, below half of wal_sender_timeout: past that the server asks for a
+    reply, and psycopg2 answers with a flush position of its own, which the slot would take as
+    confirmed before the warehouse committed."""
+    timeout_ms = int(conn.execute("SELECT setting FROM pg_settings WHERE name = 'wal_sender_timeout'").fetchone()[0])  # type: ignore[index]
+    if timeout_ms <= 0:
+        return max_seconds
+    return min(max_seconds, max(1.0, timeout_ms / 2000 - 5))
+
+
 def _read_batch(
     conn: psycopg.Connection,
     tables: dict[tuple[str, str], Table],
@@ -168,6 +178,7 @@ def _read_batch(
     by_oid: dict[int, Table] | None,
     stream: SlotStream,
     caught_up_at: int,
+    start: int = 0,
 ) -> _Decoded:
     """Fold the stream's messages until a commit past a bound (changes, bytes, seconds), or until
     no message is waiting between transactions once the time budget is spent, or for ``idle_ms``
@@ -192,6 +203,10 @@ def _read_batch(
             if stream.server_end >= caught_up_at and (spent or stream.quiet_for >= idle):
                 exhausted = True
             elif not spent:
+                continue
+            elif last_end is None and stream.server_end <= start:
+                # Still re-decoding from the slot's restart point (a long transaction kept it
+                # back): stopping here would end every drain at the same place, forever.
                 continue
             quiet_lsn = stream.server_end
             break
@@ -283,7 +298,8 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
         before = flushed_lsn(conn)
         start = max(drained or 0, status.confirmed_lsn)
         with SlotStream(conninfo, settings.slot, settings.publication, start) as stream:
-            decoded = _read_batch(conn, by_name, settings, drained or 0, warehouse.map_column, by_oid, stream, before)
+            budget = replace(settings, max_seconds=_read_budget(conn, settings.max_seconds))
+            decoded = _read_batch(conn, by_name, budget, drained or 0, warehouse.map_column, by_oid, stream, before, start)
             decoded.covered, decoded.drained_before = tuple(f"{t.schema}.{t.name}" for t in tables), drained or 0
             failpoint("after_read")
             target = max(start, decoded.last_end_lsn or 0, decoded.quiet_lsn)

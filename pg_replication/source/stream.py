@@ -135,8 +135,11 @@ class SlotStream:
 
     def confirm(self, lsn: int) -> None:
         """Tell the server the warehouse committed everything below ``lsn`` (standby feedback)."""
-        with self._errors():
-            self._cur.send_feedback(write_lsn=lsn, flush_lsn=lsn, force=True)
+        try:
+            with self._errors():
+                self._cur.send_feedback(write_lsn=lsn, flush_lsn=lsn, force=True)
+        except psycopg2.Error:  # a closed session: the caller confirms by SQL once it is released
+            raise SourceUnavailableError(f"replication stream from slot {self.slot!r} closed before the confirmation") from None
 
     def close(self) -> None:
         conn, self._conn = getattr(self, "_conn", None), None

@@ -182,14 +182,6 @@ def _on_schema_change(table: Table) -> str:
 class _TableTransient(Exception):
     """A transient error while one table (or, with key None, the drain) was applied."""
 
-
-def _on_schema_change(table: Table) -> str:
-    return getattr(table.entry, "on_schema_change", None) or "fail"
-
-
-class _TableTransient(Exception):
-    """A transient error while one table (or, with key None, the drain) was applied."""
-
     def __init__(self, key: str | None, first_lsn: int | None, exc: BaseException) -> None:
         super().__init__(key, first_lsn, exc)
         self.key, self.first_lsn, self.exc = key, first_lsn, exc
