@@ -154,13 +154,19 @@ def cmd_drop_slot(args) -> int:
     return 0
 
 
+def _configured_table(config, name: str):
+    """The configured table ``name`` names (schema.table, table, or its quoted form)."""
+    with connect(source_conninfo()) as conn:
+        tables = [t for t in introspect(conn, config) if name in (f"{t.schema}.{t.name}", t.name, t.display)]
+    if not tables:
+        raise PgReplicationError(f"{name!r} is not a configured table", hint="see `pg-replication status`")
+    (table,) = tables
+    return table
+
+
 def cmd_resync(args) -> int:
     config = load_config()
-    with connect(source_conninfo()) as conn:
-        tables = [t for t in introspect(conn, config) if args.table in (f"{t.schema}.{t.name}", t.name, t.display)]
-    if not tables:
-        raise PgReplicationError(f"{args.table!r} is not a configured table", hint="see `pg-replication status`")
-    (table,) = tables
+    table = _configured_table(config, args.table)
     if not _confirm(args, f"Resync {table.display}? Its warehouse copy is dropped until the backfill runs again."):
         return EXIT_USAGE
     with open_warehouse(config) as wh:
@@ -171,11 +177,7 @@ def cmd_resync(args) -> int:
 
 def cmd_retry(args) -> int:
     config = load_config()
-    with connect(source_conninfo()) as conn:
-        tables = [t for t in introspect(conn, config) if args.table in (f"{t.schema}.{t.name}", t.name, t.display)]
-    if not tables:
-        raise PgReplicationError(f"{args.table!r} is not a configured table", hint="see `pg-replication status`")
-    (table,) = tables
+    table = _configured_table(config, args.table)
     if not _confirm(args, f"Retry {table.display}? Its logged changes are applied now (fix what made it fail first)."):
         return EXIT_USAGE
     with open_warehouse(config) as wh:
