@@ -7,9 +7,17 @@ export PGR_PORT
 export POSTGRES_URL ?= postgresql://postgres@127.0.0.1:$(PGR_PORT)/postgres
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: demo dev test setup postgres install browser bench clean
+.PHONY: demo dev test setup postgres install build-deps browser bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The CDC decoder is compiled at install (setup.py): a C compiler and Python's headers.
+build-deps:
+	@if ! command -v cc >/dev/null || [ ! -f "$$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential python3-dev >/dev/null; \
+	  else echo "make: install a C compiler and Python headers first: sudo apt-get install build-essential python3-dev"; exit 1; fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py pg_replication/source/_rowdecode.c | build-deps
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -11,6 +11,7 @@ and every other table keeps streaming.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 
 from pg_replication.changes import Segment, TableBatch, TableOutcome
+from pg_replication.column_changes import ColumnSegment
 from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.failpoints import failpoint
 from pg_replication.source import pgoutput as po
@@ -74,6 +76,7 @@ class _RelationPlan:
     key_converters: tuple[Callable[[str], str] | None, ...]  # per key column, for old tuples
     mappings: dict[str, TypeMapping]
     keep: tuple[int, ...] | None = None  # positions of the tuple to keep (None: all)
+    source_width: int = 0  # columns in the relation's tuples
 
 
 def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
@@ -97,7 +100,7 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], map
     return _RelationPlan(
         table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in table.primary_key),
         converters, tuple(mappings[k].from_text for k in table.primary_key), mappings,  # type: ignore[arg-type]
-        keep=None if len(keep) == len(rel.columns) else keep,
+        keep=None if len(keep) == len(rel.columns) else keep, source_width=len(rel.columns),
     )
 
 
@@ -117,6 +120,51 @@ def _stage(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[list[str 
         if v is not None:
             staged[i] = convert(v)
     return staged, unknown
+
+
+_ROW_CHANGES = frozenset(b"IUD")
+_RELATION_OID = struct.Struct(">I")
+
+
+def _segment(tb: TableBatch, plan: _RelationPlan, fast: dict[int, Callable[[bytes], int]]) -> Segment | ColumnSegment:
+    """The table's segment for the relation's current columns: a new one decoded into columns
+    when the columns changed, or the relation's plan (a type change: a ColumnSegment converts at
+    the end); then every cached adder may point at a segment no longer last: dropped."""
+    segment = tb.segments[-1] if tb.segments else None
+    if segment is None or segment.columns != plan.columns or (type(segment) is ColumnSegment and segment.origin is not plan):
+        fast.clear()
+        keep = plan.keep if plan.keep is not None else tuple(range(plan.source_width))
+        segment = ColumnSegment(plan.columns, plan.key_positions, keep, plan.source_width, plan.converters, origin=plan)
+        tb.segments.append(segment)
+    return segment
+
+
+def _add_change(tb: TableBatch, plan: _RelationPlan, oid: int, data: bytes, fast: dict[int, Callable[[bytes], int]]) -> None:
+    """Add one Insert, Update or Delete message to the table's batch. The compiled decoder takes
+    it when it can (and ``fast`` remembers where the relation's next changes go); otherwise
+    (unchanged TOAST, malformed input) the segment goes on folded in Python and the message is
+    decoded by source/pgoutput.py."""
+    segment = _segment(tb, plan, fast)
+    if type(segment) is ColumnSegment:
+        if segment.add(data) > 0:
+            fast[oid] = segment.add
+            return
+        fast.clear()
+        segment.count_into(tb.stats)
+        segment = tb.segments[-1] = segment.to_segment()
+    msg = po.decode(data)
+    kind = type(msg)
+    if kind is po.Insert:
+        segment.insert(_stage(msg.new, plan)[0])  # type: ignore[union-attr]
+        tb.stats.inserted += 1
+    elif kind is po.Update:
+        values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
+        old = msg.old  # type: ignore[union-attr]
+        segment.update(values, unknown, None if old is None else _old_key(old, plan))  # type: ignore[union-attr]
+        tb.stats.updated += 1
+    else:
+        segment.delete(_old_key(msg.old, plan))  # type: ignore[union-attr]
+        tb.stats.deleted += 1
 
 
 def _old_key(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[str | None, ...]:
@@ -193,6 +241,8 @@ def _read_batch(
     skipping = False
     commit_lsn = commit_time = 0
     quiet_lsn = 0
+    fast: dict[int, Callable[[bytes], int]] = {}  # relation oid: its table's current ColumnSegment.add
+    touched: set[int] = set()  # relations changed in this transaction (stats noted at its commit)
     deadline = time.monotonic() + settings.max_seconds
     idle = settings.idle_ms / 1000
     for data in stream:
@@ -212,35 +262,26 @@ def _read_batch(
             break
         rows += 1
         nbytes += len(data)
-        msg = po.decode(data)
-        kind = type(msg)
-        if kind is po.Insert or kind is po.Update or kind is po.Delete:
+        if data[0] in _ROW_CHANGES and len(data) > 5:  # Insert, Update, Delete: the hot path, decoded in C
             if skipping:
                 continue
-            plan = relations.get(msg.relation)  # type: ignore[union-attr]
-            if plan is None:
-                if msg.relation not in relations:  # type: ignore[union-attr]
-                    raise po.DecodeError(f"change for relation {msg.relation} before its Relation message")  # type: ignore[union-attr]
-                continue  # a published table we do not replicate (config changed): ignore
-            tb = batches.get(plan.key)
-            if tb is None:
-                tb = batches[plan.key] = TableBatch()
-            segment = tb.segment(plan.columns, plan.key_positions)
+            oid = _RELATION_OID.unpack_from(data, 1)[0]
+            add = fast.get(oid)
+            if add is None or add(data) < 0:
+                plan = relations.get(oid)
+                if plan is None:
+                    if oid not in relations:
+                        raise po.DecodeError(f"change for relation {oid} before its Relation message")
+                    continue  # a published table we do not replicate (config changed): ignore
+                tb = batches.get(plan.key)
+                if tb is None:
+                    tb = batches[plan.key] = TableBatch()
+                _add_change(tb, plan, oid, data, fast)
+            touched.add(oid)
             changes += 1
-            stats = tb.stats
-            stats.saw(commit_lsn, commit_time)
-            if kind is po.Insert:
-                segment.insert(_stage(msg.new, plan)[0])  # type: ignore[union-attr]
-                stats.inserted += 1
-            elif kind is po.Update:
-                values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
-                old = msg.old  # type: ignore[union-attr]
-                segment.update(values, unknown, None if old is None else _old_key(old, plan))
-                stats.updated += 1
-            else:
-                segment.delete(_old_key(msg.old, plan))  # type: ignore[union-attr]
-                stats.deleted += 1
             continue
+        msg = po.decode(data)
+        kind = type(msg)
         if kind is po.Begin:
             in_transaction = True
             commit_lsn, commit_time = msg.final_lsn, msg.commit_time  # type: ignore[union-attr]
@@ -248,6 +289,9 @@ def _read_batch(
             continue
         if kind is po.Commit:
             in_transaction = False
+            for oid in touched:
+                batches[relations[oid].key].stats.saw(commit_lsn, commit_time)  # type: ignore[union-attr]
+            touched.clear()
             transactions += 0 if skipping else 1
             last_end = msg.end_lsn  # type: ignore[union-attr]
             if changes >= settings.max_changes or nbytes >= settings.max_bytes or time.monotonic() >= deadline:
@@ -257,6 +301,7 @@ def _read_batch(
             table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
             plan = _plan_relation(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
             relations[msg.oid] = plan  # type: ignore[union-attr]
+            fast.pop(msg.oid, None)  # type: ignore[union-attr]  # its next change may start a segment
             if plan:
                 previous = plans.get(plan.key)
                 if previous is not None:  # earlier segments may still need dropped columns
@@ -268,11 +313,15 @@ def _read_batch(
                 plan = relations.get(oid)
                 if plan:
                     tb = batches.setdefault(plan.key, TableBatch())
-                    tb.segment(plan.columns, plan.key_positions).truncate()
+                    _segment(tb, plan, fast).truncate()
                     tb.stats.truncated += 1
                     tb.stats.saw(commit_lsn, commit_time)
                     changes += 1
         # Origin, Type and logical messages (heartbeats) carry nothing to apply.
+    for tb in batches.values():
+        for segment in tb.segments:
+            if type(segment) is ColumnSegment:
+                segment.count_into(tb.stats)
     return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn)
 
 

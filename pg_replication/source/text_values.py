@@ -151,4 +151,5 @@ def array_to_json(element_kind: str) -> Callable[[str], str]:
                 return fast
         return json.dumps(walk(parse_array(text)), ensure_ascii=False)
 
+    to_json.element_kind = element_kind  # type: ignore[attr-defined]  # the compiled path's cue (column_changes.py)
     return to_json

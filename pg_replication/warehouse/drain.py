@@ -10,6 +10,7 @@ from contextlib import suppress
 from dataclasses import replace
 
 from pg_replication.changes import TableOutcome
+from pg_replication.column_changes import staged_table
 from pg_replication.errors import (
     PgReplicationError,
     SchemaChangeError,
@@ -19,7 +20,6 @@ from pg_replication.errors import (
 from pg_replication.failpoints import failpoint
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
-from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import (
     table_key,
 )
@@ -77,7 +77,7 @@ class DrainApply:
                 for n, segment in enumerate(batch.segments):
                     name = f"pgr_changes_{len(names)}"
                     names.append(name)
-                    relation = self.stage(name, staging.segment_table(segment, len(plan.table.primary_key)))
+                    relation = self.stage(name, staged_table(segment, len(plan.table.primary_key)))
                     staged[key].append(
                         StagedChanges(relation, segment.columns, segment.truncated, len(segment.rows), segment.has_unknowns)
                     )
