@@ -118,8 +118,11 @@ class SlotStream:
         cur = self._cur
         read = cur.read_message
         while True:
-            with self._errors():
+            try:
                 msg = read()
+            except BaseException as exc:  # not a context manager per message: this is the hot path
+                self._errors().__exit__(type(exc), exc, exc.__traceback__)
+                raise
             if msg is not None:
                 payload = msg.payload
                 self.bytes += len(payload)
