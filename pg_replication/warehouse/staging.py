@@ -105,6 +105,10 @@ def resolved_select(
     """
     position = {name: i for i, name in enumerate(changes.columns)}
     select = [f"s.{ident(OP)} AS {ident(OP)}"]
+    if not changes.unknowns and all(name in position for name in target_columns):
+        # Every value is in the staged row: no warehouse row to read (a join with the whole table).
+        select += [f"{typed(mappings[n], 's.' + ident(value_column(position[n])))} AS {ident(n)}" for n in target_columns]
+        return f"SELECT {', '.join(select)} FROM {changes.relation} s WHERE s.{ident(OP)} <> 'T'"
     for name in target_columns:
         kept = f"w.{ident(name)}"
         if name not in position:
