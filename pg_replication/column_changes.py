@@ -1,9 +1,9 @@
-"""A segment's changes kept as decoded columns, in stream order, folded per key in SQL.
+"""A segment's changes kept as decoded columns, in stream order, folded per key in compiled code.
 
 The compiled decoder (source/_rowdecode.c) appends each Insert/Update/Delete of a relation to
-column lists without a Python object per change; the fold (one row per key: the last change
-wins) runs in DuckDB over the staged Arrow table (``QUALIFY row_number() …``) instead of a
-Python dict. The staged result has exactly the shape ``staging.segment_table`` gives a folded
+Arrow string columns without a Python object per change or value; the fold (one row per key: the
+last change wins) picks each key's last row with a hash table in C, and Arrow takes those rows.
+The staged result has exactly the shape ``staging.segment_table`` gives a folded
 ``changes.Segment``, so every warehouse and the change log take it unchanged.
 
 What the decoder does not take (an unchanged TOAST value, which needs earlier changes of the
@@ -16,13 +16,11 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable
 
-import duckdb
 import pyarrow as pa
 
 from pg_replication.changes import Segment, TableStats, Upsert
 from pg_replication.source._rowdecode import RowColumns, arrays_to_json, strings_to_arrow
 from pg_replication.warehouse import staging
-from pg_replication.warehouse.base import quote
 
 Convert = Callable[[str], str]
 
@@ -95,7 +93,8 @@ class ColumnSegment:
         ]
         names += [staging.fill_column(i) for i in range(len(fills))] + [staging.value_column(i) for i in range(len(columns))]
         raw = pa.Table.from_arrays(arrays + fills + columns, names=names)
-        folded = _fold(raw, [staging.value_column(p) for p in self.key_positions], staging.SEQ)
+        winners = self.decoded.last_per_key()  # the fold, in C: each key's last row, in order
+        folded = raw.take(pa.Array.from_buffers(pa.int64(), len(winners) // 8, [None, pa.py_buffer(winners)]))
         if self.truncated:
             first = [pa.nulls(1, field.type) for field in raw.schema]
             first[0], first[1] = _int64([0]), _array((None, array("i", [0, 1]).tobytes(), b"T", 0))
@@ -132,18 +131,3 @@ def _convert(values: pa.Array, convert: Convert | None) -> pa.Array:
         valid, offsets, data = values.buffers()
         return _array(arrays_to_json(len(values), valid, offsets, data if data is not None else b"", kind, convert))
     return _array(strings_to_arrow([None if v is None else convert(v) for v in values.to_pylist()]))
-
-
-def _fold(raw: pa.Table, key: list[str], seq: str) -> pa.Table:
-    """One row per key, the one with the highest ``seq``, in ``seq`` order. DuckDB (in memory)
-    finds the winners over the key columns alone; Arrow takes them."""
-    if raw.num_rows == 0:
-        return raw
-    first = raw.column(seq)[0].as_py()
-    query = (
-        f"SELECT max({quote(seq)}) - {int(first)} AS row FROM keys GROUP BY {', '.join(quote(k) for k in key)} ORDER BY 1"
-    )
-    with duckdb.connect() as conn:
-        conn.register("keys", raw.select([seq, *key]))
-        rows = conn.sql(query).to_arrow_table().column(0)
-    return raw.take(rows)

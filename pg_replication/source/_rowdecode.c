@@ -426,6 +426,62 @@ static void free_builders(RowColumns *self) {
     for (Py_ssize_t k = 0; self->fills && k < self->key_width; k++) builder_free(&self->fills[k]);
 }
 
+static uint64_t row_key_hash(RowColumns *self, Py_ssize_t row) {
+    uint64_t h = 1469598103934665603ULL;
+    for (Py_ssize_t k = 0; k < self->key_width; k++) {
+        Builder *b = &self->columns[self->key_positions[k]];
+        int valid = (b->valid[row >> 3] >> (row & 7)) & 1;
+        const unsigned char *p = (const unsigned char *)b->data + b->offsets[row];
+        Py_ssize_t n = valid ? b->offsets[row + 1] - b->offsets[row] : 0;
+        for (Py_ssize_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
+        h = (h ^ (uint64_t)(valid ? 0x100 + n : 0x2FF)) * 1099511628211ULL; /* column end, NULL apart */
+    }
+    return h;
+}
+
+static int same_row_key(RowColumns *self, Py_ssize_t a, Py_ssize_t r) {
+    for (Py_ssize_t k = 0; k < self->key_width; k++) {
+        Builder *b = &self->columns[self->key_positions[k]];
+        int va = (b->valid[a >> 3] >> (a & 7)) & 1, vr = (b->valid[r >> 3] >> (r & 7)) & 1;
+        if (va != vr) return 0;
+        if (!va) continue;
+        Py_ssize_t na = b->offsets[a + 1] - b->offsets[a], nr = b->offsets[r + 1] - b->offsets[r];
+        if (na != nr || memcmp(b->data + b->offsets[a], b->data + b->offsets[r], (size_t)na) != 0) return 0;
+    }
+    return 1;
+}
+
+/* last_per_key() -> bytes: int64 row numbers, ascending, of each key's last row (the fold:
+ * the last change of a key decides its final state). Keys compare as their text. */
+static PyObject *RowColumns_last_per_key(RowColumns *self, PyObject *Py_UNUSED(ignored)) {
+    Py_ssize_t n = self->rows, size = 1;
+    while (size < 2 * n + 2) size <<= 1;
+    Py_ssize_t *slots = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)size);
+    Py_ssize_t *last = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n + 1)); /* per row: its key's last row */
+    Py_ssize_t *slot_of = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n + 1));
+    if (!slots || !last || !slot_of) { PyMem_Free(slots); PyMem_Free(last); PyMem_Free(slot_of); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < size; i++) slots[i] = -1;
+    for (Py_ssize_t r = 0; r < n; r++) { /* slots hold a key's latest row */
+        Py_ssize_t i = (Py_ssize_t)(row_key_hash(self, r) & (uint64_t)(size - 1));
+        while (slots[i] >= 0 && !same_row_key(self, slots[i], r)) i = (i + 1) & (size - 1);
+        slots[i] = r;
+        slot_of[r] = i;
+    }
+    for (Py_ssize_t r = 0; r < n; r++) last[r] = slots[slot_of[r]];
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sizeof(int64_t) * n);
+    if (out != NULL) {
+        int64_t *rows = (int64_t *)PyBytes_AS_STRING(out);
+        Py_ssize_t kept = 0;
+        for (Py_ssize_t r = 0; r < n; r++)
+            if (last[r] == r) rows[kept++] = r;
+        if (_PyBytes_Resize(&out, (Py_ssize_t)sizeof(int64_t) * kept) < 0) out = NULL;
+    }
+    PyMem_Free(slots);
+    PyMem_Free(last);
+    PyMem_Free(slot_of);
+    return out;
+}
+
 static PyObject *RowColumns_clear(RowColumns *self, PyObject *Py_UNUSED(ignored)) {
     free_builders(self);
     self->rows = 0;
@@ -508,6 +564,7 @@ static int RowColumns_init(RowColumns *self, PyObject *args, PyObject *kwds) {
 static PyMethodDef RowColumns_methods[] = {
     {"add", (PyCFunction)RowColumns_add, METH_O, "Append one Insert/Update/Delete message: 1, 2, 3, or -1 to decode it in Python."},
     {"clear", (PyCFunction)RowColumns_clear, METH_NOARGS, "Forget every row (TRUNCATE)."},
+    {"last_per_key", (PyCFunction)RowColumns_last_per_key, METH_NOARGS, "int64 row numbers (bytes), ascending, of each key's last row."},
     {NULL},
 };
 
