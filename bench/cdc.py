@@ -1,6 +1,6 @@
 """CDC benchmark: drain + apply throughput against the server's own decode limit.
 
-    python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake]
+    python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake] [--profile FILE]
 
 On the backfill benchmark's table (``bench_rows`` in database ``pgr_bench``, built if missing, 2M
 rows by default) backfilled into a fresh warehouse (bench/warehouses.py), it writes N changes (40% inserts, 40%
@@ -8,12 +8,14 @@ updates, 20% deletes, in transactions of 1,000), then measures in the same run:
   1. the decode limit: ``SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)``;
   2. our drain: stream (START_REPLICATION) + decode + fold + apply + commit + slot confirm,
      until caught up.
-Prints changes/s, the ratio to the limit and the peak RSS of this process.
+Prints changes/s, the ratio to the limit and the peak RSS of this process. ``--profile`` writes a
+cProfile of the drains (read it with ``python -m pstats FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
 import resource
 import sys
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=200_000, help="max changes per drain")
     parser.add_argument("--warehouse", choices=KINDS, default="duckdb")
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the drains to FILE (slows them down)")
     args = parser.parse_args()
     url = prepare(os.environ["POSTGRES_URL"], args.rows)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -85,8 +88,11 @@ def main() -> None:
     limit, messages = decode_limit(url)
     print(f"decode limit  : {limit:>10,.0f} messages/s  (server-side count over peek, {messages:,} messages)")
     settings = DrainSettings(SLOT, PUBLICATION, max_changes=args.batch)
+    profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
     applied = drains = 0
+    if profiler:
+        profiler.enable()
     with open_warehouse(config) as wh:
         while True:
             result = drain_once(url, wh, [table], settings)
@@ -95,6 +101,9 @@ def main() -> None:
             if result.caught_up:
                 break
     elapsed = time.perf_counter() - started
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
     ours = messages / elapsed
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"pg_replication: {applied / elapsed:>9,.0f} changes/s applied into {args.warehouse} ({applied:,} changes, {drains} drains, {elapsed:.1f} s)")
