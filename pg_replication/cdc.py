@@ -76,7 +76,11 @@ class _RelationPlan:
     keep: tuple[int, ...] | None = None  # positions of the tuple to keep (None: all)
 
 
-def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
+def _plan_relation(
+    rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper, key: tuple[str, ...] | None = None
+) -> _RelationPlan:
+    """How to stage the changes of ``rel``, keyed by ``key`` (default: the table's key)."""
+    key = table.primary_key if key is None else key
     known = {c.name: c for c in table.columns}
     # Excluded columns are dropped here, whatever the publication sends (one we do not own, or
     # changes decoded before our column list was narrowed): never a "new column" to add.
@@ -90,15 +94,35 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], map
             pg_type = types.get(rc.type_oid) or PgType(rc.type_oid, "", f"oid {rc.type_oid}", "base")
             col = Column(rc.name, i + 1, pg_type, rc.typmod, col.ndims if col else 1, False, pg_type.name)
         mappings[rc.name] = mapper(col)
-    missing = [k for k in table.primary_key if k not in columns]
-    if missing:
-        raise SchemaChangeError(f"{table.display}: key column(s) {missing} are no longer published", table=table.display)
+    missing = [k for k in key if k not in columns]
+    if missing or not key:
+        raise SchemaChangeError(
+            f"{table.display}: key column(s) {', '.join(missing or table.primary_key)} are no longer published "
+            f"(the relation now has {', '.join(columns)}: a key column was renamed or dropped)",
+            hint="restore the key column, or resync the table (`pg-replication resync`); its changes wait in its change log",
+            table=table.display,
+        )
     converters = tuple((i, mappings[n].from_text) for i, n in enumerate(columns) if mappings[n].from_text)
     return _RelationPlan(
-        table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in table.primary_key),
-        converters, tuple(mappings[k].from_text for k in table.primary_key), mappings,  # type: ignore[arg-type]
+        table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in key),
+        converters, tuple(mappings[k].from_text for k in key), mappings,  # type: ignore[arg-type]
         keep=None if len(keep) == len(rel.columns) else keep,
     )
+
+
+def _plan_or_fail(
+    rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper, failed: dict[str, str], lsn: int
+) -> _RelationPlan:
+    """The relation's plan; when the table's changes can no longer be staged as planned (its key
+    column renamed or dropped), the table fails alone (``failed``: why, with table and LSN) and
+    its changes are still staged, keyed by the columns the relation itself marks as its
+    replica identity, for its change log: kept in order for `retry` or dropped by `resync`."""
+    try:
+        return _plan_relation(rel, table, types, mapper)
+    except SchemaChangeError as exc:
+        failed.setdefault(f"{table.schema}.{table.name}", f"{table.schema}.{table.name} at LSN {po.int_to_lsn(lsn)}: {exc.message}")
+        identity = tuple(c.name for c in rel.columns if c.is_key) or tuple(c.name for c in rel.columns)
+        return _plan_relation(rel, table, types, mapper, key=identity)
 
 
 
@@ -139,6 +163,7 @@ class _Decoded:
     bytes: int
     exhausted: bool
     quiet_lsn: int = 0  # the stream went quiet between transactions: nothing pending below this
+    failed: dict[str, str] = field(default_factory=dict)  # tables whose changes could not be staged as planned: why
     covered: tuple[str, ...] = ()  # the tables this drain includes (their streams continue)
     drained_before: int = 0  # the drained position this drain started from
 
@@ -187,6 +212,7 @@ def _read_batch(
     relations: dict[int, _RelationPlan | None] = {}
     plans: dict[str, _RelationPlan] = {}
     batches: dict[str, TableBatch] = {}
+    failed: dict[str, str] = {}
     last_end = None
     changes = transactions = nbytes = rows = 0
     exhausted = in_transaction = False
@@ -255,7 +281,7 @@ def _read_batch(
             continue
         if kind is po.Relation:
             table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
-            plan = _plan_relation(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
+            plan = _plan_or_fail(msg, table, types, mapper, failed, commit_lsn) if table else None  # type: ignore[arg-type]
             relations[msg.oid] = plan  # type: ignore[union-attr]
             if plan:
                 previous = plans.get(plan.key)
@@ -273,7 +299,7 @@ def _read_batch(
                     tb.stats.saw(commit_lsn, commit_time)
                     changes += 1
         # Origin, Type and logical messages (heartbeats) carry nothing to apply.
-    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn)
+    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn, failed)
 
 
 def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None] = lambda m: None) -> DrainResult:

@@ -59,7 +59,6 @@ def two_tables(pg, write_config, duckdb_path, tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="issue 11: a renamed key column fails the whole drain (SchemaChangeError from _plan_relation)")
 def test_renamed_key_column_fails_that_table_only(two_tables, pg, duckdb_path, tmp_path):
     env = two_tables
     pg.execute("UPDATE t SET v = 'before rename' WHERE id <= 10")
