@@ -22,8 +22,7 @@ from pg_replication.schedules import build_sync_schedules
 from pg_replication.sensors import build_cdc_sensor
 from pg_replication.io_managers import WarehouseIOManager
 from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
-from pg_replication.source.catalog import introspect
-from pg_replication.source.connection import connect, source_conninfo
+from pg_replication.load_catalog import load_catalog
 from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
 
 
@@ -54,8 +53,8 @@ def build_definitions(
     translator_class: type[TableAssetTranslator] = TableAssetTranslator,
 ) -> dg.Definitions:
     config = config or load_config()
-    with connect(source_conninfo()) as conn:
-        tables = introspect(conn, config)
+    catalog = load_catalog(config)  # never fails for one table, nor for a source that is down
+    tables = catalog.tables
     translator = translator_class(config)
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
@@ -68,7 +67,7 @@ def build_definitions(
         asset_checks=build_table_checks(tables, config, translator),
         jobs=[cdc_job, *sync_jobs, build_retry_job(config, [t for t in tables if t.strategy in ("cdc", "triggers")])],
         schedules=schedules,
-        sensors=[build_cdc_sensor(config, cdc_job, tables), *build_notification_sensors(config, [cdc_job, *sync_jobs])],
+        sensors=[build_cdc_sensor(config, cdc_job, tables, catalog.warnings()), *build_notification_sensors(config, [cdc_job, *sync_jobs])],
         resources={
             "source": build_source_resource(),
             "warehouse": warehouse,

@@ -88,7 +88,6 @@ def test_renamed_key_column_fails_that_table_only(two_tables, pg, duckdb_path, t
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="issue 11: a dropped exact table fails the code location load, so every drain")
 def test_dropped_table_leaves_the_others_streaming(two_tables, pg, duckdb_path, tmp_path):
     env = two_tables
     pg.execute("UPDATE t SET v = 'last words' WHERE id = 1")
@@ -102,7 +101,6 @@ def test_dropped_table_leaves_the_others_streaming(two_tables, pg, duckdb_path, 
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="issue 11: a pattern-matched table without a key fails the code location load")
 def test_pattern_table_without_a_key_is_skipped_with_a_warning(pg, write_config, duckdb_path, tmp_path):
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO a SELECT i, 'v0' FROM generate_series(1, 100) i")
@@ -122,7 +120,6 @@ def test_pattern_table_without_a_key_is_skipped_with_a_warning(pg, write_config,
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="issue 11: a source down at load removes the code location and its sensor")
 def test_source_down_at_load_keeps_the_code_location_and_its_sensor(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
     write_config({"source": {"slot": "pgr_iso", "publication": "pgr_iso"}, "tables": ["a"], "defaults": {"partitions": 1}})
