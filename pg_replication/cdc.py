@@ -74,6 +74,7 @@ class _RelationPlan:
     key_converters: tuple[Callable[[str], str] | None, ...]  # per key column, for old tuples
     mappings: dict[str, TypeMapping]
     keep: tuple[int, ...] | None = None  # positions of the tuple to keep (None: all)
+    failure: str | None = None  # why its changes cannot be applied: the table fails, they are logged
 
 
 def _plan_relation(
@@ -110,19 +111,19 @@ def _plan_relation(
     )
 
 
-def _plan_or_fail(
-    rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper, failed: dict[str, str], lsn: int
-) -> _RelationPlan:
+def _plan_or_fail(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
     """The relation's plan; when the table's changes can no longer be staged as planned (its key
-    column renamed or dropped), the table fails alone (``failed``: why, with table and LSN) and
-    its changes are still staged, keyed by the columns the relation itself marks as its
-    replica identity, for its change log: kept in order for `retry` or dropped by `resync`."""
+    column renamed or dropped), a plan with a ``failure``: the table fails
+    alone once one of its changes is read, and its changes are still staged, keyed by the
+    columns the relation itself marks as its replica identity, for its change log (kept in
+    order for `retry`, or dropped by `resync`)."""
     try:
         return _plan_relation(rel, table, types, mapper)
     except SchemaChangeError as exc:
-        failed.setdefault(f"{table.schema}.{table.name}", f"{table.schema}.{table.name} at LSN {po.int_to_lsn(lsn)}: {exc.message}")
         identity = tuple(c.name for c in rel.columns if c.is_key) or tuple(c.name for c in rel.columns)
-        return _plan_relation(rel, table, types, mapper, key=identity)
+        plan = _plan_relation(rel, table, types, mapper, key=identity)
+        plan.failure = exc.message
+        return plan
 
 
 
@@ -251,6 +252,8 @@ def _read_batch(
             tb = batches.get(plan.key)
             if tb is None:
                 tb = batches[plan.key] = TableBatch()
+            if plan.failure is not None:
+                failed.setdefault(plan.key, f"{plan.key} at LSN {po.int_to_lsn(commit_lsn)}: {plan.failure}")
             segment = tb.segment(plan.columns, plan.key_positions)
             changes += 1
             stats = tb.stats
@@ -281,7 +284,7 @@ def _read_batch(
             continue
         if kind is po.Relation:
             table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
-            plan = _plan_or_fail(msg, table, types, mapper, failed, commit_lsn) if table else None  # type: ignore[arg-type]
+            plan = _plan_or_fail(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
             relations[msg.oid] = plan  # type: ignore[union-attr]
             if plan:
                 previous = plans.get(plan.key)
@@ -293,6 +296,8 @@ def _read_batch(
             for oid in msg.relations:  # type: ignore[union-attr]
                 plan = relations.get(oid)
                 if plan:
+                    if plan.failure is not None:
+                        failed.setdefault(plan.key, f"{plan.key} at LSN {po.int_to_lsn(commit_lsn)}: {plan.failure}")
                     tb = batches.setdefault(plan.key, TableBatch())
                     tb.segment(plan.columns, plan.key_positions).truncate()
                     tb.stats.truncated += 1
