@@ -58,6 +58,7 @@ def build_definitions(
     translator = translator_class(config)
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
+    assets += [_missing_table_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"].reason) for t in catalog.missing]
     cdc_job = build_cdc_job(config, tables, translator)
     schedules = build_sync_schedules(config, tables, translator)
     sync_jobs = [s.job for s in schedules]
@@ -75,6 +76,18 @@ def build_definitions(
                 warehouse=warehouse, slot=config.source.slot, publication=config.source.publication
             ),
         },
+    )
+
+
+def _missing_table_asset(table, config: ReplicationConfig, translator: TableAssetTranslator, reason: str) -> dg.AssetsDefinition:
+    """A configured table gone from the source keeps its asset (its warehouse data and history
+    stay visible), marked missing; no drain or check includes it until it is back."""
+    asset = build_table_asset(table, config, translator)
+    return asset.map_asset_specs(
+        lambda spec: spec.replace_attributes(
+            description=f"MISSING: {reason}\n\n{spec.description or ''}",
+            metadata={**spec.metadata, "pg_replication/unavailable": reason},
+        )
     )
 
 

@@ -5,8 +5,8 @@ status` in fresh processes.
 Proven here:
 - a key column renamed during CDC (the drain cannot key that table's changes) fails that table
   only: its changes go, in order, to its change log, the slot advances, the other table streams;
-- a table dropped during CDC does not fail the code location: the other table keeps streaming
-  and `status` says the dropped one is missing;
+- a table dropped during CDC does not fail the code location: the other table keeps streaming,
+  `status` says the dropped one is missing, and its asset stays, marked missing;
 - a table that matches a `schema.*` pattern but does not qualify (no primary key) is skipped
   with a warning shown by `status` and in the CDC sensor's description;
 - a source that is down when the code location loads: definitions load from the last catalog
@@ -88,7 +88,7 @@ def test_renamed_key_column_fails_that_table_only(two_tables, pg, duckdb_path, t
 
 
 @pytest.mark.e2e
-def test_dropped_table_leaves_the_others_streaming(two_tables, pg, duckdb_path, tmp_path):
+def test_dropped_table_leaves_the_others_streaming(two_tables, pg, duckdb_path, tmp_path, monkeypatch):
     env = two_tables
     pg.execute("UPDATE t SET v = 'last words' WHERE id = 1")
     pg.execute("DROP TABLE t")
@@ -98,6 +98,14 @@ def test_dropped_table_leaves_the_others_streaming(two_tables, pg, duckdb_path, 
     assert _warehouse(duckdb_path, 'SELECT v FROM "public"."a" WHERE id = 1001') == [("streams",)]
     row = _status_rows(env, tmp_path)["public.t"]
     assert row["status"] == "missing" and "does not exist" in row["error"], row
+
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    from pg_replication.definitions import build_definitions
+
+    defs = build_definitions()  # the asset stays (from the last catalog snapshot), marked missing
+    spec = next(s for a in defs.resolve_asset_graph().assets_defs for s in a.specs if s.key == dg.AssetKey(["public", "t"]))
+    assert spec.description.startswith("MISSING: ") and "does not exist" in spec.metadata["pg_replication/unavailable"]
+    assert "public.t missing" in defs.get_sensor_def("postgres_cdc_sensor").description
 
 
 @pytest.mark.e2e
