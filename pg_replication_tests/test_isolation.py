@@ -5,6 +5,7 @@ status` in fresh processes.
 Proven here:
 - a key column renamed during CDC (the drain cannot key that table's changes) fails that table
   only: its changes go, in order, to its change log, the slot advances, the other table streams;
+  `retry` then refuses that log cleanly (changes not keyed by the key) and `resync` is the way back;
 - a table dropped during CDC does not fail the code location: the other table keeps streaming,
   `status` says the dropped one is missing, and its asset stays, marked missing;
 - a table that matches a `schema.*` pattern but does not qualify (no primary key) is skipped
@@ -154,3 +155,29 @@ def test_source_down_at_load_keeps_the_code_location_and_its_sensor(pg, write_co
     assert "cannot connect" in (result.skip_message or "")
     assert "s3cr3t-pw" not in (result.skip_message or "") + sensor.description
     assert os.environ["POSTGRES_URL"] == DOWN_URL
+
+
+@pytest.mark.e2e
+def test_table_failed_by_its_key_rename_refuses_retry_cleanly_and_resyncs(two_tables, pg, duckdb_path, tmp_path):
+    """Changes logged while the key column had another name cannot be keyed to warehouse rows:
+    `retry` says so (no traceback, the log kept, the table still failed) and `resync` is the way
+    back, the other table streaming throughout."""
+    env = two_tables
+    pg.execute("UPDATE t SET v = 'before rename' WHERE id <= 10")
+    pg.execute("ALTER TABLE t RENAME COLUMN id TO key_id")
+    pg.execute("UPDATE t SET v = 'renamed' WHERE key_id > 490")
+    assert run_cli(operator.drain(), env, tmp_path).returncode != 0  # t fails, alone
+    pg.execute("ALTER TABLE t RENAME COLUMN key_id TO id")
+    _ok(run_cli(operator.drain(), env, tmp_path))
+    out = run_cli(["pg-replication", "retry", "public.t", "--yes"], env, tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "without key column(s) id" in out.stderr and "pg-replication resync public.t" in out.stderr
+    assert _status_rows(env, tmp_path)["public.t"]["status"] == "failed"
+    assert _warehouse(duckdb_path, 'SELECT count(*) FROM "_pg_replication"."log.public.t"')[0][0] > 0  # kept
+
+    pg.execute("INSERT INTO a VALUES (1001, 'streams')")
+    for args in (["pg-replication", "resync", "public.t", "--yes"], operator.materialize("public/t", "000...000"), operator.drain()):
+        _ok(run_cli(args, env, tmp_path))
+    for name in ("a", "t"):
+        got = _warehouse(duckdb_path, f'SELECT id, v FROM "public"."{name}" ORDER BY id')
+        assert got == pg.execute(f"SELECT id, v FROM {name} ORDER BY id").fetchall()
