@@ -23,6 +23,7 @@ from pg_replication.sensors import build_cdc_sensor
 from pg_replication.io_managers import WarehouseIOManager
 from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
 from pg_replication.load_catalog import load_catalog
+from pg_replication.source.catalog import Table, Unavailable
 from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
 
 
@@ -58,7 +59,7 @@ def build_definitions(
     translator = translator_class(config)
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
-    assets += [_missing_table_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"].reason) for t in catalog.missing]
+    assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"]) for t in catalog.left_out]
     cdc_job = build_cdc_job(config, tables, translator)
     schedules = build_sync_schedules(config, tables, translator)
     sync_jobs = [s.job for s in schedules]
@@ -79,14 +80,15 @@ def build_definitions(
     )
 
 
-def _missing_table_asset(table, config: ReplicationConfig, translator: TableAssetTranslator, reason: str) -> dg.AssetsDefinition:
-    """A configured table gone from the source keeps its asset (its warehouse data and history
-    stay visible), marked missing; no drain or check includes it until it is back."""
+def _left_out_asset(table: Table, config: ReplicationConfig, translator: TableAssetTranslator, why: Unavailable) -> dg.AssetsDefinition:
+    """A table replicated before but gone from the source, or no longer replicable, keeps its
+    asset (its warehouse data and history stay visible), marked with the reason; no drain or
+    check includes it until it is back."""
     asset = build_table_asset(table, config, translator)
     return asset.map_asset_specs(
         lambda spec: spec.replace_attributes(
-            description=f"MISSING: {reason}\n\n{spec.description or ''}",
-            metadata={**spec.metadata, "pg_replication/unavailable": reason},
+            description=f"{why.status.upper()}: {why.reason}\n\n{spec.description or ''}",
+            metadata={**spec.metadata, "pg_replication/unavailable": f"{why.status}: {why.reason}"},
         )
     )
 

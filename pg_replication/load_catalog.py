@@ -26,8 +26,9 @@ class LoadedCatalog:
     tables: list[Table]  # what can be replicated now
     unavailable: dict[str, Unavailable] = field(default_factory=dict)  # by schema.table
     outage: str | None = None  # set when the source could not be read at load
-    # Exact entries missing from the source, as last read: their assets stay, marked missing.
-    missing: list[Table] = field(default_factory=list)
+    # Tables replicated before and left out now (missing, or no longer replicable), as last read:
+    # their assets stay, marked with the reason.
+    left_out: list[Table] = field(default_factory=list)
 
     def warnings(self) -> list[str]:
         notes = [self.outage] if self.outage else []
@@ -60,18 +61,18 @@ def load_catalog(config: ReplicationConfig) -> LoadedCatalog:
             f"({_when(snapshot.saved_at)}); reload the code location once it is back"
         )
         log.warning(outage)
-        now, missing = _split(snapshot.tables, snapshot.unavailable)
-        return LoadedCatalog(now, snapshot.unavailable, outage, missing)
+        now, left_out = _split(snapshot.tables, snapshot.unavailable)
+        return LoadedCatalog(now, snapshot.unavailable, outage, left_out)
     for key, problem in sorted(unavailable.items()):
         log.warning(f"{key} left out ({problem.status}): {problem.reason}")
     previous = load_snapshot(path) if path else None
-    missing = [t for t in previous.tables if _key(t) in unavailable and unavailable[_key(t)].status == "missing"] if previous else []
+    left_out = [t for t in previous.tables if _key(t) in unavailable] if previous else []
     if path is not None:
         try:
-            save_snapshot(path, tables + missing, unavailable)
+            save_snapshot(path, tables + left_out, unavailable)
         except OSError as exc:  # a read-only home: loading works, the next outage has no snapshot
             log.warning(f"could not save the catalog snapshot to {path}: {exc}")
-    return LoadedCatalog(tables, unavailable, None, missing)
+    return LoadedCatalog(tables, unavailable, None, left_out)
 
 
 def _key(table: Table) -> str:
@@ -79,9 +80,9 @@ def _key(table: Table) -> str:
 
 
 def _split(tables: list[Table], unavailable: dict[str, Unavailable]) -> tuple[list[Table], list[Table]]:
-    """A snapshot's tables: those replicated when it was taken, and those already missing."""
-    missing = [t for t in tables if _key(t) in unavailable]
-    return [t for t in tables if _key(t) not in unavailable], missing
+    """A snapshot's tables: those replicated when it was taken, and those already left out."""
+    left_out = [t for t in tables if _key(t) in unavailable]
+    return [t for t in tables if _key(t) not in unavailable], left_out
 
 
 def _when(saved_at: float) -> str:

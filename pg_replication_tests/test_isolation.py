@@ -7,7 +7,8 @@ Proven here:
   only: its changes go, in order, to its change log, the slot advances, the other table streams;
   `retry` then refuses that log cleanly (changes not keyed by the key) and `resync` is the way back;
 - a table dropped during CDC does not fail the code location: the other table keeps streaming,
-  `status` says the dropped one is missing, and its asset stays, marked missing;
+  `status` says the dropped one is missing, and its asset stays, marked missing; a key column
+  dropped the same (the table is skipped: no key);
 - a table that matches a `schema.*` pattern but does not qualify (no primary key) is skipped
   with a warning shown by `status` and in the CDC sensor's description;
 - a source that is down when the code location loads: definitions load from the last catalog
@@ -107,6 +108,24 @@ def test_dropped_table_leaves_the_others_streaming(two_tables, pg, duckdb_path, 
     spec = next(s for a in defs.resolve_asset_graph().assets_defs for s in a.specs if s.key == dg.AssetKey(["public", "t"]))
     assert spec.description.startswith("MISSING: ") and "does not exist" in spec.metadata["pg_replication/unavailable"]
     assert "public.t missing" in defs.get_sensor_def("postgres_cdc_sensor").description
+
+
+@pytest.mark.e2e
+def test_dropped_key_column_leaves_the_others_streaming(two_tables, pg, duckdb_path, tmp_path, monkeypatch):
+    env = two_tables
+    pg.execute("ALTER TABLE t DROP COLUMN id")  # its primary key goes with it
+    pg.execute("INSERT INTO a VALUES (1001, 'streams')")
+    _ok(run_cli(operator.drain(), env, tmp_path))
+    assert _warehouse(duckdb_path, 'SELECT v FROM "public"."a" WHERE id = 1001') == [("streams",)]
+    row = _status_rows(env, tmp_path)["public.t"]
+    assert row["status"] == "skipped" and "no primary key" in row["error"], row
+
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    from pg_replication.definitions import build_definitions
+
+    defs = build_definitions()
+    spec = next(s for a in defs.resolve_asset_graph().assets_defs for s in a.specs if s.key == dg.AssetKey(["public", "t"]))
+    assert spec.description.startswith("SKIPPED: ") and "no primary key" in spec.description
 
 
 @pytest.mark.e2e
