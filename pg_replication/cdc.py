@@ -77,9 +77,14 @@ class _RelationPlan:
     mappings: dict[str, TypeMapping]
     keep: tuple[int, ...] | None = None  # positions of the tuple to keep (None: all)
     source_width: int = 0  # columns in the relation's tuples
+    failure: str | None = None  # why its changes cannot be applied: the table fails, they are logged
 
 
-def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
+def _plan_relation(
+    rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper, key: tuple[str, ...] | None = None
+) -> _RelationPlan:
+    """How to stage the changes of ``rel``, keyed by ``key`` (default: the table's key)."""
+    key = table.primary_key if key is None else key
     known = {c.name: c for c in table.columns}
     # Excluded columns are dropped here, whatever the publication sends (one we do not own, or
     # changes decoded before our column list was narrowed): never a "new column" to add.
@@ -93,15 +98,35 @@ def _plan_relation(rel: po.Relation, table: Table, types: dict[int, PgType], map
             pg_type = types.get(rc.type_oid) or PgType(rc.type_oid, "", f"oid {rc.type_oid}", "base")
             col = Column(rc.name, i + 1, pg_type, rc.typmod, col.ndims if col else 1, False, pg_type.name)
         mappings[rc.name] = mapper(col)
-    missing = [k for k in table.primary_key if k not in columns]
-    if missing:
-        raise SchemaChangeError(f"{table.display}: key column(s) {missing} are no longer published", table=table.display)
+    missing = [k for k in key if k not in columns]
+    if missing or not key:
+        raise SchemaChangeError(
+            f"{table.display}: key column(s) {', '.join(missing or table.primary_key)} are no longer published "
+            f"(the relation now has {', '.join(columns)}: a key column was renamed or dropped)",
+            hint="restore the key column, or resync the table (`pg-replication resync`); its changes wait in its change log",
+            table=table.display,
+        )
     converters = tuple((i, mappings[n].from_text) for i, n in enumerate(columns) if mappings[n].from_text)
     return _RelationPlan(
-        table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in table.primary_key),
-        converters, tuple(mappings[k].from_text for k in table.primary_key), mappings,  # type: ignore[arg-type]
+        table, f"{table.schema}.{table.name}", columns, tuple(columns.index(k) for k in key),
+        converters, tuple(mappings[k].from_text for k in key), mappings,  # type: ignore[arg-type]
         keep=None if len(keep) == len(rel.columns) else keep, source_width=len(rel.columns),
     )
+
+
+def _plan_or_fail(rel: po.Relation, table: Table, types: dict[int, PgType], mapper: Mapper) -> _RelationPlan:
+    """The relation's plan; when the table's changes can no longer be staged as planned (its key
+    column renamed or dropped), a plan with a ``failure``: the table fails
+    alone once one of its changes is read, and its changes are still staged, keyed by the
+    columns the relation itself marks as its replica identity, for its change log (kept in
+    order for `retry`, or dropped by `resync`)."""
+    try:
+        return _plan_relation(rel, table, types, mapper)
+    except SchemaChangeError as exc:
+        identity = tuple(c.name for c in rel.columns if c.is_key) or tuple(c.name for c in rel.columns)
+        plan = _plan_relation(rel, table, types, mapper, key=identity)
+        plan.failure = exc.message
+        return plan
 
 
 
@@ -187,6 +212,7 @@ class _Decoded:
     bytes: int
     exhausted: bool
     quiet_lsn: int = 0  # the stream went quiet between transactions: nothing pending below this
+    failed: dict[str, str] = field(default_factory=dict)  # tables whose changes could not be staged as planned: why
     covered: tuple[str, ...] = ()  # the tables this drain includes (their streams continue)
     drained_before: int = 0  # the drained position this drain started from
 
@@ -235,6 +261,7 @@ def _read_batch(
     relations: dict[int, _RelationPlan | None] = {}
     plans: dict[str, _RelationPlan] = {}
     batches: dict[str, TableBatch] = {}
+    failed: dict[str, str] = {}
     last_end = None
     changes = transactions = nbytes = rows = 0
     exhausted = in_transaction = False
@@ -276,6 +303,8 @@ def _read_batch(
                 tb = batches.get(plan.key)
                 if tb is None:
                     tb = batches[plan.key] = TableBatch()
+                if plan.failure is not None:
+                    failed.setdefault(plan.key, f"{plan.key} at LSN {po.int_to_lsn(commit_lsn)}: {plan.failure}")
                 _add_change(tb, plan, oid, data, fast)
             touched.add(oid)
             changes += 1
@@ -299,7 +328,7 @@ def _read_batch(
             continue
         if kind is po.Relation:
             table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
-            plan = _plan_relation(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
+            plan = _plan_or_fail(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
             relations[msg.oid] = plan  # type: ignore[union-attr]
             fast.pop(msg.oid, None)  # type: ignore[union-attr]  # its next change may start a segment
             if plan:
@@ -312,6 +341,8 @@ def _read_batch(
             for oid in msg.relations:  # type: ignore[union-attr]
                 plan = relations.get(oid)
                 if plan:
+                    if plan.failure is not None:
+                        failed.setdefault(plan.key, f"{plan.key} at LSN {po.int_to_lsn(commit_lsn)}: {plan.failure}")
                     tb = batches.setdefault(plan.key, TableBatch())
                     _segment(tb, plan, fast).truncate()
                     tb.stats.truncated += 1
@@ -322,7 +353,7 @@ def _read_batch(
         for segment in tb.segments:
             if type(segment) is ColumnSegment:
                 segment.count_into(tb.stats)
-    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn)
+    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn, failed)
 
 
 def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None] = lambda m: None) -> DrainResult:

@@ -22,8 +22,8 @@ from pg_replication.schedules import build_sync_schedules
 from pg_replication.sensors import build_cdc_sensor
 from pg_replication.io_managers import WarehouseIOManager
 from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
-from pg_replication.source.catalog import introspect
-from pg_replication.source.connection import connect, source_conninfo
+from pg_replication.load_catalog import load_catalog
+from pg_replication.source.catalog import Table, Unavailable
 from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
 
 
@@ -54,11 +54,12 @@ def build_definitions(
     translator_class: type[TableAssetTranslator] = TableAssetTranslator,
 ) -> dg.Definitions:
     config = config or load_config()
-    with connect(source_conninfo()) as conn:
-        tables = introspect(conn, config)
+    catalog = load_catalog(config)  # never fails for one table, nor for a source that is down
+    tables = catalog.tables
     translator = translator_class(config)
     assets = [build_table_asset(t, config, translator) for t in tables]
     check_unique_keys(assets, tables)
+    assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"]) for t in catalog.left_out]
     cdc_job = build_cdc_job(config, tables, translator)
     schedules = build_sync_schedules(config, tables, translator)
     sync_jobs = [s.job for s in schedules]
@@ -68,7 +69,7 @@ def build_definitions(
         asset_checks=build_table_checks(tables, config, translator),
         jobs=[cdc_job, *sync_jobs, build_retry_job(config, [t for t in tables if t.strategy in ("cdc", "triggers")])],
         schedules=schedules,
-        sensors=[build_cdc_sensor(config, cdc_job, tables), *build_notification_sensors(config, [cdc_job, *sync_jobs])],
+        sensors=[build_cdc_sensor(config, cdc_job, tables, catalog.warnings()), *build_notification_sensors(config, [cdc_job, *sync_jobs])],
         resources={
             "source": build_source_resource(),
             "warehouse": warehouse,
@@ -76,6 +77,19 @@ def build_definitions(
                 warehouse=warehouse, slot=config.source.slot, publication=config.source.publication
             ),
         },
+    )
+
+
+def _left_out_asset(table: Table, config: ReplicationConfig, translator: TableAssetTranslator, why: Unavailable) -> dg.AssetsDefinition:
+    """A table replicated before but gone from the source, or no longer replicable, keeps its
+    asset (its warehouse data and history stay visible), marked with the reason; no drain or
+    check includes it until it is back."""
+    asset = build_table_asset(table, config, translator)
+    return asset.map_asset_specs(
+        lambda spec: spec.replace_attributes(
+            description=f"{why.status.upper()}: {why.reason}\n\n{spec.description or ''}",
+            metadata={**spec.metadata, "pg_replication/unavailable": f"{why.status}: {why.reason}"},
+        )
     )
 
 

@@ -4,10 +4,12 @@
 import json
 import os
 import socket
+from collections.abc import Sequence
 
 import dagster as dg
 
 from pg_replication.config import ReplicationConfig
+from pg_replication.errors import SourceUnavailableError
 from pg_replication.resources import PostgresSource
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.catalog import Table
@@ -86,23 +88,36 @@ def dead_run_reason(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | N
     return None
 
 
-def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: list[Table]) -> dg.SensorDefinition:
+def build_cdc_sensor(
+    config: ReplicationConfig, job: dg.JobDefinition, tables: list[Table], load_warnings: Sequence[str] = ()
+) -> dg.SensorDefinition:
+    """``load_warnings``: what the code location left out when it loaded (tables that cannot be
+    replicated, a source that was down), shown in the sensor's description: where a Dagster user
+    looks when a table is not replicated."""
     slot = config.source.slot
     strategies = {t.strategy for t in tables}
     watch_slot, watch_capture = "cdc" in strategies, "triggers" in strategies
+    description = f"Requests a drain run when the {slot!r} slot has WAL to read, or captured changes wait. Never drains itself."
+    if load_warnings:
+        description += "\n\nWarnings at load:\n" + "\n".join(f"- {w}" for w in load_warnings)
 
     @dg.sensor(
         name=f"{config.source.name}_cdc_sensor",
         job=job,
         minimum_interval_seconds=config.source.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Requests a drain run when the {slot!r} slot has WAL to read, or captured changes wait. Never drains itself.",
+        description=description,
     )
     def cdc_sensor(context: dg.SensorEvaluationContext, source: PostgresSource):
         positions, idle = [], []
-        with source.connect() as conn:
-            status = slot_status(conn, slot) if watch_slot else None
-            captured = _captured_up_to(conn) if watch_capture else None
+        if not (watch_slot or watch_capture):
+            return dg.SkipReason("; ".join(["no table replicates through the slot or triggers", *load_warnings]))
+        try:
+            with source.connect() as conn:
+                status = slot_status(conn, slot) if watch_slot else None
+                captured = _captured_up_to(conn) if watch_capture else None
+        except SourceUnavailableError as exc:  # a restart, a failover: the next tick looks again
+            return dg.SkipReason(f"{exc.message}; waiting for the source to come back")
         if watch_slot and status is None:
             idle.append(f"slot {slot!r} does not exist yet: the first backfill creates it")
         elif watch_slot and status.wal_status != "lost" and status.current_lsn <= status.confirmed_lsn:
@@ -114,7 +129,7 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
         elif watch_capture:
             positions.append(f"change {captured}")
         if not positions:
-            return dg.SkipReason("; ".join(idle) or "no table replicates through the slot or triggers")
+            return dg.SkipReason("; ".join(idle))
         for run in context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS)):
             reason = dead_run_reason(context.instance, run)
             if reason is None:

@@ -15,7 +15,7 @@ from psycopg import sql
 
 from pg_replication.config import ReplicationConfig, TableEntry, split_qualified_name
 from pg_replication.errors import TableNotReplicableError
-from pg_replication.source.replica_identity import check_publication_columns, check_replica_identity
+from pg_replication.source.replica_identity import check_publication_columns, check_replica_identity, identity_problems
 
 TYPE_KINDS = {"b": "base", "c": "composite", "d": "domain", "e": "enum", "p": "pseudo", "r": "range", "m": "multirange"}
 
@@ -155,6 +155,14 @@ ORDER BY n.nspname, c.relname
 
 
 @dataclass(frozen=True)
+class Unavailable:
+    """A configured table left out of the definitions, and why (shown by `status` and in the UI)."""
+
+    status: str  # missing: not in the source; skipped: there, but it cannot be replicated as it is
+    reason: str
+
+
+@dataclass(frozen=True)
 class SourceTable:
     """A candidate table as listed by the catalog, before options are applied."""
 
@@ -172,8 +180,11 @@ def list_source_tables(conn: psycopg.Connection) -> list[SourceTable]:
     return [SourceTable(*row) for row in conn.execute(_TABLES_SQL).fetchall()]
 
 
-def select_tables(config: ReplicationConfig, candidates: list[SourceTable]) -> list[tuple[SourceTable, TableEntry]]:
-    """Resolve ``tables:`` against the catalog. Exact names must exist; patterns may match none.
+def select_tables(
+    config: ReplicationConfig, candidates: list[SourceTable], missing: dict[str, Unavailable] | None = None
+) -> list[tuple[SourceTable, TableEntry]]:
+    """Resolve ``tables:`` against the catalog. Exact names must exist (or, given ``missing``,
+    are recorded there, by schema.table, with the reason); patterns may match none.
 
     Partitions of a partitioned table are never selected on their own: the root carries them.
     The first entry that names a table wins, so an exact entry placed before a pattern can
@@ -186,6 +197,13 @@ def select_tables(config: ReplicationConfig, candidates: list[SourceTable]) -> l
         if not entry.is_pattern:
             found = by_name.get((schema_pat, table_pat))
             if found is None:
+                if missing is not None:
+                    missing[f"{schema_pat}.{table_pat}"] = Unavailable(
+                        "missing",
+                        f"table {sql.Identifier(schema_pat, table_pat).as_string()} does not exist in the source "
+                        "(dropped or renamed?); restore it, or remove it from replication.yaml",
+                    )
+                    continue
                 raise TableNotReplicableError(
                     f"tables[{index}]: table {sql.Identifier(schema_pat, table_pat).as_string()} "
                     "does not exist in the source (or is not a table)",
@@ -208,9 +226,11 @@ def select_tables(config: ReplicationConfig, candidates: list[SourceTable]) -> l
 
 
 def describe_tables(
-    conn: psycopg.Connection, selected: list[tuple[SourceTable, TableEntry]]
+    conn: psycopg.Connection, selected: list[tuple[SourceTable, TableEntry]], skipped: dict[str, Unavailable] | None = None
 ) -> list[Table]:
-    """Columns, keys and leaves for the selected tables; checks that each can be replicated."""
+    """Columns, keys and leaves for the selected tables; checks that each can be replicated.
+    Raises on the first table that cannot, or, given ``skipped``, leaves it out and records
+    why there (by schema.table)."""
     if not selected:
         return []
     types = load_types(conn)
@@ -222,9 +242,19 @@ def describe_tables(
     tables = []
     for src, entry in selected:
         leaves = conn.execute(_LEAVES_SQL, {"oid": src.oid}).fetchall()
-        tables.append(_build_table(src, entry, columns[src.oid], pkeys.get(src.oid), leaves))
-    check_replica_identity(conn, tables)  # published tables must keep the source's writes working
-    return tables
+        try:
+            tables.append(_build_table(src, entry, columns[src.oid], pkeys.get(src.oid), leaves))
+        except TableNotReplicableError as exc:
+            if skipped is None:
+                raise
+            skipped[f"{src.schema}.{src.name}"] = Unavailable("skipped", _one_line(exc))
+    if skipped is None:
+        check_replica_identity(conn, tables)  # published tables must keep the source's writes working
+        return tables
+    problems = identity_problems(conn, tables)
+    for (schema, name), problem in problems.items():
+        skipped[f"{schema}.{name}"] = Unavailable("skipped", _one_line(problem))
+    return [t for t in tables if (t.schema, t.name) not in problems]
 
 
 _TIME_CURSORS = {"timestamp", "timestamptz", "date"}
@@ -309,6 +339,21 @@ def introspect(conn: psycopg.Connection, config: ReplicationConfig) -> list[Tabl
     tables = describe_tables(conn, select_tables(config, list_source_tables(conn)))
     check_publication_columns(conn, config.source.publication, tables)
     return tables
+
+
+def _one_line(exc: TableNotReplicableError) -> str:
+    return f"{exc.message}; {exc.hint}" if exc.hint else exc.message
+
+
+def introspect_each(conn: psycopg.Connection, config: ReplicationConfig) -> tuple[list[Table], dict[str, Unavailable]]:
+    """The configured tables that can be replicated now, and, by schema.table, why each other one
+    cannot (missing from the source, no usable key or replica identity...): one table's trouble
+    must not keep the others from loading. A publication that leaks an excluded column still
+    raises (the values would leave the source)."""
+    skipped: dict[str, Unavailable] = {}
+    tables = describe_tables(conn, select_tables(config, list_source_tables(conn), skipped), skipped)
+    check_publication_columns(conn, config.source.publication, tables)
+    return tables, skipped
 
 
 VOLATILE_DEFAULT = "\x00volatile"  # marks a column added with a volatile default (table rewritten)

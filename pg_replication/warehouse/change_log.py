@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from pg_replication.errors import (
     PgReplicationError,
+    SchemaChangeError,
     WarehouseError,
 )
 from pg_replication.source.catalog import Table
@@ -131,6 +132,7 @@ class ChangeLog:
         ):
             logged = json.loads(columns_json)
             pairs = [(c, now) for c, now in zip(logged, self.current_names(table, logged)) if now in mappings]
+            _require_key(table, logged, [now for _, now in pairs])
             relation = self._log_segment(table, int(segment), [c for c, _ in pairs])
             changes = StagedChanges(relation, tuple(now for _, now in pairs), bool(truncates), int(rows), defaults=defaults)
             self.apply_segment(table, changes, mappings, read_rows)
@@ -230,3 +232,16 @@ class ChangeLog:
                 hint=f"the cause is not fixed yet (it failed with: {error}); fix it and retry, or resync the table",
             ) from exc
         return replayed
+
+
+def _require_key(table: Table, logged: Sequence[str], replayable: Sequence[str]) -> None:
+    """A segment logged while the table's key column had another name (or none) cannot be
+    matched to warehouse rows: refuse, rather than apply it keyless (the caller rolls back)."""
+    missing = [k for k in table.primary_key if k not in replayable]
+    if missing:
+        raise SchemaChangeError(
+            f"{table.display}: its change log holds changes logged with columns {', '.join(logged)}, "
+            f"without key column(s) {', '.join(missing)}: they cannot be matched to warehouse rows",
+            hint=f"resync the table (`pg-replication resync {table.schema}.{table.name}`); the other tables are not affected",
+            table=table.display,
+        )

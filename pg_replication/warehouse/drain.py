@@ -65,7 +65,10 @@ class DrainApply:
 
     def _apply_drain_attempt(self, decoded, target_lsn, slot, describe_new, read_rows, resynced, log) -> dict:
         statuses = self.statuses()
-        failed_now: dict[str, str] = {}
+        # Tables the decode could not stage as planned (cdc._plan_or_fail): failed once, logged after.
+        failed_now: dict[str, str] = {
+            key: reason for key, reason in getattr(decoded, "failed", {}).items() if statuses.get(key, ("",))[0] != "failed"
+        }
         staged: dict[str, list[StagedChanges]] = {}
         pending: dict[str, dict] = {}  # columns each table's stored state gains in the transaction
         names: list[str] = []
@@ -81,6 +84,9 @@ class DrainApply:
                     staged[key].append(
                         StagedChanges(relation, segment.columns, segment.truncated, len(segment.rows), segment.has_unknowns)
                     )
+                if key in failed_now or status == "failed":  # logged, never applied: no DDL on its table
+                    self.ensure_log(plan.table, _all_columns(batch))
+                    continue
                 try:
                     pending[key] = self.prepare_table(plan, status, describe_new(plan.table))
                 except (*self.errors, PgReplicationError) as exc:
@@ -173,6 +179,11 @@ class DrainApply:
             with suppress(*self.errors):  # a lost connection cannot roll back: the original error tells
                 self.rollback()
             raise
+
+
+def _all_columns(batch) -> list[str]:
+    """Every column a batch's segments carry (a rename mid-batch gives segments different ones)."""
+    return list(dict.fromkeys(c for segment in batch.segments for c in segment.columns))
 
 
 def _on_schema_change(table: Table) -> str:
