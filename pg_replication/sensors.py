@@ -11,7 +11,8 @@ from pg_replication.config import ReplicationConfig
 from pg_replication.resources import PostgresSource
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.catalog import Table
-from pg_replication.source.slot import slot_status
+from pg_replication.source.slot import SlotBusyError, flushed_lsn, slot_status
+from pg_replication.source.slot_probe import longest_probe, probe_slot
 
 # The machine whose sensor asked for a drain run: Dagster's default run launcher starts the run
 # worker in the code server, next to the sensor, so only there can its process be looked at.
@@ -86,8 +87,26 @@ def dead_run_reason(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | N
     return None
 
 
+def _slot_has_changes(context: dg.SensorEvaluationContext, source: PostgresSource, publication: str, status, flushed: int, seconds: float) -> bool | None:
+    """Whether the slot holds a change to apply below the flushed WAL (None: busy, another session
+    reads it). When the probe cannot tell (too slow, an error), a drain run finds out."""
+    try:
+        probe = probe_slot(source.conninfo, status.name, publication, status.confirmed_lsn, until_lsn=flushed, timeout=seconds)
+    except SlotBusyError:
+        return None
+    except Exception as exc:  # e.g. the publication does not exist yet: the drain creates it
+        context.log.warning(f"could not look into slot {status.name!r} ({str(exc).splitlines()[0]}): requesting a drain")
+        return True
+    return probe.has_changes or not probe.decided
+
+
 def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: list[Table]) -> dg.SensorDefinition:
     slot = config.source.slot
+    publication = config.source.publication
+    advance_bytes = config.source.idle_slot_advance_mb << 20
+    def drain_for(seconds: int) -> dict:
+        return {"ops": {f"{config.source.name}_drain_slot": {"config": {"run_seconds": seconds}}}}
+
     strategies = {t.strategy for t in tables}
     watch_slot, watch_capture = "cdc" in strategies, "triggers" in strategies
 
@@ -96,13 +115,15 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
         job=job,
         minimum_interval_seconds=config.source.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description=f"Requests a drain run when the {slot!r} slot has WAL to read, or captured changes wait. Never drains itself.",
+        description=f"Requests a drain run when the {slot!r} slot has changes to apply, or captured changes wait. Never drains itself.",
     )
     def cdc_sensor(context: dg.SensorEvaluationContext, source: PostgresSource):
         positions, idle = [], []
         with source.connect() as conn:
             status = slot_status(conn, slot) if watch_slot else None
             captured = _captured_up_to(conn) if watch_capture else None
+            flushed = flushed_lsn(conn) if status is not None else 0
+            probe_seconds = min(10.0, longest_probe(conn))
         if watch_slot and status is None:
             idle.append(f"slot {slot!r} does not exist yet: the first backfill creates it")
         elif watch_slot and status.wal_status != "lost" and status.current_lsn <= status.confirmed_lsn:
@@ -123,6 +144,21 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
             # free_slots_after_run_end_seconds in dagster.yaml); the next drain waits for it.
             context.log.warning(f"drain run {run.run_id} marked failed: {reason}")
             context.instance.report_run_failed(run, f"pg_replication's CDC sensor: {reason}")
+        # WAL moves for reasons that carry nothing to apply (other databases, checkpoints,
+        # unpublished tables): no run for those, only a one-batch run that advances the slot
+        # once it holds back idle_slot_advance_mb.
+        run_config = drain_for(config.source.run_seconds)
+        if watch_slot and captured is None and status.wal_status != "lost":
+            found = _slot_has_changes(context, source, publication, status, flushed, probe_seconds)
+            if found is None:
+                return dg.SkipReason(f"slot {slot!r} is in use by another session")
+            if not found and status.lag_bytes < advance_bytes:
+                return dg.SkipReason(
+                    f"slot {slot!r} has nothing to apply up to {int_to_lsn(flushed)} "
+                    f"({status.lag_bytes:,} bytes of WAL from other databases or unpublished tables)"
+                )
+            if not found:
+                run_config = drain_for(0)  # one batch: it only advances the slot
         # The run key names the position; the attempt count lets a failed drain be retried.
         position = ",".join(positions)
         previous = json.loads(context.cursor) if context.cursor else {}
@@ -130,6 +166,7 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
         context.update_cursor(json.dumps({"position": position, "attempt": attempt}))
         return dg.RunRequest(
             run_key=f"{slot}:{position}:{attempt}",
+            run_config=run_config,
             tags={"pg_replication/lag_bytes": str(status.lag_bytes if status else 0), HOST_TAG: socket.gethostname()},
         )
 

@@ -51,7 +51,6 @@ CHANGES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a drain run applies one batch and ends (and holds the DuckDB file while it runs)")
 def test_a_long_lived_drain_applies_changes_as_they_come_while_duckdb_stays_readable(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     pg.execute("CREATE SCHEMA shop")
     pg.execute("CREATE TABLE shop.orders (id int PRIMARY KEY, n int, note text)")

@@ -71,7 +71,6 @@ def _elsewhere_wal(pg, rows: int) -> None:
     pg.execute("INSERT INTO elsewhere SELECT i, repeat('x', 200) FROM generate_series(1, %s) i", (rows,))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the sensor requests a drain run whenever WAL moved, even with nothing to apply")
 def test_no_run_for_wal_with_nothing_to_apply_and_one_for_a_change(defs, pg):
     pg.execute("CREATE PUBLICATION pgr_sensor_pub FOR TABLE t")
     pg.execute("SELECT pg_create_logical_replication_slot('pgr_sensor_slot', 'pgoutput')")
@@ -84,7 +83,6 @@ def test_no_run_for_wal_with_nothing_to_apply_and_one_for_a_change(defs, pg):
     assert request.run_config["ops"]["postgres_drain_slot"]["config"]["run_seconds"] == 300  # long-lived
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: an idle slot's run is requested on every tick, not once it holds WAL back")
 def test_an_idle_slot_still_advances_with_one_short_run(pg, write_config, duckdb_path):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
     write_config({"tables": ["t"], "source": {"slot": "pgr_sensor_slot", "publication": "pgr_sensor_pub", "idle_slot_advance_mb": 1}})
