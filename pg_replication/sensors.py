@@ -4,6 +4,7 @@
 import json
 import os
 import socket
+import time
 
 import dagster as dg
 
@@ -104,6 +105,11 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
     slot = config.source.slot
     publication = config.source.publication
     advance_bytes = config.source.idle_slot_advance_mb << 20
+    op_name = f"{config.source.name}_drain_slot"
+    # A successor is requested this long before a busy run's end: a sensor interval plus the time
+    # a run takes to start (definitions load) on a loaded machine.
+    handover_seconds = config.source.sensor_interval_seconds + 30
+
     def drain_for(seconds: int) -> dict:
         return {"ops": {f"{config.source.name}_drain_slot": {"config": {"run_seconds": seconds}}}}
 
@@ -136,14 +142,23 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
             positions.append(f"change {captured}")
         if not positions:
             return dg.SkipReason("; ".join(idle) or "no table replicates through the slot or triggers")
+        live = []
         for run in context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS)):
             reason = dead_run_reason(context.instance, run)
             if reason is None:
-                return dg.SkipReason(f"drain run {run.run_id} is still in progress")
+                live.append(run)
+                continue
             # Failed, the run's pool slot is freed by the daemon (run_monitoring's
             # free_slots_after_run_end_seconds in dagster.yaml); the next drain waits for it.
             context.log.warning(f"drain run {run.run_id} marked failed: {reason}")
             context.instance.report_run_failed(run, f"pg_replication's CDC sensor: {reason}")
+        if live:
+            if len(live) > 1 or not _busy_and_ending(context.instance, live[0], op_name, handover_seconds):
+                return dg.SkipReason(f"drain run {live[0].run_id} is still in progress")
+            # Its successor starts now and waits for the pool: the stream is handed over within
+            # seconds of the running one's end (which ends early once the successor waits).
+            context.log.info(f"drain run {live[0].run_id} ends within {handover_seconds} s while changes come: starting its successor")
+            return _request(context, positions, status, drain_for(config.source.run_seconds))
         # WAL moves for reasons that carry nothing to apply (other databases, checkpoints,
         # unpublished tables): no run for those, only a one-batch run that advances the slot
         # once it holds back idle_slot_advance_mb.
@@ -159,6 +174,9 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
                 )
             if not found:
                 run_config = drain_for(0)  # one batch: it only advances the slot
+        return _request(context, positions, status, run_config)
+
+    def _request(context: dg.SensorEvaluationContext, positions: list[str], status, run_config: dict) -> dg.RunRequest:
         # The run key names the position; the attempt count lets a failed drain be retried.
         position = ",".join(positions)
         previous = json.loads(context.cursor) if context.cursor else {}
@@ -171,3 +189,18 @@ def build_cdc_sensor(config: ReplicationConfig, job: dg.JobDefinition, tables: l
         )
 
     return cdc_sensor
+
+
+def _busy_and_ending(instance: dg.DagsterInstance, run: dg.DagsterRun, op_name: str, within: float) -> bool:
+    """Whether a long-lived drain run ends within ``within`` seconds and applied changes during
+    the last ``within`` seconds (an idle one just ends: the next change starts a run)."""
+    run_seconds = run.run_config.get("ops", {}).get(op_name, {}).get("config", {}).get("run_seconds", 0)
+    record = instance.get_run_record_by_id(run.run_id)
+    if not run_seconds or run.status != dg.DagsterRunStatus.STARTED or record is None or record.start_time is None:
+        return False
+    now = time.time()
+    within = min(within, run_seconds / 2)  # short runs: at half-life, not one successor after another
+    if record.start_time + run_seconds - now > within:
+        return False
+    applied = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, ascending=False, limit=1).records
+    return bool(applied) and now - applied[0].event_log_entry.timestamp < within
