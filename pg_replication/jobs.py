@@ -199,7 +199,10 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
     sources = ([f"the {settings.slot!r} replication slot"] if slot_tables else []) + (["the captured changes"] if captured_tables else [])
     description = f"Drain {' and '.join(sources) or 'nothing (no table uses strategy cdc or triggers)'} into the warehouse."
 
-    @dg.job(name=name, description=description, tags={"pg_replication/kind": "cdc"})
+    # In process: the step runs in the run worker, which has loaded the code already. A step
+    # process of its own would load it again after the pool slot is claimed (seconds on a
+    # loaded machine), and every handover between long-lived runs would wait for that.
+    @dg.job(name=name, description=description, tags={"pg_replication/kind": "cdc"}, executor_def=dg.in_process_executor)
     def cdc_job():
         drain()
 
