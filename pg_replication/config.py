@@ -44,6 +44,16 @@ class SourceConfig(_Model):
         2, description="Parallel COPY streams per backfill slice."
     )
     sensor_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
+    run_seconds: Annotated[int, Field(ge=0, le=86400)] = Field(
+        300,
+        description="How long a drain run the sensor requests stays up applying micro-batches as changes "
+        "come (0: one batch per run). While it is up the sensor requests no other.",
+    )
+    idle_slot_advance_mb: Annotated[int, Field(ge=1)] = Field(
+        64,
+        description="With nothing to apply, the sensor still requests a one-batch drain run once the "
+        "slot holds back this much WAL (written by other databases or unpublished tables).",
+    )
     freshness_seconds: Annotated[int, Field(ge=1)] = Field(
         300, description="The cdc_freshness check fails when no drain ran for this long."
     )

@@ -12,16 +12,25 @@ from pg_replication.assets import TableAssetTranslator
 from pg_replication.capture import CaptureSettings, drain_captured
 from pg_replication.cdc import DrainResult, DrainSettings, TableOutcome, drain_once
 from pg_replication.config import ReplicationConfig
+from pg_replication.drain_loop import Batch, LoopSettings, WarehousePerCall, drain_batches
 from pg_replication.errors import is_transient
 from pg_replication.operations import retry_table
-from pg_replication.resources import PostgresSource, WarehouseResource
+from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn
+from pg_replication.source.slot_probe import longest_probe, probe_slot
 
 
 class DrainConfig(dg.Config):
     max_changes: int = 200_000
     max_bytes: int = 256 << 20
+    run_seconds: int = Field(
+        0,
+        ge=0,
+        description="How long the run stays up applying micro-batches as changes come. The CDC sensor "
+        "sets source.run_seconds from replication.yaml; 0 (a run launched by hand): one batch.",
+    )
+    batch_seconds: float = Field(1.0, gt=0, description="Longest read of one micro-batch in a long-lived run.")
 
 
 def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataValue]:
@@ -48,7 +57,8 @@ def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataVa
 def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, drained: str, description: str):
     """Log the drain, then one materialization per applied table (the micro-batch); a table that
     failed in an earlier drain (held) or was reset by ``on_schema_change: resync`` says so."""
-    context.log.info(f"drained {drained} in {result.seconds:.2f} s (caught up: {result.caught_up})")
+    if result.changes or result.tables:  # a long-lived run's idle batches stay out of the log
+        context.log.info(f"drained {drained} in {result.seconds:.2f} s (caught up: {result.caught_up})")
     now = time.time()
     for key, outcome in result.tables.items():
         if outcome.mode == "applied":
@@ -88,42 +98,111 @@ def _transient_as_retryable() -> Iterator[None]:
         ) from exc
 
 
+@contextmanager
+def _batch_warehouse(warehouse: WarehouseResource, *, long_lived: bool) -> Iterator:
+    """The warehouse one batch writes to. A long-lived run holds a DuckDB file only while each of
+    a drain's calls runs (one writer process per file: readers get in between); other warehouses
+    take a connection per batch (a broken one is not kept for the rest of the run)."""
+    if long_lived and isinstance(warehouse, DuckDBWarehouseResource):
+        yield WarehousePerCall(warehouse.open)
+    else:
+        with warehouse.open() as wh:
+            yield wh
+
+
+def _pool_waited_on(context: dg.OpExecutionContext, pool: str):
+    """Whether a step of another run waits for ``pool`` (a backfill, the retry job): a long-lived
+    drain then ends after its batch and lets it in; the sensor starts the next drain. Looked up at
+    most every few seconds."""
+    checked = {"at": time.monotonic()}
+
+    def waited_on() -> bool:
+        if time.monotonic() - checked["at"] < 5:
+            return False
+        checked["at"] = time.monotonic()
+        try:
+            info = context.instance.event_log_storage.get_concurrency_info(pool)
+        except Exception:  # an instance without pools (in-process runs): nobody can wait
+            return False
+        return bool(info.pending_run_ids - {context.run_id})
+
+    return waited_on
+
+
 def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: TableAssetTranslator) -> dg.JobDefinition:
     """Drains the slot (tables with strategy cdc) and the trigger change table (strategy triggers)."""
     name = f"{config.source.name}_cdc_drain"
     settings = DrainSettings(slot=config.source.slot, publication=config.source.publication)
     slot_tables = [t for t in tables if t.strategy == "cdc"]
     captured_tables = [t for t in tables if t.strategy == "triggers"]
+    pool = config.source.pool
 
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={})
     def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, warehouse: WarehouseResource):
-        failed = {}
-        with _transient_as_retryable(), warehouse.open() as wh:
-            if slot_tables:
-                run_settings = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
-                result: DrainResult = drain_once(source.conninfo, wh, slot_tables, run_settings, context.log.info)
-                lsn = int_to_lsn(result.drained_lsn)
-                drained = f"{result.changes:,} changes in {result.transactions:,} transactions up to {lsn}"
-                yield from _report(context, translator, result, drained, f"CDC micro-batch up to {lsn}")
-                failed.update(result.failed)
-            if captured_tables:
-                result = drain_captured(source.conninfo, wh, captured_tables, CaptureSettings(max_changes=config.max_changes), context.log.info)
-                drained = f"{result.changes:,} captured changes up to change {result.drained_lsn}"
-                yield from _report(context, translator, result, drained, f"captured changes up to change {result.drained_lsn}")
-                failed.update(result.failed)
-        if failed:  # newly failed only: a table failed before is held, and does not fail the run again
-            problems = "; ".join(o.error or key for key, o in failed.items())
-            raise dg.Failure(
-                description=f"{len(failed)} table(s) could not be applied, their changes wait in their "
-                f"change logs (other tables were applied): {problems}",
-                metadata={"failed_tables": dg.MetadataValue.text(", ".join(failed))},
-                allow_retries=False,
-            )
+        run_seconds = config.run_seconds
+        read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
+        if run_seconds > 0:  # micro-batches: a short read each, applied as it ends
+            read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes, config.batch_seconds)
+        position = {"lsn": 0}
+
+        def batch() -> Batch:
+            slot_result = captured_result = None
+            with _batch_warehouse(warehouse, long_lived=run_seconds > 0) as wh:
+                if slot_tables:
+                    slot_result = drain_once(source.conninfo, wh, slot_tables, read, context.log.info)
+                    position["lsn"] = slot_result.drained_lsn
+                if captured_tables:
+                    captured = CaptureSettings(max_changes=config.max_changes)
+                    captured_result = drain_captured(source.conninfo, wh, captured_tables, captured, context.log.info)
+            return Batch(slot_result, captured_result)
+
+        probe_seconds = 0.0
+        if run_seconds > 0:
+            with source.connect() as conn:
+                probe_seconds = longest_probe(conn)
+
+        def wait_for_changes(seconds: float) -> bool:
+            if not slot_tables or captured_tables:  # captured changes are polled
+                time.sleep(min(seconds, 1.0))
+                return False
+            try:
+                found = probe_slot(source.conninfo, settings.slot, settings.publication, position["lsn"], until_lsn=None, timeout=min(seconds, probe_seconds))
+            except Exception as exc:  # the next batch meets (and retries) whatever this was
+                context.log.debug(f"waiting on the slot: {exc}")
+                return True
+            return found.has_changes
+
+        loop = LoopSettings(run_seconds=run_seconds)
+        with _transient_as_retryable():
+            for done in drain_batches(batch, wait_for_changes, loop, context.log.info, hand_over=_pool_waited_on(context, pool)):
+                failed = {}
+                if done.slot is not None:
+                    result = done.slot
+                    lsn = int_to_lsn(result.drained_lsn)
+                    drained = f"{result.changes:,} changes in {result.transactions:,} transactions up to {lsn}"
+                    yield from _report(context, translator, result, drained, f"CDC micro-batch up to {lsn}")
+                    failed.update(result.failed)
+                if done.captured is not None:
+                    result = done.captured
+                    drained = f"{result.changes:,} captured changes up to change {result.drained_lsn}"
+                    yield from _report(context, translator, result, drained, f"captured changes up to change {result.drained_lsn}")
+                    failed.update(result.failed)
+                if failed:  # newly failed only: a table failed before is held, and does not fail the run again
+                    problems = "; ".join(o.error or key for key, o in failed.items())
+                    raise dg.Failure(
+                        description=f"{len(failed)} table(s) could not be applied, their changes wait in their "
+                        f"change logs (other tables were applied): {problems}",
+                        metadata={"failed_tables": dg.MetadataValue.text(", ".join(failed))},
+                        allow_retries=False,
+                    )
 
     sources = ([f"the {settings.slot!r} replication slot"] if slot_tables else []) + (["the captured changes"] if captured_tables else [])
     description = f"Drain {' and '.join(sources) or 'nothing (no table uses strategy cdc or triggers)'} into the warehouse."
 
-    @dg.job(name=name, description=description, tags={"pg_replication/kind": "cdc"})
+    # In process: the step runs in the run worker, which has loaded the code already. A step
+    # process of its own would load it again after the pool slot is claimed (seconds on a
+    # loaded machine), and every handover between long-lived runs would wait for that.
+    @dg.job(name=name, description=description, tags={"pg_replication/kind": "cdc"}, executor_def=dg.in_process_executor)
     def cdc_job():
         drain()
 

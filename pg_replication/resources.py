@@ -61,8 +61,11 @@ class DuckDBWarehouseResource(WarehouseResource):
     def open(self, *, read_only: bool = False) -> Iterator[SqlWarehouse]:
         from pg_replication.warehouse.duckdb import DuckDBWarehouse
 
-        with self.duckdb.get_connection() as conn:
-            yield DuckDBWarehouse(conn, read_only=read_only)
+        with self.duckdb.get_connection() as conn:  # waits (with backoff) while another process holds the file
+            try:
+                yield DuckDBWarehouse(conn, read_only=read_only)
+            finally:  # DuckDBResource closes only on success: a failed write must let go of the file too
+                conn.close()
 
 
 class PostgresWarehouseResource(WarehouseResource):

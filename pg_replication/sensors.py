@@ -4,6 +4,7 @@
 import json
 import os
 import socket
+import time
 from collections.abc import Sequence
 
 import dagster as dg
@@ -13,7 +14,8 @@ from pg_replication.errors import SourceUnavailableError
 from pg_replication.resources import PostgresSource
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.catalog import Table
-from pg_replication.source.slot import slot_status
+from pg_replication.source.slot import SlotBusyError, flushed_lsn, slot_status
+from pg_replication.source.slot_probe import longest_probe, probe_slot
 
 # The machine whose sensor asked for a drain run: Dagster's default run launcher starts the run
 # worker in the code server, next to the sensor, so only there can its process be looked at.
@@ -88,6 +90,19 @@ def dead_run_reason(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str | N
     return None
 
 
+def _slot_has_changes(context: dg.SensorEvaluationContext, source: PostgresSource, publication: str, status, flushed: int, seconds: float) -> bool | None:
+    """Whether the slot holds a change to apply below the flushed WAL (None: busy, another session
+    reads it). When the probe cannot tell (too slow, an error), a drain run finds out."""
+    try:
+        probe = probe_slot(source.conninfo, status.name, publication, status.confirmed_lsn, until_lsn=flushed, timeout=seconds)
+    except SlotBusyError:
+        return None
+    except Exception as exc:  # e.g. the publication does not exist yet: the drain creates it
+        context.log.warning(f"could not look into slot {status.name!r} ({str(exc).splitlines()[0]}): requesting a drain")
+        return True
+    return probe.has_changes or not probe.decided
+
+
 def build_cdc_sensor(
     config: ReplicationConfig, job: dg.JobDefinition, tables: list[Table], load_warnings: Sequence[str] = ()
 ) -> dg.SensorDefinition:
@@ -95,9 +110,19 @@ def build_cdc_sensor(
     replicated, a source that was down), shown in the sensor's description: where a Dagster user
     looks when a table is not replicated."""
     slot = config.source.slot
+    publication = config.source.publication
+    advance_bytes = config.source.idle_slot_advance_mb << 20
+    op_name = f"{config.source.name}_drain_slot"
+    # A successor is requested this long before a busy run's end: a sensor interval plus the time
+    # a run takes to start (definitions load) on a loaded machine.
+    handover_seconds = config.source.sensor_interval_seconds + 30
+
+    def drain_for(seconds: int) -> dict:
+        return {"ops": {f"{config.source.name}_drain_slot": {"config": {"run_seconds": seconds}}}}
+
     strategies = {t.strategy for t in tables}
     watch_slot, watch_capture = "cdc" in strategies, "triggers" in strategies
-    description = f"Requests a drain run when the {slot!r} slot has WAL to read, or captured changes wait. Never drains itself."
+    description = f"Requests a drain run when the {slot!r} slot has changes to apply, or captured changes wait. Never drains itself."
     if load_warnings:
         description += "\n\nWarnings at load:\n" + "\n".join(f"- {w}" for w in load_warnings)
 
@@ -116,6 +141,8 @@ def build_cdc_sensor(
             with source.connect() as conn:
                 status = slot_status(conn, slot) if watch_slot else None
                 captured = _captured_up_to(conn) if watch_capture else None
+                flushed = flushed_lsn(conn) if status is not None else 0
+                probe_seconds = min(10.0, longest_probe(conn))
         except SourceUnavailableError as exc:  # a restart, a failover: the next tick looks again
             return dg.SkipReason(f"{exc.message}; waiting for the source to come back")
         if watch_slot and status is None:
@@ -130,14 +157,41 @@ def build_cdc_sensor(
             positions.append(f"change {captured}")
         if not positions:
             return dg.SkipReason("; ".join(idle))
+        live = []
         for run in context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS)):
             reason = dead_run_reason(context.instance, run)
             if reason is None:
-                return dg.SkipReason(f"drain run {run.run_id} is still in progress")
+                live.append(run)
+                continue
             # Failed, the run's pool slot is freed by the daemon (run_monitoring's
             # free_slots_after_run_end_seconds in dagster.yaml); the next drain waits for it.
             context.log.warning(f"drain run {run.run_id} marked failed: {reason}")
             context.instance.report_run_failed(run, f"pg_replication's CDC sensor: {reason}")
+        if live:
+            if len(live) > 1 or not _busy_and_ending(context.instance, live[0], op_name, handover_seconds):
+                return dg.SkipReason(f"drain run {live[0].run_id} is still in progress")
+            # Its successor starts now and waits for the pool: the stream is handed over within
+            # seconds of the running one's end (which ends early once the successor waits).
+            context.log.info(f"drain run {live[0].run_id} ends within {handover_seconds} s while changes come: starting its successor")
+            return _request(context, positions, status, drain_for(config.source.run_seconds))
+        # WAL moves for reasons that carry nothing to apply (other databases, checkpoints,
+        # unpublished tables): no run for those, only a one-batch run that advances the slot
+        # once it holds back idle_slot_advance_mb.
+        run_config = drain_for(config.source.run_seconds)
+        if watch_slot and captured is None and status.wal_status != "lost":
+            found = _slot_has_changes(context, source, publication, status, flushed, probe_seconds)
+            if found is None:
+                return dg.SkipReason(f"slot {slot!r} is in use by another session")
+            if not found and status.lag_bytes < advance_bytes:
+                return dg.SkipReason(
+                    f"slot {slot!r} has nothing to apply up to {int_to_lsn(flushed)} "
+                    f"({status.lag_bytes:,} bytes of WAL from other databases or unpublished tables)"
+                )
+            if not found:
+                run_config = drain_for(0)  # one batch: it only advances the slot
+        return _request(context, positions, status, run_config)
+
+    def _request(context: dg.SensorEvaluationContext, positions: list[str], status, run_config: dict) -> dg.RunRequest:
         # The run key names the position; the attempt count lets a failed drain be retried.
         position = ",".join(positions)
         previous = json.loads(context.cursor) if context.cursor else {}
@@ -145,7 +199,23 @@ def build_cdc_sensor(
         context.update_cursor(json.dumps({"position": position, "attempt": attempt}))
         return dg.RunRequest(
             run_key=f"{slot}:{position}:{attempt}",
+            run_config=run_config,
             tags={"pg_replication/lag_bytes": str(status.lag_bytes if status else 0), HOST_TAG: socket.gethostname()},
         )
 
     return cdc_sensor
+
+
+def _busy_and_ending(instance: dg.DagsterInstance, run: dg.DagsterRun, op_name: str, within: float) -> bool:
+    """Whether a long-lived drain run ends within ``within`` seconds and applied changes during
+    the last ``within`` seconds (an idle one just ends: the next change starts a run)."""
+    run_seconds = run.run_config.get("ops", {}).get(op_name, {}).get("config", {}).get("run_seconds", 0)
+    record = instance.get_run_record_by_id(run.run_id)
+    if not run_seconds or run.status != dg.DagsterRunStatus.STARTED or record is None or record.start_time is None:
+        return False
+    now = time.time()
+    within = min(within, run_seconds / 2)  # short runs: at half-life, not one successor after another
+    if record.start_time + run_seconds - now > within:
+        return False
+    applied = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, ascending=False, limit=1).records
+    return bool(applied) and now - applied[0].event_log_entry.timestamp < within

@@ -63,3 +63,42 @@ def test_skips_when_caught_up(defs, pg):
             if not result.run_requests:
                 break
     assert not result.run_requests and "caught up" in result.skip_message
+
+
+def _elsewhere_wal(pg, rows: int) -> None:
+    """WAL that carries nothing to apply: writes to a table the publication does not hold."""
+    pg.execute("CREATE TABLE IF NOT EXISTS elsewhere (id int, pad text)")
+    pg.execute("INSERT INTO elsewhere SELECT i, repeat('x', 200) FROM generate_series(1, %s) i", (rows,))
+
+
+def test_no_run_for_wal_with_nothing_to_apply_and_one_for_a_change(defs, pg):
+    pg.execute("CREATE PUBLICATION pgr_sensor_pub FOR TABLE t")
+    pg.execute("SELECT pg_create_logical_replication_slot('pgr_sensor_slot', 'pgoutput')")
+    _elsewhere_wal(pg, 1000)
+    with dg.instance_for_test() as instance:
+        idle = _evaluate(defs, instance)
+        assert not idle.run_requests and "nothing to apply" in idle.skip_message
+        pg.execute("INSERT INTO t VALUES (1, 1)")
+        (request,) = _evaluate(defs, instance, cursor=idle.cursor).run_requests
+    assert request.run_config["ops"]["postgres_drain_slot"]["config"]["run_seconds"] == 300  # long-lived
+
+
+def test_an_idle_slot_still_advances_with_one_short_run(pg, write_config, duckdb_path):
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    write_config({"tables": ["t"], "source": {"slot": "pgr_sensor_slot", "publication": "pgr_sensor_pub", "idle_slot_advance_mb": 1}})
+    defs = build_definitions()
+    pg.execute("CREATE PUBLICATION pgr_sensor_pub FOR TABLE t")
+    pg.execute("SELECT pg_create_logical_replication_slot('pgr_sensor_slot', 'pgoutput')")
+    with dg.instance_for_test() as instance:
+        _elsewhere_wal(pg, 100)  # below the bound: no run
+        assert not _evaluate(defs, instance).run_requests
+        _elsewhere_wal(pg, 20_000)  # about 5 MB
+        held_back = pg.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+        (request,) = _evaluate(defs, instance).run_requests
+        assert request.run_config["ops"]["postgres_drain_slot"]["config"]["run_seconds"] == 0  # one batch
+        job = defs.resolve_job_def("postgres_cdc_drain")
+        assert job.execute_in_process(run_config=request.run_config, instance=instance).success
+    (advanced,) = pg.execute(
+        "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = 'pgr_sensor_slot'", (held_back,)
+    ).fetchone()
+    assert advanced
