@@ -7,7 +7,8 @@ drains exactly, value by value, with the drain holding under 2x ``max_bytes`` an
 spilling nothing to disk while it streams it; a streamed transaction rolled back leaves nothing; a subtransaction
 rolled back inside a large committed transaction leaves out only its own changes; small
 transactions committed while a large one streams apply in commit order; a drain killed while a
-streamed transaction is staged, or in the middle of its apply, converges when run again.
+streamed transaction is staged, or in the middle of its apply, converges when run again; and
+the operator's path (`dagster asset materialize`, `dagster job execute`) drains one exactly.
 Leaves out: the next session's decode from the slot's restart point, which Postgres moves only at
 its next running-transactions record (about every 15 s): a session started before then decodes
 the applied transaction again and, being before its start point, spills it instead of streaming.
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import time
 
+import duckdb
 import psycopg
 import pytest
 from psycopg import sql
 
+from pg_replication_tests import operator
+from pg_replication_tests.operator import dagster_env, run_cli
 from pg_replication_tests.replication import Harness
 from pg_replication_tests.targets import Target
 from pg_replication_tests.test_exactly_once import drain_in_subprocess
@@ -173,3 +177,29 @@ def test_a_drain_killed_while_a_streamed_transaction_is_staged_converges(h, pg, 
     h.drain_all()
     h.assert_equal(pg, "t")
     assert _staged_rows(h) == 0
+
+
+@pytest.mark.e2e
+def test_a_large_transaction_through_the_cli(pg, pg_url, write_config, duckdb_path, tmp_path):
+    """What an operator runs: materialize the partitions, one transaction of ~25 MB of pgoutput
+    (three times the drain's 8 MB spill bound), drain with `dagster job execute`."""
+    if pg.info.server_version < 140000:
+        pytest.skip("streaming of in-progress transactions needs Postgres 14+")
+    pg.execute(sql.SQL("ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'").format(sql.Identifier(pg.info.dbname)))
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, n int, pad text)")
+    pg.execute("INSERT INTO t SELECT i, 0, 'x' FROM generate_series(1, 1000) i")
+    write_config({"source": {"slot": "pgr_cli", "publication": "pgr_cli"}, "tables": ["t"], "defaults": {"partitions": 2}})
+    env = dagster_env(tmp_path)
+    out = run_cli(operator.materialize("public/t", "000...001"), env, tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    with pg.transaction():
+        pg.execute("INSERT INTO t SELECT g, g, repeat(md5(g::text), 10) FROM generate_series(2000, 76999) g")
+        pg.execute("UPDATE t SET n = -1, pad = NULL WHERE id <= 1000")
+        pg.execute("DELETE FROM t WHERE id % 13 = 0")
+    out = run_cli(operator.drain(), env, tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
+        got = wh.execute('SELECT id, n, pad FROM "public"."t" ORDER BY id').fetchall()
+        staged = wh.execute('SELECT count(*) FROM "_pg_replication"."stream.pgr_cli"').fetchone()[0]
+    assert got == pg.execute("SELECT id, n, pad FROM t ORDER BY id").fetchall()
+    assert staged == 0  # the staging table exists (parts were staged) and was emptied
