@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pg_replication.changes import Segment, StagedPart, TableBatch, TableStats
+from pg_replication.changes import Segment, StagedPart, TableBatch, TableStats, Upsert
 from pg_replication.failpoints import failpoint
 
 # spill(xid, subxid, table key, segment) -> the staged part; discard(xid, subxid or None: all)
@@ -130,7 +130,7 @@ class StreamedTransactions:
             batch = batches.get(key)
             if batch is None:
                 batch = batches[key] = TableBatch()
-            for run in runs:
+            for run in _merged(runs):
                 batch.add(run.part)
                 s, total = run.stats, batch.stats
                 total.inserted += s.inserted
@@ -141,3 +141,42 @@ class StreamedTransactions:
             if runs:
                 batch.stats.saw(lsn, commit_time)
         return changes
+
+
+def _merged(runs: list[_Run]) -> list[_Run]:
+    """Consecutive in-memory segments with one column set folded into one, now that the
+    transaction committed and no subtransaction can be rolled back: one segment to apply
+    instead of one per subtransaction (a PL/pgSQL loop with an EXCEPTION block makes one per row)."""
+    out: list[_Run] = []
+    for run in runs:
+        prev = out[-1] if out else None
+        if prev is None or not isinstance(prev.part, Segment) or not isinstance(run.part, Segment) or prev.part.columns != run.part.columns:
+            out.append(run)
+            continue
+        _fold_into(prev.part, run.part)
+        a, b = prev.stats, run.stats
+        a.inserted, a.updated, a.deleted, a.truncated = (
+            a.inserted + b.inserted, a.updated + b.updated, a.deleted + b.deleted, a.truncated + b.truncated
+        )
+    return out
+
+
+def _fold_into(into: Segment, later: Segment) -> None:
+    """Fold ``later`` into ``into`` so that applying ``into`` does what applying both in order
+    would (as ``Segment.update`` folds one change): values ``later`` keeps from the warehouse row
+    come from ``into``'s version of that row when it has one."""
+    if later.truncated:
+        into.truncate()
+    resolved = []  # looked up first: ``into`` as it was, not as ``later`` rewrites it
+    for key, upsert in later.rows.items():
+        if upsert is not None and upsert.unknown:
+            known = into.rows.get(upsert.fill_key)
+            if isinstance(known, Upsert):
+                values, unknown = list(upsert.values), set(upsert.unknown)
+                for i in list(unknown):
+                    if i not in known.unknown:
+                        values[i] = known.values[i]
+                        unknown.discard(i)
+                upsert = Upsert(values, unknown, known.fill_key)
+        resolved.append((key, upsert))
+    into.rows.update(resolved)

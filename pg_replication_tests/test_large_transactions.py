@@ -203,3 +203,33 @@ def test_a_large_transaction_through_the_cli(pg, pg_url, write_config, duckdb_pa
         staged = wh.execute('SELECT count(*) FROM "_pg_replication"."stream.pgr_cli"').fetchone()[0]
     assert got == pg.execute("SELECT id, n, pad FROM t ORDER BY id").fetchall()
     assert staged == 0  # the staging table exists (parts were staged) and was emptied
+
+
+def test_many_subtransactions_with_unchanged_toast_and_key_changes_fold_exactly(h, pg):
+    """One subtransaction per row (a PL/pgSQL loop with an EXCEPTION block), out-of-line values
+    left unchanged ('u') and keys changed in later subtransactions: folded into one segment at
+    the commit, the warehouse still takes every value from the right version."""
+    pg.execute("ALTER TABLE t ALTER COLUMN pad SET STORAGE EXTERNAL")  # out of line: unchanged ones arrive as 'u'
+    pg.execute("UPDATE t SET pad = repeat(md5(id::text), 100) WHERE id <= 20")  # already in the warehouse
+    h.drain_all()
+    pg.execute(
+        """DO $$ BEGIN
+             FOR i IN 1000..3499 LOOP
+               BEGIN INSERT INTO t VALUES (i, 0, repeat(md5(i::text), 70)); EXCEPTION WHEN others THEN NULL; END;
+             END LOOP;
+             FOR i IN 1000..1999 LOOP
+               BEGIN UPDATE t SET n = n + 1 WHERE id = i; EXCEPTION WHEN others THEN NULL; END;
+             END LOOP;
+             FOR i IN 1..20 LOOP
+               BEGIN UPDATE t SET n = 5 WHERE id = i; EXCEPTION WHEN others THEN NULL; END;
+               BEGIN UPDATE t SET id = id + 100000 WHERE id = i; EXCEPTION WHEN others THEN NULL; END;
+             END LOOP;
+             FOR i IN 2000..2099 LOOP
+               BEGIN UPDATE t SET id = id + 100000 WHERE id = i; EXCEPTION WHEN others THEN NULL; END;
+               BEGIN UPDATE t SET n = 7 WHERE id = i + 100000; EXCEPTION WHEN others THEN NULL; END;
+               BEGIN UPDATE t SET n = 8 WHERE id = i + 100000; PERFORM 1 / 0; EXCEPTION WHEN others THEN NULL; END;
+             END LOOP;
+           END $$"""
+    )
+    h.drain_all()
+    h.assert_equal(pg, "t")
