@@ -7,6 +7,11 @@ transactions at or below it are skipped when read again, and the slot is only ev
 what the warehouse has committed (standby feedback after the commit, source/stream.py).
 A table whose changes the warehouse rejects is marked failed; its changes go to its change log
 and every other table keeps streaming.
+
+On Postgres 14+ a transaction too large for the server's memory arrives in parts while still in
+progress; ``streamed.py`` keeps them (staged in the warehouse past a bound) until its commit.
+The drained position may then pass the start of a transaction still open on the source: the
+server decides what to send by commit position, so it sends that transaction whole again.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from pg_replication.changes import Segment, TableBatch, TableOutcome
+from pg_replication.changes import Segment, StagedPart, TableBatch, TableOutcome, TableStats
 from pg_replication.column_changes import ColumnSegment
 from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.failpoints import failpoint
@@ -30,6 +35,7 @@ from pg_replication.source.relation_identity import relation_identity
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, slot_status, sync_publication
 from pg_replication.source.snapshot import Mapper
 from pg_replication.source.stream import SlotStream
+from pg_replication.streamed import StreamedTransactions
 from pg_replication.types import SESSION_OPTIONS, TypeMapping
 
 
@@ -48,6 +54,11 @@ class DrainSettings:
     max_bytes: int = 256 << 20
     max_seconds: float = 30.0  # wall-clock budget of a read: it ends at the next commit after
     idle_ms: int = 200  # caught up and no message for this long: the slot is exhausted
+    # A large transaction streamed in parts is written to the warehouse's stream staging once it
+    # holds this much pgoutput in memory (or a quarter of max_bytes, if less): Python holds a
+    # folded change in about ten times its pgoutput size.
+    spill_bytes: int = 8 << 20
+    stream_idle_ms: int = 5000  # a streamed transaction is open and nothing came for this long: stop
 
 
 @dataclass
@@ -60,6 +71,8 @@ class DrainResult:
     seconds: float = 0.0
     tables: dict[str, TableOutcome] = field(default_factory=dict)
     restarted: dict[str, str] = field(default_factory=dict)  # table key: why its backfill restarted
+    held_bytes: int = 0  # the most pgoutput bytes held in memory at once
+    staged_parts: int = 0  # segments of large streamed transactions staged in the warehouse
 
     @property
     def failed(self) -> dict[str, TableOutcome]:
@@ -156,7 +169,7 @@ def _segment(tb: TableBatch, plan: _RelationPlan, fast: dict[int, Callable[[byte
     when the columns changed, or the relation's plan (a type change: a ColumnSegment converts at
     the end); then every cached adder may point at a segment no longer last: dropped."""
     segment = tb.segments[-1] if tb.segments else None
-    if segment is None or segment.columns != plan.columns or (type(segment) is ColumnSegment and segment.origin is not plan):
+    if segment is None or type(segment) is StagedPart or segment.columns != plan.columns or (type(segment) is ColumnSegment and segment.origin is not plan):
         fast.clear()
         keep = plan.keep if plan.keep is not None else tuple(range(plan.source_width))
         segment = ColumnSegment(plan.columns, plan.key_positions, keep, plan.source_width, plan.converters, origin=plan)
@@ -177,19 +190,7 @@ def _add_change(tb: TableBatch, plan: _RelationPlan, oid: int, data: bytes, fast
         fast.clear()
         segment.count_into(tb.stats)
         segment = tb.segments[-1] = segment.to_segment()
-    msg = po.decode(data)
-    kind = type(msg)
-    if kind is po.Insert:
-        segment.insert(_stage(msg.new, plan)[0])  # type: ignore[union-attr]
-        tb.stats.inserted += 1
-    elif kind is po.Update:
-        values, unknown = _stage(msg.new, plan)  # type: ignore[union-attr]
-        old = msg.old  # type: ignore[union-attr]
-        segment.update(values, unknown, None if old is None else _old_key(old, plan))  # type: ignore[union-attr]
-        tb.stats.updated += 1
-    else:
-        segment.delete(_old_key(msg.old, plan))  # type: ignore[union-attr]
-        tb.stats.deleted += 1
+    _fold_change(po.decode(data), plan, segment, tb.stats)  # type: ignore[arg-type]
 
 
 def _old_key(values: tuple[po.Value, ...], plan: _RelationPlan) -> tuple[str | None, ...]:
@@ -215,6 +216,8 @@ class _Decoded:
     failed: dict[str, str] = field(default_factory=dict)  # tables whose changes could not be staged as planned: why
     covered: tuple[str, ...] = ()  # the tables this drain includes (their streams continue)
     drained_before: int = 0  # the drained position this drain started from
+    held_bytes: int = 0  # the most pgoutput bytes held in memory at once
+    staged_parts: int = 0  # segments of large streamed transactions written to the warehouse
 
 
 def _relation_table(
@@ -243,6 +246,21 @@ def _read_budget(conn: psycopg.Connection, max_seconds: float) -> float:
     return min(max_seconds, max(1.0, timeout_ms / 2000 - 5))
 
 
+def _fold_change(msg: po.Insert | po.Update | po.Delete, plan: _RelationPlan, segment: Segment, stats: TableStats) -> None:
+    kind = type(msg)
+    if kind is po.Insert:
+        segment.insert(_stage(msg.new, plan)[0])
+        stats.inserted += 1
+    elif kind is po.Update:
+        values, unknown = _stage(msg.new, plan)
+        old = msg.old  # type: ignore[union-attr]
+        segment.update(values, unknown, None if old is None else _old_key(old, plan))
+        stats.updated += 1
+    else:
+        segment.delete(_old_key(msg.old, plan))  # type: ignore[union-attr]
+        stats.deleted += 1
+
+
 def _read_batch(
     conn: psycopg.Connection,
     tables: dict[tuple[str, str], Table],
@@ -253,17 +271,23 @@ def _read_batch(
     stream: SlotStream,
     caught_up_at: int,
     start: int = 0,
+    streams: StreamedTransactions | None = None,
 ) -> _Decoded:
-    """Fold the stream's messages until a commit past a bound (changes, bytes, seconds), or until
-    no message is waiting between transactions once the time budget is spent, or for ``idle_ms``
-    once the server has decoded past ``caught_up_at`` (exhausted: caught up)."""
+    """Fold the stream's messages until a commit past a bound (changes, bytes held in memory,
+    seconds), or until no message is waiting between transactions once the time budget is spent,
+    or for ``idle_ms`` once the server has decoded past ``caught_up_at`` (exhausted: caught up).
+
+    Large transactions streamed while in progress (``streams``, protocol 2) are kept by
+    ``streamed.py`` (spilled to the warehouse past a bound) and join the batch at their Stream
+    Commit. While one is open, the time budget waits for its commit as long as it keeps coming:
+    ending the read before would drop its parts, and the next drain would read it all again."""
     types = load_types(conn)
     relations: dict[int, _RelationPlan | None] = {}
     plans: dict[str, _RelationPlan] = {}
     batches: dict[str, TableBatch] = {}
     failed: dict[str, str] = {}
     last_end = None
-    changes = transactions = nbytes = rows = 0
+    changes = transactions = nbytes = held = peak = 0
     exhausted = in_transaction = False
     skipping = False
     commit_lsn = commit_time = 0
@@ -272,11 +296,33 @@ def _read_batch(
     touched: set[int] = set()  # relations changed in this transaction (stats noted at its commit)
     deadline = time.monotonic() + settings.max_seconds
     idle = settings.idle_ms / 1000
+
+    def relation(msg: po.Relation) -> None:
+        table = _relation_table(msg, tables, by_oid)
+        plan = _plan_or_fail(msg, table, types, mapper) if table else None
+        relations[msg.oid] = plan
+        fast.pop(msg.oid, None)  # its next change may start a segment
+        if plan:
+            previous = plans.get(plan.key)
+            if previous is not None:  # earlier segments may still need dropped columns
+                plan.mappings = {**previous.mappings, **plan.mappings}
+            plans[plan.key] = plan
+
+    def plan_of(oid: int) -> _RelationPlan | None:
+        plan = relations.get(oid)
+        if plan is None and oid not in relations:
+            raise po.DecodeError(f"change for relation {oid} before its Relation message")
+        return plan  # None: a published table we do not replicate (config changed): ignore
+
     for data in stream:
         if data is None:  # no message waiting
-            if in_transaction:
+            if in_transaction or (streams is not None and streams.current is not None):
                 continue
             spent = time.monotonic() >= deadline
+            if streams is not None and streams.open and stream.quiet_for < settings.stream_idle_ms / 1000:
+                # A large transaction is open: the server may be busy sending its last parts
+                # (its decode position is past the commit already). Stopping would drop its parts.
+                continue
             if stream.server_end >= caught_up_at and (spent or stream.quiet_for >= idle):
                 exhausted = True
             elif not spent:
@@ -287,19 +333,41 @@ def _read_batch(
                 continue
             quiet_lsn = stream.server_end
             break
-        rows += 1
         nbytes += len(data)
+        if streams is not None and streams.current is not None:  # a block of a streamed transaction
+            xid, msg = po.decode_streamed(data)
+            kind = type(msg)
+            if kind is po.Insert or kind is po.Update or kind is po.Delete:
+                plan = plan_of(msg.relation)  # type: ignore[union-attr]
+                if plan is not None:
+                    if plan.failure is not None:
+                        failed.setdefault(plan.key, f"{plan.key} (streamed transaction {xid}): {plan.failure}")
+                    segment, stats = streams.current.segment(plan.key, xid, plan.columns, plan.key_positions)  # type: ignore[arg-type]
+                    _fold_change(msg, plan, segment, stats)  # type: ignore[arg-type]
+            elif kind is po.StreamStop:
+                streams.stop()
+            elif kind is po.Relation:
+                relation(msg)  # type: ignore[arg-type]
+            elif kind is po.Truncate:
+                for oid in msg.relations:  # type: ignore[union-attr]
+                    plan = relations.get(oid)
+                    if plan:
+                        segment, stats = streams.current.segment(plan.key, xid, plan.columns, plan.key_positions)  # type: ignore[arg-type]
+                        segment.truncate()
+                        stats.truncated += 1
+            if streams.current is not None:
+                streams.held(len(data))  # past its bound, the transaction is spilled to the warehouse
+            peak = max(peak, held + streams.held_bytes)
+            continue
         if data[0] in _ROW_CHANGES and len(data) > 5:  # Insert, Update, Delete: the hot path, decoded in C
             if skipping:
                 continue
             oid = _RELATION_OID.unpack_from(data, 1)[0]
             add = fast.get(oid)
             if add is None or add(data) < 0:
-                plan = relations.get(oid)
+                plan = plan_of(oid)
                 if plan is None:
-                    if oid not in relations:
-                        raise po.DecodeError(f"change for relation {oid} before its Relation message")
-                    continue  # a published table we do not replicate (config changed): ignore
+                    continue
                 tb = batches.get(plan.key)
                 if tb is None:
                     tb = batches[plan.key] = TableBatch()
@@ -308,6 +376,7 @@ def _read_batch(
                 _add_change(tb, plan, oid, data, fast)
             touched.add(oid)
             changes += 1
+            held += len(data)
             continue
         msg = po.decode(data)
         kind = type(msg)
@@ -316,26 +385,38 @@ def _read_batch(
             commit_lsn, commit_time = msg.final_lsn, msg.commit_time  # type: ignore[union-attr]
             skipping = commit_lsn < skip_below
             continue
-        if kind is po.Commit:
-            in_transaction = False
-            for oid in touched:
-                batches[relations[oid].key].stats.saw(commit_lsn, commit_time)  # type: ignore[union-attr]
-            touched.clear()
-            transactions += 0 if skipping else 1
+        if kind is po.Commit or kind is po.StreamCommit:
+            if kind is po.StreamCommit:
+                assert streams is not None
+                if msg.commit_lsn < skip_below:  # type: ignore[union-attr]  # applied before this session
+                    streams.abort(msg.xid, msg.xid)  # type: ignore[union-attr]
+                else:
+                    held += streams.open[msg.xid].bytes if msg.xid in streams.open else 0  # type: ignore[union-attr]
+                    changes += streams.commit(msg.xid, batches, msg.commit_lsn, msg.commit_time)  # type: ignore[union-attr]
+                    transactions += 1
+                fast.clear()  # the table's next changes go after the transaction's parts
+            else:
+                in_transaction = False
+                for oid in touched:
+                    batches[relations[oid].key].stats.saw(commit_lsn, commit_time)  # type: ignore[union-attr]
+                touched.clear()
+                transactions += 0 if skipping else 1
             last_end = msg.end_lsn  # type: ignore[union-attr]
-            if changes >= settings.max_changes or nbytes >= settings.max_bytes or time.monotonic() >= deadline:
+            peak = max(peak, held + (streams.held_bytes if streams is not None else 0))
+            spent = time.monotonic() >= deadline and not (streams is not None and streams.open)
+            if changes >= settings.max_changes or held >= settings.max_bytes or spent:
                 break
             continue
+        if kind is po.StreamStart:
+            assert streams is not None
+            streams.start(msg.xid, msg.first_segment)  # type: ignore[union-attr]
+            continue
+        if kind is po.StreamAbort:
+            assert streams is not None
+            streams.abort(msg.xid, msg.subxid)  # type: ignore[union-attr]
+            continue
         if kind is po.Relation:
-            table = _relation_table(msg, tables, by_oid)  # type: ignore[arg-type]
-            plan = _plan_or_fail(msg, table, types, mapper) if table else None  # type: ignore[arg-type]
-            relations[msg.oid] = plan  # type: ignore[union-attr]
-            fast.pop(msg.oid, None)  # type: ignore[union-attr]  # its next change may start a segment
-            if plan:
-                previous = plans.get(plan.key)
-                if previous is not None:  # earlier segments may still need dropped columns
-                    plan.mappings = {**previous.mappings, **plan.mappings}
-                plans[plan.key] = plan
+            relation(msg)  # type: ignore[arg-type]
             continue
         if kind is po.Truncate and not skipping:
             for oid in msg.relations:  # type: ignore[union-attr]
@@ -353,7 +434,10 @@ def _read_batch(
         for segment in tb.segments:
             if type(segment) is ColumnSegment:
                 segment.count_into(tb.stats)
-    return _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn, failed)
+    decoded = _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn, failed)
+    decoded.held_bytes = max(peak, held)
+    decoded.staged_parts = streams.parts_staged if streams is not None else 0
+    return decoded
 
 
 def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None] = lambda m: None) -> DrainResult:
@@ -377,13 +461,17 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
             log(f"{key}: backfill restarted: {reason}. Materialize all its partitions again")
         before = flushed_lsn(conn)
         start = max(drained or 0, status.confirmed_lsn)
-        with SlotStream(conninfo, settings.slot, settings.publication, start) as stream:
+        streaming = conn.info.server_version >= 140000
+        spill_bytes = min(settings.spill_bytes, max(settings.max_bytes // 4, 64 << 10))
+        streams = StreamedTransactions.staged_in(warehouse, settings.slot, spill_bytes) if streaming else None
+        with SlotStream(conninfo, settings.slot, settings.publication, start, streaming=streaming) as stream:
             budget = replace(settings, max_seconds=_read_budget(conn, settings.max_seconds))
-            decoded = _read_batch(conn, by_name, budget, drained or 0, warehouse.map_column, by_oid, stream, before, start)
+            decoded = _read_batch(conn, by_name, budget, drained or 0, warehouse.map_column, by_oid, stream, before, start, streams)
             decoded.covered, decoded.drained_before = tuple(f"{t.schema}.{t.name}" for t in tables), drained or 0
             failpoint("after_read")
             target = max(start, decoded.last_end_lsn or 0, decoded.quiet_lsn)
             result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
+            result.held_bytes, result.staged_parts = decoded.held_bytes, decoded.staged_parts
             result.restarted = restarted
             result.tables = warehouse.apply_drain(
                 decoded,
@@ -400,6 +488,8 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
                 except PgReplicationError:
                     pass  # the stream broke during the apply: confirmed below instead
         _confirm_released(conn, settings.slot, target)
+    if streams is not None and streams.parts_staged:
+        warehouse.reset_stream_staging(settings.slot)  # applied, or to be re-sent to the next drain
     result.seconds = time.monotonic() - started
     for key, outcome in result.failed.items():
         log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")

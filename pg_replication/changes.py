@@ -66,6 +66,18 @@ class Segment:
         return any(u is not None and u.unknown for u in self.rows.values())
 
 
+@dataclass(frozen=True)
+class StagedPart:
+    """A folded segment written to the warehouse's stream staging (a large streamed transaction,
+    ``streamed.py``), read back by ``relation`` when its transaction commits."""
+
+    relation: str
+    columns: tuple[str, ...]
+    truncated: bool
+    rows: int
+    has_unknowns: bool
+
+
 @dataclass
 class TableStats:
     inserted: int = 0
@@ -89,15 +101,22 @@ class TableStats:
 
 @dataclass
 class TableBatch:
-    """All segments of one table in one drain, plus what the batch did, for metadata."""
+    """All segments of one table in one drain, in order, plus what the batch did, for metadata.
+    A segment of a large streamed transaction may be staged in the warehouse already."""
 
-    segments: list[Segment] = field(default_factory=list)
+    segments: list[Segment | StagedPart] = field(default_factory=list)
     stats: TableStats = field(default_factory=TableStats)
 
     def segment(self, columns: tuple[str, ...], key_positions: tuple[int, ...]) -> Segment:
-        if not self.segments or self.segments[-1].columns != columns:
-            self.segments.append(Segment(columns, key_positions))
-        return self.segments[-1]
+        last = self.segments[-1] if self.segments else None
+        if not isinstance(last, Segment) or last.columns != columns:
+            last = Segment(columns, key_positions)
+            self.segments.append(last)
+        return last
+
+    def add(self, part: Segment | StagedPart) -> None:
+        """Append a part folded elsewhere (a streamed transaction's), applied after the others."""
+        self.segments.append(part)
 
 
 @dataclass

@@ -13,7 +13,11 @@ Proves:
     valid type byte, a valid prefix spliced to random bytes) ``decode`` raises ``DecodeError`` and
     nothing else, and truncated or over-long messages never decode.
 
-Leaves out: protocol versions 2-4 (streaming, two-phase; we never ask for them), the 'binary'
+  * protocol 2 (streaming of in-progress transactions, from a real server): Stream Start (first
+    block flagged), Stop, Abort of a subtransaction (its own xid) and Commit (the transaction's
+    xid, LSNs in order), and the (sub)transaction xid that changes carry inside a block.
+
+Leaves out: protocol versions 3-4 (two-phase, parallel apply; we never ask for them), the 'binary'
 option, Origin and Type messages from a real server (only hand-built: they need replication
 origins or user-defined types), and what the decoded changes mean for the warehouse (changes.py).
 Fuzz sizes: PGR_FUZZ_EXAMPLES overrides the 300 examples per property.
@@ -43,7 +47,12 @@ from pg_replication.source.pgoutput import (
     Truncate,
     TypeMessage,
     Update,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
     decode,
+    decode_streamed,
     int_to_lsn,
     lsn_to_int,
 )
@@ -153,6 +162,43 @@ def captured(pg):
     ).fetchall()
     oids = dict(pg.execute("SELECT relname, oid::int8 FROM pg_class WHERE relname IN ('items', 'full_ident')"))
     return rows, [decode(bytes(data)) for _, data in rows], oids
+
+
+def test_protocol_2_streamed_transaction_blocks(pg):
+    if pg.info.server_version < 140000:
+        pytest.skip("protocol 2 needs Postgres 14+")
+    pg.execute("SET logical_decoding_work_mem = '64kB'")  # this session decodes: stream past 64kB
+    pg.execute("CREATE TABLE items (id int PRIMARY KEY, body text)")
+    pg.execute("CREATE PUBLICATION p FOR TABLE items")
+    pg.execute("SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
+    with pg.transaction():
+        xid = int(pg.execute("SELECT txid_current()").fetchone()[0]) & 0xFFFFFFFF
+        pg.execute("INSERT INTO items SELECT g, repeat('a', 200) FROM generate_series(1, 2000) g")
+        pg.execute("SAVEPOINT s")
+        pg.execute("INSERT INTO items SELECT g, repeat('b', 200) FROM generate_series(2001, 4000) g")
+        pg.execute("ROLLBACK TO SAVEPOINT s")
+    rows = pg.execute(
+        "SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, 'proto_version', '2', "
+        "'publication_names', 'p', 'streaming', 'on')"
+    ).fetchall()
+    in_block, seen, change_xids = False, [], set()
+    for (data,) in rows:
+        data = bytes(data)
+        if in_block and data[:1] != b"E":
+            sub, msg = decode_streamed(data)
+            if isinstance(msg, Insert):
+                change_xids.add(sub)
+            continue
+        msg = decode(data)
+        seen.append(msg)
+        in_block = isinstance(msg, StreamStart)
+    starts = [m for m in seen if isinstance(m, StreamStart)]
+    assert starts and starts[0] == StreamStart(xid, True) and all(not m.first_segment and m.xid == xid for m in starts[1:])
+    assert sum(isinstance(m, StreamStop) for m in seen) == len(starts)
+    (abort,) = [m for m in seen if isinstance(m, StreamAbort)]
+    assert abort.xid == xid and abort.subxid != xid and change_xids == {xid, abort.subxid}
+    commit = seen[-1]
+    assert isinstance(commit, StreamCommit) and commit.xid == xid and commit.commit_lsn < commit.end_lsn
 
 
 def _transactions(msgs):

@@ -1,4 +1,8 @@
-"""Decode pgoutput (protocol version 1) messages: bytes in, small frozen dataclasses out.
+"""Decode pgoutput messages (protocol versions 1 and 2): bytes in, small frozen dataclasses out.
+
+Protocol 2 adds the messages of a large transaction streamed while in progress (Stream Start,
+Stop, Commit, Abort); between a Stream Start and its Stop, every change message carries the xid
+of the (sub)transaction that made it: ``decode_streamed`` returns it beside the message.
 
 Only decoding lives here; what the changes mean for a warehouse is ``changes.py``'s job. Every
 malformed input raises ``DecodeError`` naming the message type and offset: the decoder never
@@ -114,7 +118,32 @@ class LogicalMessage:
     content: bytes
 
 
-Message = Begin | Commit | Origin | Relation | TypeMessage | Insert | Update | Delete | Truncate | LogicalMessage
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    xid: int
+    first_segment: bool  # the first block of this transaction in this session
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStop:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCommit:
+    xid: int
+    commit_lsn: int
+    end_lsn: int
+    commit_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAbort:
+    xid: int
+    subxid: int  # == xid: the whole transaction; otherwise only this subtransaction's changes
+
+
+Message = StreamStart | StreamStop | StreamCommit | StreamAbort | Begin | Commit | Origin | Relation | TypeMessage | Insert | Update | Delete | Truncate | LogicalMessage
 
 _I64 = struct.Struct(">q")
 _U64 = struct.Struct(">Q")
@@ -331,6 +360,16 @@ def decode(data: bytes) -> Message:
         msg = TypeMessage(r.u32(), r.cstr(), r.cstr())
     elif kind == "O":
         msg = Origin(r.u64(), r.cstr())
+    elif kind == "S":
+        msg = StreamStart(r.u32(), r.u8() == 1)
+    elif kind == "E":
+        msg = StreamStop()
+    elif kind == "c":
+        xid = r.u32()
+        r.u8()  # flags, unused
+        msg = StreamCommit(xid, r.u64(), r.u64(), r.i64() + PG_EPOCH_MICROS)
+    elif kind == "A":
+        msg = StreamAbort(r.u32(), r.u32())
     elif kind == "M":
         flags = r.u8()
         lsn = r.u64()
@@ -340,6 +379,19 @@ def decode(data: bytes) -> Message:
         raise DecodeError(f"unknown pgoutput message type {kind!r} (0x{data[0]:02x})")
     r.done()
     return msg
+
+
+_WITH_XID = frozenset(b"IUDTRYM")  # message types that carry an xid inside a streamed block
+
+
+def decode_streamed(data: bytes) -> tuple[int | None, Message]:
+    """Decode one message read between a Stream Start and its Stop: the changes carry the xid of
+    their (sub)transaction after the type byte (protocol 2). Returns (xid or None, message)."""
+    if data and data[0] in _WITH_XID:
+        if len(data) < 5:
+            raise DecodeError(f"pgoutput {chr(data[0])!r} message in a streamed block: truncated before its xid")
+        return _U32.unpack_from(data, 1)[0], decode(data[:1] + data[5:])
+    return None, decode(data)
 
 
 def lsn_to_int(lsn: str) -> int:

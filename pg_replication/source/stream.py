@@ -13,6 +13,10 @@ commits at least that position, so the slot is told nothing the warehouse will n
 drain killed between such a reply and its commit leaves the slot ahead of its warehouse (drains
 shorter than that send nothing before their commit). Only one session may stream a slot: a
 busy slot raises ``SlotBusyError``.
+
+With ``streaming`` (Postgres 14+, pgoutput protocol 2), a transaction that outgrows the server's
+``logical_decoding_work_mem`` is sent in parts while still in progress instead of being spilled
+to files on the source and sent whole at its commit (``streamed.py`` keeps the parts).
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ class SlotStream:
         *,
         poll_seconds: float = 0.05,
         busy_seconds: float = 5.0,
+        streaming: bool = False,
     ) -> None:
         self.slot, self.publication, self.start_lsn = slot, publication, start_lsn
+        self.streaming = streaming  # protocol 2: large transactions arrive in parts while in progress
         self.poll_seconds = poll_seconds
         self.server_end = start_lsn  # the server decoded (and sent all messages) below this
         self.bytes = 0
@@ -96,9 +102,9 @@ class SlotStream:
                 start_lsn=self.start_lsn,
                 status_interval=_NEVER,
                 options={
-                    "proto_version": "1",
                     "publication_names": _quote_ident(self.publication),
                     "messages": "true",
+                    **({"proto_version": "2", "streaming": "on"} if self.streaming else {"proto_version": "1"}),
                 },
             )
         self._last_message = time.monotonic()

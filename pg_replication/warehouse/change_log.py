@@ -72,7 +72,7 @@ class ChangeLog:
         values = [f"{self.ident(staging.SEQ)} + {seq}", str(last + 1), "?", self.ident(staging.OP), self.ident(staging.UNKNOWN), *fills]
         values += [self.ident(staging.value_column(i)) for i in range(len(changes.columns))]
         self.execute(
-            f"INSERT INTO {log} ({', '.join(names)}) SELECT {', '.join(values)} FROM {changes.relation}",
+            f"INSERT INTO {log} ({', '.join(names)}) SELECT {', '.join(values)} FROM {changes.relation} AS staged",  # a subquery (a streamed part) needs a name
             [columns_json],
         )
         if same:

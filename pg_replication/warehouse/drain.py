@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
 
-from pg_replication.changes import TableOutcome
+from pg_replication.changes import StagedPart, TableOutcome
 from pg_replication.column_changes import staged_table
 from pg_replication.errors import (
     PgReplicationError,
@@ -77,7 +77,12 @@ class DrainApply:
                 plan = decoded.plans[key]
                 status = statuses.get(key, ("backfilling", None))[0]
                 staged[key] = []
-                for n, segment in enumerate(batch.segments):
+                for segment in batch.segments:
+                    if isinstance(segment, StagedPart):  # a large streamed transaction's, staged already
+                        staged[key].append(
+                            StagedChanges(segment.relation, segment.columns, segment.truncated, segment.rows, segment.has_unknowns)
+                        )
+                        continue
                     name = f"pgr_changes_{len(names)}"
                     names.append(name)
                     relation = self.stage(name, staged_table(segment, len(plan.table.primary_key)))

@@ -4,8 +4,8 @@ A dialect (``duckdb.py``, ``postgres.py``, ``snowflake.py``) supplies the connec
 mapping, how a batch is staged and how staged changes are applied. Everything else lives once,
 one concern a module, mixed into ``SqlWarehouse`` here: the state store (``state.py``), schema
 evolution (``evolution.py``), backfill slices and syncs (``slices.py``), the change log and the
-apply of one segment (``change_log.py``), and a drain's apply with per-table isolation
-(``drain.py``).
+apply of one segment (``change_log.py``), a drain's apply with per-table isolation
+(``drain.py``), and the staging of large streamed transactions (``stream_staging.py``).
 
 Every write ends in one transaction that holds the data and the state describing it. What a
 warehouse cannot do inside a transaction happens before it, idempotently: schema changes, change
@@ -36,9 +36,10 @@ from pg_replication.warehouse.evolution import DescribeNew, SchemaEvolution
 from pg_replication.warehouse.slices import SliceWriter
 from pg_replication.warehouse.staging import StagedChanges
 from pg_replication.warehouse.state import StateStore
+from pg_replication.warehouse.stream_staging import StreamStaging
 
 
-class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution):
+class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution, StreamStaging):
     """The engine; a dialect subclass fills in the hooks marked below."""
 
     name = "sql"
