@@ -34,7 +34,9 @@ def probe_slot(
     server has decoded past ``until_lsn`` with none (None: wait the whole ``timeout`` for one), or
     until ``timeout`` seconds have passed."""
     give_up = time.monotonic() + timeout
-    with SlotStream(conninfo, slot, publication, start_lsn) as stream:
+    # Protocol 2 where the server has it, as drains read: a large transaction in progress then
+    # arrives in parts (a change to stage) instead of being spilled to disk for this session.
+    with SlotStream(conninfo, slot, publication, start_lsn, streaming=None) as stream:
         for data in stream:
             if data is not None:
                 if data[0] in _CHANGE_TYPES:

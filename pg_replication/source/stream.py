@@ -55,10 +55,12 @@ class SlotStream:
         *,
         poll_seconds: float = 0.05,
         busy_seconds: float = 5.0,
-        streaming: bool = False,
+        streaming: bool | None = False,
     ) -> None:
         self.slot, self.publication, self.start_lsn = slot, publication, start_lsn
-        self.streaming = streaming  # protocol 2: large transactions arrive in parts while in progress
+        # Protocol 2: large transactions arrive in parts while in progress (None: when the server
+        # has it, Postgres 14+).
+        self.streaming = streaming
         self.poll_seconds = poll_seconds
         self.server_end = start_lsn  # the server decoded (and sent all messages) below this
         self.bytes = 0
@@ -95,6 +97,8 @@ class SlotStream:
             raise
 
     def _start(self) -> None:
+        if self.streaming is None:
+            self.streaming = self._conn.server_version >= 140000
         with self._errors():
             self._cur.start_replication(
                 slot_name=self.slot,
