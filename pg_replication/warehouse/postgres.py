@@ -7,12 +7,17 @@ functions on the other side, so nothing is approximated. Slices arrive by COPY i
 table; change batches are applied with one MERGE per segment. Tables carry their primary key
 from the start: the replica is meant to be queried, and MERGE and the eviction of moved rows
 look rows up by key.
+
+A segment is applied with index lookups only (``_plans_by_key``): its cost follows the number of
+changes, never the size of the table. Left to itself, the planner (no statistics on a fresh
+staging table) hashes the whole replica table for every segment and spills the hash to disk.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import psycopg
 import pyarrow as pa
@@ -21,6 +26,7 @@ from psycopg import sql
 
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Column, PgType, Table
+from pg_replication.source.recovery import RowReader
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, numeric_typmod
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import SLICE_COLUMN
@@ -31,6 +37,9 @@ _NATIVE_ARROW = {"int2": pa.int16(), "int4": pa.int32(), "int8": pa.int64(), "fl
 _PRECISION_TYPES = {"time", "timetz", "timestamp", "timestamptz"}
 _LENGTH_TYPES = {"varchar", "bpchar"}
 _BIT_TYPES = {"bit", "varbit"}
+# Planner settings while a segment is applied: nested loops over the key index, no JIT (compiling
+# the plan costs more than these statements run).
+_BY_KEY = {"enable_hashjoin": "off", "enable_mergejoin": "off", "jit": "off"}
 
 
 def _type_sql(t: PgType, typmod: int) -> str | None:
@@ -160,6 +169,28 @@ class PostgresWarehouse(SqlWarehouse):
         finally:
             if relation is not None and not self.conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
                 self.unstage("pgr_slice")
+
+    def apply_segment(
+        self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping], read_rows: RowReader | None
+    ) -> None:
+        with self._plans_by_key():
+            super().apply_segment(table, changes, mappings, read_rows)
+
+    @contextmanager
+    def _plans_by_key(self) -> Iterator[None]:
+        """Inside the caller's transaction: join staged rows to the table through its key index
+        (see the module docstring); the previous settings come back afterwards."""
+        names = [sql.Literal(name) for name in _BY_KEY]
+        previous = self.conn.execute(
+            sql.SQL("SELECT {}").format(sql.SQL(", ").join(sql.SQL("current_setting({})").format(n) for n in names))
+        ).fetchone()
+        self._set_local(_BY_KEY)
+        yield  # after an error the caller rolls back, and with it these settings
+        self._set_local(dict(zip(_BY_KEY, previous)))
+
+    def _set_local(self, settings: dict[str, str]) -> None:
+        calls = [sql.SQL("set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v)) for k, v in settings.items()]
+        self.conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(calls)))
 
     def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
         target = self.table_name(table)
