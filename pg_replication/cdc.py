@@ -136,7 +136,10 @@ def _plan_or_fail(rel: po.Relation, table: Table, types: dict[int, PgType], mapp
     try:
         return _plan_relation(rel, table, types, mapper)
     except SchemaChangeError as exc:
-        identity = tuple(c.name for c in rel.columns if c.is_key) or tuple(c.name for c in rel.columns)
+        # Excluded columns never key anything (they are dropped before staging).
+        excluded = set(table.entry.exclude_columns) if table.entry else set()
+        kept = [c for c in rel.columns if c.name not in excluded]
+        identity = tuple(c.name for c in kept if c.is_key) or tuple(c.name for c in kept)
         plan = _plan_relation(rel, table, types, mapper, key=identity)
         plan.failure = exc.message
         return plan
@@ -297,11 +300,13 @@ def _read_batch(
     deadline = time.monotonic() + settings.max_seconds
     idle = settings.idle_ms / 1000
 
-    def relation(msg: po.Relation) -> None:
+    def plan_for(msg: po.Relation) -> _RelationPlan | None:
         table = _relation_table(msg, tables, by_oid)
-        plan = _plan_or_fail(msg, table, types, mapper) if table else None
-        relations[msg.oid] = plan
-        fast.pop(msg.oid, None)  # its next change may start a segment
+        return _plan_or_fail(msg, table, types, mapper) if table else None
+
+    def relation(oid: int, plan: _RelationPlan | None) -> None:
+        relations[oid] = plan
+        fast.pop(oid, None)  # its next change may start a segment
         if plan:
             previous = plans.get(plan.key)
             if previous is not None:  # earlier segments may still need dropped columns
@@ -337,22 +342,24 @@ def _read_batch(
         if streams is not None and streams.current is not None:  # a block of a streamed transaction
             xid, msg = po.decode_streamed(data)
             kind = type(msg)
+            txn = streams.current
             if kind is po.Insert or kind is po.Update or kind is po.Delete:
-                plan = plan_of(msg.relation)  # type: ignore[union-attr]
+                oid = msg.relation  # type: ignore[union-attr]
+                plan = txn.relations[oid] if oid in txn.relations else plan_of(oid)  # type: ignore[assignment]
                 if plan is not None:
                     if plan.failure is not None:
-                        failed.setdefault(plan.key, f"{plan.key} (streamed transaction {xid}): {plan.failure}")
-                    segment, stats = streams.current.segment(plan.key, xid, plan.columns, plan.key_positions)  # type: ignore[arg-type]
+                        txn.failures.setdefault(plan.key, f"{plan.key} (a large transaction, xid {xid}): {plan.failure}")
+                    segment, stats = txn.segment(plan.key, xid, plan.columns, plan.key_positions)  # type: ignore[arg-type]
                     _fold_change(msg, plan, segment, stats)  # type: ignore[arg-type]
             elif kind is po.StreamStop:
                 streams.stop()
             elif kind is po.Relation:
-                relation(msg)  # type: ignore[arg-type]
+                txn.relations[msg.oid] = plan_for(msg)  # type: ignore[arg-type, union-attr]
             elif kind is po.Truncate:
                 for oid in msg.relations:  # type: ignore[union-attr]
-                    plan = relations.get(oid)
+                    plan = txn.relations[oid] if oid in txn.relations else relations.get(oid)  # type: ignore[assignment]
                     if plan:
-                        segment, stats = streams.current.segment(plan.key, xid, plan.columns, plan.key_positions)  # type: ignore[arg-type]
+                        segment, stats = txn.segment(plan.key, xid, plan.columns, plan.key_positions)  # type: ignore[arg-type]
                         segment.truncate()
                         stats.truncated += 1
             if streams.current is not None:
@@ -388,10 +395,15 @@ def _read_batch(
         if kind is po.Commit or kind is po.StreamCommit:
             if kind is po.StreamCommit:
                 assert streams is not None
+                txn = streams.open.get(msg.xid)  # type: ignore[union-attr]
+                for oid, plan in (txn.relations.items() if txn else ()):  # its schema holds from now on
+                    relation(oid, plan)  # type: ignore[arg-type]
                 if msg.commit_lsn < skip_below:  # type: ignore[union-attr]  # applied before this session
                     streams.abort(msg.xid, msg.xid)  # type: ignore[union-attr]
                 else:
-                    held += streams.open[msg.xid].bytes if msg.xid in streams.open else 0  # type: ignore[union-attr]
+                    held += txn.bytes if txn else 0
+                    for key, why in (txn.failures.items() if txn else ()):
+                        failed.setdefault(key, why)
                     changes += streams.commit(msg.xid, batches, msg.commit_lsn, msg.commit_time)  # type: ignore[union-attr]
                     transactions += 1
                 fast.clear()  # the table's next changes go after the transaction's parts
@@ -416,7 +428,7 @@ def _read_batch(
             streams.abort(msg.xid, msg.subxid)  # type: ignore[union-attr]
             continue
         if kind is po.Relation:
-            relation(msg)  # type: ignore[arg-type]
+            relation(msg.oid, plan_for(msg))  # type: ignore[arg-type, union-attr]
             continue
         if kind is po.Truncate and not skipping:
             for oid in msg.relations:  # type: ignore[union-attr]
@@ -463,8 +475,10 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
         start = max(drained or 0, status.confirmed_lsn)
         streaming = conn.info.server_version >= 140000
         spill_bytes = min(settings.spill_bytes, max(settings.max_bytes // 4, 64 << 10))
-        streams = StreamedTransactions.staged_in(warehouse, settings.slot, spill_bytes) if streaming else None
         with SlotStream(conninfo, settings.slot, settings.publication, start, streaming=streaming) as stream:
+            # The stream staging is touched only while this session holds the slot: another
+            # drain waiting for it must not empty what this one staged.
+            streams = StreamedTransactions.staged_in(warehouse, settings.slot, spill_bytes) if streaming else None
             budget = replace(settings, max_seconds=_read_budget(conn, settings.max_seconds))
             decoded = _read_batch(conn, by_name, budget, drained or 0, warehouse.map_column, by_oid, stream, before, start, streams)
             decoded.covered, decoded.drained_before = tuple(f"{t.schema}.{t.name}" for t in tables), drained or 0
@@ -487,9 +501,9 @@ def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSet
                     stream.confirm(target)  # standby feedback, only now that the warehouse committed
                 except PgReplicationError:
                     pass  # the stream broke during the apply: confirmed below instead
+            if streams is not None and streams.parts_staged:
+                warehouse.reset_stream_staging(settings.slot)  # applied, or to be re-sent to the next drain
         _confirm_released(conn, settings.slot, target)
-    if streams is not None and streams.parts_staged:
-        warehouse.reset_stream_staging(settings.slot)  # applied, or to be re-sent to the next drain
     result.seconds = time.monotonic() - started
     for key, outcome in result.failed.items():
         log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")

@@ -40,6 +40,10 @@ class StreamedTransaction:
     runs: dict[str, list[_Run]] = field(default_factory=dict)  # table key: runs in order
     bytes: int = 0  # messages held in memory (not spilled yet)
     staged: bool = False  # some runs were spilled to the warehouse
+    # Relation messages of its blocks (oid: the reader's plan) and why a table's changes in it
+    # cannot be applied: they count only once it commits (an aborted ALTER never happened).
+    relations: dict[int, object] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
 
     def segment(self, key: str, subxid: int, columns: tuple[str, ...], key_positions: tuple[int, ...]) -> tuple[Segment, TableStats]:
         runs = self.runs.setdefault(key, [])

@@ -233,3 +233,19 @@ def test_many_subtransactions_with_unchanged_toast_and_key_changes_fold_exactly(
     )
     h.drain_all()
     h.assert_equal(pg, "t")
+
+
+def test_ddl_in_a_streamed_transaction_rolled_back_never_reaches_the_warehouse(h, pg):
+    """Relation messages inside a streamed transaction's blocks count only once it commits: an
+    ALTER rolled back (or still in progress when the read ends) never alters the warehouse."""
+    pg.execute("INSERT INTO t VALUES (500, 5, 'before')")  # the batch holds a change of t
+    with pytest.raises(psycopg.errors.RaiseException):
+        with pg.transaction():
+            pg.execute("ALTER TABLE t ADD COLUMN never int DEFAULT 7")
+            pg.execute("INSERT INTO t SELECT g, g, repeat('r', 300), 8 FROM generate_series(1000, 9999) g")
+            pg.execute("DO $$ BEGIN RAISE EXCEPTION 'roll back'; END $$")
+    h.drain_all(max_bytes=1 << 20)
+    with h.target.open() as wh:
+        columns = {c for (c,) in wh.fetchall("SELECT column_name FROM information_schema.columns WHERE table_name = 't'")}
+    assert "never" not in columns, columns
+    h.assert_equal(pg, "t")
