@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,3 +32,15 @@ def materialize(select: str, partitions: str) -> list[str]:
 
 def drain(job: str = "postgres_cdc_drain") -> list[str]:
     return ["dagster", "job", "execute", "-m", "pg_replication.definitions", "-j", job]
+
+
+def wait_for(condition, what: str, timeout: float, poll: float = 0.5):
+    """``condition()``'s first truthy value, polled until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)

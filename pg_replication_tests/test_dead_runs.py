@@ -24,7 +24,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from pg_replication_tests.operator import dagster_env, materialize, run_cli
+from pg_replication_tests.operator import dagster_env, materialize, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -36,14 +36,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _wait(condition, what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
+    return wait_for(condition, what, timeout, poll=0.5)
 
 
 def _warehouse_has(path: Path, n: int) -> bool:
@@ -65,6 +58,21 @@ def _run_worker_pid(instance: dg.DagsterInstance, run_id: str) -> int | None:
         if message.startswith("Started process for run (pid: "):
             return int(message.removeprefix("Started process for run (pid: ").rstrip(")."))
     return None
+
+
+def _changing(pg, n: int, condition):
+    """``condition``, with round ``n`` written again every 10 s until it holds: a long-lived run
+    already up (or its successor, waiting for the pool) may apply the first write, and the
+    sensor requests a new run only for changes still to apply."""
+    written = [float("-inf")]
+
+    def check():
+        if time.monotonic() - written[0] > 10:
+            pg.execute("UPDATE shop.orders SET n = %s", (n,))
+            written[0] = time.monotonic()
+        return condition()
+
+    return check
 
 
 @pytest.fixture
@@ -114,7 +122,7 @@ def _kill_a_run_worker(instance: dg.DagsterInstance, pg, seen: set[str], n: int,
     while True:
         pg.execute("UPDATE shop.orders SET n = %s", (n,))
         fresh = lambda: [r for r in _drain_runs(instance, [dg.DagsterRunStatus.STARTED]) if r.run_id not in seen]  # noqa: E731
-        run = _wait(fresh, "a drain run to start")[0]
+        run = _wait(_changing(pg, n, fresh), "a drain run to start")[0]
         seen.add(run.run_id)
         started = lambda: instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED  # noqa: E731
         pid = _wait(lambda: _run_worker_pid(instance, run.run_id) or not started(), "the run worker's pid")
@@ -152,9 +160,8 @@ def test_killed_drains_never_block_cdc(daemon, pg, duckdb_path):
             # A change made after the kill, applied by a drain run created after it: that run's
             # step needed the pool slot (a step orphaned by its killed run worker may apply a
             # change too, so the data alone proves nothing).
-            pg.execute("UPDATE shop.orders SET n = %s", (-n,))
             later = dg.RunsFilter(job_name=JOB, statuses=[dg.DagsterRunStatus.SUCCESS], created_after=killed_at)
-            _wait(lambda: instance.get_runs(later, limit=1), f"a drain run created after a kill at {where} to succeed")
+            _wait(_changing(pg, -n, lambda: instance.get_runs(later, limit=1)), f"a drain run created after a kill at {where} to succeed")
             _wait(lambda: _warehouse_has(duckdb_path, -n), f"a change made after a kill at {where} in the warehouse")
             recovery[where] = round(time.monotonic() - killed, 1)
             seen.update(r.run_id for r in _drain_runs(instance))

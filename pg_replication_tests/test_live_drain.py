@@ -14,7 +14,7 @@ import duckdb
 import pytest
 import yaml
 
-from pg_replication_tests.operator import dagster_env, drain, materialize, run_cli
+from pg_replication_tests.operator import dagster_env, drain, materialize, run_cli, wait_for
 
 BIN = Path(sys.executable).parent
 RUN_SECONDS = 90
@@ -33,14 +33,7 @@ def _read_only(path: Path, query: str) -> list[tuple] | None:
 
 
 def _wait(condition, what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
+    return wait_for(condition, what, timeout, poll=0.2)
 
 
 CHANGES = [
