@@ -81,7 +81,7 @@ def daemon(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     pg.execute("CREATE SCHEMA shop")
     pg.execute("CREATE TABLE shop.orders (id int PRIMARY KEY, n int)")
     pg.execute("INSERT INTO shop.orders SELECT i, 0 FROM generate_series(1, %s) i", (ROWS,))
-    write_config({"tables": ["shop.orders"], "defaults": {"partitions": 2}, "source": {"sensor_interval_seconds": 2, "run_seconds": 30}})
+    write_config({"tables": ["shop.orders"], "defaults": {"partitions": 2}, "source": {"sensor_interval_seconds": 2, "run_seconds": 10}})
     failpoints = tmp_path / "failpoints"
     failpoints.mkdir()
     env = {**dagster_env(tmp_path), "PGR_FAILPOINT_DIR": str(failpoints)}
