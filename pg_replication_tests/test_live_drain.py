@@ -44,22 +44,10 @@ CHANGES = [
 ]
 
 
-def test_a_long_lived_drain_applies_changes_as_they_come_while_duckdb_stays_readable(pg, write_config, duckdb_path, tmp_path, monkeypatch):
-    pg.execute("CREATE SCHEMA shop")
-    pg.execute("CREATE TABLE shop.orders (id int PRIMARY KEY, n int, note text)")
-    pg.execute("INSERT INTO shop.orders SELECT i, 0, 'note ' || i FROM generate_series(1, 100) i")
-    write_config({"tables": ["shop.orders"], "defaults": {"partitions": 1}})
-    env = dagster_env(tmp_path)
-    out = run_cli(materialize("shop/orders", "000...000"), env, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"ops": {"postgres_drain_slot": {"config": {"run_seconds": RUN_SECONDS}}}}))
-
-    log = open(tmp_path / "drain.log", "w")
+def test_a_long_lived_drain_applies_changes_as_they_come_while_duckdb_stays_readable(pg, orders, duckdb_path, tmp_path, monkeypatch):
+    env = orders
     started = time.monotonic()
-    process = subprocess.Popen(
-        [str(BIN / drain()[0]), *drain()[1:], "-c", str(tmp_path / "run.yaml")],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-    )
+    process = _start_drain(tmp_path, env, RUN_SECONDS, "drain")
     query = "SELECT id, n, note FROM shop.orders ORDER BY id"
     try:
         for change in CHANGES:
@@ -73,7 +61,6 @@ def test_a_long_lived_drain_applies_changes_as_they_come_while_duckdb_stays_read
         if process.poll() is None:
             process.kill()
             process.wait()
-        log.close()
     assert returncode == 0, (tmp_path / "drain.log").read_text()[-3000:]
     assert lived >= RUN_SECONDS, f"the run ended after {lived:.0f} s, before its {RUN_SECONDS} s"
 
