@@ -47,12 +47,17 @@ browser:
 dev: setup
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
+# The suite runs in PYTEST_WORKERS parallel processes, each on a Postgres server of its own (ports
+# PGR_PORT, PGR_PORT+1, ...: pg_replication_tests/servers.py), taking two tests at a time so that
+# the slowest, handed out first (conftest.py), spread over them; PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 3
 test: setup browser
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist load --maxschedchunk 2 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/backfill.py --rows 2000000
 
 clean:
 	-./scripts/local-postgres stop
+	-for d in .pg/worker-*; do [ -d "$$d" ] && PGR_INSTANCE="$${d#.pg/}" ./scripts/local-postgres stop; done
 	rm -rf $(VENV) .pg .dagster_home warehouse.duckdb

@@ -1,10 +1,10 @@
-"""A real Postgres for every test: one server per session (scripts/local-postgres, wal_level=logical),
-one fresh database per test, dropped afterwards with any replication slots it created."""
+"""A real Postgres for every test: one server per session (scripts/local-postgres, wal_level=logical;
+one per xdist worker, see servers.py), one fresh database per test, dropped afterwards with any
+replication slots it created."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,21 +15,24 @@ import yaml
 from psycopg import sql
 
 from pg_replication.config import ReplicationConfig, parse_config
+from pg_replication_tests.servers import worker_server
 from pg_replication_tests.targets import KINDS, Target, make_target
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the tests that run the CLI (marked e2e, the slowest) are handed out first: a
+    long test started last would leave the other workers idle at the end."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 
 
 @pytest.fixture(scope="session")
-def server_url() -> str:
-    url = os.environ.get("PGR_TEST_SERVER_URL")
-    if not url:
-        out = subprocess.run([str(ROOT / "scripts" / "local-postgres")], check=True, capture_output=True, text=True)
-        url = out.stdout.strip().splitlines()[-1]
-    with psycopg.connect(url, autocommit=True) as conn:
-        level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
-        assert level == "logical", f"the test server needs wal_level=logical, has {level}"
-    return url
+def server_url() -> Iterator[str]:
+    with worker_server() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            level = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
+            assert level == "logical", f"the test server needs wal_level=logical, has {level}"
+        yield url
 
 
 def _with_dbname(url: str, dbname: str) -> str:
