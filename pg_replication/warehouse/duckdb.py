@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from pg_replication.errors import WarehouseError
+from pg_replication.source.binary_copy import text_column
 from pg_replication.source.catalog import Table
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import staging
@@ -87,15 +88,29 @@ class DuckDBWarehouse(SqlWarehouse):
 
     def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
         mappings = dict(self.column_mappings(table))
-        guarded = {name: q(name) for name, m in mappings.items() if m.refuse}
         keys = [q(k) for k in table.primary_key]
         try:
             for batch in batches:
                 relation = self.stage("pgr_batch", batch)  # type: ignore[arg-type]
-                self._refuse_unheld(table, relation, guarded, keys, mappings)
+                self._refuse_unheld(table, relation, self._guarded(mappings, batch.schema), keys, mappings)
                 yield relation, batch
         finally:
             self.unstage("pgr_batch")
+
+    @staticmethod
+    def _guarded(mappings: dict[str, TypeMapping], staged: pa.Schema) -> dict[str, str]:
+        """Columns whose values DuckDB may refuse -> the staged text holding them: the column, or
+        the text companion of a natively read one (only values read as text can be refused)."""
+        guarded = {}
+        for position, (name, mapping) in enumerate(mappings.items()):
+            if mapping.refuse is None:
+                continue
+            companion = text_column(position)
+            if staged.get_field_index(companion) >= 0:
+                guarded[name] = q(companion)
+            elif staged.get_field_index(name) >= 0 and staged.field(name).type == pa.string():
+                guarded[name] = q(name)
+        return guarded
 
     def _refuse_unheld(
         self, table: Table, relation: str, columns: dict[str, str], keys: list[str], mappings: dict[str, TypeMapping], where: str = "TRUE"
