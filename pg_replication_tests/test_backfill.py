@@ -99,6 +99,18 @@ def test_row_moved_into_a_slice_not_yet_copied_is_stored_once(pg, pg_url, target
     assert _warehouse_rows(target, table, ["id", "v"]) == sorted(pg.execute("SELECT id, v FROM t").fetchall())
 
 
+def test_type_without_binary_io_keeps_the_text_path(pg, pg_url, target):
+    """aclitem has no binary send/receive: the replica's binary copy cannot carry it, so that
+    table travels as text (every warehouse gets its exact text)."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, acl aclitem, n numeric(12,2))")
+    pg.execute("INSERT INTO t SELECT i, 'postgres=arwdDxt/postgres', i / 100.0 FROM generate_series(1, 300) i")
+    table = _table(pg_url, "t")
+    with target.open() as wh:
+        run_backfill(pg_url, wh, table, range(2), partitions=2)
+    rows = _warehouse_rows(target, table, ["id", "acl", "n"])
+    assert [(i, str(a), n) for i, a, n in rows] == sorted(pg.execute("SELECT id, acl::text, n FROM t").fetchall())
+
+
 def test_partitioned_table_backfills_all_leaves(pg, pg_url, target):
     pg.execute("CREATE TABLE m (id int, day date, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)")
     pg.execute("CREATE TABLE m_a PARTITION OF m FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")

@@ -15,7 +15,11 @@ the text way.
 
 from __future__ import annotations
 
+import atexit
+import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -109,6 +113,59 @@ def connect_adbc(conninfo: str):
             f"cannot connect to Postgres at {describe_target(conninfo)}: {redact(str(exc).strip().splitlines()[0])}",
             setting="POSTGRES_URL",
         ) from None
+
+
+# Idle reader connections, by conninfo: opening one costs 0.1–0.2 s (the driver loads the type
+# catalog), which a backfill of many small slices would pay twice per slice.
+_IDLE_LIMIT = 4
+_idle: dict[str, list] = {}
+_idle_lock = threading.Lock()
+
+
+@atexit.register
+def _close_idle() -> None:
+    """Closed before the interpreter tears down the driver (its finalizers fail after that)."""
+    with _idle_lock:
+        conns = [c for idle in _idle.values() for c in idle]
+        _idle.clear()
+    for conn in conns:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+@contextmanager
+def reader_connection(conninfo: str) -> Iterator:
+    """A connection for one slice reader, outside any transaction; kept for the next reader when
+    it is given back clean (an error or a cancelled read closes it)."""
+    key = f"{os.getpid()} {conninfo}"  # a forked process opens its own
+    with _idle_lock:
+        conn = _idle.get(key, []).pop() if _idle.get(key) else None
+    if conn is not None:
+        try:
+            execute(conn, "ROLLBACK")  # still alive (the server may have restarted meanwhile)
+        except Exception:
+            conn.close()
+            conn = None
+    if conn is None:
+        conn = connect_adbc(conninfo)
+    try:
+        yield conn
+    except BaseException:
+        conn.close()
+        raise
+    try:
+        execute(conn, "ROLLBACK")
+    except Exception:
+        conn.close()
+        return
+    with _idle_lock:
+        idle = _idle.setdefault(key, [])
+        if len(idle) < _IDLE_LIMIT:
+            idle.append(conn)
+            return
+    conn.close()
 
 
 def execute(conn, statement: sql.Composable | str) -> None:

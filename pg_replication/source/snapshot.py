@@ -189,6 +189,10 @@ def piece_query(select_list: sql.Composable, segment: Segment, limit: int | None
     return query
 
 
+class _Stopped(Exception):
+    """The consumer stopped the readers early."""
+
+
 @dataclass
 class _Done:
     error: BaseException | None = None
@@ -299,8 +303,7 @@ class SliceReader:
     def _read(self) -> None:
         done = _Done()
         try:
-            conn = binary_copy.connect_adbc(self.conninfo)
-            try:
+            with binary_copy.reader_connection(self.conninfo) as conn:
                 binary_copy.execute(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 binary_copy.execute(conn, sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
                 if self.plan is not None and self.locked_leaves:
@@ -320,8 +323,10 @@ class SliceReader:
                     query = binary_query(self.columns, piece, self.per_piece_limit)
                     for batch in binary_copy.read_batches(conn, query, self.schema, self.stop.is_set):
                         self._put(batch)
-            finally:
-                conn.close()
+                if self.stop.is_set():  # a cancelled read: the connection is not reused
+                    raise _Stopped()
+        except _Stopped:
+            pass
         except BaseException as exc:  # forwarded to the consumer, which re-raises it
             done.error = exc
         self._put(done)

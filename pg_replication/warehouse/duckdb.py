@@ -145,16 +145,25 @@ class DuckDBWarehouse(SqlWarehouse):
         columns = ", ".join(q(c) for c in self.stored_columns(f"{schema}.{name}"))
         return self.conn.execute(f"SELECT {columns} FROM {q(schema, name)}").to_arrow_table()
 
+    def slice_eviction_for(self, table: Table) -> str:
+        """Before the key is declared, once after the slice's batches; after (a re-run slice of a
+        complete backfill), before each batch: the index refuses a duplicate at once."""
+        return "before" if self._has_primary_key(table) else "after"
+
+    def _has_primary_key(self, table: Table) -> bool:
+        return bool(
+            self.fetchall(
+                "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = ? AND table_name = ? "
+                "AND constraint_type = 'PRIMARY KEY'",
+                [table.schema, table.name],
+            )[0][0]
+        )
+
     def declare_primary_key(self, table: Table) -> None:
         """Declared when the backfill completes: bulk loading into a table without its index, then
         building it once, is several times cheaper. In its own transaction: DuckDB fails a commit
         that built an index over keys the same transaction deleted and inserted."""
-        has_key = self.fetchall(
-            "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = ? AND table_name = ? "
-            "AND constraint_type = 'PRIMARY KEY'",
-            [table.schema, table.name],
-        )[0][0]
-        if not has_key:
+        if not self._has_primary_key(table):
             keys = ", ".join(q(k) for k in table.primary_key)
             self.execute(f"ALTER TABLE {self.table_name(table)} ADD PRIMARY KEY ({keys})")
 

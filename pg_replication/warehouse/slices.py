@@ -137,9 +137,10 @@ class SliceWriter:
         mappings = dict(self.column_mappings(table))
         keys = ", ".join(self.ident(k) for k in table.primary_key)
         tag = "NULL" if slice_value is None else str(int(slice_value))
-        if evict == "slice" and self.slice_eviction == "before":
+        mode = self.slice_eviction_for(table) if evict == "slice" else None
+        if mode == "before":
             evict = "batch"
-        upsert = evict == "slice" and self.slice_eviction == "upsert"
+        upsert = mode == "upsert"
         rows = nbytes = 0
         for relation, batch in relations:
             select = self._staged_loads(mappings, batch.schema if batch is not None else None)
@@ -173,6 +174,9 @@ class SliceWriter:
             except self.errors as exc:
                 raise self._refused(table, what, "the eviction of rows it replaces", exc) from None
         return rows, nbytes
+
+    def slice_eviction_for(self, table: Table) -> str:
+        return self.slice_eviction
 
     def _staged_loads(self, mappings: dict, staged: pa.Schema | None) -> dict[str, str]:
         """Per column, the load expression over the staged relation: text as it always was;
