@@ -11,7 +11,7 @@ type table is generated from ``TYPE_TABLE`` below.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 from psycopg import sql
@@ -42,6 +42,13 @@ class TypeMapping:
     # Warehouse SQL over the staged column, true for a value the warehouse type cannot hold: the
     # dialect checks it before loading, to refuse the write naming column, key and value.
     refuse: str | None = None
+    # The backfill's binary reader (source/binary_copy.py): the Arrow type a value's binary form
+    # is decoded into exactly, None to read the value's text; the Postgres type selected for it
+    # (a domain becomes its base type); and a Postgres predicate outside which the binary decoding
+    # is wrong, those values travel as text (see binary_copy).
+    native: pa.DataType | None = None
+    native_type: str | None = None
+    native_guard: str | None = None
 
     def select_sql(self, column: str) -> sql.Composable:
         return sql.SQL(self.select).format(sql.Identifier(column))  # type: ignore[arg-type]
@@ -49,8 +56,27 @@ class TypeMapping:
     def load_sql(self, quoted_column: str) -> str:
         return self.load.replace("{0}", quoted_column)
 
+    def staged_load_sql(self, quoted_column: str, staged: pa.DataType, quoted_text: str | None = None) -> str:
+        """The load expression over a staged column of type ``staged``: a natively read value
+        is inserted as it is; its text companion ``quoted_text`` (binary_copy) where it is NULL."""
+        if self.native is None or staged != self.native:
+            return self.load_sql(quoted_column)
+        if quoted_text is None:
+            return quoted_column
+        return f"COALESCE({quoted_column}, {self.load_sql(quoted_text)})"
+
 
 _TEXT = TypeMapping(pa.string(), "VARCHAR")
+
+
+def _native(base: TypeMapping, arrow: pa.DataType, pg_type: str, guard: str | None = None) -> TypeMapping:
+    """``base`` (the text path CDC and the query strategies keep), read natively by the backfill."""
+    return replace(base, native=arrow, native_type=pg_type, native_guard=guard)
+
+
+# Binary timestamps past DuckDB's (and Arrow's microsecond) range, and ±infinity, are decoded
+# wrongly by the driver: those few travel as text (and are refused or kept as infinity there).
+_TIMESTAMP_GUARD = "isfinite({0}) AND {0} <= '294247-01-10 04:00:54.775806%s'"
 
 
 def _cast(duck: str) -> TypeMapping:
@@ -95,24 +121,26 @@ TYPE_TABLE: dict[str, TypeMapping] = {
     "int2": TypeMapping(pa.int16(), "SMALLINT"),
     "int4": TypeMapping(pa.int32(), "INTEGER"),
     "int8": TypeMapping(pa.int64(), "BIGINT"),
-    "oid": TypeMapping(pa.int64(), "UINTEGER", load="CAST({0} AS UINTEGER)"),
+    "oid": TypeMapping(pa.int64(), "UINTEGER", load="CAST({0} AS UINTEGER)", select="{0}::int8"),
     "float4": TypeMapping(pa.float32(), "FLOAT"),
     "float8": TypeMapping(pa.float64(), "DOUBLE"),
     "bool": TypeMapping(pa.bool_(), "BOOLEAN"),
-    "text": _TEXT,
-    "varchar": _TEXT,
-    "bpchar": _TEXT,
-    "name": _TEXT,
+    "text": _native(_TEXT, pa.string(), "pg_catalog.text"),
+    "varchar": _native(_TEXT, pa.string(), "pg_catalog.varchar"),
+    "bpchar": _native(_TEXT, pa.string(), "pg_catalog.bpchar"),  # its binary form keeps the padding
+    "name": _native(_TEXT, pa.string(), "pg_catalog.name"),
     "char": _TEXT,
     "citext": _TEXT,
-    "bytea": TypeMapping(pa.string(), "BLOB", load="unhex(substr({0}, 3))"),
-    "uuid": _cast("UUID"),
-    "json": _cast("JSON"),
-    "jsonb": _cast("JSON"),
-    "date": _datetime("DATE"),
-    "timestamp": _datetime("TIMESTAMP"),
-    "timestamptz": _datetime("TIMESTAMPTZ"),
-    "time": _cast("TIME"),
+    "bytea": _native(TypeMapping(pa.string(), "BLOB", load="unhex(substr({0}, 3))"), pa.binary(), "pg_catalog.bytea"),
+    "uuid": _native(_cast("UUID"), pa.uuid(), "pg_catalog.uuid"),
+    "json": _native(_cast("JSON"), pa.json_(), "pg_catalog.json"),
+    "jsonb": _native(_cast("JSON"), pa.json_(), "pg_catalog.jsonb"),
+    "date": _native(_datetime("DATE"), pa.date32(), "pg_catalog.date", "isfinite({0})"),
+    "timestamp": _native(_datetime("TIMESTAMP"), pa.timestamp("us"), "pg_catalog.timestamp", _TIMESTAMP_GUARD % ""),
+    "timestamptz": _native(
+        _datetime("TIMESTAMPTZ"), pa.timestamp("us", tz="UTC"), "pg_catalog.timestamptz", _TIMESTAMP_GUARD % "+00"
+    ),
+    "time": _native(_cast("TIME"), pa.time64("us"), "pg_catalog.time", "{0} < '24:00:00'"),
     "timetz": _cast("TIMETZ"),
     "interval": TypeMapping(
         pa.string(), "INTERVAL", load="CAST({0} AS INTERVAL)", select=_INTERVAL_SELECT, from_text=interval_from_iso

@@ -11,13 +11,14 @@ and moves rows to other pages. The plan keeps each leaf's relfilenode, and every
 inside its own snapshot, under an ACCESS SHARE lock that keeps rewrites out until the slice's
 reader closes: a changed file raises PlanStaleError and the caller re-plans (backfill.py).
 
-Reading a slice runs ``readers`` COPY streams in parallel threads, all inside one exported
-snapshot, so a slice is a consistent picture even though its pages are read by several sessions.
+Reading a slice runs ``readers`` binary COPY streams (``binary_copy``: typed Arrow, parsed in
+C++) in parallel threads, all inside one exported snapshot, so a slice is a consistent picture
+even though its pages are read by several sessions. A Postgres replica may take the slice's raw
+binary COPY output instead (``SliceReader.binary_copies``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import queue
@@ -27,16 +28,13 @@ from dataclasses import dataclass
 
 import psycopg
 import pyarrow as pa
-import pyarrow.csv as pacsv
 from psycopg import sql
 
 from pg_replication.errors import PgReplicationError
+from pg_replication.source import binary_copy
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.connection import connect
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, map_column
-
-CSV_BLOCK_BYTES = 16 << 20  # ~125k rows of a 130-byte row: about DuckDB's row-group size
-
 
 @dataclass(frozen=True)
 class Segment:
@@ -174,82 +172,25 @@ def column_mappings(table: Table, mapper: Mapper = map_column) -> list[tuple[str
     return [(c.name, mapper(c)) for c in table.columns]
 
 
-def copy_query(table: Table, segment: Segment, limit: int | None, mapper: Mapper = map_column) -> sql.Composed:
-    columns = sql.SQL(", ").join(m.select_sql(name) for name, m in column_mappings(table, mapper))
+def binary_query(columns: list[binary_copy.ReadColumn], segment: Segment, limit: int | None) -> sql.Composed:
+    """The SELECT the binary reader copies: one segment's pages (see binary_copy)."""
+    return piece_query(binary_copy.select_list(columns), segment, limit)
+
+
+def piece_query(select_list: sql.Composable, segment: Segment, limit: int | None) -> sql.Composed:
     where = [sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({segment.start},0)"))]
     if segment.end is not None:
         where.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({segment.end},0)")))
     query = sql.SQL("SELECT {} FROM ONLY {} WHERE {}").format(
-        columns, sql.Identifier(segment.schema, segment.relation), sql.SQL(" AND ").join(where)
+        select_list, sql.Identifier(segment.schema, segment.relation), sql.SQL(" AND ").join(where)
     )
     if limit is not None:
         query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(limit))
-    return sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
+    return query
 
 
-def staging_schema(table: Table, mapper: Mapper = map_column) -> pa.Schema:
-    # Staged columns carry the source names, so warehouse errors name the real column.
-    return pa.schema([pa.field(name, m.arrow) for name, m in column_mappings(table, mapper)])
-
-
-class _CopyStream(io.RawIOBase):
-    """A file object over a COPY OUT stream, so pyarrow's CSV reader can pull from it."""
-
-    def __init__(self, copy: psycopg.Copy) -> None:
-        self._copy = copy
-        self._buf = bytearray()
-        self._eof = False
-        self.bytes_read = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def at_eof(self) -> bool:
-        """True when the stream has no data at all (pyarrow refuses an empty CSV)."""
-        if not self._buf and not self._eof:
-            chunk = self._copy.read()
-            if chunk:
-                self._buf += chunk
-            else:
-                self._eof = True
-        return self._eof and not self._buf
-
-    def read(self, size: int = -1) -> bytes:
-        buf = self._buf
-        while (size < 0 or len(buf) < size) and not self._eof:
-            chunk = self._copy.read()
-            if not chunk:
-                self._eof = True
-                break
-            buf += chunk
-        if size < 0 or size >= len(buf):
-            out = bytes(buf)
-            buf.clear()
-        else:
-            out = bytes(buf[:size])
-            del buf[:size]
-        self.bytes_read += len(out)
-        return out
-
-    def readinto(self, b) -> int:  # pragma: no cover - pyarrow calls read()
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-def _csv_options(schema: pa.Schema) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions, pacsv.ConvertOptions]:
-    return (
-        pacsv.ReadOptions(column_names=schema.names, block_size=CSV_BLOCK_BYTES, use_threads=True),
-        pacsv.ParseOptions(newlines_in_values=True, double_quote=True),
-        pacsv.ConvertOptions(
-            column_types={f.name: f.type for f in schema},
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-            true_values=["t"],
-            false_values=["f"],
-        ),
-    )
+class _Stopped(Exception):
+    """The consumer stopped the readers early."""
 
 
 @dataclass
@@ -258,7 +199,8 @@ class _Done:
 
 
 class SliceReader:
-    """Reads one slice as record batches with ``staging_schema(table)``, in ``readers`` threads.
+    """Reads one slice as record batches of ``self.schema`` (binary COPY into typed Arrow, see
+    binary_copy), in ``readers`` threads.
 
     The readers start at construction and share one exported snapshot. Memory stays bounded: at
     most ``readers`` batches wait for the consumer, besides the one each reader is parsing.
@@ -279,14 +221,20 @@ class SliceReader:
         """``plan``: the plan ``segments`` come from; its files are checked in this snapshot
         (PlanStaleError when a leaf was rewritten) and kept from rewrites until ``close()``."""
         self.conninfo, self.table, self.mapper = conninfo, table, mapper
-        self.schema = staging_schema(table, mapper)
+        self.columns = binary_copy.read_columns(column_mappings(table, mapper))
+        self.schema = binary_copy.staged_schema(self.columns)
+        self.check_lock = threading.Lock()
+        self.locked_leaves: list[tuple[str, str]] = []
         self.coordinator = connect(conninfo, autocommit=False, options=SESSION_OPTIONS)
         try:
             self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             self.snapshot = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
             self.plan = plan
             if plan is not None:
-                self._check_files(self.coordinator, plan, lock=False)
+                self._check_files(self.coordinator, plan)
+                self.locked_leaves = [
+                    (s, r) for s, r, _ in plan.filenodes if relation_filenode(self.coordinator, s, r) is not None
+                ]
             pieces = [
                 p for seg in segments for p in seg.split(readers, relation_pages(self.coordinator, seg.schema, seg.relation))
             ]
@@ -303,21 +251,43 @@ class SliceReader:
             threading.Thread(target=self._read, name=f"pgr-reader-{i}", daemon=True)
             for i in range(min(readers, max(1, len(pieces))))
         ]
-        for t in self.threads:
-            t.start()
+        self.started = False  # the readers start when the batches are first asked for
 
-    def _check_files(self, conn: psycopg.Connection, plan: BackfillPlan, lock: bool) -> None:
-        """A rewrite committed before the check shows as a new file. Each reader checks again
-        under its ACCESS SHARE lock, after which none can happen until it is done (a rewrite
-        needs ACCESS EXCLUSIVE). The coordinator takes no lock: it waits for the readers, and a
-        DDL queued behind its lock would queue their locks behind it (a deadlock)."""
-        leaves = [(s, r) for s, r, _ in plan.filenodes if relation_filenode(conn, s, r) is not None]
-        if lock and leaves:
-            conn.execute(
-                sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
-                    sql.SQL(", ").join(sql.Identifier(s, r) for s, r in leaves)
+    def binary_copies(self, select: Callable[[str, TypeMapping], sql.Composable]) -> Iterator[Iterator[bytes]]:
+        """The slice as raw ``COPY … (FORMAT binary)`` output, one chunk iterator per piece (a
+        complete binary COPY file each), read in one session of the snapshot, instead of the
+        batches: for a target that takes Postgres's binary format itself. ``select(name,
+        mapping)`` is each column's expression (its type decides the binary form)."""
+        if self.started:
+            raise RuntimeError("the slice is already being read as batches")
+        self.started = True
+        columns = [(c.name, c.mapping) for c in self.columns]
+        with connect(self.conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+            if self.plan is not None and self.locked_leaves:
+                conn.execute(
+                    sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
+                        sql.SQL(", ").join(sql.Identifier(s, r) for s, r in self.locked_leaves)
+                    )
                 )
-            )
+                self._check_files(conn, self.plan)
+            select_list = sql.SQL(", ").join(select(name, mapping) for name, mapping in columns)
+            while True:
+                try:
+                    piece = self.work.get_nowait()
+                except queue.Empty:
+                    return
+                query = piece_query(select_list, piece, self.per_piece_limit)
+                with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)) as copy:
+                    yield iter(copy)
+
+    def _check_files(self, conn: psycopg.Connection, plan: BackfillPlan) -> None:
+        """A rewrite committed before the check shows as a new file (the catalog is read fresh,
+        whatever the snapshot). Each reader checks again once its own session holds an ACCESS
+        SHARE lock, after which none can happen until it is done (a rewrite needs ACCESS
+        EXCLUSIVE). The coordinator takes no lock: it waits for the readers, and a DDL queued
+        behind its lock would queue their locks behind it (a deadlock)."""
         reason = plan.stale_because(conn, self.table.leaves)
         if reason is not None:
             raise PlanStaleError(f"{self.table.display}: {reason}", table=self.table.display, lsn=plan.lsn)
@@ -333,31 +303,39 @@ class SliceReader:
     def _read(self) -> None:
         done = _Done()
         try:
-            with connect(self.conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
-                if self.plan is not None:
-                    self._check_files(conn, self.plan, lock=True)
+            with binary_copy.reader_connection(self.conninfo) as conn:
+                binary_copy.execute(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                binary_copy.execute(conn, sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+                if self.plan is not None and self.locked_leaves:
+                    binary_copy.execute(
+                        conn,
+                        sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
+                            sql.SQL(", ").join(sql.Identifier(s, r) for s, r in self.locked_leaves)
+                        ),
+                    )
+                    with self.check_lock:  # the coordinator's connection: after this reader's lock
+                        self._check_files(self.coordinator, self.plan)
                 while not self.stop.is_set():
                     try:
                         piece = self.work.get_nowait()
                     except queue.Empty:
                         break
-                    with conn.cursor().copy(copy_query(self.table, piece, self.per_piece_limit, self.mapper)) as copy:
-                        stream = _CopyStream(copy)
-                        if stream.at_eof():
-                            continue
-                        for batch in pacsv.open_csv(stream, *_csv_options(self.schema)):
-                            if self.stop.is_set():
-                                break
-                            self._put(batch)
-                        if self.stop.is_set():
-                            conn.cancel_safe()
+                    query = binary_query(self.columns, piece, self.per_piece_limit)
+                    for batch in binary_copy.read_batches(conn, query, self.schema, self.stop.is_set):
+                        self._put(batch)
+                if self.stop.is_set():  # a cancelled read: the connection is not reused
+                    raise _Stopped()
+        except _Stopped:
+            pass
         except BaseException as exc:  # forwarded to the consumer, which re-raises it
             done.error = exc
         self._put(done)
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if not self.started:
+            self.started = True
+            for t in self.threads:
+                t.start()
         finished = 0
         while finished < len(self.threads):
             item = self.out.get()
@@ -371,7 +349,8 @@ class SliceReader:
     def close(self) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join(timeout=30)
+            if t.is_alive():
+                t.join(timeout=30)
         self.coordinator.rollback()
         self.coordinator.close()
 

@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from pg_replication.errors import WarehouseError
+from pg_replication.source.binary_copy import text_column
 from pg_replication.source.catalog import Table
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import staging
@@ -87,15 +88,29 @@ class DuckDBWarehouse(SqlWarehouse):
 
     def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
         mappings = dict(self.column_mappings(table))
-        guarded = {name: q(name) for name, m in mappings.items() if m.refuse}
         keys = [q(k) for k in table.primary_key]
         try:
             for batch in batches:
                 relation = self.stage("pgr_batch", batch)  # type: ignore[arg-type]
-                self._refuse_unheld(table, relation, guarded, keys, mappings)
+                self._refuse_unheld(table, relation, self._guarded(mappings, batch.schema), keys, mappings)
                 yield relation, batch
         finally:
             self.unstage("pgr_batch")
+
+    @staticmethod
+    def _guarded(mappings: dict[str, TypeMapping], staged: pa.Schema) -> dict[str, str]:
+        """Columns whose values DuckDB may refuse -> the staged text holding them: the column, or
+        the text companion of a natively read one (only values read as text can be refused)."""
+        guarded = {}
+        for position, (name, mapping) in enumerate(mappings.items()):
+            if mapping.refuse is None:
+                continue
+            companion = text_column(position)
+            if staged.get_field_index(companion) >= 0:
+                guarded[name] = q(companion)
+            elif staged.get_field_index(name) >= 0 and staged.field(name).type == pa.string():
+                guarded[name] = q(name)
+        return guarded
 
     def _refuse_unheld(
         self, table: Table, relation: str, columns: dict[str, str], keys: list[str], mappings: dict[str, TypeMapping], where: str = "TRUE"
@@ -130,16 +145,25 @@ class DuckDBWarehouse(SqlWarehouse):
         columns = ", ".join(q(c) for c in self.stored_columns(f"{schema}.{name}"))
         return self.conn.execute(f"SELECT {columns} FROM {q(schema, name)}").to_arrow_table()
 
+    def slice_eviction_for(self, table: Table) -> str:
+        """Before the key is declared, once after the slice's batches; after (a re-run slice of a
+        complete backfill), before each batch: the index refuses a duplicate at once."""
+        return "before" if self._has_primary_key(table) else "after"
+
+    def _has_primary_key(self, table: Table) -> bool:
+        return bool(
+            self.fetchall(
+                "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = ? AND table_name = ? "
+                "AND constraint_type = 'PRIMARY KEY'",
+                [table.schema, table.name],
+            )[0][0]
+        )
+
     def declare_primary_key(self, table: Table) -> None:
         """Declared when the backfill completes: bulk loading into a table without its index, then
         building it once, is several times cheaper. In its own transaction: DuckDB fails a commit
         that built an index over keys the same transaction deleted and inserted."""
-        has_key = self.fetchall(
-            "SELECT count(*) FROM duckdb_constraints() WHERE schema_name = ? AND table_name = ? "
-            "AND constraint_type = 'PRIMARY KEY'",
-            [table.schema, table.name],
-        )[0][0]
-        if not has_key:
+        if not self._has_primary_key(table):
             keys = ", ".join(q(k) for k in table.primary_key)
             self.execute(f"ALTER TABLE {self.table_name(table)} ADD PRIMARY KEY ({keys})")
 

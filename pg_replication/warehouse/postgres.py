@@ -27,6 +27,7 @@ from psycopg import sql
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Column, PgType, Table
 from pg_replication.source.recovery import RowReader
+from pg_replication.source.snapshot import SliceReader
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, numeric_typmod
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import SLICE_COLUMN
@@ -71,6 +72,12 @@ def map_column(column: Column) -> TypeMapping:
     return TypeMapping(arrow, ddl, load=f"CAST({{0}} AS {ddl})", fallback=fallback)
 
 
+def _replica_select(name: str, mapping: TypeMapping) -> sql.Composable:
+    """A source column as the replica column's type (a no-op where they are the same type; an
+    enum, a composite or an unknown type as its text), for the binary copy."""
+    return sql.SQL("{}::{}").format(sql.Identifier(name), sql.SQL(mapping.ddl))  # type: ignore[arg-type]
+
+
 def _qmarks_to_pyformat(query: str) -> str:
     """The engine marks parameters with ``?``; psycopg wants ``%s`` (and ``%%`` for ``%``).
     Quoted identifiers and string literals are left as they are."""
@@ -99,6 +106,7 @@ class PostgresWarehouse(SqlWarehouse):
     name = "postgres"
     errors = (psycopg.Error,)
     counts_rows_cheaply = False  # count(*) scans the table
+    slice_eviction = "upsert"  # the key is declared from the start
     text_type = "text"
 
     def __init__(self, conn: psycopg.Connection, *, schema_prefix: str = "", read_only: bool = False) -> None:
@@ -157,6 +165,9 @@ class PostgresWarehouse(SqlWarehouse):
         self.execute(f"DROP TABLE IF EXISTS pg_temp.{self.ident(name)}")
 
     def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+        if isinstance(batches, SliceReader) and self._binary_compatible(batches.coordinator, table):
+            yield from self._binary_slice_relations(table, batches)
+            return
         relation = None
         try:
             for batch in batches:
@@ -168,6 +179,40 @@ class PostgresWarehouse(SqlWarehouse):
                 yield relation, batch
         finally:
             if relation is not None and not self.conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                self.unstage("pgr_slice")
+
+    def _binary_compatible(self, source: psycopg.Connection, table: Table) -> bool:
+        """Whether every column can travel in Postgres's binary format: the source selects each
+        value as the replica column's own type (``_replica_select``), so each type (and an
+        array's element type) needs binary send and receive functions."""
+        ddls = [m.ddl for _, m in self.column_mappings(table)]
+        row = source.execute(
+            "SELECT count(t.oid) = cardinality(%(d)s::text[]) AND coalesce(bool_and(t.typsend::oid <> 0 "
+            "AND t.typreceive::oid <> 0 AND coalesce(e.typsend::oid <> 0 AND e.typreceive::oid <> 0, true)), false) "
+            "FROM unnest(%(d)s::text[]) AS d(name) JOIN pg_type t ON t.oid = to_regtype(d.name) "
+            "LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typlen = -1",
+            {"d": ddls},
+        ).fetchone()
+        return bool(row and row[0])
+
+    def _binary_slice_relations(self, table: Table, reader: SliceReader) -> Iterator[tuple[str, None]]:
+        """The slice moved binary to binary: each piece's ``COPY … TO STDOUT (FORMAT binary)``
+        from the source is written as it arrives into ``COPY … FROM STDIN (FORMAT binary)`` of a
+        staging table typed like the replica table (inside the slice's transaction)."""
+        mappings = self.column_mappings(table)
+        cols = ", ".join(f"{self.ident(name)} {m.ddl}" for name, m in mappings)
+        self.execute("DROP TABLE IF EXISTS pg_temp.pgr_slice")
+        self.execute(f"CREATE TEMP TABLE pgr_slice ({cols})")
+        copy_in = sql.SQL("COPY pg_temp.pgr_slice FROM STDIN (FORMAT binary)")
+        try:
+            for chunks in reader.binary_copies(_replica_select):
+                self.execute("TRUNCATE pg_temp.pgr_slice")
+                with self.conn.cursor().copy(copy_in) as copy:
+                    for chunk in chunks:
+                        copy.write(chunk)
+                yield "pg_temp.pgr_slice", None
+        finally:
+            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
                 self.unstage("pgr_slice")
 
     def apply_segment(

@@ -12,6 +12,7 @@ import pyarrow as pa
 from pg_replication.errors import (
     WarehouseError,
 )
+from pg_replication.source.binary_copy import text_column
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
@@ -26,6 +27,11 @@ from pg_replication.warehouse.base import (
 
 class SliceWriter:
     """Mixed into ``engine.SqlWarehouse``: uses its dialect hooks and the other parts."""
+
+    # How a slice replaces rows with its keys already stored (see _load_rows): "after" all its
+    # batches are in, in one statement; "before" each batch (a table whose declared key the
+    # warehouse enforces at once: fakesnow); "upsert" by INSERT … ON CONFLICT (key).
+    slice_eviction = "after"
 
     def write_slice(
         self,
@@ -57,7 +63,9 @@ class SliceWriter:
                         lsn=plan.lsn,
                     )
                 self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
-                rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
+                # A first copy into an empty table (the common case) has nothing to evict.
+                evict = "slice" if self.fetchall(f"SELECT 1 FROM {target} LIMIT 1") else None
+                rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress, evict)
                 self._settle_leftovers(table, previous, still_in_source)
                 self._upsert_state(
                     "slices",
@@ -92,7 +100,7 @@ class SliceWriter:
         try:
             relations = self.slice_relations(table, batches)
             try:
-                rows, nbytes = self._load_rows(table, copy, relations, None, "a reload", evict=False)
+                rows, nbytes = self._load_rows(table, copy, relations, None, "a reload", evict=None)
             finally:
                 relations.close()  # type: ignore[attr-defined]
             with self.transaction():
@@ -119,32 +127,36 @@ class SliceWriter:
         slice_value: int | None,
         what: str,
         progress: Progress | None = None,
-        evict: bool = True,
+        evict: str | None = "batch",
     ) -> tuple[int, int]:
-        """Insert staged source rows into ``target``, first deleting rows with the same keys (a
-        row an update moved here from another slice's pages is still stored under that slice);
-        ``evict=False`` for a target that starts empty."""
+        """Insert staged source rows into ``target``. Rows with the same keys may be there already
+        (a row an update moved here from another slice's pages is still stored under that slice;
+        a re-run slice's previous copy): ``evict="batch"`` deletes them before each batch,
+        ``"slice"`` as the dialect's ``slice_eviction`` says (``slice_value`` tells the new rows
+        apart), None for a target that holds none."""
         mappings = dict(self.column_mappings(table))
-        names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
         keys = ", ".join(self.ident(k) for k in table.primary_key)
         tag = "NULL" if slice_value is None else str(int(slice_value))
-        select = ", ".join([m.load_sql(self.ident(n)) for n, m in mappings.items()] + [tag])
-        staged_keys = ", ".join(mappings[k].load_sql(self.ident(k)) for k in table.primary_key)
+        mode = self.slice_eviction_for(table) if evict == "slice" else None
+        if mode == "before":
+            evict = "batch"
+        upsert = mode == "upsert"
         rows = nbytes = 0
         for relation, batch in relations:
+            select = self._staged_loads(mappings, batch.schema if batch is not None else None)
+            names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
+            insert = f"INSERT INTO {target} ({names}) SELECT {', '.join(list(select.values()) + [tag])} FROM {relation}"
+            if upsert:
+                sets = ", ".join(f"{self.ident(n)} = EXCLUDED.{self.ident(n)}" for n in [*mappings, SLICE_COLUMN])
+                insert += f" ON CONFLICT ({keys}) DO UPDATE SET {sets}"
             try:
-                if evict:
+                if evict == "batch":
+                    staged_keys = ", ".join(select[k] for k in table.primary_key)
                     self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
-                self.execute(f"INSERT INTO {target} ({names}) SELECT {select} FROM {relation}")
+                self.execute(insert)
             except self.errors as exc:
                 where = f"rows {rows}..{rows + batch.num_rows}" if batch is not None else "its rows"
-                raise WarehouseError(
-                    f"{table.display}: the {self.name} warehouse refused {what} at {where}: "
-                    + str(exc).strip().splitlines()[0],
-                    table=table.display,
-                    hint="if a value does not fit its warehouse type (e.g. NaN in numeric(p,s)), "
-                    "see README, Type mapping; nothing of this write was committed",
-                ) from None
+                raise self._refused(table, what, where, exc) from None
             if batch is not None:
                 rows += batch.num_rows
                 nbytes += batch.nbytes
@@ -152,7 +164,41 @@ class SliceWriter:
                 rows += int(self.fetchall(f"SELECT count(*) FROM {relation}")[0][0])
             if progress is not None:
                 progress(rows, nbytes)
+        if evict == "slice" and not upsert:
+            slice_column = self.ident(SLICE_COLUMN)
+            try:
+                self.execute(
+                    f"DELETE FROM {target} WHERE ({slice_column} IS NULL OR {slice_column} <> {tag}) AND ({keys}) IN "
+                    f"(SELECT {keys} FROM {target} WHERE {slice_column} = {tag})"
+                )
+            except self.errors as exc:
+                raise self._refused(table, what, "the eviction of rows it replaces", exc) from None
         return rows, nbytes
+
+    def slice_eviction_for(self, table: Table) -> str:
+        return self.slice_eviction
+
+    def _staged_loads(self, mappings: dict, staged: pa.Schema | None) -> dict[str, str]:
+        """Per column, the load expression over the staged relation: text as it always was;
+        natively read columns as they are (with their text companion, see binary_copy)."""
+        out = {}
+        for position, (name, mapping) in enumerate(mappings.items()):
+            column = self.ident(name)
+            if staged is None or staged.get_field_index(name) < 0:
+                out[name] = mapping.load_sql(column)
+                continue
+            companion = text_column(position)
+            text = self.ident(companion) if staged.get_field_index(companion) >= 0 else None
+            out[name] = mapping.staged_load_sql(column, staged.field(name).type, text)
+        return out
+
+    def _refused(self, table: Table, what: str, where: str, exc: BaseException) -> WarehouseError:
+        return WarehouseError(
+            f"{table.display}: the {self.name} warehouse refused {what} at {where}: " + str(exc).strip().splitlines()[0],
+            table=table.display,
+            hint="if a value does not fit its warehouse type (e.g. NaN in numeric(p,s)), "
+            "see README, Type mapping; nothing of this write was committed",
+        )
 
     def _settle_leftovers(self, table: Table, marker: int, still_in_source: KeyCheck | None) -> None:
         """Rows the slice held before but not now: deleted in the source, or moved by an update to

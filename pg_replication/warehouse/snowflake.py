@@ -64,6 +64,7 @@ class SnowflakeWarehouse(SqlWarehouse):
     name = "snowflake"
     errors = (snowflake.connector.errors.Error, duckdb.Error)  # fakesnow leaks raw DuckDB errors
     text_type = "VARCHAR"
+    slice_eviction = "before"  # the key is declared, and fakesnow enforces it; one relation per slice
 
     def __init__(self, conn: SnowflakeConnection, *, read_only: bool = False, merge: bool = True) -> None:
         if getattr(conn, "_paramstyle", None) != "qmark":
