@@ -3,7 +3,8 @@ pytest-xdist worker gets a server of its own: worker N uses the base server's po
 is PGR_TEST_SERVER_URL's server or, unset, scripts/local-postgres's (PGR_PORT, 54329 by default).
 Worker 0, and a run without xdist, use the base server itself; another worker uses a server
 already listening on its port, or starts one with scripts/local-postgres in a data directory of
-its own (``.pg/worker-<port>``) and stops it when its session ends."""
+its own (``.pg/worker-<port>``) and stops it when its session ends (also one left running by an
+interrupted run)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ def _local_postgres(port: int, *args: str, instance: str | None = None) -> str:
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
 
-def _answers(url: str) -> bool:
+def _data_directory(url: str) -> str | None:
+    """The data directory of the server answering at ``url``; None when none answers."""
     try:
-        with psycopg.connect(url, connect_timeout=10):
-            return True
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            return conn.execute("SHOW data_directory").fetchone()[0]  # type: ignore[index]
     except psycopg.OperationalError:
-        return False
+        return None
 
 
 def _with_port(url: str, port: int) -> str:
@@ -58,16 +60,17 @@ def worker_server() -> Iterator[str]:
     params = psycopg.conninfo.conninfo_to_dict(base)
     port = int(params.get("port") or 5432) + n
     url = _with_port(base, port)
-    if _answers(url):
+    instance = f"worker-{port}"
+    running = _data_directory(url)
+    if running and not running.endswith(f"/{instance}/data"):  # somebody's own server: used, left running
         yield url
         return
-    if params.get("host", "127.0.0.1") not in LOCAL_HOSTS:
+    if not running and params.get("host", "127.0.0.1") not in LOCAL_HOSTS:
         raise RuntimeError(
             f"xdist worker {n} needs a Postgres server (wal_level=logical) on port {port} of {params.get('host')}: "
             "start one there, or run the suite without -n"
         )
-    instance = f"worker-{port}"
-    url = _local_postgres(port, instance=instance)
+    url = _local_postgres(port, instance=instance)  # started, or reused after an interrupted run
     try:
         yield url
     finally:
