@@ -62,11 +62,17 @@ class SliceWriter:
                         table=table.display,
                         lsn=plan.lsn,
                     )
-                self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
-                # A first copy into an empty table (the common case) has nothing to evict.
-                evict = "slice" if self.fetchall(f"SELECT 1 FROM {target} LIMIT 1") else None
+                slice_column = self.ident(SLICE_COLUMN)
+                # A slice copied before holds rows to replace; a first copy (the common case) has
+                # none, and into an empty table nothing to evict either. One look instead of the
+                # marking and settling scans, which find nothing then.
+                held = bool(self.fetchall(f"SELECT 1 FROM {target} WHERE {slice_column} = ? LIMIT 1", [index]))
+                if held:
+                    self.execute(f"UPDATE {target} SET {slice_column} = ? WHERE {slice_column} = ?", [previous, index])
+                evict = "slice" if held or self.fetchall(f"SELECT 1 FROM {target} LIMIT 1") else None
                 rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress, evict)
-                self._settle_leftovers(table, previous, still_in_source)
+                if held:
+                    self._settle_leftovers(table, previous, still_in_source)
                 self._upsert_state(
                     "slices",
                     {"table_key": table_key(table), "slice": index},
