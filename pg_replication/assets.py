@@ -41,6 +41,7 @@ class BackfillRequest:
     readers: int
     row_limit: int | None
     conninfo: str
+    max_snapshot_bytes: int | None = None  # heap bytes per snapshot slice (replication.yaml backfill:)
 
 
 class TableAssetTranslator:
@@ -129,6 +130,7 @@ def build_table_asset(table: Table, config: ReplicationConfig, translator: Table
                 readers=config.source.readers,
                 row_limit=entry.row_limit if entry else None,
                 conninfo=context.resources.source.conninfo,
+                max_snapshot_bytes=config.backfill.max_snapshot_bytes,
             ),
             output_name=spec.key.to_python_identifier(),
         )

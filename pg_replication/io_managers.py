@@ -38,6 +38,7 @@ class WarehouseIOManager(dg.ConfigurableIOManager):
                 row_limit=obj.row_limit,
                 cdc=SlotSettings(self.slot, self.publication),
                 log=context.log.info,
+                max_snapshot_bytes=obj.max_snapshot_bytes,
             )
             rows_now = warehouse.row_count(obj.table)
         context.add_output_metadata(
@@ -47,6 +48,8 @@ class WarehouseIOManager(dg.ConfigurableIOManager):
                 "seconds": dg.MetadataValue.float(round(result.seconds, 3)),
                 "rows_per_second": dg.MetadataValue.float(round(result.rows_per_second, 1)),
                 "slices": dg.MetadataValue.text(", ".join(str(s) for s in result.slices)),
+                "snapshots": dg.MetadataValue.int(result.snapshots),
+                "longest_snapshot_seconds": dg.MetadataValue.float(round(result.longest_snapshot_seconds, 3)),
                 "plan_lsn": dg.MetadataValue.text(result.plan_lsn),
                 "dagster/row_count": dg.MetadataValue.int(rows_now),
             }

@@ -175,7 +175,7 @@ class SliceWriter:
 
     def _start_streaming_when_complete(self, table: Table, read_rows: RowReader | None) -> None:
         state = self.load_state(table)
-        if state.plan is None or len(state.slices_done) < state.plan.partitions or state.status != "backfilling":
+        if state.plan is None or len(state.slices_done) < len(state.plan.slices) or state.status != "backfilling":
             return
         self.replay_log(table, read_rows)
         self.set_status(table_key(table), "streaming")
