@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import dagster as dg
 import duckdb
-import pytest
 
 from pg_replication.definitions import build_definitions
 from pg_replication_tests.operator import dagster_env, materialize, run_cli
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a backfill holds the pool and the DuckDB file for its whole copy, CDC waits")
 def test_other_tables_stream_while_a_large_table_backfills(pg, write_config, duckdb_path, tmp_path):
     pg.execute("CREATE TABLE small (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO small VALUES (1, 'before')")
