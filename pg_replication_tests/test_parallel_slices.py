@@ -52,7 +52,6 @@ class Rendezvous:
         return self.warehouse.write_slice(table, index, then_meet(), *args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a slice locks the table's state row for its whole copy, so slices of one table copy one at a time")
 def test_two_partitions_copy_at_once_into_the_replica(pg, pg_url, replica):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v numeric(12,2), pad text, at timestamptz)")
     pg.execute(

@@ -48,6 +48,12 @@ class SliceWriter:
         relations = self.slice_relations(table, batches)
         try:
             with self.transaction():
+                self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
+                rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
+                # Locked once the rows are in, not before: slices of one table copy in parallel
+                # where the warehouse takes parallel writers, and drains log this table's changes
+                # meanwhile. A key two parallel slices both hold (a row an update moved between
+                # their pages) was changed after the plan, so the log replay sets it once.
                 self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
                 stored = self.load_state(table).plan
                 if plan is not None and stored is not None and stored != plan:
@@ -56,8 +62,6 @@ class SliceWriter:
                         table=table.display,
                         lsn=plan.lsn,
                     )
-                self.execute(f"UPDATE {target} SET {self.ident(SLICE_COLUMN)} = ? WHERE {self.ident(SLICE_COLUMN)} = ?", [previous, index])
-                rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress)
                 self._settle_leftovers(table, previous, still_in_source)
                 self._upsert_state(
                     "slices",
