@@ -19,7 +19,7 @@ from pg_replication.definitions import build_definitions
 from pg_replication_tests.operator import dagster_env, materialize, run_cli
 
 
-def test_other_tables_stream_while_a_large_table_backfills(pg, write_config, duckdb_path, tmp_path):
+def test_other_tables_stream_while_a_large_table_backfills(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     pg.execute("CREATE TABLE small (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO small VALUES (1, 'before')")
     pg.execute("CREATE TABLE big (id int PRIMARY KEY, pad text)")
@@ -30,7 +30,8 @@ def test_other_tables_stream_while_a_large_table_backfills(pg, write_config, duc
     assert job.execute_in_process(asset_selection=[dg.AssetKey(["public", "small"])], partition_key="000").success
 
     pg.execute("INSERT INTO small VALUES (2, 'written before the backfill, applied during it')")
-    out = run_cli(materialize("public/big", "000...000"), dagster_env(tmp_path), tmp_path)
+    env = dagster_env(tmp_path)
+    out = run_cli(materialize("public/big", "000...000"), env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
 
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
@@ -43,3 +44,10 @@ def test_other_tables_stream_while_a_large_table_backfills(pg, write_config, duc
     assert small == pg.execute("SELECT id, v FROM small ORDER BY id").fetchall()
     assert big == 4000 and len(copied) >= 3
     assert drained and copied[0] < drained[0][0] < copied[-1], (copied, drained)
+    # The asset of the streaming table shows the change, as a drain run would have reported it.
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to where the CLI ran
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey(["public", "small"]))
+    assert event is not None and "between backfill slices" in (event.asset_materialization.description or "")
+    assert event.asset_materialization.metadata["inserted"].value == 1
