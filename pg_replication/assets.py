@@ -6,6 +6,7 @@ keys or groups without forking the factory.
 
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
@@ -41,6 +42,10 @@ class BackfillRequest:
     readers: int
     row_limit: int | None
     conninfo: str
+    max_snapshot_bytes: int | None = None  # heap bytes per snapshot slice (replication.yaml backfill:)
+    # The slot's tables, drained between slices (backfill_drain.py), and their asset keys.
+    stream_tables: tuple[Table, ...] = ()
+    asset_key_of: Callable[[Table], dg.AssetKey] | None = None
 
 
 class TableAssetTranslator:
@@ -103,7 +108,11 @@ class TableAssetTranslator:
         )
 
 
-def build_table_asset(table: Table, config: ReplicationConfig, translator: TableAssetTranslator) -> dg.AssetsDefinition:
+def build_table_asset(
+    table: Table, config: ReplicationConfig, translator: TableAssetTranslator, stream_tables: Sequence[Table] = ()
+) -> dg.AssetsDefinition:
+    """``stream_tables``: the tables of the source's slot (strategy cdc), drained between the
+    backfill's slices."""
     spec = translator.get_asset_spec(table).with_io_manager_key(WAREHOUSE_IO_MANAGER_KEY)
     partitions = translator.get_partitions(table)
     entry = table.entry
@@ -129,6 +138,9 @@ def build_table_asset(table: Table, config: ReplicationConfig, translator: Table
                 readers=config.source.readers,
                 row_limit=entry.row_limit if entry else None,
                 conninfo=context.resources.source.conninfo,
+                max_snapshot_bytes=config.backfill.max_snapshot_bytes,
+                stream_tables=tuple(stream_tables),
+                asset_key_of=translator.get_asset_key,
             ),
             output_name=spec.key.to_python_identifier(),
         )

@@ -1,5 +1,9 @@
 """Backfill one table's partitions into a warehouse: plan once, then copy slice by slice.
 
+A partition is one or several short slices (see source/snapshot.py), each copied under its own
+snapshot and committed on its own; between two of them the caller's ``between_slices`` runs (the
+IO manager drains the slot there, so a long backfill holding the warehouse does not stop CDC).
+
 No Dagster here: the IO managers call ``run_backfill`` and report what it returns.
 """
 
@@ -10,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pg_replication.errors import PlanMismatchError
+from pg_replication.failpoints import failpoint
 from pg_replication.source.catalog import Table, describe_new_columns, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
@@ -18,7 +23,7 @@ from pg_replication.source.relation_identity import relation_identity
 from pg_replication.source.inflight import wait_for_writers
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.slot import add_to_publication, ensure_slot
-from pg_replication.source.snapshot import BackfillPlan, PlanStaleError, SliceReader, keys_in_source, make_plan
+from pg_replication.source.snapshot import BackfillPlan, PlanStaleError, SliceReader, keys_in_source, make_plan, replan
 from pg_replication.source.triggers import require_capture
 from pg_replication.source.watermarks import Watermark, initial_mark
 from pg_replication.types import SESSION_OPTIONS
@@ -33,8 +38,10 @@ class BackfillResult:
     rows: int
     bytes: int
     seconds: float
-    slices: tuple[int, ...]
+    slices: tuple[int, ...]  # the partitions copied
     plan_lsn: str
+    snapshots: int = 0  # the slices copied, each under its own snapshot
+    longest_snapshot_seconds: float = 0.0
 
     @property
     def rows_per_second(self) -> float:
@@ -48,7 +55,12 @@ class SlotSettings:
 
 
 def ensure_plan(
-    conninfo: str, warehouse: Warehouse, table: Table, partitions: int, cdc: SlotSettings | None = None
+    conninfo: str,
+    warehouse: Warehouse,
+    table: Table,
+    partitions: int,
+    cdc: SlotSettings | None = None,
+    max_snapshot_bytes: int | None = None,
 ) -> BackfillPlan:
     """The stored plan, or a new one. With CDC, the slot exists and the table is published
     before the plan's LSN is read, and that before any page is counted: every change the
@@ -76,7 +88,7 @@ def ensure_plan(
                 identity = {"relation_oid": now.oid, "publication_member": now.member, "covered_lsn": lsn_to_int(lsn)}
             # Read before the pages are counted: every row the slices might miss is past it.
             mark = Watermark(initial_mark(conn, table)).to_json()
-            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn), mark, identity)
+            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn, max_snapshot_bytes), mark, identity)
     if plan.partitions != partitions:
         raise PlanMismatchError(
             f"{table.display}: the stored backfill plan has {plan.partitions} partitions "
@@ -106,7 +118,13 @@ def run_backfill(
     row_limit: int | None = None,
     cdc: SlotSettings | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    max_snapshot_bytes: int | None = None,
+    between_slices: Callable[[], None] = lambda: None,
 ) -> BackfillResult:
+    """Copy partitions ``slices`` (each one or several snapshot slices, planned once with
+    ``max_snapshot_bytes`` of heap at most per slice). ``between_slices`` runs after every slice
+    but the last, while nothing of the backfill is open (neither a snapshot nor a warehouse
+    transaction)."""
     if cdc is not None and table.strategy == "cdc":
         with connect(conninfo) as conn:
             now = relation_identity(conn, cdc.publication, table)
@@ -114,12 +132,18 @@ def run_backfill(
         if reason is not None:  # a plan for another relation, or a stream with a gap
             log(f"{table.display}: backfill restarted: {reason}")
     table = current_table(conninfo, warehouse, table)
-    plan = ensure_plan(conninfo, warehouse, table, partitions, cdc)
-    per_slice_limit = -(-row_limit // partitions) if row_limit else None
+    plan = ensure_plan(conninfo, warehouse, table, partitions, cdc, max_snapshot_bytes)
+    per_slice_limit = -(-row_limit // len(plan.slices)) if row_limit else None
     started = time.monotonic()
     total_rows = total_bytes = 0
-    for index in slices:
+    # Slices keep their partition across re-plans (replan), so this list stays valid.
+    work = [(partition, index) for partition in slices for index in plan.slices_of(partition)]
+    longest = 0.0
+    for done, (partition, index) in enumerate(work):
+        if done:
+            between_slices()
         slice_started = last_report = time.monotonic()
+        name = f"slice {index}" if len(work) == len(slices) else f"slice {index} (partition {partition})"
 
         def progress(rows: int, nbytes: int, index: int = index) -> None:
             nonlocal last_report
@@ -127,7 +151,7 @@ def run_backfill(
             if now - last_report >= PROGRESS_EVERY_SECONDS:
                 last_report = now
                 rate = rows / max(now - slice_started, 1e-9)
-                log(f"{table.display} slice {index}: {rows:,} rows, {nbytes / 2**20:,.0f} MiB, {rate:,.0f} rows/s")
+                log(f"{table.display} {name}: {rows:,} rows, {nbytes / 2**20:,.0f} MiB, {rate:,.0f} rows/s")
 
         table = current_table(conninfo, warehouse, table)  # columns may change between slices
         if table.strategy in ("cdc", "triggers"):
@@ -138,10 +162,12 @@ def run_backfill(
             conninfo, warehouse, table, plan, index, readers, per_slice_limit, log,
             lambda reader, plan: warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows, plan),
         )
+        failpoint("after_slice")
         total_rows += result.rows
         total_bytes += result.bytes
-        log(f"{table.display} slice {index} done: {result.rows:,} rows in {time.monotonic() - slice_started:.1f} s")
-    return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn)
+        longest = max(longest, time.monotonic() - slice_started)
+        log(f"{table.display} {name} done: {result.rows:,} rows in {time.monotonic() - slice_started:.1f} s")
+    return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn, len(work), longest)
 
 
 def _copy_slice(
@@ -184,7 +210,7 @@ def _replan(conninfo: str, warehouse: Warehouse, table: Table, stale: BackfillPl
     warehouse, and re-copied ones replace them by key). The plan LSN stays: changes after it are
     in the slot whatever the pages."""
     done = warehouse.load_state(table).slices_done
-    only = sorted({k for k in range(stale.partitions) if k not in done} | {index})
+    only = sorted({k for k in range(len(stale.slices)) if k not in done} | {index})
     with connect(conninfo, options=SESSION_OPTIONS) as conn:
-        plan = make_plan(conn, table, stale.partitions, stale.lsn, only)
+        plan = replan(conn, table, stale, only)
     return warehouse.replace_plan(table, stale, plan, rerun=index)

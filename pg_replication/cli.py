@@ -66,7 +66,7 @@ def cmd_status(args) -> int:
                 {
                     "table": key,
                     "status": r.get("status"),
-                    "backfill": f"{r.get('slices_done', 0)}/{r.get('partitions') or '-'}",
+                    "backfill": f"{r.get('slices_done', 0)}/{r.get('slices') or '-'}",  # snapshot slices, several per partition
                     "applied_lsn": int_to_lsn(r["applied_lsn"]) if r.get("applied_lsn") else None,
                     "source_rows_est": estimates.get(key),
                     "warehouse_rows": wh_rows,

@@ -102,6 +102,40 @@ def _check_cron(value: str) -> str:
 
 OnSchemaChange = Literal["resync", "fail"]
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB|kB|MB|GB|TB)?\s*$")
+_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+          "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+MIN_SNAPSHOT_BYTES = 8192  # one heap page: a slice never holds less
+
+
+def parse_size(value: Any) -> int:
+    """A byte count: an integer, or a string such as "1 GiB", "512MiB", "2GB"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size in bytes, e.g. 1073741824 or \"1 GiB\"")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a size: write bytes (1073741824) or a number with a unit (\"1 GiB\", \"512 MiB\")")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+class BackfillConfig(_Model):
+    max_snapshot_bytes: int = Field(
+        1 << 30,
+        description="Heap bytes one backfill slice copies under one source snapshot (an int, or \"1 GiB\"). "
+        "Partitions larger than this are copied as several slices, each with its own snapshot and "
+        "commit, so the source's xmin horizon is held only while one slice copies.",
+    )
+
+    @field_validator("max_snapshot_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        size = parse_size(value)
+        if size < MIN_SNAPSHOT_BYTES:
+            raise ValueError(f"{size} bytes is less than one 8 KiB heap page; use at least {MIN_SNAPSHOT_BYTES} (e.g. \"1 GiB\")")
+        return size
+
 
 class Defaults(_Model):
     partitions: Annotated[int, Field(ge=1, le=4096)] = 4
@@ -214,6 +248,7 @@ class ReplicationConfig(_Model):
     source: SourceConfig = SourceConfig()
     warehouse: WarehouseConfig = WarehouseConfig()
     defaults: Defaults = Defaults()
+    backfill: BackfillConfig = BackfillConfig()
     notifications: NotificationConfig | None = None
     tables: list[TableEntry] = Field(min_length=1)
 

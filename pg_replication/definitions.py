@@ -57,7 +57,8 @@ def build_definitions(
     catalog = load_catalog(config)  # never fails for one table, nor for a source that is down
     tables = catalog.tables
     translator = translator_class(config)
-    assets = [build_table_asset(t, config, translator) for t in tables]
+    streamed = [t for t in tables if t.strategy == "cdc"]  # the slot's tables, as the drain job has them
+    assets = [build_table_asset(t, config, translator, streamed) for t in tables]
     check_unique_keys(assets, tables)
     assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"]) for t in catalog.left_out]
     cdc_job = build_cdc_job(config, tables, translator)

@@ -21,8 +21,12 @@ def bare_table(schema: str, name: str, key: tuple[str, ...] = ("id",)) -> Table:
 
 
 class Harness:
-    def __init__(self, pg_url: str, target: Target | Path, tables: list, partitions: int = 3, slot: str = "pgr_test") -> None:
+    def __init__(
+        self, pg_url: str, target: Target | Path, tables: list, partitions: int = 3, slot: str = "pgr_test",
+        max_snapshot_bytes: int | None = None,
+    ) -> None:
         self.pg_url = pg_url
+        self.max_snapshot_bytes = max_snapshot_bytes
         self.target = DuckDBTarget(target) if isinstance(target, Path) else target
         self.partitions = partitions
         self.raw_tables = tables
@@ -47,6 +51,7 @@ class Harness:
                     run_backfill(
                         self.pg_url, wh, table, range(self.partitions) if slices is None else slices,
                         partitions=self.partitions, cdc=SlotSettings(self.settings.slot, self.settings.publication),
+                        max_snapshot_bytes=self.max_snapshot_bytes,
                     )
 
     def drain(self, **overrides) -> DrainResult:

@@ -11,6 +11,12 @@ and moves rows to other pages. The plan keeps each leaf's relfilenode, and every
 inside its own snapshot, under an ACCESS SHARE lock that keeps rewrites out until the slice's
 reader closes: a changed file raises PlanStaleError and the caller re-plans (backfill.py).
 
+Slices are short: each holds at most ``max_pages`` heap pages (replication.yaml
+``backfill.max_snapshot_bytes``), so one snapshot, and the source's xmin horizon it pins, lives
+only as long as that much heap takes to copy. A Dagster partition owns one slice or several
+consecutive ones; each slice is copied and committed on its own (its own snapshot, its own
+transaction in the warehouse), exactly as a partition was before.
+
 Reading a slice runs ``readers`` binary COPY streams (``binary_copy``: typed Arrow, parsed in
 C++) in parallel threads, all inside one exported snapshot, so a slice is a consistent picture
 even though its pages are read by several sessions. A Postgres replica may take the slice's raw
@@ -66,27 +72,38 @@ class PlanStaleError(PgReplicationError):
 
 @dataclass(frozen=True)
 class BackfillPlan:
-    """Where each backfill partition reads from, and the LSN from which changes must be replayed.
+    """Where each backfill slice reads from, which Dagster partition owns it, and the LSN from
+    which changes must be replayed.
 
-    ``filenodes`` holds (schema, relation, relfilenode) of every leaf the pages were counted in;
-    empty for plans stored by an earlier version (not checked)."""
+    ``slices`` are the snapshot slices, in page order; ``owners[i]`` is the partition of slice i
+    (non-decreasing, every partition owns at least one); empty for plans stored by an earlier
+    version, where slice i is partition i. ``filenodes`` holds (schema, relation, relfilenode) of
+    every leaf the pages were counted in; empty for plans stored by an earlier version (not checked)."""
 
     lsn: str
     slices: tuple[tuple[Segment, ...], ...]
     filenodes: tuple[tuple[str, str, int], ...] = ()
+    owners: tuple[int, ...] = ()
 
     @property
     def partitions(self) -> int:
-        return len(self.slices)
+        return self.owners[-1] + 1 if self.owners else len(self.slices)
+
+    def slices_of(self, partition: int) -> list[int]:
+        """The slices partition ``partition`` copies, in page order."""
+        if not self.owners:
+            return [partition]
+        return [i for i, owner in enumerate(self.owners) if owner == partition]
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "lsn": self.lsn,
-                "slices": [[[s.schema, s.relation, s.start, s.end] for s in sl] for sl in self.slices],
-                "filenodes": [list(f) for f in self.filenodes],
-            }
-        )
+        data = {
+            "lsn": self.lsn,
+            "slices": [[[s.schema, s.relation, s.start, s.end] for s in sl] for sl in self.slices],
+            "filenodes": [list(f) for f in self.filenodes],
+        }
+        if self.owners:
+            data["owners"] = list(self.owners)
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> BackfillPlan:
@@ -95,6 +112,7 @@ class BackfillPlan:
             data["lsn"],
             tuple(tuple(Segment(*seg) for seg in sl) for sl in data["slices"]),
             tuple((s, r, int(f)) for s, r, f in data.get("filenodes", ())),
+            tuple(int(o) for o in data.get("owners", ())),
         )
 
     def stale_because(self, conn: psycopg.Connection, leaves: Sequence[tuple[str, str]]) -> str | None:
@@ -131,21 +149,66 @@ def relation_filenode(conn: psycopg.Connection, schema: str, relation: str) -> i
     return int(row[0]) if row and row[0] is not None else None
 
 
+def block_size(conn: psycopg.Connection) -> int:
+    return int(conn.execute("SELECT current_setting('block_size')::int").fetchone()[0])  # type: ignore[index]
+
+
 def make_plan(
-    conn: psycopg.Connection, table: Table, partitions: int, lsn: str, only: Sequence[int] | None = None
+    conn: psycopg.Connection, table: Table, partitions: int, lsn: str, max_bytes: int | None = None
 ) -> BackfillPlan:
-    """Cut the table's pages (over all its leaf partitions) into ``partitions`` contiguous slices.
-    ``only``: cut them among these slices alone, the others get no pages (a re-plan after a
-    rewrite, when the other slices are already copied)."""
+    """Cut the table's pages (over all its leaf partitions) into ``partitions`` contiguous
+    partitions, and each of those into slices of at most ``max_bytes`` of heap (one slice per
+    partition when None)."""
     # Files before pages: a rewrite in between leaves the plan with the old file, and stale.
     filenodes = tuple((schema, rel, relation_filenode(conn, schema, rel) or 0) for schema, rel in table.leaves)
     pages = [(schema, rel, relation_pages(conn, schema, rel)) for schema, rel in table.leaves]
-    owners = list(range(partitions)) if only is None else sorted(set(only))
-    cut = _cut(pages, len(owners))
-    slices: list[tuple[Segment, ...]] = [() for _ in range(partitions)]
-    for owner, segments in zip(owners, cut):
+    max_pages = max(1, max_bytes // block_size(conn)) if max_bytes else None
+    slices: list[tuple[Segment, ...]] = []
+    owners: list[int] = []
+    for partition, segments in enumerate(_cut(pages, partitions)):
+        pieces = _short_slices(segments, pages, max_pages)
+        slices += pieces
+        owners += [partition] * len(pieces)
+    return BackfillPlan(lsn, tuple(slices), filenodes, tuple(owners))
+
+
+def replan(conn: psycopg.Connection, table: Table, stale: BackfillPlan, only: Sequence[int]) -> BackfillPlan:
+    """The plan after a rewrite: the pages now on disk are cut among slices ``only`` (those not
+    copied yet); the other slices get none, and every slice keeps its partition."""
+    filenodes = tuple((schema, rel, relation_filenode(conn, schema, rel) or 0) for schema, rel in table.leaves)
+    pages = [(schema, rel, relation_pages(conn, schema, rel)) for schema, rel in table.leaves]
+    owners = sorted(set(only))
+    slices: list[tuple[Segment, ...]] = [() for _ in stale.slices]
+    for owner, segments in zip(owners, _cut(pages, len(owners))):
         slices[owner] = segments
-    return BackfillPlan(lsn, tuple(slices), filenodes)
+    return BackfillPlan(stale.lsn, tuple(slices), filenodes, stale.owners)
+
+
+def _short_slices(
+    segments: tuple[Segment, ...], pages: list[tuple[str, str, int]], max_pages: int | None
+) -> list[tuple[Segment, ...]]:
+    """One partition's segments as consecutive slices of at most ``max_pages`` pages each (the
+    open end of a leaf stays on the last piece of it). A partition without pages keeps one slice."""
+    if max_pages is None:
+        return [segments]
+    counted = {(schema, rel): count for schema, rel, count in pages}
+    slices: list[list[Segment]] = [[]]
+    room = max_pages
+    for seg in segments:
+        stop = seg.end if seg.end is not None else counted[(seg.schema, seg.relation)]
+        start = seg.start
+        while True:
+            if room == 0 and stop > start:
+                slices.append([])
+                room = max_pages
+            take = min(room, stop - start)
+            end = start + take
+            slices[-1].append(Segment(seg.schema, seg.relation, start, seg.end if end >= stop else end))
+            room -= take
+            start = end
+            if start >= stop:
+                break
+    return [tuple(s) for s in slices]
 
 
 def _cut(pages: list[tuple[str, str, int]], partitions: int) -> list[tuple[Segment, ...]]:

@@ -54,14 +54,6 @@ class SliceWriter:
         relations = self.slice_relations(table, batches)
         try:
             with self.transaction():
-                self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
-                stored = self.load_state(table).plan
-                if plan is not None and stored is not None and stored != plan:
-                    raise PlanStaleError(
-                        f"{table.display}: slice {index} was read under a plan another run has replaced",
-                        table=table.display,
-                        lsn=plan.lsn,
-                    )
                 slice_column = self.ident(SLICE_COLUMN)
                 # A slice copied before holds rows to replace; a first copy (the common case) has
                 # none, and into an empty table nothing to evict either. One look instead of the
@@ -71,6 +63,18 @@ class SliceWriter:
                     self.execute(f"UPDATE {target} SET {slice_column} = ? WHERE {slice_column} = ?", [previous, index])
                 evict = "slice" if held or self.fetchall(f"SELECT 1 FROM {target} LIMIT 1") else None
                 rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress, evict)
+                # Locked once the rows are in, not before: slices of one table copy in parallel
+                # where the warehouse takes parallel writers, and drains log this table's changes
+                # meanwhile. A key two parallel slices both hold (a row an update moved between
+                # their pages) was changed after the plan, so the log replay sets it once.
+                self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
+                stored = self.load_state(table).plan
+                if plan is not None and stored is not None and stored != plan:
+                    raise PlanStaleError(
+                        f"{table.display}: slice {index} was read under a plan another run has replaced",
+                        table=table.display,
+                        lsn=plan.lsn,
+                    )
                 if held:
                     self._settle_leftovers(table, previous, still_in_source)
                 self._upsert_state(
@@ -227,7 +231,7 @@ class SliceWriter:
 
     def _start_streaming_when_complete(self, table: Table, read_rows: RowReader | None) -> None:
         state = self.load_state(table)
-        if state.plan is None or len(state.slices_done) < state.plan.partitions or state.status != "backfilling":
+        if state.plan is None or len(state.slices_done) < len(state.plan.slices) or state.status != "backfilling":
             return
         self.replay_log(table, read_rows)
         self.set_status(table_key(table), "streaming")

@@ -247,6 +247,7 @@ class StateStore:
                     "error": error,
                     "applied_lsn": lsn,
                     "partitions": BackfillPlan.from_json(plan).partitions if plan else None,
+                    "slices": len(BackfillPlan.from_json(plan).slices) if plan else None,
                     "slices_done": done.get(key, 0),
                     "updated_at": datetime.fromtimestamp(float(updated), timezone.utc) if updated else None,
                 }
