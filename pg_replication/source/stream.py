@@ -236,6 +236,7 @@ class SlotStream:
             raise SourceUnavailableError(f"replication stream from slot {self.slot!r} closed before the confirmation") from None
 
     def close(self) -> None:
+        self._reader = None  # it holds the connection's PGconn pointer: never used past its close
         conn, self._conn = getattr(self, "_conn", None), None
         if conn is not None:
             conn.close()
