@@ -17,7 +17,7 @@ build-deps:
 	  else echo "make: install a C compiler and Python headers first: sudo apt-get install build-essential python3-dev"; exit 1; fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py pg_replication/source/_rowdecode.c | build-deps
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard pg_replication/source/_*.[ch]) | build-deps
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -6,18 +6,25 @@ On the backfill benchmark's table (``bench_rows`` in database ``pgr_bench``, bui
 rows by default) backfilled into a fresh warehouse (bench/warehouses.py), it writes N changes (40% inserts, 40%
 updates, 20% deletes, in transactions of 1,000), then measures in the same run:
   1. the decode limit: ``SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)``;
-  2. our drain: stream (START_REPLICATION) + decode + fold + apply + commit + slot confirm,
+  2. the stream limit: Postgres's own ``pg_recvlogical`` (C) receiving the same changes from a
+     second slot into /dev/null: what the walsender delivers to the fastest client;
+  3. our drain: stream (START_REPLICATION) + decode + fold + apply + commit + slot confirm,
      until caught up.
-Prints changes/s, the ratio to the limit and the peak RSS of this process. ``--profile`` writes a
-cProfile of the drains (read it with ``python -m pstats FILE``).
+Prints changes/s, the ratio to the limit, the CPU time this process spent on the drains (user +
+system: the client's own cost, which the other load on a shared machine moves much less than the
+wall-clock time) and its peak RSS. ``--profile`` writes a cProfile of the drains (read it with
+``python -m pstats FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import glob
 import os
 import resource
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +43,7 @@ from pg_replication.source.connection import connect  # noqa: E402
 from pg_replication.warehouse.connect import open_warehouse  # noqa: E402
 
 SLOT, PUBLICATION = "pgr_bench_cdc", "pgr_bench_cdc"
+STREAM_SLOT = "pgr_bench_cdc_stream"  # read by pg_recvlogical only
 
 
 def write_changes(url: str, changes: int, rows: int) -> None:
@@ -64,6 +72,34 @@ def decode_limit(url: str) -> tuple[float, int]:
         return n / (time.perf_counter() - started), n
 
 
+def _pg_recvlogical() -> str | None:
+    found = shutil.which("pg_recvlogical")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_recvlogical"))
+    return candidates[-1] if candidates else None
+
+
+def _drop_slot(url: str, slot: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone():
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+
+
+def stream_limit(url: str, messages: int) -> float | None:
+    """Messages/s ``pg_recvlogical`` receives from STREAM_SLOT up to the current WAL position."""
+    binary = _pg_recvlogical()
+    if binary is None:
+        return None
+    with psycopg.connect(url, autocommit=True) as conn:
+        end = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+    command = [binary, "-d", url, "--slot", STREAM_SLOT, "--start", "-o", "proto_version=1", "-o", f"publication_names={PUBLICATION}",
+               "-E", end, "--no-loop", "-f", "/dev/null"]
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return messages / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
@@ -83,13 +119,22 @@ def main() -> None:
     print(f"backfilling {args.rows:,} rows into {where} ...", flush=True)
     with open_warehouse(config) as wh:
         run_backfill(url, wh, table, range(4), partitions=4, cdc=SlotSettings(SLOT, PUBLICATION))
+    _drop_slot(url, STREAM_SLOT)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (STREAM_SLOT,))
     print(f"writing {args.changes:,} changes ...", flush=True)
     write_changes(url, args.changes, args.rows)
     limit, messages = decode_limit(url)
     print(f"decode limit  : {limit:>10,.0f} messages/s  (server-side count over peek, {messages:,} messages)")
+    streamed = stream_limit(url, messages)
+    _drop_slot(url, STREAM_SLOT)
+    if streamed is None:
+        print("stream limit  : not measured (no pg_recvlogical)")
+    else:
+        print(f"stream limit  : {streamed:>10,.0f} messages/s  (pg_recvlogical into /dev/null, the same changes)")
     settings = DrainSettings(SLOT, PUBLICATION, max_changes=args.batch)
     profiler = cProfile.Profile() if args.profile else None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     applied = drains = 0
     if profiler:
         profiler.enable()
@@ -100,7 +145,7 @@ def main() -> None:
             drains += 1
             if result.caught_up:
                 break
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if profiler:
         profiler.disable()
         profiler.dump_stats(args.profile)
@@ -108,6 +153,9 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"pg_replication: {applied / elapsed:>9,.0f} changes/s applied into {args.warehouse} ({applied:,} changes, {drains} drains, {elapsed:.1f} s)")
     print(f"ratio to limit: {ours / limit:.2f} (messages/s over the same stream)   peak RSS: {peak_mib:,.0f} MiB")
+    if streamed is not None:
+        print(f"ratio to stream limit: {ours / streamed:.2f}")
+    print(f"client CPU    : {cpu:.2f} s ({cpu / max(applied, 1) * 1e6:.1f} µs per change; the rest of the wall time waits on the servers)")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (SLOT,))
 

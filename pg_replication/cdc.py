@@ -28,6 +28,7 @@ from pg_replication.column_changes import ColumnSegment
 from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.failpoints import failpoint
 from pg_replication.source import pgoutput as po
+from pg_replication.source._rowdecode import RowColumns
 from pg_replication.source.catalog import Column, PgType, Table, describe_new_columns, load_types
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
@@ -167,10 +168,10 @@ _ROW_CHANGES = frozenset(b"IUD")
 _RELATION_OID = struct.Struct(">I")
 
 
-def _segment(tb: TableBatch, plan: _RelationPlan, fast: dict[int, Callable[[bytes], int]]) -> Segment | ColumnSegment:
+def _segment(tb: TableBatch, plan: _RelationPlan, fast: dict[int, RowColumns]) -> Segment | ColumnSegment:
     """The table's segment for the relation's current columns: a new one decoded into columns
     when the columns changed, or the relation's plan (a type change: a ColumnSegment converts at
-    the end); then every cached adder may point at a segment no longer last: dropped."""
+    the end); then every route may point at a segment no longer last: dropped."""
     segment = tb.segments[-1] if tb.segments else None
     if segment is None or type(segment) is StagedPart or segment.columns != plan.columns or (type(segment) is ColumnSegment and segment.origin is not plan):
         fast.clear()
@@ -180,15 +181,15 @@ def _segment(tb: TableBatch, plan: _RelationPlan, fast: dict[int, Callable[[byte
     return segment
 
 
-def _add_change(tb: TableBatch, plan: _RelationPlan, oid: int, data: bytes, fast: dict[int, Callable[[bytes], int]]) -> None:
+def _add_change(tb: TableBatch, plan: _RelationPlan, oid: int, data: bytes, fast: dict[int, RowColumns]) -> None:
     """Add one Insert, Update or Delete message to the table's batch. The compiled decoder takes
-    it when it can (and ``fast`` remembers where the relation's next changes go); otherwise
-    (unchanged TOAST, malformed input) the segment goes on folded in Python and the message is
-    decoded by source/pgoutput.py."""
+    it when it can (and ``fast`` routes the relation's next changes there: the stream's reader
+    hands them over in C); otherwise (unchanged TOAST, malformed input) the segment goes on
+    folded in Python and the message is decoded by source/pgoutput.py."""
     segment = _segment(tb, plan, fast)
     if type(segment) is ColumnSegment:
         if segment.add(data) > 0:
-            fast[oid] = segment.add
+            fast[oid] = segment.decoded
             return
         fast.clear()
         segment.count_into(tb.stats)
@@ -290,13 +291,18 @@ def _read_batch(
     batches: dict[str, TableBatch] = {}
     failed: dict[str, str] = {}
     last_end = None
-    changes = transactions = nbytes = held = peak = 0
+    changes = transactions = held = peak = 0
     exhausted = in_transaction = False
     skipping = False
     commit_lsn = commit_time = 0
     quiet_lsn = 0
-    fast: dict[int, Callable[[bytes], int]] = {}  # relation oid: its table's current ColumnSegment.add
+    # relation oid: its table's current ColumnSegment's decoder. The stream's reader hands it
+    # the relation's row changes itself (in C), and adds the oid to ``touched``: they reach this
+    # loop only when the decoder does not take them.
+    fast: dict[int, RowColumns] = {}
     touched: set[int] = set()  # relations changed in this transaction (stats noted at its commit)
+    stream.route_changes(fast, touched)
+    bytes_before, routed_before, routed_bytes_before = stream.bytes, stream.routed_changes, stream.routed_bytes
     deadline = time.monotonic() + settings.max_seconds
     idle = settings.idle_ms / 1000
 
@@ -338,7 +344,6 @@ def _read_batch(
                 continue
             quiet_lsn = stream.server_end
             break
-        nbytes += len(data)
         if streams is not None and streams.current is not None:  # a block of a streamed transaction
             xid, msg = po.decode_streamed(data)
             kind = type(msg)
@@ -353,6 +358,7 @@ def _read_batch(
                     _fold_change(msg, plan, segment, stats)  # type: ignore[arg-type]
             elif kind is po.StreamStop:
                 streams.stop()
+                stream.in_stream_block = False
             elif kind is po.Relation:
                 txn.relations[msg.oid] = plan_for(msg)  # type: ignore[arg-type, union-attr]
             elif kind is po.Truncate:
@@ -370,8 +376,8 @@ def _read_batch(
             if skipping:
                 continue
             oid = _RELATION_OID.unpack_from(data, 1)[0]
-            add = fast.get(oid)
-            if add is None or add(data) < 0:
+            rows = fast.get(oid)
+            if rows is None or rows.add(data) < 0:
                 plan = plan_of(oid)
                 if plan is None:
                     continue
@@ -390,7 +396,7 @@ def _read_batch(
         if kind is po.Begin:
             in_transaction = True
             commit_lsn, commit_time = msg.final_lsn, msg.commit_time  # type: ignore[union-attr]
-            skipping = commit_lsn < skip_below
+            skipping = stream.skip_changes = commit_lsn < skip_below
             continue
         if kind is po.Commit or kind is po.StreamCommit:
             if kind is po.StreamCommit:
@@ -414,14 +420,16 @@ def _read_batch(
                 touched.clear()
                 transactions += 0 if skipping else 1
             last_end = msg.end_lsn  # type: ignore[union-attr]
-            peak = max(peak, held + (streams.held_bytes if streams is not None else 0))
+            held_now = held + stream.routed_bytes - routed_bytes_before
+            peak = max(peak, held_now + (streams.held_bytes if streams is not None else 0))
             spent = time.monotonic() >= deadline and not (streams is not None and streams.open)
-            if changes >= settings.max_changes or held >= settings.max_bytes or spent:
+            if changes + stream.routed_changes - routed_before >= settings.max_changes or held_now >= settings.max_bytes or spent:
                 break
             continue
         if kind is po.StreamStart:
             assert streams is not None
             streams.start(msg.xid, msg.first_segment)  # type: ignore[union-attr]
+            stream.in_stream_block = True  # its row changes carry an xid: never routed
             continue
         if kind is po.StreamAbort:
             assert streams is not None
@@ -446,6 +454,9 @@ def _read_batch(
         for segment in tb.segments:
             if type(segment) is ColumnSegment:
                 segment.count_into(tb.stats)
+    changes += stream.routed_changes - routed_before
+    held += stream.routed_bytes - routed_bytes_before
+    nbytes = stream.bytes - bytes_before
     decoded = _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn, failed)
     decoded.held_bytes = max(peak, held)
     decoded.staged_parts = streams.parts_staged if streams is not None else 0

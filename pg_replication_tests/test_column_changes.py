@@ -138,16 +138,25 @@ def _segment_of(batches, plan) -> Segment:
 
 
 class _Replay:
-    """The captured messages as the drain reads a slot stream (source/stream.py's SlotStream)."""
+    """The captured messages as the drain reads a slot stream (source/stream.py's SlotStream),
+    every one of them handed to the loop (none routed)."""
 
     server_end = 1 << 62  # everything below has arrived
     quiet_for = 1e9
+    routed_changes = routed_bytes = 0
+    skip_changes = in_stream_block = False
 
     def __init__(self, messages: list[bytes]) -> None:
         self.messages = messages
+        self.bytes = 0
+
+    def route_changes(self, routes: dict, touched: set) -> None:
+        pass
 
     def __iter__(self):
-        yield from self.messages
+        for message in self.messages:
+            self.bytes += len(message)
+            yield message
         while True:
             yield None
 

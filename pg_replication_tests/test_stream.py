@@ -121,3 +121,47 @@ def test_one_transaction_larger_than_max_bytes_is_read_in_parts(h, pg):
     assert result.bytes > 5 << 20 and result.held_bytes < 2 << 20
     h.drain_all()
     h.assert_equal(pg, "t")
+
+
+def test_many_small_transactions_read_in_c_reach_the_warehouse_exactly(h, pg):
+    """The stream is read in C, many messages per call (source/_copyboth.c), the row changes of
+    known relations going straight into their decoder: thousands of one-row transactions (more
+    messages than one call takes), a key-changing update, deletes, and a Relation message in the
+    middle of the stream (ADD COLUMN) followed by changes decoded under the new columns."""
+    with pg.cursor() as cur:
+        cur.executemany("INSERT INTO t VALUES (%s, %s)", [(i, f"one {i}") for i in range(1000, 7000)])  # autocommit: one each
+        cur.executemany("UPDATE t SET pad = %s WHERE id = %s", [(f"upd {i}", i) for i in range(1000, 7000, 7)])
+        cur.executemany("DELETE FROM t WHERE id = %s", [(i,) for i in range(1003, 7000, 11)])
+    moved = pg.execute("UPDATE t SET id = id + 100000 WHERE id BETWEEN 2000 AND 2100").rowcount  # key changes
+    pg.execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 7")
+    with pg.cursor() as cur:
+        cur.executemany("INSERT INTO t VALUES (%s, %s, %s)", [(i, f"two {i}", i % 5) for i in range(7000, 8000)])
+    again = pg.execute("UPDATE t SET extra = NULL, pad = 'again' WHERE id % 3 = 0").rowcount
+    written = 6000 + len(range(1000, 7000, 7)) + len(range(1003, 7000, 11)) + moved + 1000 + again
+    results = h.drain_all(max_changes=10**6)
+    h.assert_equal(pg, "t")
+    assert sum(r.changes for r in results) == written
+
+
+def test_keepalives_are_answered_without_confirming_anything(h, pg, monkeypatch):
+    """With ``wal_sender_timeout`` at 2 s the server asks for a reply every second and ends a
+    silent session after two: the reader answers (the session lives on for 5 s) with the position
+    last confirmed after a warehouse commit, never with what it has only read."""
+    import pg_replication.source.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "SESSION_OPTIONS", stream_module.SESSION_OPTIONS + " -c wal_sender_timeout=2000")
+    confirmed = _confirmed(pg, h.settings.slot)
+    pg.execute("INSERT INTO t VALUES (9000, 'read, never applied')")
+    start = confirmed
+    seen = []
+    with stream_module.SlotStream(h.pg_url, h.settings.slot, h.settings.publication, start) as stream:
+        until = time.monotonic() + 5
+        for data in stream:
+            if data is not None:
+                seen.append(data[:1])
+            if time.monotonic() >= until:
+                break
+    assert b"I" in seen  # the insert was read, the session stayed up past the timeout
+    assert _confirmed(pg, h.settings.slot) == confirmed  # and the slot was told nothing
+    h.drain_all()
+    h.assert_equal(pg, "t")

@@ -14,7 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define NEEDS_PYTHON (-1)
+#include "_rowdecode.h"
 
 typedef struct {
     const char *ptr;
@@ -367,46 +367,44 @@ static void put_row(RowColumns *self, char op, Field *fields, int key_only, Fiel
     self->rows = row + 1;
 }
 
-/* add(data) -> 1 insert, 2 update, 3 delete; NEEDS_PYTHON when the message must go the careful
- * way (nothing appended). */
-static PyObject *RowColumns_add(RowColumns *self, PyObject *arg) {
-    if (!PyBytes_Check(arg)) return PyLong_FromLong(NEEDS_PYTHON);
-    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(arg);
-    Py_ssize_t size = PyBytes_GET_SIZE(arg);
-    if (size < 6) return PyLong_FromLong(NEEDS_PYTHON);
+/* One Insert/Update/Delete message: 1 insert, 2 update, 3 delete; NEEDS_PYTHON when the message
+ * must go the careful way (nothing appended); ADD_FAILED with a Python error set (out of memory). */
+int rowcolumns_add(PyObject *obj, const unsigned char *buf, Py_ssize_t size) {
+    RowColumns *self = (RowColumns *)obj;
+    if (size < 6) return NEEDS_PYTHON;
     unsigned char kind = buf[0], marker = buf[5];
     Py_ssize_t pos = 6, bytes = 0;
     Field *old = NULL, *new_ = NULL;
     int code;
     if (kind == 'I') {
-        if (marker != 'N' || parse_tuple(self, buf, size, &pos, self->new_fields) < 0) return PyLong_FromLong(NEEDS_PYTHON);
+        if (marker != 'N' || parse_tuple(self, buf, size, &pos, self->new_fields) < 0) return NEEDS_PYTHON;
         new_ = self->new_fields;
         code = 1;
     } else if (kind == 'U') {
         if (marker == 'K' || marker == 'O') {
-            if (parse_tuple(self, buf, size, &pos, self->old_fields) < 0 || pos >= size) return PyLong_FromLong(NEEDS_PYTHON);
+            if (parse_tuple(self, buf, size, &pos, self->old_fields) < 0 || pos >= size) return NEEDS_PYTHON;
             old = self->old_fields;
             marker = buf[pos++];
         }
-        if (marker != 'N' || parse_tuple(self, buf, size, &pos, self->new_fields) < 0) return PyLong_FromLong(NEEDS_PYTHON);
+        if (marker != 'N' || parse_tuple(self, buf, size, &pos, self->new_fields) < 0) return NEEDS_PYTHON;
         new_ = self->new_fields;
         if (old != NULL && same_key(self, old, new_)) old = NULL;
         code = 2;
     } else if (kind == 'D') {
         if ((marker != 'K' && marker != 'O') || parse_tuple(self, buf, size, &pos, self->old_fields) < 0)
-            return PyLong_FromLong(NEEDS_PYTHON);
+            return NEEDS_PYTHON;
         old = self->old_fields;
         code = 3;
     } else {
-        return PyLong_FromLong(NEEDS_PYTHON);
+        return NEEDS_PYTHON;
     }
-    if (pos != size) return PyLong_FromLong(NEEDS_PYTHON);
+    if (pos != size) return NEEDS_PYTHON;
     if ((new_ && !tuple_is_utf8(self, new_, &bytes)) || (old && !tuple_is_utf8(self, old, &bytes)))
-        return PyLong_FromLong(NEEDS_PYTHON);
+        return NEEDS_PYTHON;
     /* int32 offsets: a column past 2 GiB in one segment is left to the careful path's limits */
-    if (reserve_all(self, self->rows + 2, bytes) < 0) return PyErr_NoMemory();
+    if (reserve_all(self, self->rows + 2, bytes) < 0) { PyErr_NoMemory(); return ADD_FAILED; }
     for (Py_ssize_t j = 0; j < self->width; j++)
-        if (self->columns[j].data_len + bytes > INT32_MAX) return PyLong_FromLong(NEEDS_PYTHON);
+        if (self->columns[j].data_len + bytes > INT32_MAX) return NEEDS_PYTHON;
     if (code == 3) {
         put_row(self, 'D', old, 1, NULL); /* the old key's row is gone */
     } else if (old != NULL) {
@@ -418,7 +416,15 @@ static PyObject *RowColumns_add(RowColumns *self, PyObject *arg) {
     if (code == 1) self->inserted++;
     else if (code == 2) self->updated++;
     else self->deleted++;
-    return PyLong_FromLong(code);
+    return code;
+}
+
+/* add(data) -> 1 insert, 2 update, 3 delete; NEEDS_PYTHON when the message must go the careful
+ * way (nothing appended). */
+static PyObject *RowColumns_add(RowColumns *self, PyObject *arg) {
+    if (!PyBytes_Check(arg)) return PyLong_FromLong(NEEDS_PYTHON);
+    int code = rowcolumns_add((PyObject *)self, (const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg));
+    return code == ADD_FAILED ? NULL : PyLong_FromLong(code);
 }
 
 static void free_builders(RowColumns *self) {
@@ -584,7 +590,7 @@ static PyGetSetDef RowColumns_getset[] = {
 
 static PySequenceMethods RowColumns_as_sequence = {.sq_length = (lenfunc)RowColumns_len};
 
-static PyTypeObject RowColumnsType = {
+PyTypeObject RowColumnsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "pg_replication.source._rowdecode.RowColumns",
     .tp_basicsize = sizeof(RowColumns),
@@ -602,6 +608,7 @@ static PyTypeObject RowColumnsType = {
 static PyMethodDef module_methods[] = {
     {"arrays_to_json", (PyCFunction)arrays_to_json, METH_VARARGS, "Array literals (Arrow string buffers) to their JSON, as text_values.array_to_json writes it."},
     {"strings_to_arrow", (PyCFunction)strings_to_arrow, METH_O, "The buffers (validity, offsets, data, nulls) of an Arrow string array of a list of str | None."},
+    {"bind_libpq", (PyCFunction)bind_libpq, METH_O, "The addresses of the libpq functions CopyReader calls, in copyboth.c's order."},
     {NULL},
 };
 
@@ -618,5 +625,6 @@ PyMODINIT_FUNC PyInit__rowdecode(void) {
         return NULL;
     }
     if (PyModule_AddIntConstant(m, "NEEDS_PYTHON", NEEDS_PYTHON) < 0) { Py_DECREF(m); return NULL; }
+    if (copyboth_init(m) < 0) { Py_DECREF(m); return NULL; }
     return m;
 }

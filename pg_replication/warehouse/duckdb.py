@@ -188,6 +188,15 @@ class DuckDBWarehouse(SqlWarehouse):
         resolved = staging.resolved_select(changes, target, columns, mappings, table.primary_key, q)
         keys = ", ".join(q(k) for k in table.primary_key)
         names = ", ".join(q(c) for c in columns)
+        if not changes.unknowns and set(columns) <= set(changes.columns):
+            # Every value is in the staged rows (nothing read from the table): resolved as they
+            # are deleted and inserted, without writing them to a temporary table first.
+            self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {keys} FROM ({resolved}))")
+            self.execute(
+                f"INSERT INTO {target} ({names}, {q(SLICE_COLUMN)}) SELECT {names}, NULL FROM ({resolved}) "
+                f"WHERE {q(staging.OP)} = 'U'"
+            )
+            return
         # Resolved before anything is deleted: unknown values may come from rows deleted here.
         self.execute(f"CREATE OR REPLACE TEMP TABLE pgr_resolved AS {resolved}")
         self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {keys} FROM pgr_resolved)")
