@@ -54,6 +54,14 @@ class SliceWriter:
         relations = self.slice_relations(table, batches)
         try:
             with self.transaction():
+                # Slices of one table copy in parallel only where the warehouse enforces the key
+                # as rows arrive ("upsert": the Postgres replica): a key two slices both hold (a
+                # row an update moved between their pages) then waits for the other's commit and
+                # is set once. Elsewhere a slice takes the table's state row first, so it sees
+                # every earlier slice's rows when it decides what to evict.
+                parallel = self.slice_eviction == "upsert"
+                if not parallel:
+                    self._lock_state(table_key(table))
                 slice_column = self.ident(SLICE_COLUMN)
                 # A slice copied before holds rows to replace; a first copy (the common case) has
                 # none, and into an empty table nothing to evict either. One look instead of the
@@ -61,13 +69,10 @@ class SliceWriter:
                 held = bool(self.fetchall(f"SELECT 1 FROM {target} WHERE {slice_column} = ? LIMIT 1", [index]))
                 if held:
                     self.execute(f"UPDATE {target} SET {slice_column} = ? WHERE {slice_column} = ?", [previous, index])
-                evict = "slice" if held or self.fetchall(f"SELECT 1 FROM {target} LIMIT 1") else None
+                evict = "slice" if parallel or held or self.fetchall(f"SELECT 1 FROM {target} LIMIT 1") else None
                 rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress, evict)
-                # Locked once the rows are in, not before: slices of one table copy in parallel
-                # where the warehouse takes parallel writers, and drains log this table's changes
-                # meanwhile. A key two parallel slices both hold (a row an update moved between
-                # their pages) was changed after the plan, so the log replay sets it once.
-                self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
+                if parallel:
+                    self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
                 stored = self.load_state(table).plan
                 if plan is not None and stored is not None and stored != plan:
                     raise PlanStaleError(
