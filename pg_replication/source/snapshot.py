@@ -153,15 +153,21 @@ def block_size(conn: psycopg.Connection) -> int:
     return int(conn.execute("SELECT current_setting('block_size')::int").fetchone()[0])  # type: ignore[index]
 
 
+def _layout(conn: psycopg.Connection, table: Table) -> tuple[tuple[tuple[str, str, int], ...], list[tuple[str, str, int]]]:
+    """Each leaf's file and page count. Files before pages: a rewrite in between leaves the plan
+    with the old file, and stale."""
+    filenodes = tuple((schema, rel, relation_filenode(conn, schema, rel) or 0) for schema, rel in table.leaves)
+    pages = [(schema, rel, relation_pages(conn, schema, rel)) for schema, rel in table.leaves]
+    return filenodes, pages
+
+
 def make_plan(
     conn: psycopg.Connection, table: Table, partitions: int, lsn: str, max_bytes: int | None = None
 ) -> BackfillPlan:
     """Cut the table's pages (over all its leaf partitions) into ``partitions`` contiguous
     partitions, and each of those into slices of at most ``max_bytes`` of heap (one slice per
     partition when None)."""
-    # Files before pages: a rewrite in between leaves the plan with the old file, and stale.
-    filenodes = tuple((schema, rel, relation_filenode(conn, schema, rel) or 0) for schema, rel in table.leaves)
-    pages = [(schema, rel, relation_pages(conn, schema, rel)) for schema, rel in table.leaves]
+    filenodes, pages = _layout(conn, table)
     max_pages = max(1, max_bytes // block_size(conn)) if max_bytes else None
     slices: list[tuple[Segment, ...]] = []
     owners: list[int] = []
@@ -175,8 +181,7 @@ def make_plan(
 def replan(conn: psycopg.Connection, table: Table, stale: BackfillPlan, only: Sequence[int]) -> BackfillPlan:
     """The plan after a rewrite: the pages now on disk are cut among slices ``only`` (those not
     copied yet); the other slices get none, and every slice keeps its partition."""
-    filenodes = tuple((schema, rel, relation_filenode(conn, schema, rel) or 0) for schema, rel in table.leaves)
-    pages = [(schema, rel, relation_pages(conn, schema, rel)) for schema, rel in table.leaves]
+    filenodes, pages = _layout(conn, table)
     owners = sorted(set(only))
     slices: list[tuple[Segment, ...]] = [() for _ in stale.slices]
     for owner, segments in zip(owners, _cut(pages, len(owners))):
@@ -329,11 +334,7 @@ class SliceReader:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
             if self.plan is not None and self.locked_leaves:
-                conn.execute(
-                    sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
-                        sql.SQL(", ").join(sql.Identifier(s, r) for s, r in self.locked_leaves)
-                    )
-                )
+                conn.execute(self._lock_leaves())
                 self._check_files(conn, self.plan)
             select_list = sql.SQL(", ").join(select(name, mapping) for name, mapping in columns)
             while True:
@@ -344,6 +345,12 @@ class SliceReader:
                 query = piece_query(select_list, piece, self.per_piece_limit)
                 with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)) as copy:
                     yield iter(copy)
+
+    def _lock_leaves(self) -> sql.Composed:
+        """What each reading session runs before it reads: no rewrite until it is done."""
+        return sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
+            sql.SQL(", ").join(sql.Identifier(s, r) for s, r in self.locked_leaves)
+        )
 
     def _check_files(self, conn: psycopg.Connection, plan: BackfillPlan) -> None:
         """A rewrite committed before the check shows as a new file (the catalog is read fresh,
@@ -370,12 +377,7 @@ class SliceReader:
                 binary_copy.execute(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 binary_copy.execute(conn, sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
                 if self.plan is not None and self.locked_leaves:
-                    binary_copy.execute(
-                        conn,
-                        sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE").format(
-                            sql.SQL(", ").join(sql.Identifier(s, r) for s, r in self.locked_leaves)
-                        ),
-                    )
+                    binary_copy.execute(conn, self._lock_leaves())
                     with self.check_lock:  # the coordinator's connection: after this reader's lock
                         self._check_files(self.coordinator, self.plan)
                 while not self.stop.is_set():
