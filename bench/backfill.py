@@ -97,9 +97,9 @@ def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[floa
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-    from pg_replication.assets import partition_keys
+    from pg_replication.dagster.assets import partition_keys
     from pg_replication.config import parse_config
-    from pg_replication.definitions import build_definitions
+    from pg_replication.dagster.definitions import build_definitions
     from pg_replication.source.catalog import introspect
     from pg_replication.source.connection import connect
     from pg_replication.warehouse.connect import open_warehouse

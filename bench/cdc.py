@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill import prepare  # noqa: E402
 from warehouses import KINDS, use_warehouse  # noqa: E402
 
-from pg_replication.backfill import SlotSettings, run_backfill  # noqa: E402
-from pg_replication.cdc import DrainSettings, drain_once  # noqa: E402
+from pg_replication.replicate.backfill import SlotSettings, run_backfill  # noqa: E402
+from pg_replication.replicate.cdc import DrainSettings, drain_once  # noqa: E402
 from pg_replication.config import parse_config  # noqa: E402
 from pg_replication.source.catalog import introspect  # noqa: E402
 from pg_replication.source.connection import connect  # noqa: E402

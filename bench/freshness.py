@@ -68,12 +68,12 @@ def main() -> None:
     home.mkdir()
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     (work / "workspace.yaml").write_text(
-        "load_from:\n  - python_module:\n      module_name: pg_replication.definitions\n      location_name: bench\n"
+        "load_from:\n  - python_module:\n      module_name: pg_replication.dagster.definitions\n      location_name: bench\n"
     )
     env = {**os.environ, "POSTGRES_URL": url, "DAGSTER_HOME": str(home), "PG_REPLICATION_CONFIG": str(work / "replication.yaml")}
     env.pop("DUCKDB_PATH", None)
     subprocess.run(
-        [str(BIN / "dagster"), "asset", "materialize", "-m", "pg_replication.definitions", "--select", "public/fresh_events",
+        [str(BIN / "dagster"), "asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", "public/fresh_events",
          "--partition-range", "000...000"],
         env=env, cwd=work, check=True, capture_output=True,
     )

@@ -39,7 +39,7 @@ def main() -> None:
     print(f"raw limit:   {limit:>12,.0f} rows/s  (2 COPY streams, read into nothing)")
     print(f"heap:        {heap / 2**20:>12,.0f} MiB  ({args.rows:,} rows, {heap / args.rows:.0f} bytes a row)")
 
-    from pg_replication.backfill import SlotSettings, run_backfill
+    from pg_replication.replicate.backfill import SlotSettings, run_backfill
     from pg_replication.config import parse_config
     from pg_replication.source.catalog import introspect
     from pg_replication.source.connection import connect

@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill import prepare, raw_limit  # noqa: E402
 from warehouses import use_warehouse  # noqa: E402
 
-from pg_replication.backfill import run_backfill  # noqa: E402
-from pg_replication.capture import CaptureSettings, drain_captured  # noqa: E402
+from pg_replication.replicate.backfill import run_backfill  # noqa: E402
+from pg_replication.replicate.capture import CaptureSettings, drain_captured  # noqa: E402
 from pg_replication.config import parse_config  # noqa: E402
 from pg_replication.source.catalog import introspect  # noqa: E402
 from pg_replication.source.connection import connect  # noqa: E402
 from pg_replication.source.triggers import install, uninstall  # noqa: E402
-from pg_replication.strategies import sync_table  # noqa: E402
+from pg_replication.replicate.strategies import sync_table  # noqa: E402
 from pg_replication.warehouse.connect import open_warehouse  # noqa: E402
 
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"

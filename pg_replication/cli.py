@@ -17,7 +17,7 @@ from psycopg import sql
 
 from pg_replication.config import load_config
 from pg_replication.errors import PgReplicationError, redact
-from pg_replication.operations import drop_slot, resync_table, retry_table
+from pg_replication.replicate.operations import drop_slot, resync_table, retry_table
 from pg_replication.source.catalog import introspect, introspect_each, list_source_tables, select_tables
 from pg_replication.source.connection import connect, source_conninfo
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int

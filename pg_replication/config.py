@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pg_replication.errors import ConfigError
@@ -93,9 +95,9 @@ class NotificationConfig(_Model):
 
 
 def _check_cron(value: str) -> str:
-    from dagster._utils.schedules import is_valid_cron_string
-
-    if not is_valid_cron_string(value):
+    try:
+        CronSim(value, datetime(2000, 1, 1))
+    except CronSimError:
         raise ValueError(f"{value!r} is not a cron expression (five fields, e.g. '*/15 * * * *')")
     return value
 

@@ -27,11 +27,11 @@ def run_cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProces
 
 
 def materialize(select: str, partitions: str) -> list[str]:
-    return ["dagster", "asset", "materialize", "-m", "pg_replication.definitions", "--select", select, "--partition-range", partitions]
+    return ["dagster", "asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", select, "--partition-range", partitions]
 
 
 def drain(job: str = "postgres_cdc_drain") -> list[str]:
-    return ["dagster", "job", "execute", "-m", "pg_replication.definitions", "-j", job]
+    return ["dagster", "job", "execute", "-m", "pg_replication.dagster.definitions", "-j", job]
 
 
 def wait_for(condition, what: str, timeout: float, poll: float = 0.5):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import psycopg
 
-from pg_replication.backfill import SlotSettings, run_backfill
-from pg_replication.cdc import DrainResult, DrainSettings, drain_once
+from pg_replication.replicate.backfill import SlotSettings, run_backfill
+from pg_replication.replicate.cdc import DrainResult, DrainSettings, drain_once
 from pg_replication.config import parse_config
 from pg_replication.source.catalog import Table, introspect
 from pg_replication.source.connection import connect

@@ -6,7 +6,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from pg_replication.definitions import build_definitions
+from pg_replication.dagster.definitions import build_definitions
 
 FIXTURE_SQL = """
 CREATE SCHEMA shop;

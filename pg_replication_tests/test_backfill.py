@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pg_replication.backfill import run_backfill
+from pg_replication.replicate.backfill import run_backfill
 from pg_replication.config import parse_config
 from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import introspect

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dagster as dg
 import duckdb
 
-from pg_replication.definitions import build_definitions
+from pg_replication.dagster.definitions import build_definitions
 from pg_replication_tests.operator import dagster_env, materialize, run_cli
 
 

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pg_replication.capture import CaptureSettings, drain_captured
+from pg_replication.replicate.capture import CaptureSettings, drain_captured
 from pg_replication.errors import SourceNotReadyError
 from pg_replication.source.connection import connect
 from pg_replication.source.triggers import install, uninstall

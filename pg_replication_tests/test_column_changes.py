@@ -24,9 +24,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pg_replication import cdc
-from pg_replication.changes import Segment, TableBatch
-from pg_replication.column_changes import _convert, staged_table
+from pg_replication.replicate import cdc
+from pg_replication.replicate.changes import Segment, TableBatch
+from pg_replication.replicate.column_changes import _convert, staged_table
 from pg_replication.config import parse_config
 from pg_replication.source import pgoutput as po
 from pg_replication.source.catalog import introspect, load_types

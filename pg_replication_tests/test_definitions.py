@@ -38,7 +38,7 @@ def _run(args, env, cwd):
 @pytest.mark.e2e
 def test_cli_materialize_partition_range(cli_env, pg, duckdb_path, tmp_path):
     out = _run(
-        ["asset", "materialize", "-m", "pg_replication.definitions", "--select", "app/events", "--partition-range", "000...003"],
+        ["asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", "app/events", "--partition-range", "000...003"],
         cli_env,
         tmp_path,
     )
@@ -61,7 +61,7 @@ def test_definitions_load_and_say_why_when_source_is_down(cli_env, tmp_path):
     """No catalog snapshot yet (a fresh DAGSTER_HOME): the code location loads without tables,
     naming the outage (test_isolation.py covers loading from a snapshot)."""
     env = {**cli_env, "POSTGRES_URL": "postgresql://alice:s3cr3t-pw@127.0.0.1:1/db"}
-    out = _run(["definitions", "validate", "-m", "pg_replication.definitions"], env, tmp_path)
+    out = _run(["definitions", "validate", "-m", "pg_replication.dagster.definitions"], env, tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "source unavailable at load (cannot connect to Postgres at 127.0.0.1:1/db" in out.stdout + out.stderr
     assert "s3cr3t-pw" not in out.stdout + out.stderr

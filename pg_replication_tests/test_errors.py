@@ -24,8 +24,9 @@ import duckdb
 import psycopg
 import pytest
 
-from pg_replication import cli, errors, operations
-from pg_replication.cdc import drain_once
+from pg_replication import cli, errors
+from pg_replication.replicate import operations
+from pg_replication.replicate.cdc import drain_once
 from pg_replication.source.connection import connect
 from pg_replication.source.slot import slot_status
 from pg_replication.warehouse.duckdb import DuckDBWarehouse
@@ -152,7 +153,7 @@ def test_lock_timeout_persisting_applies_nothing_and_the_next_run_applies(pg, pg
 
 @pytest.fixture
 def shop(pg, write_config, duckdb_path):
-    from pg_replication.definitions import build_definitions
+    from pg_replication.dagster.definitions import build_definitions
 
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v numeric(6,2))")
     pg.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")

@@ -95,14 +95,14 @@ def test_dropped_table_leaves_the_others_streaming(two_tables, pg, duckdb_path, 
     pg.execute("UPDATE t SET v = 'last words' WHERE id = 1")
     pg.execute("DROP TABLE t")
     pg.execute("INSERT INTO a VALUES (1001, 'streams')")
-    _ok(run_cli(["dagster", "definitions", "validate", "-m", "pg_replication.definitions"], env, tmp_path))
+    _ok(run_cli(["dagster", "definitions", "validate", "-m", "pg_replication.dagster.definitions"], env, tmp_path))
     _ok(run_cli(operator.drain(), env, tmp_path))
     assert _warehouse(duckdb_path, 'SELECT v FROM "public"."a" WHERE id = 1001') == [("streams",)]
     row = _status_rows(env, tmp_path)["public.t"]
     assert row["status"] == "missing" and "does not exist" in row["error"], row
 
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    from pg_replication.definitions import build_definitions
+    from pg_replication.dagster.definitions import build_definitions
 
     defs = build_definitions()  # the asset stays (from the last catalog snapshot), marked missing
     spec = next(s for a in defs.resolve_asset_graph().assets_defs for s in a.specs if s.key == dg.AssetKey(["public", "t"]))
@@ -121,7 +121,7 @@ def test_dropped_key_column_leaves_the_others_streaming(two_tables, pg, duckdb_p
     assert row["status"] == "skipped" and "no primary key" in row["error"], row
 
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    from pg_replication.definitions import build_definitions
+    from pg_replication.dagster.definitions import build_definitions
 
     defs = build_definitions()
     spec = next(s for a in defs.resolve_asset_graph().assets_defs for s in a.specs if s.key == dg.AssetKey(["public", "t"]))
@@ -135,13 +135,13 @@ def test_pattern_table_without_a_key_is_skipped_with_a_warning(pg, write_config,
     pg.execute("CREATE TABLE no_key (v text)")
     write_config({"source": {"slot": "pgr_iso", "publication": "pgr_iso"}, "tables": ["public.*"], "defaults": {"partitions": 1}})
     env = dagster_env(tmp_path)
-    _ok(run_cli(["dagster", "definitions", "validate", "-m", "pg_replication.definitions"], env, tmp_path))
+    _ok(run_cli(["dagster", "definitions", "validate", "-m", "pg_replication.dagster.definitions"], env, tmp_path))
     _ok(run_cli(operator.materialize("public/a", "000...000"), env, tmp_path))
     rows = _status_rows(env, tmp_path)
     assert rows["public.no_key"]["status"] == "skipped" and "primary key" in rows["public.no_key"]["error"]
     assert rows["public.a"]["warehouse_rows"] == 100
 
-    from pg_replication.definitions import build_definitions
+    from pg_replication.dagster.definitions import build_definitions
 
     sensor = build_definitions().get_sensor_def("postgres_cdc_sensor")
     assert "public.no_key" in sensor.description and "primary key" in sensor.description
@@ -152,17 +152,17 @@ def test_source_down_at_load_keeps_the_code_location_and_its_sensor(pg, write_co
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v text)")
     write_config({"source": {"slot": "pgr_iso", "publication": "pgr_iso"}, "tables": ["a"], "defaults": {"partitions": 1}})
     env = dagster_env(tmp_path)
-    _ok(run_cli(["dagster", "definitions", "validate", "-m", "pg_replication.definitions"], env, tmp_path))  # source up
+    _ok(run_cli(["dagster", "definitions", "validate", "-m", "pg_replication.dagster.definitions"], env, tmp_path))  # source up
 
     down = {**env, "POSTGRES_URL": DOWN_URL}
-    out = run_cli(["dagster", "asset", "list", "-m", "pg_replication.definitions"], down, tmp_path)
+    out = run_cli(["dagster", "asset", "list", "-m", "pg_replication.dagster.definitions"], down, tmp_path)
     _ok(out)
     assert "public/a" in out.stdout
     assert "s3cr3t-pw" not in out.stdout + out.stderr
 
     monkeypatch.setenv("POSTGRES_URL", DOWN_URL)
     monkeypatch.setenv("DAGSTER_HOME", down["DAGSTER_HOME"])
-    from pg_replication.definitions import build_definitions
+    from pg_replication.dagster.definitions import build_definitions
 
     defs = build_definitions()
     sensor = defs.get_sensor_def("postgres_cdc_sensor")

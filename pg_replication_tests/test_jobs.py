@@ -3,7 +3,7 @@
 import dagster as dg
 import pytest
 
-from pg_replication.definitions import build_definitions
+from pg_replication.dagster.definitions import build_definitions
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import dagster as dg
 import pytest
 
-from pg_replication.definitions import build_definitions
+from pg_replication.dagster.definitions import build_definitions
 
 
 @pytest.fixture

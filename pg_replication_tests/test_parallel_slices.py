@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pytest
 
-from pg_replication.backfill import SlotSettings, run_backfill
+from pg_replication.replicate.backfill import SlotSettings, run_backfill
 from pg_replication_tests.replication import Harness
 from pg_replication_tests.targets import make_target
 

@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-from pg_replication.backfill import SlotSettings, run_backfill
-from pg_replication.cdc import drain_once
+from pg_replication.replicate.backfill import SlotSettings, run_backfill
+from pg_replication.replicate.cdc import drain_once
 from pg_replication.errors import ConcurrentDrainError
 from pg_replication.source.connection import connect
 from pg_replication.source.snapshot import make_plan

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from pg_replication.definitions import build_definitions
+from pg_replication.dagster.definitions import build_definitions
 from pg_replication.source.connection import connect
 from pg_replication.source.catalog import introspect
 from pg_replication.source.triggers import install

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from pg_replication.backfill import run_backfill
+from pg_replication.replicate.backfill import run_backfill
 from pg_replication.config import parse_config
 from pg_replication.errors import ConfigError
 from pg_replication.source.connection import connect

@@ -7,8 +7,8 @@ import duckdb
 import psycopg
 import pytest
 
-from pg_replication.cdc import StateBehindSlotError
-from pg_replication.operations import drop_slot, resync_table
+from pg_replication.replicate.cdc import StateBehindSlotError
+from pg_replication.replicate.operations import drop_slot, resync_table
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.slot import SlotLostError, SlotMissingError
 from pg_replication.warehouse.duckdb import DuckDBWarehouse

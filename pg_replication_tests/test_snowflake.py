@@ -23,8 +23,8 @@ import snowflake.connector
 from psycopg import sql
 
 from pg_replication import types
-from pg_replication.backfill import SlotSettings, run_backfill
-from pg_replication.cdc import DrainResult, DrainSettings, drain_once
+from pg_replication.replicate.backfill import SlotSettings, run_backfill
+from pg_replication.replicate.cdc import DrainResult, DrainSettings, drain_once
 from pg_replication.config import parse_config
 from pg_replication.errors import ConfigError, WarehouseError
 from pg_replication.source.catalog import Column, PgType, Table, introspect

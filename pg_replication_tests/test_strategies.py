@@ -8,7 +8,7 @@ from datetime import date
 import psycopg
 import pytest
 
-from pg_replication.strategies import sync_table
+from pg_replication.replicate.strategies import sync_table
 from pg_replication_tests.replication import Harness
 
 

@@ -92,13 +92,13 @@ def ui(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     env = dict(os.environ)
     subprocess.run(
-        [str(BIN / "dagster"), "asset", "materialize", "-m", "pg_replication.definitions", "--select", "shop/orders",
+        [str(BIN / "dagster"), "asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", "shop/orders",
          "--partition-range", "000...003"],
         env=env, cwd=tmp_path, check=True, capture_output=True, timeout=900,
     )
     port = _free_port()
     server = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-m", "pg_replication.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        [str(BIN / "dagster"), "dev", "-m", "pg_replication.dagster.definitions", "-h", "127.0.0.1", "-p", str(port)],
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"

@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 
 from pg_replication.config import parse_config
-from pg_replication.definitions import build_definitions
+from pg_replication.dagster.definitions import build_definitions
 from pg_replication.errors import ConfigError
 from pg_replication.warehouse.connect import postgres_warehouse_url, snowflake_settings
 from pg_replication_tests.replication import bare_table

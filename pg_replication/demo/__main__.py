@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 from psycopg import sql
 
-from pg_replication.assets import partition_keys
+from pg_replication.dagster.assets import partition_keys
 from pg_replication.config import load_config
 from pg_replication.source.catalog import introspect
 from pg_replication.source.connection import connect, source_conninfo
@@ -64,13 +64,13 @@ def main() -> int:
     for table in tables:
         keys = partition_keys((table.entry.partitions if table.entry else None) or config.defaults.partitions)
         print(f"backfilling {table.display} ({len(keys)} partitions) with `dagster asset materialize` ...", flush=True)
-        dagster("asset", "materialize", "-m", "pg_replication.definitions", "--select",
+        dagster("asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select",
                 f"{table.schema}/{table.name}", "--partition-range", f"{keys[0]}...{keys[-1]}")
     print_counts(config, tables)
     print("\nchanging rows in Postgres (updates, inserts, deletes) and running the CDC drain job ...", flush=True)
     with connect(source_conninfo()) as conn:
         conn.execute(CHANGES)
-    dagster("job", "execute", "-m", "pg_replication.definitions", "-j", f"{config.source.name}_cdc_drain")
+    dagster("job", "execute", "-m", "pg_replication.dagster.definitions", "-j", f"{config.source.name}_cdc_drain")
     print_counts(config, tables)
     with duckdb.connect(config.duckdb_path(), read_only=True) as wh:
         shipped = wh.execute("SELECT count(*) FROM shop.orders WHERE status = 'shipped'").fetchall()[0][0]

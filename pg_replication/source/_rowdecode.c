@@ -2,7 +2,7 @@
  *
  * The per-change work of CDC (parse an Insert/Update/Delete's TupleData, keep the published
  * columns, find the key) runs here instead of in Python; the rows stay unfolded, in stream order,
- * and are folded per key in SQL (pg_replication/column_changes.py). Anything this does not handle
+ * and are folded per key in SQL (pg_replication/replicate/column_changes.py). Anything this does not handle
  * (an unchanged TOAST value, malformed input, a value that is not UTF-8) returns a negative code
  * without touching the columns, so the caller decodes that message the careful way
  * (source/pgoutput.py), which names the problem. The columns are handed to pyarrow as buffers

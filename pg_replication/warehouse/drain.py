@@ -9,8 +9,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
 
-from pg_replication.changes import StagedPart, TableOutcome
-from pg_replication.column_changes import staged_table
+from pg_replication.replicate.changes import StagedPart, TableOutcome
+from pg_replication.replicate.column_changes import staged_table
 from pg_replication.errors import (
     PgReplicationError,
     SchemaChangeError,

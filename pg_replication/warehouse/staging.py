@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pg_replication.changes import Segment
+from pg_replication.replicate.changes import Segment
 from pg_replication.types import TypeMapping
 
 SEQ, OP, UNKNOWN = "_seq", "_op", "_unknown"

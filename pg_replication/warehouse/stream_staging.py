@@ -10,7 +10,7 @@ it when it starts and once it has committed.
 
 from __future__ import annotations
 
-from pg_replication.changes import Segment, StagedPart
+from pg_replication.replicate.changes import Segment, StagedPart
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import STATE_SCHEMA
 

@@ -26,7 +26,7 @@ from datetime import date, datetime, timezone
 
 from psycopg import sql
 
-from pg_replication.backfill import current_table
+from pg_replication.replicate.backfill import current_table
 from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
 from pg_replication.source.query_reader import read_where

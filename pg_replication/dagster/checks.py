@@ -7,10 +7,10 @@ import dagster as dg
 from dagster._utils.schedules import cron_string_iterator
 from psycopg import sql
 
-from pg_replication.assets import TableAssetTranslator
-from pg_replication.capture import CaptureSettings
+from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.replicate.capture import CaptureSettings
 from pg_replication.config import QUERY_STRATEGIES, ReplicationConfig
-from pg_replication.resources import PostgresSource, WarehouseResource
+from pg_replication.dagster.resources import PostgresSource, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pg_replication.cdc import DrainResult
-from pg_replication.changes import TableBatch, TableOutcome, TableStats
+from pg_replication.replicate.cdc import DrainResult
+from pg_replication.replicate.changes import TableBatch, TableOutcome, TableStats
 from pg_replication.errors import PgReplicationError
 from pg_replication.failpoints import failpoint
 from pg_replication.source.catalog import Table, describe_new_columns, refresh_table

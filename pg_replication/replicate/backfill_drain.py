@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pg_replication.cdc import DrainResult, DrainSettings, drain_once
-from pg_replication.drain_loop import retryable
+from pg_replication.replicate.cdc import DrainResult, DrainSettings, drain_once
+from pg_replication.replicate.drain_loop import retryable
 from pg_replication.source.catalog import Table
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import psycopg
 
-from pg_replication.changes import Segment, StagedPart, TableBatch, TableOutcome, TableStats
-from pg_replication.column_changes import ColumnSegment
+from pg_replication.replicate.changes import Segment, StagedPart, TableBatch, TableOutcome, TableStats
+from pg_replication.replicate.column_changes import ColumnSegment
 from pg_replication.errors import PgReplicationError, SchemaChangeError
 from pg_replication.failpoints import failpoint
 from pg_replication.source import pgoutput as po
@@ -36,7 +36,7 @@ from pg_replication.source.relation_identity import relation_identity
 from pg_replication.source.slot import advance, flushed_lsn, require_slot, slot_status, sync_publication
 from pg_replication.source.snapshot import Mapper
 from pg_replication.source.stream import SlotStream
-from pg_replication.streamed import StreamedTransactions
+from pg_replication.replicate.streamed import StreamedTransactions
 from pg_replication.types import SESSION_OPTIONS, TypeMapping
 
 

@@ -11,12 +11,12 @@ import time
 import dagster as dg
 import pyarrow as pa
 
-from pg_replication.assets import BackfillRequest
-from pg_replication.backfill import SlotSettings, run_backfill
-from pg_replication.backfill_drain import drain_between_slices
-from pg_replication.cdc import DrainResult, DrainSettings
-from pg_replication.jobs import table_metadata
-from pg_replication.resources import WarehouseResource
+from pg_replication.dagster.assets import BackfillRequest
+from pg_replication.replicate.backfill import SlotSettings, run_backfill
+from pg_replication.replicate.backfill_drain import drain_between_slices
+from pg_replication.replicate.cdc import DrainResult, DrainSettings
+from pg_replication.dagster.jobs import table_metadata
+from pg_replication.dagster.resources import WarehouseResource
 from pg_replication.source.pgoutput import int_to_lsn
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from pg_replication.changes import Segment, TableStats, Upsert
+from pg_replication.replicate.changes import Segment, TableStats, Upsert
 from pg_replication.source._rowdecode import RowColumns, arrays_to_json, strings_to_arrow
 from pg_replication.warehouse import staging
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pg_replication.changes import Segment, StagedPart, TableBatch, TableStats, Upsert
+from pg_replication.replicate.changes import Segment, StagedPart, TableBatch, TableStats, Upsert
 from pg_replication.failpoints import failpoint
 
 # spill(xid, subxid, table key, segment) -> the staged part; discard(xid, subxid or None: all)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import dagster as dg
 from dagster_snowflake import SnowflakeResource
 
-from pg_replication.resources import WarehouseResource
+from pg_replication.dagster.resources import WarehouseResource
 from pg_replication.warehouse.connect import SNOWFLAKE_ENV, snowflake_settings
 from pg_replication.warehouse.engine import SqlWarehouse
 

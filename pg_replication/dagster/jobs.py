@@ -8,14 +8,14 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field
 
-from pg_replication.assets import TableAssetTranslator
-from pg_replication.capture import CaptureSettings, drain_captured
-from pg_replication.cdc import DrainResult, DrainSettings, TableOutcome, drain_once
+from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.replicate.capture import CaptureSettings, drain_captured
+from pg_replication.replicate.cdc import DrainResult, DrainSettings, TableOutcome, drain_once
 from pg_replication.config import ReplicationConfig
-from pg_replication.drain_loop import Batch, LoopSettings, WarehousePerCall, drain_batches
+from pg_replication.replicate.drain_loop import Batch, LoopSettings, WarehousePerCall, drain_batches
 from pg_replication.errors import is_transient
-from pg_replication.operations import retry_table
-from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, WarehouseResource
+from pg_replication.replicate.operations import retry_table
+from pg_replication.dagster.resources import DuckDBWarehouseResource, PostgresSource, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.slot_probe import longest_probe, probe_slot

@@ -6,12 +6,12 @@ import hashlib
 import dagster as dg
 import psycopg
 
-from pg_replication.assets import TableAssetTranslator
+from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.config import QUERY_STRATEGIES, ReplicationConfig
 from pg_replication.errors import PgReplicationError
-from pg_replication.resources import PostgresSource, WarehouseResource
+from pg_replication.dagster.resources import PostgresSource, WarehouseResource
 from pg_replication.source.catalog import Table
-from pg_replication.strategies import SyncResult, sync_table
+from pg_replication.replicate.strategies import SyncResult, sync_table
 
 
 def sync_metadata(result: SyncResult) -> dict[str, dg.MetadataValue]:

@@ -6,7 +6,7 @@ import os
 
 import dagster as dg
 
-from pg_replication.assets import (
+from pg_replication.dagster.assets import (
     WAREHOUSE_IO_MANAGER_KEY,
     TableAssetTranslator,
     build_table_asset,
@@ -14,15 +14,15 @@ from pg_replication.assets import (
 )
 from dagster_duckdb import DuckDBResource
 
-from pg_replication.checks import build_table_checks
+from pg_replication.dagster.checks import build_table_checks
 from pg_replication.config import ReplicationConfig, load_config
-from pg_replication.jobs import build_cdc_job, build_retry_job
-from pg_replication.notifications import build_notification_sensors
-from pg_replication.schedules import build_sync_schedules
-from pg_replication.sensors import build_cdc_sensor
-from pg_replication.io_managers import WarehouseIOManager
-from pg_replication.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
-from pg_replication.load_catalog import load_catalog
+from pg_replication.dagster.jobs import build_cdc_job, build_retry_job
+from pg_replication.dagster.notifications import build_notification_sensors
+from pg_replication.dagster.schedules import build_sync_schedules
+from pg_replication.dagster.sensors import build_cdc_sensor
+from pg_replication.dagster.io_managers import WarehouseIOManager
+from pg_replication.dagster.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
+from pg_replication.dagster.load_catalog import load_catalog
 from pg_replication.source.catalog import Table, Unavailable
 from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
 
@@ -42,7 +42,7 @@ def build_warehouse_resource(config: ReplicationConfig) -> WarehouseResource:
         postgres_warehouse_url(config)  # fails at load, naming what is wrong
         return PostgresWarehouseResource(conninfo=dg.EnvVar(POSTGRES_WAREHOUSE_ENV), schema_prefix=config.warehouse.schema_prefix)
     if kind == "snowflake":
-        from pg_replication.resources_snowflake import snowflake_from_env
+        from pg_replication.dagster.resources_snowflake import snowflake_from_env
 
         return snowflake_from_env(merge=config.warehouse.merge)
     duckdb = DuckDBResource(database=config.duckdb_path(), connection_config={"memory_limit": config.warehouse.memory_limit})

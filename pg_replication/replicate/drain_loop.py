@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from pg_replication.cdc import DrainResult
+from pg_replication.replicate.cdc import DrainResult
 from pg_replication.errors import PgReplicationError, WarehouseError, is_transient
 
 

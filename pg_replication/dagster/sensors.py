@@ -11,7 +11,7 @@ import dagster as dg
 
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import SourceUnavailableError
-from pg_replication.resources import PostgresSource
+from pg_replication.dagster.resources import PostgresSource
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.catalog import Table
 from pg_replication.source.slot import SlotBusyError, flushed_lsn, slot_status

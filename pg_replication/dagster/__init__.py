@@ -1,0 +1,1 @@
+"""The Dagster layer: assets, checks, jobs, sensors and resources over the engine."""
