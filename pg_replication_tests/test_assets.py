@@ -75,3 +75,17 @@ def test_materialize_partitions_reports_metadata(shop, pg, duckdb_path):
         got = sorted(wh.execute('SELECT id, name, balance, tags FROM "shop"."customers"').fetchall())
     want = sorted(pg.execute("SELECT id, name, balance, tags FROM shop.customers").fetchall())
     assert got == want
+
+
+def test_table_name_is_the_warehouse_relation(shop, duckdb_path):
+    """``dagster/table_name`` is database.schema.table as the warehouse names the relation (the
+    form dbt uses), so a dbt model reading the replicated table links to its asset."""
+    job = shop.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(asset_selection=[dg.AssetKey(["shop", "customers"])], partition_key="000").success
+    spec = next(s for s in shop.resolve_all_asset_specs() if s.key == dg.AssetKey(["shop", "customers"]))
+    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
+        (relation,) = wh.execute(
+            "SELECT table_catalog || '.' || table_schema || '.' || table_name FROM information_schema.tables "
+            "WHERE table_schema = 'shop' AND table_name = 'customers'"
+        ).fetchone()
+    assert spec.metadata["dagster/table_name"] == relation == "warehouse.shop.customers"

@@ -43,6 +43,7 @@ def test_cli_materialize_partition_range(cli_env, pg, duckdb_path, tmp_path):
         tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "BetaWarning" not in out.stderr and "PreviewWarning" not in out.stderr, out.stderr[-3000:]
     with duckdb.connect(str(duckdb_path), read_only=True) as wh:
         got = sorted(wh.execute('SELECT id, kind, happened_at, payload::VARCHAR FROM "app"."events"').fetchall())
     want = sorted(pg.execute("SELECT id, kind, happened_at, payload::text FROM app.events").fetchall())
@@ -54,6 +55,8 @@ def test_cli_materialize_partition_range(cli_env, pg, duckdb_path, tmp_path):
 def test_definitions_validate(cli_env, tmp_path):
     out = _run(["definitions", "validate", "-w", str(ROOT / "workspace.yaml")], cli_env, ROOT)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    # No warning the user cannot act on (Dagster's beta notices about its own internal calls).
+    assert "BetaWarning" not in out.stderr and "PreviewWarning" not in out.stderr, out.stderr[-3000:]
 
 
 @pytest.mark.e2e

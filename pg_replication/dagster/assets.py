@@ -10,12 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import dagster as dg
-from dagster._core.definitions.metadata.metadata_set import TableMetadataSet  # not re-exported
 
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Table
-from pg_replication.warehouse.connect import type_mapper
+from pg_replication.warehouse.connect import table_location, type_mapper
 
 WAREHOUSE_IO_MANAGER_KEY = "warehouse_io_manager"
 
@@ -80,12 +79,12 @@ class TableAssetTranslator:
             for c in table.columns
         ]
         return {
-            **TableMetadataSet(
-                table_name=f"{self.warehouse_kind}.{table.schema}.{table.name}",
-                column_schema=dg.TableSchema(
-                    columns=columns,
-                    constraints=dg.TableConstraints(other=[f"primary key ({', '.join(table.primary_key)})"]),
-                ),
+            # Dagster's documented table keys; table_name is the warehouse's database.schema.table,
+            # as dbt names the same relation, so lineage joins a replicated table to its models.
+            "dagster/table_name": table_location(self.config, table.schema, table.name),
+            "dagster/column_schema": dg.TableSchema(
+                columns=columns,
+                constraints=dg.TableConstraints(other=[f"primary key ({', '.join(table.primary_key)})"]),
             ),
             "pg_replication/source_table": table.display,
             "pg_replication/schema": table.schema,

@@ -46,6 +46,27 @@ def type_mapper(kind: str) -> Mapper:
     return map_column
 
 
+def table_location(config: ReplicationConfig, schema: str, table: str) -> str:
+    """``database.schema.table`` of a replicated table as the warehouse names it (what dbt and
+    Dagster's ``dagster/table_name`` use to match a source to its model), read from the
+    configuration and the environment without connecting: DuckDB's database is its file's stem,
+    the replica's the database of its URL, Snowflake's ``SNOWFLAKE_DATABASE``."""
+    kind = config.warehouse_kind()
+    if kind == "postgres":
+        try:
+            database = psycopg.conninfo.conninfo_to_dict(os.environ.get(POSTGRES_WAREHOUSE_ENV, "")).get("dbname") or "postgres"
+        except psycopg.ProgrammingError:
+            database = "postgres"
+        return f"{database}.{config.warehouse.schema_prefix}{schema}.{table}"
+    if kind == "snowflake":
+        from pg_replication.warehouse.snowflake_types import fold
+
+        database = os.environ.get(SNOWFLAKE_ENV["database"], "")
+        return ".".join(n for n in (database, fold(schema), fold(table)) if n)
+    stem = os.path.splitext(os.path.basename(config.duckdb_path()))[0] or "memory"
+    return f"{stem}.{schema}.{table}"
+
+
 def snowflake_settings() -> dict[str, str]:
     """The SNOWFLAKE_* variables that are set, by connect() argument; missing required ones fail."""
     missing = [SNOWFLAKE_ENV[k] for k in SNOWFLAKE_REQUIRED if not os.environ.get(SNOWFLAKE_ENV[k])]

@@ -15,7 +15,6 @@ quoted). See ``snowflake_types.py`` for the values Snowflake refuses.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import duckdb
@@ -31,19 +30,14 @@ from pg_replication.types import TypeMapping
 from pg_replication.warehouse import snowflake_types, staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, quote
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
+from pg_replication.warehouse.snowflake_types import PLAIN_NAME, fold
 from pg_replication.warehouse.staging import StagedChanges
 
 __all__ = ["SnowflakeWarehouse", "fold"]
 
-_PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
 _SCRATCH_OP = "_pgr scratch op"  # the scratch table's op column, beside the target's columns
 _SLICE_STAGE = "pgr_slice"
 _DELETE_CHUNK = 500
-
-
-def fold(name: str) -> str:
-    """The name as Snowflake stores it: plain lower-case names upper-cased, others exactly."""
-    return name.upper() if _PLAIN.fullmatch(name) else name
 
 
 class SnowflakeWarehouse(SqlWarehouse):
@@ -160,7 +154,7 @@ class SnowflakeWarehouse(SqlWarehouse):
     # -- staging (always before the transaction) --------------------------------------------
 
     def _stage_name(self, name: str) -> str:
-        if not _PLAIN.fullmatch(name):
+        if not PLAIN_NAME.fullmatch(name):
             raise ValueError(f"staging names are plain lower-case names, not {name!r}")
         return self.ident(name)  # upper-case: write_pandas may or may not quote it
 

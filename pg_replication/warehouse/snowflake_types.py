@@ -25,6 +25,8 @@ the message, that table stops (its changes wait in its change log) and the other
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 from pg_replication import types
@@ -33,6 +35,13 @@ from pg_replication.source.catalog import Column, PgType
 from pg_replication.types import TypeMapping
 
 _TEXT = TypeMapping(pa.string(), "VARCHAR")
+
+PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def fold(name: str) -> str:
+    """The name as Snowflake stores it: plain lower-case names upper-cased, others exactly."""
+    return name.upper() if PLAIN_NAME.fullmatch(name) else name
 
 
 def _cast(ddl: str, value: str = "{0}", **extra) -> TypeMapping:
