@@ -40,7 +40,6 @@ def _warehouse_ids(duckdb_path) -> list[int]:
         return [i for (i,) in wh.execute('SELECT id FROM "public"."b" ORDER BY id').fetchall()]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: row_count_parity reports a false ERROR when a drain commits between its two reads")
 def test_parity_is_no_error_when_a_drain_commits_between_its_reads(streamed, pg, duckdb_path, tmp_path, monkeypatch):
     gates = tmp_path / "failpoints"
     gates.mkdir()
