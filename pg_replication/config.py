@@ -57,7 +57,9 @@ class SourceConfig(_Model):
         "slot holds back this much WAL (written by other databases or unpublished tables).",
     )
     freshness_seconds: Annotated[int, Field(ge=1)] = Field(
-        300, description="The cdc_freshness check fails when no drain ran for this long."
+        300,
+        description="A cdc or triggers table's FreshnessPolicy: stale when no change was applied for this long; "
+        "its cdc_freshness check fails when no drain ran for this long.",
     )
     max_retained_wal_mb: Annotated[int, Field(ge=1)] = Field(
         1024, description="The slot_health check fails when the slot retains more WAL than this."
