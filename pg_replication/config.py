@@ -64,6 +64,15 @@ class SourceConfig(_Model):
     max_retained_wal_mb: Annotated[int, Field(ge=1)] = Field(
         1024, description="The slot_health check fails when the slot retains more WAL than this."
     )
+    checks_schedule: str = Field(
+        "*/15 * * * *",
+        description="Cron (UTC) on which the asset checks run by themselves (the source's automation sensor launches them).",
+    )
+
+    @field_validator("checks_schedule")
+    @classmethod
+    def _checks_schedule_is_cron(cls, value: str) -> str:
+        return _check_cron(value)
 
 
 WAREHOUSE_ENV_VAR = "PG_REPLICATION_WAREHOUSE"

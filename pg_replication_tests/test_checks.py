@@ -1,7 +1,11 @@
-"""The asset checks: row-count parity stays honest while drains commit beside it."""
+"""The asset checks and freshness: row-count parity stays honest while drains commit beside it;
+every table asset carries its FreshnessPolicy; the checks run by themselves under the daemon."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 from datetime import timedelta
 
@@ -10,7 +14,7 @@ import duckdb
 import pytest
 
 from pg_replication.dagster.definitions import build_definitions
-from pg_replication_tests.operator import wait_for
+from pg_replication_tests.operator import BIN, ROOT, dagster_env, materialize, run_cli, wait_for
 
 
 @pytest.fixture
@@ -88,3 +92,45 @@ def test_every_table_asset_carries_its_freshness_policy(pg, write_config, duckdb
     checks = {(k.asset_key.path[-1], k.name) for k in defs.resolve_asset_graph().asset_check_keys}
     # what FreshnessPolicy cannot say stays a check: a quiet streamed table's drain still runs
     assert checks == {("s", "row_count_parity"), ("s", "cdc_freshness"), ("s", "slot_health"), ("logs", "row_count_parity"), ("dims", "row_count_parity")}
+
+
+@pytest.mark.e2e
+def test_checks_run_by_themselves_under_the_daemon(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+    """The real `dagster-daemon`: nobody launches a check, yet each table's checks run on their
+    cron (every minute here) and report the warehouse equal to the source."""
+    pg.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO b SELECT i, i FROM generate_series(1, 50) i")
+    write_config({"tables": ["b"], "defaults": {"partitions": 1}, "source": {"checks_schedule": "* * * * *", "sensor_interval_seconds": 2}})
+    env = dagster_env(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to the working directory
+    out = run_cli(materialize("public/b", "000...000"), env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen(
+        [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    parity = dg.AssetCheckKey(dg.AssetKey(["public", "b"]), "row_count_parity")
+    try:
+        with dg.DagsterInstance.get() as instance:
+            ours = {r.run_id for r in instance.get_runs()}  # the backfill ran the checks too: not by themselves
+
+            def evaluated():
+                record = instance.event_log_storage.get_latest_asset_check_execution_by_key([parity]).get(parity)
+                done = record is not None and record.event is not None and record.event.asset_check_evaluation
+                return record if done and record.run_id not in ours else None
+
+            record = wait_for(evaluated, "the daemon to run row_count_parity by itself", timeout=600, poll=2)
+            run = instance.get_run_by_id(record.run_id)
+    finally:
+        try:  # the daemon, its code server and the runs it launched
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        log.close()
+    evaluation = record.event.asset_check_evaluation
+    assert evaluation.passed and evaluation.metadata["source_rows"].value == evaluation.metadata["warehouse_rows"].value == 50
+    assert any(tag.startswith("dagster/") and "automation" in tag for tag in run.tags), run.tags  # launched by the automation sensor

@@ -1,6 +1,7 @@
 """Asset checks on every table asset: row-count parity with the source; for the tables that
 stream (cdc, triggers) that their drain keeps running, and for strategy cdc the slot's health.
-How fresh a table must be is its FreshnessPolicy (freshness.py), not a check."""
+How fresh a table must be is its FreshnessPolicy (freshness.py), not a check. They run by
+themselves on ``source.checks_schedule`` (automation.py), on read-only warehouse connections."""
 
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ import dagster as dg
 from psycopg import sql
 
 from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.dagster.automation import check_condition
 from pg_replication.replicate.capture import CaptureSettings
 from pg_replication.config import ReplicationConfig
 from pg_replication.failpoints import pause
@@ -69,6 +71,7 @@ def build_table_checks(tables: list[Table], config: ReplicationConfig, translato
             config.source.slot,
             config.source.max_retained_wal_mb << 20,
             config.source.freshness_seconds,
+            check_condition(config),
         )
     return checks
 
@@ -90,10 +93,12 @@ def _source_count(source: PostgresSource, table: Table) -> tuple[int, int, bool,
     return rows, at, waiting, late
 
 
-def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fresh_within: int) -> list:
+def _checks_for(
+    table: Table, key: dg.AssetKey, slot: str, max_retained: int, fresh_within: int, automation: dg.AutomationCondition
+) -> list:
     position = {"cdc": slot, "triggers": CaptureSettings.position}.get(table.strategy)
 
-    @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once changes have caught up).")
+    @dg.asset_check(asset=key, name="row_count_parity", automation_condition=automation, description="Warehouse rows = source rows (exact once changes have caught up).")
     def parity(source: PostgresSource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         held, (source_rows, at, waiting, late), stable = _read_both(source, warehouse, table, position)
         drained, status, wh_rows = held.drained, held.status, held.rows
@@ -126,7 +131,7 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fr
     # A table's FreshnessPolicy sees only its materializations: a quiet table gets none while its
     # drain keeps it current. This check says what the policy cannot: the drain runs and the
     # table streams (not failed, not held), whether or not it changed.
-    @dg.asset_check(asset=key, name="cdc_freshness", description=f"The drain ran within {fresh_within} s and the table streams.")
+    @dg.asset_check(asset=key, name="cdc_freshness", automation_condition=automation, description=f"The drain ran within {fresh_within} s and the table streams.")
     def freshness(warehouse: WarehouseResource) -> dg.AssetCheckResult:
         held = _warehouse_state(warehouse, table, position)
         age, status = held.since, held.status
@@ -143,7 +148,7 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fr
     if table.strategy != "cdc":  # no slot to watch
         return [parity, freshness]
 
-    @dg.asset_check(asset=key, name="slot_health", description="The replication slot exists, is not lost, and retains little WAL.")
+    @dg.asset_check(asset=key, name="slot_health", automation_condition=automation, description="The replication slot exists, is not lost, and retains little WAL.")
     def slot_health(source: PostgresSource) -> dg.AssetCheckResult:
         with source.connect() as conn:
             status = slot_status(conn, slot)
