@@ -13,7 +13,9 @@ import dagster as dg
 import duckdb
 import pytest
 
+from pg_replication.config import parse_config
 from pg_replication.dagster.definitions import build_definitions
+from pg_replication.errors import ConfigError
 from pg_replication_tests.operator import BIN, ROOT, dagster_env, materialize, run_cli, wait_for
 
 
@@ -134,3 +136,20 @@ def test_checks_run_by_themselves_under_the_daemon(pg, write_config, duckdb_path
     evaluation = record.event.asset_check_evaluation
     assert evaluation.passed and evaluation.metadata["source_rows"].value == evaluation.metadata["warehouse_rows"].value == 50
     assert any(tag.startswith("dagster/") and "automation" in tag for tag in run.tags), run.tags  # launched by the automation sensor
+
+
+def test_a_check_that_cannot_run_fails_alone(streamed, pg):
+    pg.execute("DROP TABLE b")  # parity cannot count it; the slot is still healthy
+    keys = list(streamed.resolve_asset_graph().asset_check_keys)
+    merged = dg.Definitions.merge(streamed, dg.Definitions(jobs=[dg.define_asset_job("all_checks", selection=dg.AssetSelection.checks(*keys))]))
+    result = merged.resolve_job_def("all_checks").execute_in_process(raise_on_error=False)
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations["row_count_parity"].passed
+    assert "could not run" in evaluations["row_count_parity"].description and '"b"' in evaluations["row_count_parity"].description
+    assert evaluations["slot_health"].passed and evaluations["cdc_freshness"].passed
+
+
+def test_a_bad_checks_schedule_is_named():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"tables": ["t"], "source": {"checks_schedule": "every minute"}})
+    assert "checks_schedule" in str(err.value) and "cron" in str(err.value)
