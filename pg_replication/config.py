@@ -57,11 +57,22 @@ class SourceConfig(_Model):
         "slot holds back this much WAL (written by other databases or unpublished tables).",
     )
     freshness_seconds: Annotated[int, Field(ge=1)] = Field(
-        300, description="The cdc_freshness check fails when no drain ran for this long."
+        300,
+        description="A cdc or triggers table's FreshnessPolicy: stale when no change was applied for this long; "
+        "its cdc_freshness check fails when no drain ran for this long.",
     )
     max_retained_wal_mb: Annotated[int, Field(ge=1)] = Field(
         1024, description="The slot_health check fails when the slot retains more WAL than this."
     )
+    checks_schedule: str = Field(
+        "*/15 * * * *",
+        description="Cron (UTC) on which the asset checks run by themselves (the source's automation sensor launches them).",
+    )
+
+    @field_validator("checks_schedule")
+    @classmethod
+    def _checks_schedule_is_cron(cls, value: str) -> str:
+        return _check_cron(value)
 
 
 WAREHOUSE_ENV_VAR = "PG_REPLICATION_WAREHOUSE"

@@ -3,6 +3,8 @@ trigger capture drains through the CDC sensor and job; every table is the same k
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import dagster as dg
 import pytest
 
@@ -80,3 +82,18 @@ def test_captured_changes_drain_through_the_cdc_sensor_and_job(mixed, pg, duckdb
     (event,) = result.get_asset_materialization_events()
     assert event.asset_key == dg.AssetKey(["public", "orders"])
     assert _rows(duckdb_path, "orders") == pg.execute("SELECT id, v FROM orders ORDER BY id").fetchall()
+
+
+def test_on_cron_on_a_table_asset_would_recopy_every_slice(pg, write_config, duckdb_path):
+    """Why the query strategies keep their schedules: a table asset's partitions are its backfill
+    slices, so `AutomationCondition.on_cron` on it requests every slice at each tick (a full
+    re-copy), where the schedule's run syncs only what changed."""
+    pg.execute("CREATE TABLE items (id int PRIMARY KEY, v text, updated timestamptz NOT NULL DEFAULT now())")
+    write_config({"tables": [{"name": "items", "strategy": "updated_at", "cursor": "updated", "schedule": "*/5 * * * *", "partitions": 4}]})
+    (items,) = [a for a in build_definitions().resolve_asset_graph().assets_defs if dg.AssetKey(["public", "items"]) in a.keys]
+    on_cron = items.map_asset_specs(lambda spec: spec.replace_attributes(automation_condition=dg.AutomationCondition.on_cron("*/5 * * * *")))
+    start = datetime(2026, 1, 5, 9, 1, tzinfo=timezone.utc)
+    with dg.instance_for_test() as instance:
+        first = dg.evaluate_automation_conditions([on_cron], instance, evaluation_time=start)
+        tick = dg.evaluate_automation_conditions([on_cron], instance, evaluation_time=start + timedelta(minutes=5), cursor=first.cursor)
+    assert tick.total_requested == len(items.partitions_def.get_partition_keys()) == 4  # every slice: a backfill, not a sync

@@ -1,6 +1,7 @@
 """The UI as a person sees it: `dagster dev` (webserver + daemon) on a local port, a change in
 Postgres applied by the sensor's drain runs, and headless Chromium screenshots of the asset graph,
-a table's partitions, its CDC events with their metadata and its lag plot.
+a table's partitions, its CDC events with their metadata, its lag plot and its freshness (the
+FreshnessPolicy, evaluated by the daemon).
 
 Set PGR_SCREENSHOTS=docs/screenshots to refresh the README's pictures. Skipped only when no
 Chromium is installed (`make test` installs it when run as root).
@@ -90,7 +91,7 @@ def ui(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to the working directory
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    env = dict(os.environ)
+    env = {**os.environ, "FRESHNESS_DAEMON_INTERVAL_SECONDS": "5"}  # Dagster's default: every 30 s
     subprocess.run(
         [str(BIN / "dagster"), "asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", "shop/orders",
          "--partition-range", "000...003"],
@@ -110,13 +111,17 @@ def ui(pg, write_config, duckdb_path, tmp_path, monkeypatch):
         _stop(server)
 
 
-def test_ui_shows_assets_partitions_cdc_events_and_lag_plot(ui, pg):
+def test_ui_shows_assets_partitions_cdc_events_lag_plot_and_freshness(ui, pg):
     shots = Path(os.environ.get("PGR_SCREENSHOTS") or Path.cwd() / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.get() as instance:
         for round_ in range(1, 3):  # two micro-batches: two points on the lag plot
             pg.execute("UPDATE shop.orders SET status = 'shipped', total = total + 1 WHERE id %% 50 = %s", (round_,))
             _wait(lambda: _cdc_events(instance) >= round_, f"CDC micro-batch {round_} applied by the sensor's run", 600)
+
+    query = '{ assetNodeOrError(assetKey: {path: ["shop", "orders"]}) { ... on AssetNode { freshnessStatusInfo { freshnessStatus } } } }'
+    fresh = lambda: json.loads(_get(f"{ui}/graphql", json.dumps({"query": query}).encode()))["data"]["assetNodeOrError"]  # noqa: E731
+    _wait(lambda: (fresh()["freshnessStatusInfo"] or {}).get("freshnessStatus") == "HEALTHY", "the daemon to find the table fresh", 600)
 
     browser = Browser()
     try:
@@ -141,7 +146,13 @@ def test_ui_shows_assets_partitions_cdc_events_and_lag_plot(ui, pg):
         browser.scroll_to_text("lag_seconds")
         browser.wait_until_still()
         browser.screenshot(shots / "lag-plot.png")
+
+        browser.open(f"{ui}/assets/shop/orders")
+        browser.wait_for_text("Freshness policy", "Passing")
+        browser.scroll_to_text("Freshness policy")
+        browser.wait_until_still()
+        browser.screenshot(shots / "freshness.png")
     finally:
         browser.close()
-    for name in ("asset-graph", "partitions", "cdc-events", "lag-plot"):
+    for name in ("asset-graph", "partitions", "cdc-events", "lag-plot", "freshness"):
         assert (shots / f"{name}.png").stat().st_size > 10_000, name

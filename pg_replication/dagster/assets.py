@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from pg_replication.config import ReplicationConfig
+from pg_replication.dagster.freshness import freshness_policy
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Table
 from pg_replication.warehouse.connect import table_location, type_mapper
@@ -96,6 +97,9 @@ class TableAssetTranslator:
             ),
         }
 
+    def get_freshness_policy(self, table: Table) -> dg.FreshnessPolicy:
+        return freshness_policy(table, self.config)
+
     def get_asset_spec(self, table: Table) -> dg.AssetSpec:
         return dg.AssetSpec(
             key=self.get_asset_key(table),
@@ -104,6 +108,7 @@ class TableAssetTranslator:
             metadata=self.get_metadata(table),
             kinds={"postgres", self.warehouse_kind},
             partitions_def=dg.StaticPartitionsDefinition(partition_keys(self.get_partitions(table))),
+            freshness_policy=self.get_freshness_policy(table),
         )
 
 

@@ -14,6 +14,7 @@ from pg_replication.dagster.assets import (
 )
 from dagster_duckdb import DuckDBResource
 
+from pg_replication.dagster.automation import build_automation_sensor
 from pg_replication.dagster.checks import build_table_checks
 from pg_replication.config import ReplicationConfig, load_config
 from pg_replication.dagster.jobs import build_cdc_job, build_retry_job
@@ -70,7 +71,11 @@ def build_definitions(
         asset_checks=build_table_checks(tables, config, translator),
         jobs=[cdc_job, *sync_jobs, build_retry_job(config, [t for t in tables if t.strategy in ("cdc", "triggers")])],
         schedules=schedules,
-        sensors=[build_cdc_sensor(config, cdc_job, tables, catalog.warnings()), *build_notification_sensors(config, [cdc_job, *sync_jobs])],
+        sensors=[
+            build_cdc_sensor(config, cdc_job, tables, catalog.warnings()),
+            *build_notification_sensors(config, [cdc_job, *sync_jobs]),
+            build_automation_sensor(config),
+        ],
         resources={
             "source": build_source_resource(),
             "warehouse": warehouse,

@@ -8,6 +8,8 @@ dagster-duckdb's DuckDBResource and Snowflake on dagster-snowflake's SnowflakeRe
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -15,6 +17,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from pg_replication.errors import PgReplicationError
 from pg_replication.source.connection import connect, describe_target
 from pg_replication.warehouse.engine import SqlWarehouse
 
@@ -61,11 +64,37 @@ class DuckDBWarehouseResource(WarehouseResource):
     def open(self, *, read_only: bool = False) -> Iterator[SqlWarehouse]:
         from pg_replication.warehouse.duckdb import DuckDBWarehouse
 
+        if read_only:  # checks: a shared lock, so a drain waits only while they read, never for a writer's checkpoint
+            conn = _duckdb_read_only(self.duckdb.database, self.duckdb.connection_config)
+            try:
+                yield DuckDBWarehouse(conn, read_only=True)
+            finally:
+                conn.close()
+            return
         with self.duckdb.get_connection() as conn:  # waits (with backoff) while another process holds the file
             try:
                 yield DuckDBWarehouse(conn, read_only=read_only)
             finally:  # DuckDBResource closes only on success: a failed write must let go of the file too
                 conn.close()
+
+
+def _duckdb_read_only(path: str, config: dict, wait_seconds: float = 300.0):
+    """A read-only connection, waiting (bounded, generously) while a drain or backfill writes."""
+    import duckdb
+
+    if path != ":memory:" and not os.path.exists(path):  # nothing replicated yet: an empty warehouse
+        return duckdb.connect(":memory:")
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return duckdb.connect(path, read_only=True, config=dict(config))
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise PgReplicationError(
+                    f"cannot open the warehouse {path} to read: {str(exc).splitlines()[0]}",
+                    hint="a backfill or drain held it all along; the check runs again at its next tick",
+                ) from None
+            time.sleep(0.2)
 
 
 class PostgresWarehouseResource(WarehouseResource):

@@ -1,0 +1,155 @@
+"""The asset checks and freshness: row-count parity stays honest while drains commit beside it;
+every table asset carries its FreshnessPolicy; the checks run by themselves under the daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from datetime import timedelta
+
+import dagster as dg
+import duckdb
+import pytest
+
+from pg_replication.config import parse_config
+from pg_replication.dagster.definitions import build_definitions
+from pg_replication.errors import ConfigError
+from pg_replication_tests.operator import BIN, ROOT, dagster_env, materialize, run_cli, wait_for
+
+
+@pytest.fixture
+def streamed(pg, write_config, duckdb_path):
+    """One cdc table, backfilled and drained."""
+    pg.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO b SELECT i, i FROM generate_series(1, 50) i")
+    write_config({"tables": ["b"], "defaults": {"partitions": 1}})
+    defs = build_definitions()
+    job = defs.resolve_implicit_global_asset_job_def()
+    assert job.execute_in_process(asset_selection=[dg.AssetKey(["public", "b"])], partition_key="000").success
+    assert _drain(defs).success
+    return defs
+
+
+def _drain(defs):
+    return defs.resolve_job_def("postgres_cdc_drain").execute_in_process(raise_on_error=False)
+
+
+def _check_job(defs, name: str) -> dg.JobDefinition:
+    keys = [k for k in defs.resolve_asset_graph().asset_check_keys if k.name == name]
+    merged = dg.Definitions.merge(defs, dg.Definitions(jobs=[dg.define_asset_job("only_checks", selection=dg.AssetSelection.checks(*keys))]))
+    return merged.resolve_job_def("only_checks")
+
+
+def _warehouse_ids(duckdb_path) -> list[int]:
+    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
+        return [i for (i,) in wh.execute('SELECT id FROM "public"."b" ORDER BY id').fetchall()]
+
+
+def test_parity_is_no_error_when_a_drain_commits_between_its_reads(streamed, pg, duckdb_path, tmp_path, monkeypatch):
+    gates = tmp_path / "failpoints"
+    gates.mkdir()
+    monkeypatch.setenv("PGR_FAILPOINT_DIR", str(gates))
+    (gates / "parity_between_reads.pause").touch()
+    job = _check_job(streamed, "row_count_parity")
+    results = []
+    check = threading.Thread(target=lambda: results.append(job.execute_in_process(raise_on_error=False)))
+    check.start()
+    try:
+        wait_for((gates / "parity_between_reads.paused").exists, "the check to stop between its reads", timeout=300)
+        pg.execute("INSERT INTO b VALUES (51, 51)")
+        assert _drain(streamed).success  # commits while the check waits between its reads
+        assert _warehouse_ids(duckdb_path) == list(range(1, 52))
+    finally:
+        (gates / "parity_between_reads.pause").unlink()
+        check.join(timeout=600)
+    (parity,) = results[0].get_asset_check_evaluations()
+    assert parity.passed or parity.severity == dg.AssetCheckSeverity.WARN, parity.description
+    # what the check reports, it read at one position: both sides hold the new row
+    assert parity.metadata["source_rows"].value == parity.metadata["warehouse_rows"].value == 51
+
+
+def test_every_table_asset_carries_its_freshness_policy(pg, write_config, duckdb_path):
+    for name in ("s", "logs", "dims"):
+        pg.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
+    write_config(
+        {
+            "tables": [
+                "s",
+                {"name": "logs", "strategy": "append", "schedule": "0 9 * * 1-5"},
+                {"name": "dims", "strategy": "reload", "reload_on": ["mon", "thu"]},
+            ],
+            "source": {"freshness_seconds": 120},
+        }
+    )
+    defs = build_definitions()
+    policies = {spec.key.path[-1]: spec.freshness_policy for spec in defs.resolve_all_asset_specs()}
+    # streamed: a change applied within freshness_seconds
+    assert policies["s"] == dg.FreshnessPolicy.time_window(fail_window=timedelta(seconds=120))
+    # scheduled: materialized since the tick before the last (Dagster's window: the shortest gap)
+    assert policies["logs"] == dg.FreshnessPolicy.cron(deadline_cron="0 9 * * 1-5", lower_bound_delta=timedelta(days=1), timezone="UTC")
+    # reloaded on Mondays and Thursdays only, by the default */15 schedule: Thursday to Monday and one sync
+    assert policies["dims"] == dg.FreshnessPolicy.time_window(fail_window=timedelta(days=4, minutes=15))
+    checks = {(k.asset_key.path[-1], k.name) for k in defs.resolve_asset_graph().asset_check_keys}
+    # what FreshnessPolicy cannot say stays a check: a quiet streamed table's drain still runs
+    assert checks == {("s", "row_count_parity"), ("s", "cdc_freshness"), ("s", "slot_health"), ("logs", "row_count_parity"), ("dims", "row_count_parity")}
+
+
+@pytest.mark.e2e
+def test_checks_run_by_themselves_under_the_daemon(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+    """The real `dagster-daemon`: nobody launches a check, yet each table's checks run on their
+    cron (every minute here) and report the warehouse equal to the source."""
+    pg.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO b SELECT i, i FROM generate_series(1, 50) i")
+    write_config({"tables": ["b"], "defaults": {"partitions": 1}, "source": {"checks_schedule": "* * * * *", "sensor_interval_seconds": 2}})
+    env = dagster_env(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to the working directory
+    out = run_cli(materialize("public/b", "000...000"), env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen(
+        [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    parity = dg.AssetCheckKey(dg.AssetKey(["public", "b"]), "row_count_parity")
+    try:
+        with dg.DagsterInstance.get() as instance:
+            ours = {r.run_id for r in instance.get_runs()}  # the backfill ran the checks too: not by themselves
+
+            def evaluated():
+                record = instance.event_log_storage.get_latest_asset_check_execution_by_key([parity]).get(parity)
+                done = record is not None and record.event is not None and record.event.asset_check_evaluation
+                return record if done and record.run_id not in ours else None
+
+            record = wait_for(evaluated, "the daemon to run row_count_parity by itself", timeout=600, poll=2)
+            run = instance.get_run_by_id(record.run_id)
+    finally:
+        try:  # the daemon, its code server and the runs it launched
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        log.close()
+    evaluation = record.event.asset_check_evaluation
+    assert evaluation.passed and evaluation.metadata["source_rows"].value == evaluation.metadata["warehouse_rows"].value == 50
+    assert any(tag.startswith("dagster/") and "automation" in tag for tag in run.tags), run.tags  # launched by the automation sensor
+
+
+def test_a_check_that_cannot_run_fails_alone(streamed, pg):
+    pg.execute("DROP TABLE b")  # parity cannot count it; the slot is still healthy
+    keys = list(streamed.resolve_asset_graph().asset_check_keys)
+    merged = dg.Definitions.merge(streamed, dg.Definitions(jobs=[dg.define_asset_job("all_checks", selection=dg.AssetSelection.checks(*keys))]))
+    result = merged.resolve_job_def("all_checks").execute_in_process(raise_on_error=False)
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations["row_count_parity"].passed
+    assert "could not run" in evaluations["row_count_parity"].description and '"b"' in evaluations["row_count_parity"].description
+    assert evaluations["slot_health"].passed and evaluations["cdc_freshness"].passed
+
+
+def test_a_bad_checks_schedule_is_named():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"tables": ["t"], "source": {"checks_schedule": "every minute"}})
+    assert "checks_schedule" in str(err.value) and "cron" in str(err.value)
