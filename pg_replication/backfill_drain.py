@@ -19,6 +19,8 @@ cost about a third of a second, is skipped.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from pg_replication.cdc import DrainResult, DrainSettings, drain_once
 from pg_replication.drain_loop import retryable
@@ -35,28 +37,45 @@ def drain_between_slices(
     report: Callable[[DrainResult], None],
     log: Callable[[str], None],
     warn: Callable[[str], None],
-) -> Callable[[], None]:
+) -> DrainBetweenSlices:
     """The ``between_slices`` hook of ``run_backfill``: drain one batch, hand its result to
     ``report``. A failure of the drain never fails the backfill: the drain run meets it too."""
-    tables = list(tables)
+    return DrainBetweenSlices(conninfo, warehouse, list(tables), settings, report, log, warn)
 
-    def between() -> None:
-        if not tables:
+
+@dataclass
+class DrainBetweenSlices:
+    conninfo: str
+    warehouse: Any
+    tables: list[Table]
+    settings: DrainSettings
+    report: Callable[[DrainResult], None]
+    log: Callable[[str], None]
+    warn: Callable[[str], None]
+
+    def idle(self) -> bool:
+        """Whether a call would do nothing (run_backfill then keeps the next slice's reader,
+        which it closes before a drain: no drain runs while the backfill holds a snapshot)."""
+        if not self.tables:
+            return True
+        try:
+            return nothing_to_drain(self.conninfo, self.settings.slot, self.warehouse.drained_lsn(self.settings.slot))
+        except Exception:  # the drain meets it, and says so
+            return False
+
+    def __call__(self) -> None:
+        if self.idle():
             return
         try:
-            if nothing_to_drain(conninfo, settings.slot, warehouse.drained_lsn(settings.slot)):
-                return
-            result = drain_once(conninfo, warehouse, tables, settings, log)
+            result = drain_once(self.conninfo, self.warehouse, self.tables, self.settings, self.log)
         except Exception as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if retryable(exc):  # e.g. a drain run holds the slot: it applies the changes
-                log(f"no drain between slices this time: {first_line}")
+                self.log(f"no drain between slices this time: {first_line}")
             else:
-                warn(f"the drain between backfill slices failed, the backfill goes on (the CDC drain run will report it): {first_line}")
+                self.warn(f"the drain between backfill slices failed, the backfill goes on (the CDC drain run will report it): {first_line}")
             return
-        report(result)
-
-    return between
+        self.report(result)
 
 
 def nothing_to_drain(conninfo: str, slot: str, drained: int | None) -> bool:
