@@ -1,6 +1,6 @@
 """Backfill benchmark: our COPY -> Arrow -> warehouse path through Dagster against the raw limit.
 
-    python bench/backfill.py --rows 2000000 [--warehouse duckdb|postgres|snowflake]
+    python bench/backfill.py --rows 2000000 [--partitions N] [--warehouse duckdb|postgres|snowflake]
 
 Builds (or reuses) a table of N rows with mixed types in database ``pgr_bench`` of the server in
 POSTGRES_URL, then measures in the same run:
@@ -93,7 +93,7 @@ def raw_limit(url: str, streams: int = 2) -> tuple[float, int]:
     return total / (time.perf_counter() - started), sum(moved)
 
 
-def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[float, int]:
+def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[float, float, float]:
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
@@ -124,6 +124,7 @@ def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[floa
     assert result.success
     event = result.get_asset_materialization_events()[0]  # one per partition, same metadata
     in_step = event.materialization.metadata["rows_per_second"].value
+    longest = event.materialization.metadata["longest_snapshot_seconds"].value
     with connect(url) as conn:
         (table,) = introspect(conn, config)
     with open_warehouse(config, read_only=True) as wh:
@@ -131,23 +132,28 @@ def backfill_through_dagster(url: str, rows: int, partitions: int) -> tuple[floa
     assert copied == rows, (copied, rows)
     with psycopg.connect(url, autocommit=True) as conn:  # an undrained slot would pin WAL
         conn.execute("SELECT pg_drop_replication_slot('pgr_bench_backfill')")
-    return rows / elapsed, in_step
+    return rows / elapsed, in_step, longest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--partitions", type=int, default=None, help="default: replication.yaml's default (4)")
     parser.add_argument("--warehouse", choices=KINDS, default="duckdb")
     args = parser.parse_args()
+    if args.partitions is None:
+        from pg_replication.config import Defaults
+
+        args.partitions = Defaults().partitions
     url = prepare(os.environ["POSTGRES_URL"], args.rows)
     print(f"warehouse   : {use_warehouse(args.warehouse, os.environ['POSTGRES_URL'])}", flush=True)
     limit, nbytes = raw_limit(url)
     print(f"raw limit   : {limit:>12,.0f} rows/s  (2 COPY streams over CTID halves, {nbytes / 2**20:,.0f} MiB)", flush=True)
-    ours, in_step = backfill_through_dagster(url, args.rows, args.partitions)
+    ours, in_step, longest = backfill_through_dagster(url, args.rows, args.partitions)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"pg_replication: {ours:>10,.0f} rows/s  (whole Dagster run, {args.partitions} partitions -> {args.warehouse})")
     print(f"  in the step : {in_step:>10,.0f} rows/s  (the asset's rows_per_second: without run start-up)")
+    print(f"  longest snapshot: {longest:.1f} s  (one slice's copy)")
     print(f"ratio to limit: {ours / limit:.2f} (whole run), {in_step / limit:.2f} (step)   peak RSS: {peak_mib:,.0f} MiB   rows: {args.rows:,}")
 
 

@@ -225,6 +225,9 @@ class StateStore:
         (and start applying) while it runs; the copy that completes it replays the log and
         streams again. A re-run that dies leaves the table backfilling, its slice missing."""
         key = table_key(table)
+        state = self.load_state(table)
+        if index not in state.slices_done and state.status != "streaming":
+            return  # a first copy (the common case): nothing to reopen, no transaction to commit
         with self.transaction():
             self._lock_state(key)  # waits for a drain applying to it: its changes precede the snapshot
             self.execute(f"DELETE FROM {self.state('slices')} WHERE table_key = ? AND slice = ?", [key, index])
