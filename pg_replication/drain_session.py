@@ -96,10 +96,11 @@ def drain_session(
 
         try:
             with SlotStream(conninfo, settings.slot, settings.publication, session.start, streaming=session.streaming) as stream:
+                first = True
                 while True:
                     started = time.monotonic()
                     # Only the first batch empties the stream staging: a batch that staged parts ends the session.
-                    streams = session.streamed(locked, empty=pending is None and committed == session.confirmed)
+                    streams, first = session.streamed(locked, empty=first), False
                     decoded, result = read_batch(conn, locked, session, stream, streams)
                     failpoint("after_read")
                     if pending is not None:
