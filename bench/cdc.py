@@ -1,15 +1,20 @@
 """CDC benchmark: drain + apply throughput against the server's own decode limit.
 
-    python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake] [--profile FILE]
+    python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake] [--batch N]
+        [--per-drain-sessions] [--profile FILE]
 
 On the backfill benchmark's table (``bench_rows`` in database ``pgr_bench``, built if missing, 2M
-rows by default) backfilled into a fresh warehouse (bench/warehouses.py), it writes N changes (40% inserts, 40%
-updates, 20% deletes, in transactions of 1,000), then measures in the same run:
+rows by default) backfilled into a fresh warehouse (bench/warehouses.py) and caught up (a drain
+that reads past the WAL the backfill wrote: the replica's own 2M rows share the source's server),
+it writes N changes (40% inserts, 40% updates, 20% deletes, in transactions of 1,000), then
+measures in the same run, over the same WAL (a second slot created just before the changes):
   1. the decode limit: ``SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)``;
-  2. the stream limit: Postgres's own ``pg_recvlogical`` (C) receiving the same changes from a
-     second slot into /dev/null: what the walsender delivers to the fastest client;
+  2. the stream limit: Postgres's own ``pg_recvlogical`` (C) receiving the same changes into
+     /dev/null: what the walsender delivers to the fastest client;
   3. our drain: stream (START_REPLICATION) + decode + fold + apply + commit + slot confirm,
-     until caught up.
+     until caught up: batches of ``--batch`` changes through one replication session, each
+     applied while the next is read (``drain_session``), or with ``--per-drain-sessions`` one
+     ``drain_once`` (a session) per batch, as the tree before it did.
 Prints changes/s, the ratio to the limit, the CPU time this process spent on the drains (user +
 system: the client's own cost, which the other load on a shared machine moves much less than the
 wall-clock time) and its peak RSS. ``--profile`` writes a cProfile of the drains (read it with
@@ -63,11 +68,12 @@ def write_changes(url: str, changes: int, rows: int) -> None:
 
 
 def decode_limit(url: str) -> tuple[float, int]:
+    """Messages/s the server decodes from STREAM_SLOT (a peek: the slot does not move)."""
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
         n = conn.execute(
             "SELECT count(*) FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
-            "'publication_names', %s)", (SLOT, PUBLICATION),
+            "'publication_names', %s)", (STREAM_SLOT, PUBLICATION),
         ).fetchone()[0]
         return n / (time.perf_counter() - started), n
 
@@ -100,11 +106,28 @@ def stream_limit(url: str, messages: int) -> float | None:
     return messages / (time.perf_counter() - started)
 
 
+def catch_up(url: str, wh, table) -> None:
+    """Drain past the backfill's own WAL (a replica on this server wrote it), twice after a
+    CHECKPOINT: the slot's restart point moves only to a snapshot record (which a CHECKPOINT
+    writes) decoded and then confirmed, so the drains measured next start near the changes."""
+    for _ in range(2):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        while not drain_once(url, wh, [table], DrainSettings(SLOT, PUBLICATION)).caught_up:
+            pass
+    with psycopg.connect(url, autocommit=True) as conn:
+        lag = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) FROM pg_replication_slots WHERE slot_name = %s", (SLOT,)
+        ).fetchone()[0]
+    print(f"caught up     : the slot's restart point is {int(lag) / 1e6:,.1f} MB of WAL behind", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--changes", type=int, default=200_000)
-    parser.add_argument("--batch", type=int, default=200_000, help="max changes per drain")
+    parser.add_argument("--batch", type=int, default=50_000, help="max changes per batch (the tree before used 200,000)")
+    parser.add_argument("--per-drain-sessions", action="store_true", help="one drain_once (and replication session) per batch")
     parser.add_argument("--warehouse", choices=KINDS, default="duckdb")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the drains to FILE (slows them down)")
     args = parser.parse_args()
@@ -119,6 +142,7 @@ def main() -> None:
     print(f"backfilling {args.rows:,} rows into {where} ...", flush=True)
     with open_warehouse(config) as wh:
         run_backfill(url, wh, table, range(4), partitions=4, cdc=SlotSettings(SLOT, PUBLICATION))
+        catch_up(url, wh, table)
     _drop_slot(url, STREAM_SLOT)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (STREAM_SLOT,))
@@ -139,19 +163,27 @@ def main() -> None:
     if profiler:
         profiler.enable()
     with open_warehouse(config) as wh:
-        while True:
-            result = drain_once(url, wh, [table], settings)
-            applied += result.changes
-            drains += 1
-            if result.caught_up:
-                break
+        if args.per_drain_sessions:
+            while True:
+                result = drain_once(url, wh, [table], settings)
+                applied += result.changes
+                drains += 1
+                if result.caught_up:
+                    break
+        else:
+            from pg_replication.drain_session import drain_session
+
+            for result in drain_session(url, wh, [table], settings, max_seconds=600):
+                applied += result.changes
+                drains += 1
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if profiler:
         profiler.disable()
         profiler.dump_stats(args.profile)
     ours = messages / elapsed
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"pg_replication: {applied / elapsed:>9,.0f} changes/s applied into {args.warehouse} ({applied:,} changes, {drains} drains, {elapsed:.1f} s)")
+    print(f"pg_replication: {applied / elapsed:>9,.0f} changes/s applied into {args.warehouse} ({applied:,} changes, {drains} batches of <= {args.batch:,}, "
+          f"{'a session each' if args.per_drain_sessions else 'one session'}, {elapsed:.1f} s)")
     print(f"ratio to limit: {ours / limit:.2f} (messages/s over the same stream)   peak RSS: {peak_mib:,.0f} MiB")
     if streamed is not None:
         print(f"ratio to stream limit: {ours / streamed:.2f}")

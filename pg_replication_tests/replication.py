@@ -59,6 +59,14 @@ class Harness:
         with self.target.open() as wh:
             return drain_once(self.pg_url, wh, self.tables, settings)
 
+    def drain_session(self, max_seconds: float = 60.0, **overrides) -> list[DrainResult]:
+        """Batches through one replication session, each applied while the next is read."""
+        from pg_replication.drain_session import drain_session
+
+        settings = DrainSettings(**{**self.settings.__dict__, **overrides})
+        with self.target.open() as wh:
+            return list(drain_session(self.pg_url, wh, self.tables, settings, max_seconds=max_seconds))
+
     def drain_all(self, limit: int = 100, **overrides) -> list[DrainResult]:
         results = []
         for _ in range(limit):

@@ -276,6 +276,8 @@ def _read_batch(
     caught_up_at: int,
     start: int = 0,
     streams: StreamedTransactions | None = None,
+    relations: dict[int, _RelationPlan | None] | None = None,
+    plans: dict[str, _RelationPlan] | None = None,
 ) -> _Decoded:
     """Fold the stream's messages until a commit past a bound (changes, bytes held in memory,
     seconds), or until no message is waiting between transactions once the time budget is spent,
@@ -284,10 +286,13 @@ def _read_batch(
     Large transactions streamed while in progress (``streams``, protocol 2) are kept by
     ``streamed.py`` (spilled to the warehouse past a bound) and join the batch at their Stream
     Commit. While one is open, the time budget waits for its commit as long as it keeps coming:
-    ending the read before would drop its parts, and the next drain would read it all again."""
+    ending the read before would drop its parts, and the next drain would read it all again.
+
+    ``relations`` and ``plans`` carry what earlier batches of the same replication session
+    learnt: the server sends a relation's Relation message once per session, not per batch."""
     types = load_types(conn)
-    relations: dict[int, _RelationPlan | None] = {}
-    plans: dict[str, _RelationPlan] = {}
+    relations = {} if relations is None else relations
+    plans = {} if plans is None else plans
     batches: dict[str, TableBatch] = {}
     failed: dict[str, str] = {}
     last_end = None
@@ -457,7 +462,7 @@ def _read_batch(
     changes += stream.routed_changes - routed_before
     held += stream.routed_bytes - routed_bytes_before
     nbytes = stream.bytes - bytes_before
-    decoded = _Decoded(batches, plans, last_end, changes, transactions, nbytes, exhausted, quiet_lsn, failed)
+    decoded = _Decoded(batches, dict(plans), last_end, changes, transactions, nbytes, exhausted, quiet_lsn, failed)
     decoded.held_bytes = max(peak, held)
     decoded.staged_parts = streams.parts_staged if streams is not None else 0
     return decoded
@@ -466,62 +471,120 @@ def _read_batch(
 def drain_once(conninfo: str, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None] = lambda m: None) -> DrainResult:
     """Drain one bounded batch into ``warehouse`` (see warehouse/base.py)."""
     started = time.monotonic()
-    by_name = {(t.schema, t.name): t for t in tables}
     with connect(conninfo, options=SESSION_OPTIONS) as conn:
-        status = require_slot(conn, settings.slot)
-        sync_publication(conn, settings.publication, tables)
-        drained = warehouse.drained_lsn(settings.slot)
-        if drained is not None and drained < status.confirmed_lsn:
-            raise StateBehindSlotError(
-                f"warehouse has applied up to {po.int_to_lsn(drained)} but slot {settings.slot!r} "
-                f"is at {po.int_to_lsn(status.confirmed_lsn)}",
-                lsn=po.int_to_lsn(drained),
-            )
-        if drained is not None and drained > status.confirmed_lsn:
-            advance(conn, settings.slot, drained)  # a previous run committed but died before advancing
-        restarted, by_oid = _check_identities(conn, warehouse, tables, settings, drained or 0)
-        for key, reason in restarted.items():
-            log(f"{key}: backfill restarted: {reason}. Materialize all its partitions again")
-        before = flushed_lsn(conn)
-        start = max(drained or 0, status.confirmed_lsn)
-        streaming = conn.info.server_version >= 140000
-        spill_bytes = min(settings.spill_bytes, max(settings.max_bytes // 4, 64 << 10))
-        with SlotStream(conninfo, settings.slot, settings.publication, start, streaming=streaming) as stream:
+        session = open_session(conn, warehouse, tables, settings, log)
+        with SlotStream(conninfo, settings.slot, settings.publication, session.start, streaming=session.streaming) as stream:
             # The stream staging is touched only while this session holds the slot: another
             # drain waiting for it must not empty what this one staged.
-            streams = StreamedTransactions.staged_in(warehouse, settings.slot, spill_bytes) if streaming else None
-            budget = replace(settings, max_seconds=_read_budget(conn, settings.max_seconds))
-            decoded = _read_batch(conn, by_name, budget, drained or 0, warehouse.map_column, by_oid, stream, before, start, streams)
-            decoded.covered, decoded.drained_before = tuple(f"{t.schema}.{t.name}" for t in tables), drained or 0
+            streams = session.streamed(warehouse)
+            decoded, result = read_batch(conn, warehouse, session, stream, streams)
             failpoint("after_read")
-            target = max(start, decoded.last_end_lsn or 0, decoded.quiet_lsn)
-            result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
-            result.held_bytes, result.staged_parts = decoded.held_bytes, decoded.staged_parts
-            result.restarted = restarted
-            result.tables = warehouse.apply_drain(
-                decoded,
-                target,
-                settings.slot,
-                lambda table: lambda names: describe_new_columns(conn, table, names),
-                lambda table: row_reader(conninfo, table, warehouse.map_column),
-                log=log,
-            )
+            result.tables = apply_batch(conninfo, conn, warehouse, settings, decoded, result.drained_lsn, log)
             failpoint("after_commit")
-            if target > status.confirmed_lsn:
+            if result.drained_lsn > session.confirmed:
                 try:
-                    stream.confirm(target)  # standby feedback, only now that the warehouse committed
+                    stream.confirm(result.drained_lsn)  # standby feedback, only now that the warehouse committed
                 except PgReplicationError:
                     pass  # the stream broke during the apply: confirmed below instead
             if streams is not None and streams.parts_staged:
                 warehouse.reset_stream_staging(settings.slot)  # applied, or to be re-sent to the next drain
-        _confirm_released(conn, settings.slot, target)
+        confirm_released(conn, settings.slot, result.drained_lsn)
     result.seconds = time.monotonic() - started
-    for key, outcome in result.failed.items():
-        log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")
+    log_failed(result, log)
     return result
 
 
-def _confirm_released(conn: psycopg.Connection, slot: str, target: int, wait: float = 10.0) -> None:
+@dataclass
+class Session:
+    """Where a replication session starts, and what it reads with (``open_session``)."""
+
+    settings: DrainSettings  # its read budget resolved (``_read_budget``)
+    tables: dict[tuple[str, str], Table]
+    by_oid: dict[int, Table]
+    restarted: dict[str, str]
+    confirmed: int  # the slot's confirmed position when the session opened
+    drained: int  # the position the warehouse has committed (batches move it)
+    start: int  # where the stream starts
+    caught_up_at: int  # the server's flush position when the session opened
+    streaming: bool
+    covered: tuple[str, ...]
+    # What the session's Relation messages said (sent once per session): relation oid -> plan,
+    # and table key -> its latest plan.
+    relations: dict[int, _RelationPlan | None] = field(default_factory=dict)
+    plans: dict[str, _RelationPlan] = field(default_factory=dict)
+
+    def streamed(self, warehouse, *, empty: bool = True) -> StreamedTransactions | None:
+        """A fresh keeper of large streamed transactions (emptying the slot's stream staging
+        first unless told it is empty)."""
+        if not self.streaming:
+            return None
+        s = self.settings
+        spill_bytes = min(s.spill_bytes, max(s.max_bytes // 4, 64 << 10))
+        return StreamedTransactions.staged_in(warehouse, s.slot, spill_bytes, empty=empty)
+
+
+def open_session(conn: psycopg.Connection, warehouse, tables: list[Table], settings: DrainSettings, log: Callable[[str], None]) -> Session:
+    """Check the slot against the warehouse's position (moving the slot up to it when a run died
+    between commit and confirmation), restart the backfill of tables whose stream has a gap, and
+    say where the session's stream starts."""
+    status = require_slot(conn, settings.slot)
+    sync_publication(conn, settings.publication, tables)
+    drained = warehouse.drained_lsn(settings.slot)
+    if drained is not None and drained < status.confirmed_lsn:
+        raise StateBehindSlotError(
+            f"warehouse has applied up to {po.int_to_lsn(drained)} but slot {settings.slot!r} "
+            f"is at {po.int_to_lsn(status.confirmed_lsn)}",
+            lsn=po.int_to_lsn(drained),
+        )
+    if drained is not None and drained > status.confirmed_lsn:
+        advance(conn, settings.slot, drained)  # a previous run committed but died before advancing
+    restarted, by_oid = _check_identities(conn, warehouse, tables, settings, drained or 0)
+    for key, reason in restarted.items():
+        log(f"{key}: backfill restarted: {reason}. Materialize all its partitions again")
+    before = flushed_lsn(conn)
+    start = max(drained or 0, status.confirmed_lsn)
+    return Session(
+        replace(settings, max_seconds=_read_budget(conn, settings.max_seconds)),
+        {(t.schema, t.name): t for t in tables}, by_oid, restarted, status.confirmed_lsn, drained or 0, start, before,
+        conn.info.server_version >= 140000, tuple(f"{t.schema}.{t.name}" for t in tables),
+    )
+
+
+def read_batch(conn: psycopg.Connection, warehouse, session: Session, stream: SlotStream, streams) -> tuple[_Decoded, DrainResult]:
+    """Read the session's next batch; it starts from ``session.drained`` (the last committed
+    batch's position) and ends at ``result.drained_lsn``."""
+    decoded = _read_batch(
+        conn, session.tables, session.settings, session.drained, warehouse.map_column, session.by_oid, stream,
+        session.caught_up_at, session.start, streams, session.relations, session.plans,
+    )
+    decoded.covered, decoded.drained_before = session.covered, session.drained
+    target = max(session.start, decoded.last_end_lsn or 0, decoded.quiet_lsn)
+    result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
+    result.held_bytes, result.staged_parts = decoded.held_bytes, decoded.staged_parts
+    result.restarted, session.restarted = session.restarted, {}  # reported with the session's first batch
+    return decoded, result
+
+
+def apply_batch(
+    conninfo: str, conn: psycopg.Connection, warehouse, settings: DrainSettings, decoded: _Decoded, target: int, log: Callable[[str], None]
+) -> dict[str, TableOutcome]:
+    """One warehouse transaction: the batch's changes and ``target`` (warehouse/drain.py)."""
+    return warehouse.apply_drain(
+        decoded,
+        target,
+        settings.slot,
+        lambda table: lambda names: describe_new_columns(conn, table, names),
+        lambda table: row_reader(conninfo, table, warehouse.map_column),
+        log=log,
+    )
+
+
+def log_failed(result: DrainResult, log: Callable[[str], None]) -> None:
+    for key, outcome in result.failed.items():
+        log(f"{key}: changes not applied ({outcome.error}); they wait in its change log")
+
+
+def confirm_released(conn: psycopg.Connection, slot: str, target: int, wait: float = 10.0) -> None:
     """Wait until the drain's replication session has let go of the slot (so the next drain can
     start at once) and make sure the slot is confirmed up to ``target``: the feedback sent before
     closing normally did it; otherwise advance it here (the warehouse has committed ``target``)."""

@@ -64,11 +64,13 @@ class StreamedTransactions:
         self.parts_staged = 0
 
     @classmethod
-    def staged_in(cls, warehouse, slot: str, spill_bytes: int) -> StreamedTransactions:
+    def staged_in(cls, warehouse, slot: str, spill_bytes: int, *, empty: bool = True) -> StreamedTransactions:
         """Open transactions spilled to ``warehouse``'s stream staging for ``slot``. What an
         earlier drain staged is never trusted (its transactions are re-sent from their start):
-        emptied first."""
-        warehouse.reset_stream_staging(slot)
+        emptied first (``empty``; a later batch of the same session that staged nothing before
+        it finds it empty)."""
+        if empty:
+            warehouse.reset_stream_staging(slot)
         parts = iter(range(1, 1 << 62))
 
         def spill(xid: int, subxid: int, key: str, segment: Segment) -> StagedPart:

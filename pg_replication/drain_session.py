@@ -1,0 +1,139 @@
+"""Many batches through one replication session, each applied while the next one is read.
+
+``cdc.drain_once`` opens a session per batch: the server then decodes again from the slot's
+restart point (a batch or more behind), and the read waits while the warehouse applies. Here one
+session reads batch after batch; batch N is applied in a worker thread while the main thread
+reads batch N+1 (the stream reader waits on the server in C, and the warehouse drivers run their
+statements, with the GIL released).
+
+Exactly once, as in ``drain_once``: each batch is one warehouse transaction holding its changes
+and its end position; batch N+1 is applied only after batch N committed (its compare-and-set
+expects N's position); the slot is told a position (standby feedback, sent from the thread that
+reads the stream: libpq's connection is not shared between threads) only once the warehouse has
+committed it. A batch read while an apply fails is dropped unapplied, and the session ends.
+
+The session ends after a batch that found the slot caught up, once ``max_seconds`` have passed,
+or after a batch that held a large streamed transaction still open or staged its parts (the
+stream staging is emptied after such a batch and the next session re-sends what is open).
+While a batch is applied, the next read writes to the warehouse only through a lock (the
+staging of large streamed transactions), so the warehouse connection is used by one thread at
+a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from pg_replication.cdc import (
+    DrainResult,
+    DrainSettings,
+    apply_batch,
+    confirm_released,
+    log_failed,
+    open_session,
+    read_batch,
+)
+from pg_replication.errors import PgReplicationError
+from pg_replication.failpoints import failpoint
+from pg_replication.source.catalog import Table
+from pg_replication.source.connection import connect
+from pg_replication.source.stream import SlotStream
+from pg_replication.types import SESSION_OPTIONS
+
+
+class _Locked:
+    """The warehouse, each call made under ``lock`` (map_column is pure: not locked)."""
+
+    def __init__(self, warehouse, lock: threading.Lock) -> None:
+        self._warehouse, self._lock = warehouse, lock
+        self.map_column = warehouse.map_column
+
+    def __getattr__(self, name: str):
+        method = getattr(self._warehouse, name)
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return method(*args, **kwargs)
+
+        return call
+
+
+def drain_session(
+    conninfo: str,
+    warehouse,
+    tables: list[Table],
+    settings: DrainSettings,
+    log: Callable[[str], None] = lambda m: None,
+    *,
+    max_seconds: float = 60.0,
+) -> Iterator[DrainResult]:
+    """Drain batch after batch (each bounded by ``settings``) through one replication session,
+    yielding each batch's result once the warehouse committed it; see the module docstring."""
+    lock = threading.Lock()
+    locked = _Locked(warehouse, lock)
+    deadline = time.monotonic() + max_seconds
+    committed = 0  # the last position the warehouse committed in this session
+    with connect(conninfo, options=SESSION_OPTIONS) as conn, ThreadPoolExecutor(1, thread_name_prefix="pgr-apply") as applier:
+        session = open_session(conn, warehouse, tables, settings, log)
+        committed = session.confirmed
+        pending: tuple[Future, DrainResult, float] | None = None
+
+        def finish(work: tuple[Future, DrainResult, float]) -> DrainResult:
+            nonlocal committed
+            future, result, started = work
+            result.tables = future.result()
+            failpoint("after_commit")
+            committed = result.drained_lsn
+            result.seconds = time.monotonic() - started
+            return result
+
+        def apply(decoded, target: int):
+            with lock:
+                return apply_batch(conninfo, conn, warehouse, settings, decoded, target, log)
+
+        try:
+            with SlotStream(conninfo, settings.slot, settings.publication, session.start, streaming=session.streaming) as stream:
+                first = True
+                while True:
+                    started = time.monotonic()
+                    # Only the first batch empties the stream staging: a batch that staged parts ends the session.
+                    streams, first = session.streamed(locked, empty=first), False
+                    decoded, result = read_batch(conn, locked, session, stream, streams)
+                    failpoint("after_read")
+                    if pending is not None:
+                        done, pending = finish(pending), None
+                        if done.drained_lsn > session.confirmed:
+                            stream.confirm(done.drained_lsn)  # standby feedback, only now that the warehouse committed
+                        log_failed(done, log)
+                        yield done
+                    # The next batch starts where this one ends, once it has committed.
+                    session.drained = session.start = result.drained_lsn
+                    pending = (applier.submit(apply, decoded, result.drained_lsn), result, started)
+                    last = result.caught_up or time.monotonic() >= deadline
+                    if streams is not None and (streams.open or streams.parts_staged):
+                        last = True  # the stream staging is emptied after the apply: see the module docstring
+                    if last:
+                        done, pending = finish(pending), None
+                        if done.drained_lsn > session.confirmed:
+                            try:
+                                stream.confirm(done.drained_lsn)
+                            except PgReplicationError:
+                                pass  # the stream broke during the apply: confirmed below instead
+                        if streams is not None and streams.parts_staged:
+                            warehouse.reset_stream_staging(settings.slot)  # applied, or to be re-sent to the next session
+                        log_failed(done, log)
+                        yield done
+                        return
+        finally:
+            if pending is not None:  # the read failed (or the caller stopped) while a batch was applied
+                try:
+                    finish(pending)
+                except BaseException:
+                    pass  # not committed: nothing to confirm; the read's error (if any) tells
+            confirm_released(conn, settings.slot, committed)
+
+
+__all__ = ["drain_session"]

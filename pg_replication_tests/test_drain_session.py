@@ -1,0 +1,115 @@
+"""One replication session, many batches, each applied while the next is read (drain_session.py).
+
+Proves: batches read in one session and applied in a worker thread leave the warehouse equal to
+the source value by value, with the slot confirmed exactly to what the warehouse committed; a
+session killed while a batch is applied and the next one read (or right after a commit, before
+the slot heard of it) loses and duplicates nothing when drained again; and sessions run while a
+writer inserts, updates (unchanged TOAST values, key changes), deletes, truncates and adds a
+column converge on the source. Leaves out: large transactions streamed in parts (a batch that
+holds one ends the session; test_large_transactions.py covers their drain).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from pg_replication.source.pgoutput import lsn_to_int
+from pg_replication_tests.replication import Harness
+from pg_replication_tests.test_exactly_once import NOT_CRASH_SAFE, ROOT, Writer, create_writers_table
+
+SESSION_DRAIN = """
+import sys
+from pg_replication_tests.replication import Harness
+from pg_replication_tests.targets import from_spec
+h = Harness(sys.argv[1], from_spec(sys.argv[2]), ["t"], slot=sys.argv[3])
+h.drain_session(max_changes=100)
+"""
+
+
+def _write_mixed(pg: psycopg.Connection, transactions: int, first: int = 0) -> None:
+    """Transactions of inserts, updates (some twice to one key) and deletes."""
+    for t in range(first, first + transactions):
+        with pg.transaction():
+            base = 1 + (t * 37) % 400
+            pg.execute("INSERT INTO t SELECT i, 'new ' || i, i * 0.25, now(), true, NULL FROM generate_series(%s::int, %s::int) i",
+                       (10_000 + t * 20, 10_000 + t * 20 + 19))
+            pg.execute("UPDATE t SET title = title || '!', price = price + 1 WHERE id BETWEEN %s AND %s", (base, base + 15))
+            pg.execute("UPDATE t SET price = -0.0 WHERE id = %s", (base,))
+            pg.execute("DELETE FROM t WHERE id BETWEEN %s AND %s", (base + 16, base + 20))
+
+
+def _create_table(pg: psycopg.Connection) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, title text, price numeric(12,2), at timestamptz, flag bool, qty bigint)")
+    pg.execute("INSERT INTO t SELECT i, 'row ' || i, i, now(), false, i * 1000 FROM generate_series(1, 500) i")
+
+
+def _slot_confirmed(pg: psycopg.Connection, slot: str) -> int:
+    return lsn_to_int(pg.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()[0])
+
+
+def test_session_batches_equal_the_source(pg, pg_url, target):
+    _create_table(pg)
+    h = Harness(pg_url, target, ["t"])
+    h.backfill()
+    _write_mixed(pg, 30)
+    results = h.drain_session(max_changes=200)
+    assert len(results) > 3, "the changes should take several batches"
+    assert results[-1].caught_up and not any(r.caught_up for r in results[:-1])
+    positions = [r.drained_lsn for r in results]
+    assert positions == sorted(positions)
+    h.assert_equal(pg, "t")
+    with h.target.open() as wh:
+        assert _slot_confirmed(pg, h.settings.slot) == wh.drained_lsn(h.settings.slot) == positions[-1]
+    _write_mixed(pg, 3, first=30)  # the next session goes on from there
+    h.drain_session(max_changes=200)
+    h.assert_equal(pg, "t")
+
+
+@pytest.mark.parametrize("failpoint", ["after_read", "mid_apply", "after_commit"])
+def test_killed_session_resumes_exactly_once(pg, pg_url, target, failpoint):
+    """``mid_apply`` kills inside the apply thread's transaction while the next batch is read;
+    ``after_commit``, once the first batch committed, before the slot was told."""
+    if not target.crash_safe:
+        pytest.skip(NOT_CRASH_SAFE)
+    _create_table(pg)
+    h = Harness(pg_url, target, ["t"])
+    h.backfill()
+    _write_mixed(pg, 10)
+    env = {**os.environ, "PGR_FAILPOINT": failpoint, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", SESSION_DRAIN, h.pg_url, h.target.spec(), h.settings.slot],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == -9, out.stderr[-2000:]
+    h.drain_session(max_changes=100)
+    h.assert_equal(pg, "t")
+    _write_mixed(pg, 2, first=10)
+    h.drain_all()
+    h.assert_equal(pg, "t")
+
+
+def test_sessions_converge_under_concurrent_writes(pg, pg_url, target):
+    create_writers_table(pg)
+    h = Harness(pg_url, target, ["t"], partitions=2)
+    h.backfill()
+    writer = Writer(h.pg_url, seed=int(os.environ.get("PGR_SEED", "11")))
+    writer.start()
+    try:
+        for _ in range(200):
+            if writer.transactions > 160 or writer.error:
+                break
+            h.drain_session(max_seconds=3, max_changes=300)
+    finally:
+        writer.stop.set()
+        writer.join(timeout=600)
+    assert not writer.is_alive(), "the writer did not stop within 600 s"
+    assert writer.error is None, writer.error
+    assert writer.transactions > 160
+    h.drain_session(max_changes=300)
+    h.reload()
+    h.assert_equal(pg, "t")
