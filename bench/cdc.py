@@ -171,7 +171,7 @@ def main() -> None:
                 if result.caught_up:
                     break
         else:
-            from pg_replication.drain_session import drain_session
+            from pg_replication.replicate.drain_session import drain_session
 
             for result in drain_session(url, wh, [table], settings, max_seconds=600):
                 applied += result.changes

@@ -61,7 +61,7 @@ class Harness:
 
     def drain_session(self, max_seconds: float = 60.0, **overrides) -> list[DrainResult]:
         """Batches through one replication session, each applied while the next is read."""
-        from pg_replication.drain_session import drain_session
+        from pg_replication.replicate.drain_session import drain_session
 
         settings = DrainSettings(**{**self.settings.__dict__, **overrides})
         with self.target.open() as wh:

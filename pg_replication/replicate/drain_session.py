@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from pg_replication.cdc import (
+from pg_replication.replicate.cdc import (
     DrainResult,
     DrainSettings,
     apply_batch,
