@@ -91,3 +91,32 @@ def test_install_and_uninstall_triggers(pg, write_config, capsys):
     write_config({"tables": ["c"]})
     code, _, err = _run(capsys, "install-triggers")
     assert code == cli.EXIT_ERROR and "no table in replication.yaml has strategy triggers" in err
+
+
+@pytest.mark.e2e
+@pytest.mark.xfail(strict=True, reason="issue 13: after pg-replication resync every partition still shows green")
+def test_resync_clears_the_partition_status_in_dagster(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+    """Materialized through `dagster asset materialize`, resynced through `pg-replication resync`:
+    Dagster's instance (DAGSTER_HOME) no longer counts any partition as materialized."""
+    import dagster as dg
+
+    from pg_replication_tests.operator import dagster_env, materialize, run_cli
+
+    pg.execute("CREATE SCHEMA shop; CREATE TABLE shop.t (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO shop.t SELECT i, i FROM generate_series(1, 500) i")
+    write_config({"tables": ["shop.t"], "defaults": {"partitions": 2}})
+    env = dagster_env(tmp_path)
+    done = run_cli(materialize("shop/t", "000...001"), env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    monkeypatch.chdir(tmp_path)  # the shipped dagster.yaml's storage is relative to the working directory
+
+    def materialized() -> set[str]:  # what the UI's partition bar shows green
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            return instance.get_materialized_partitions(dg.AssetKey(["shop", "t"]))
+
+    assert materialized() == {"000", "001"}
+    done = run_cli(["pg-replication", "resync", "shop.t", "--yes"], env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert materialized() == set()
+    assert "partition" in done.stdout  # says what happened to Dagster's status
