@@ -204,7 +204,11 @@ def build_retry_job(config: ReplicationConfig, tables: list[Table]) -> dg.JobDef
             replayed = retry_table(source.conninfo, wh, table)
         context.log.info(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
 
-    @dg.job(name=name, description="Replay a failed table's change log (config: table) and stream it again.", tags={"pg_replication/kind": "retry"})
+    # In process, like the drain: one step gains nothing from a process of its own (bench/executor.py).
+    @dg.job(
+        name=name, description="Replay a failed table's change log (config: table) and stream it again.",
+        tags={"pg_replication/kind": "retry"}, executor_def=dg.in_process_executor,
+    )
     def retry_job():
         retry()
 
