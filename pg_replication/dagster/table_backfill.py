@@ -69,7 +69,8 @@ def run_table_backfill(
             between_slices=between,
         )
         rows_now = wh.row_count(work.table)
-    return dg.MaterializeResult(asset_key=work.asset_key_of(work.table), metadata=backfill_metadata(result, rows_now))
+    # No asset_key: the asset's one spec is implied, whatever key a translator or map_asset_specs gave it.
+    return dg.MaterializeResult(metadata=backfill_metadata(result, rows_now))
 
 
 def _report_drain(context: dg.AssetExecutionContext, work: TableBackfill, result: DrainResult) -> None:
