@@ -174,6 +174,17 @@ def cmd_resync(args) -> int:
     with open_warehouse(config) as wh:
         resync_table(wh, table)
     print(f"{table.display}: reset; materialize all its partitions to backfill it again (CDC resumes after)")
+    from pg_replication.dagster.partition_status import clear_partition_status  # Dagster loads only here
+
+    try:
+        print(clear_partition_status(config, table))
+    except Exception as exc:  # the warehouse is reset either way: say what is left to do
+        print(
+            f"pg-replication: Dagster's partition status of {table.display} was not cleared: "
+            f"{redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)}; wipe the asset in the UI",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     return 0
 
 
@@ -266,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     drop = sub.add_parser("drop-slot", help="drop the replication slot")
     drop.add_argument("--yes", action="store_true")
     drop.set_defaults(run=cmd_drop_slot)
-    resync = sub.add_parser("resync", help="forget a table so its backfill runs again")
+    resync = sub.add_parser("resync", help="forget a table so its backfill runs again (and clear its partitions in DAGSTER_HOME's instance)")
     resync.add_argument("table")
     resync.add_argument("--yes", action="store_true")
     resync.set_defaults(run=cmd_resync)

@@ -52,11 +52,12 @@ def test_list_and_listwh(setup, capsys):
     assert code == 0 and "public.t" in out and "50" in out
 
 
-def test_resync_and_drop_slot_need_confirmation(setup, capsys):
+def test_resync_and_drop_slot_need_confirmation(setup, capsys, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)  # `make test` sets the checkout's own instance
     code, _, err = _run(capsys, "resync", "t")
     assert code == cli.EXIT_USAGE and "--yes" in err
     code, out, _ = _run(capsys, "resync", "t", "--yes")
-    assert code == 0 and "reset" in out
+    assert code == 0 and "reset" in out and "DAGSTER_HOME is not set" in out
     code, out, _ = _run(capsys, "drop-slot", "--yes")
     assert code == 0 and "dropped" in out
 
@@ -91,3 +92,31 @@ def test_install_and_uninstall_triggers(pg, write_config, capsys):
     write_config({"tables": ["c"]})
     code, _, err = _run(capsys, "install-triggers")
     assert code == cli.EXIT_ERROR and "no table in replication.yaml has strategy triggers" in err
+
+
+@pytest.mark.e2e
+def test_resync_clears_the_partition_status_in_dagster(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+    """Materialized through `dagster asset materialize`, resynced through `pg-replication resync`:
+    Dagster's instance (DAGSTER_HOME) no longer counts any partition as materialized."""
+    import dagster as dg
+
+    from pg_replication_tests.operator import dagster_env, materialize, run_cli
+
+    pg.execute("CREATE SCHEMA shop; CREATE TABLE shop.t (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO shop.t SELECT i, i FROM generate_series(1, 500) i")
+    write_config({"tables": ["shop.t"], "defaults": {"partitions": 2}})
+    env = dagster_env(tmp_path)
+    done = run_cli(materialize("shop/t", "000...001"), env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    monkeypatch.chdir(tmp_path)  # the shipped dagster.yaml's storage is relative to the working directory
+
+    def materialized() -> set[str]:  # what the UI's partition bar shows green
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            return instance.get_materialized_partitions(dg.AssetKey(["shop", "t"]))
+
+    assert materialized() == {"000", "001"}
+    done = run_cli(["pg-replication", "resync", "shop.t", "--yes"], env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert materialized() == set()
+    assert "partition" in done.stdout  # says what happened to Dagster's status

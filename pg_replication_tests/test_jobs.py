@@ -88,3 +88,17 @@ def test_slot_health_fails_without_the_slot(shop, pg):
     result = with_job.resolve_job_def("health").execute_in_process(raise_on_error=False)
     (first, *_) = result.get_asset_check_evaluations()
     assert not first.passed and "does not exist" in first.description
+
+
+def test_one_step_jobs_run_in_process(pg, write_config, duckdb_path):
+    """The drain, sync and retry jobs run their step in the run worker (bench/executor.py measures
+    what a process per step costs)."""
+    pg.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    pg.execute("CREATE TABLE r (id int PRIMARY KEY)")
+    write_config({"tables": ["a", {"name": "r", "strategy": "reload"}]})
+    defs = build_definitions()
+    names = [j.name for j in defs.jobs]
+    one_step = [n for n in names if n.startswith("postgres_sync_")] + ["postgres_cdc_drain", "postgres_retry_table"]
+    assert len(one_step) == 3
+    for name in one_step:
+        assert defs.resolve_job_def(name).executor_def.name == dg.in_process_executor.name

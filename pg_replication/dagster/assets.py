@@ -6,18 +6,18 @@ keys or groups without forking the factory.
 
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import dagster as dg
 
 from pg_replication.config import ReplicationConfig
 from pg_replication.dagster.freshness import freshness_policy
+from pg_replication.dagster.resources import PostgresSource, WarehouseResource, resource_keys
+from pg_replication.dagster.table_backfill import TableBackfill, run_table_backfill
 from pg_replication.errors import ConfigError
+from pg_replication.replicate.backfill import SlotSettings
 from pg_replication.source.catalog import Table
 from pg_replication.warehouse.connect import table_location, type_mapper
-
-WAREHOUSE_IO_MANAGER_KEY = "warehouse_io_manager"
 
 
 def dagster_name(text: str) -> str:
@@ -30,22 +30,6 @@ def partition_keys(count: int) -> list[str]:
     """Zero-padded so that ranges and sorting follow slice order (000...127)."""
     width = max(3, len(str(count - 1)))
     return [str(i).zfill(width) for i in range(count)]
-
-
-@dataclass(frozen=True)
-class BackfillRequest:
-    """What a table asset hands its IO manager: which slices of which table to copy."""
-
-    table: Table
-    slices: tuple[int, ...]
-    partitions: int
-    readers: int
-    row_limit: int | None
-    conninfo: str
-    max_snapshot_bytes: int | None = None  # heap bytes per snapshot slice (replication.yaml backfill:)
-    # The slot's tables, drained between slices (backfill_drain.py), and their asset keys.
-    stream_tables: tuple[Table, ...] = ()
-    asset_key_of: Callable[[Table], dg.AssetKey] | None = None
 
 
 class TableAssetTranslator:
@@ -116,38 +100,37 @@ def build_table_asset(
     table: Table, config: ReplicationConfig, translator: TableAssetTranslator, stream_tables: Sequence[Table] = ()
 ) -> dg.AssetsDefinition:
     """``stream_tables``: the tables of the source's slot (strategy cdc), drained between the
-    backfill's slices."""
-    spec = translator.get_asset_spec(table).with_io_manager_key(WAREHOUSE_IO_MANAGER_KEY)
-    partitions = translator.get_partitions(table)
+    backfill's slices. The body copies the selected partitions itself (table_backfill.py); the
+    IO manager only loads the table for downstream assets."""
+    keys = resource_keys(config)
+    spec = translator.get_asset_spec(table).with_io_manager_key(keys.io_manager)
     entry = table.entry
     per_run = entry.max_partitions_per_run if entry else None
     policy = dg.BackfillPolicy.multi_run(per_run) if per_run else dg.BackfillPolicy.single_run()
+    work = TableBackfill(
+        table=table,
+        partitions=translator.get_partitions(table),
+        readers=config.source.readers,
+        row_limit=entry.row_limit if entry else None,
+        max_snapshot_bytes=config.backfill.max_snapshot_bytes,
+        slot=SlotSettings(config.source.slot, config.source.publication),
+        stream_tables=tuple(stream_tables),
+        asset_key_of=translator.get_asset_key,
+    )
 
     @dg.multi_asset(
         specs=[spec],
         name="_".join(spec.key.path),
         pool=config.source.pool,
         backfill_policy=policy,
-        required_resource_keys={"source"},
+        required_resource_keys={keys.source, keys.warehouse},
     )
-    def table_asset(context: dg.AssetExecutionContext):
-        keys = spec.partitions_def.get_partition_keys()  # type: ignore[union-attr]
-        selected = context.partition_keys
-        slices = tuple(keys.index(k) for k in selected)
-        yield dg.Output(
-            BackfillRequest(
-                table=table,
-                slices=slices,
-                partitions=partitions,
-                readers=config.source.readers,
-                row_limit=entry.row_limit if entry else None,
-                conninfo=context.resources.source.conninfo,
-                max_snapshot_bytes=config.backfill.max_snapshot_bytes,
-                stream_tables=tuple(stream_tables),
-                asset_key_of=translator.get_asset_key,
-            ),
-            output_name=spec.key.to_python_identifier(),
-        )
+    def table_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        source: PostgresSource = getattr(context.resources, keys.source)
+        warehouse: WarehouseResource = getattr(context.resources, keys.warehouse)
+        all_keys = spec.partitions_def.get_partition_keys()  # type: ignore[union-attr]
+        slices = tuple(all_keys.index(k) for k in context.partition_keys)
+        return run_table_backfill(context, work, slices, source, warehouse)
 
     return table_asset
 

@@ -7,7 +7,6 @@ import os
 import dagster as dg
 
 from pg_replication.dagster.assets import (
-    WAREHOUSE_IO_MANAGER_KEY,
     TableAssetTranslator,
     build_table_asset,
     check_unique_keys,
@@ -22,7 +21,7 @@ from pg_replication.dagster.notifications import build_notification_sensors
 from pg_replication.dagster.schedules import build_sync_schedules
 from pg_replication.dagster.sensors import build_cdc_sensor
 from pg_replication.dagster.io_managers import WarehouseIOManager
-from pg_replication.dagster.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource
+from pg_replication.dagster.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource, resource_keys
 from pg_replication.dagster.load_catalog import load_catalog
 from pg_replication.source.catalog import Table, Unavailable
 from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
@@ -66,6 +65,7 @@ def build_definitions(
     schedules = build_sync_schedules(config, tables, translator)
     sync_jobs = [s.job for s in schedules]
     warehouse = build_warehouse_resource(config)
+    keys = resource_keys(config)
     return dg.Definitions(
         assets=assets,
         asset_checks=build_table_checks(tables, config, translator),
@@ -77,11 +77,9 @@ def build_definitions(
             build_automation_sensor(config),
         ],
         resources={
-            "source": build_source_resource(),
-            "warehouse": warehouse,
-            WAREHOUSE_IO_MANAGER_KEY: WarehouseIOManager(
-                warehouse=warehouse, slot=config.source.slot, publication=config.source.publication
-            ),
+            keys.source: build_source_resource(),
+            keys.warehouse: warehouse,
+            keys.io_manager: WarehouseIOManager(warehouse=warehouse),
         },
     )
 

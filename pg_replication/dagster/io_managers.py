@@ -1,91 +1,57 @@
-"""The IO manager: adapts a table asset's output (a BackfillRequest) to the configured warehouse.
+"""The IO manager: loads a replicated table for downstream assets, as a stream of Arrow batches.
 
-One class serves every warehouse: the engine's protocol is the seam, and the warehouse resource
-decides which dialect a run opens.
+It writes nothing: a table asset's body does its backfill itself (table_backfill.py) and returns
+a ``MaterializeResult``. One class serves every warehouse: the engine's protocol
+(``read_batches``) is the seam, and the warehouse resource decides which dialect a run opens.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterator
 
 import dagster as dg
 import pyarrow as pa
+from pydantic import Field
 
-from pg_replication.dagster.assets import BackfillRequest
-from pg_replication.replicate.backfill import SlotSettings, run_backfill
-from pg_replication.replicate.backfill_drain import drain_between_slices
-from pg_replication.replicate.cdc import DrainResult, DrainSettings
-from pg_replication.dagster.jobs import table_metadata
 from pg_replication.dagster.resources import WarehouseResource
-from pg_replication.source.pgoutput import int_to_lsn
+from pg_replication.warehouse.reads import BATCH_ROWS
 
 
 class WarehouseIOManager(dg.ConfigurableIOManager):
-    """Writes backfill slices into the warehouse; downstream assets read the table as Arrow.
+    """Hands a downstream asset its replicated input as a ``pyarrow.RecordBatchReader``: memory
+    holds a batch or so, never the table. Example::
 
-    Example::
+        @dg.asset(ins={"orders": dg.AssetIn(key=["shop", "orders"])})
+        def order_totals(orders: pa.RecordBatchReader) -> None:
+            for batch in orders:
+                ...
 
         WarehouseIOManager(warehouse=DuckDBWarehouseResource(duckdb=DuckDBResource(database="w.duckdb")))
     """
 
     warehouse: WarehouseResource
-    slot: str = "pg_replication"
-    publication: str = "pg_replication"
+    batch_rows: int = Field(BATCH_ROWS, gt=0, description="Rows per Arrow batch handed to downstream assets.")
 
-    def handle_output(self, context: dg.OutputContext, obj: BackfillRequest) -> None:
-        with self.warehouse.open() as warehouse:
-            between = drain_between_slices(
-                obj.conninfo, warehouse, obj.stream_tables, DrainSettings(self.slot, self.publication),
-                lambda drained: self._report_drain(context, obj, drained), context.log.info, context.log.warning,
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        if obj is not None:  # a table asset returns a MaterializeResult: there is nothing to store
+            raise dg.Failure(
+                f"{context.asset_key.to_user_string()}: WarehouseIOManager only loads replicated tables",
+                metadata={"hint": dg.MetadataValue.text("give assets that return values an IO manager of their own")},
             )
-            result = run_backfill(
-                obj.conninfo,
-                warehouse,
-                obj.table,
-                obj.slices,
-                partitions=obj.partitions,
-                readers=obj.readers,
-                row_limit=obj.row_limit,
-                cdc=SlotSettings(self.slot, self.publication),
-                log=context.log.info,
-                max_snapshot_bytes=obj.max_snapshot_bytes,
-                between_slices=between,
-            )
-            rows_now = warehouse.row_count(obj.table)
-        context.add_output_metadata(
-            {
-                "rows": dg.MetadataValue.int(result.rows),
-                "bytes": dg.MetadataValue.int(result.bytes),
-                "seconds": dg.MetadataValue.float(round(result.seconds, 3)),
-                "rows_per_second": dg.MetadataValue.float(round(result.rows_per_second, 1)),
-                "slices": dg.MetadataValue.text(", ".join(str(s) for s in result.slices)),
-                "snapshots": dg.MetadataValue.int(result.snapshots),
-                "longest_snapshot_seconds": dg.MetadataValue.float(round(result.longest_snapshot_seconds, 3)),
-                "plan_lsn": dg.MetadataValue.text(result.plan_lsn),
-                "dagster/row_count": dg.MetadataValue.int(rows_now),
-            }
-        )
 
-    def _report_drain(self, context: dg.OutputContext, obj: BackfillRequest, result: DrainResult) -> None:
-        """A drain between slices reports as the drain job does: one materialization per table
-        it applied (their assets' lag plots go on while a backfill runs)."""
-        lsn = int_to_lsn(result.drained_lsn)
-        if result.changes:
-            context.log.info(f"drained {result.changes:,} changes up to {lsn} between backfill slices")
-        now = time.time()
-        for key, outcome in result.tables.items():
-            if outcome.mode == "applied" and obj.asset_key_of is not None:
-                context.log_event(
-                    dg.AssetMaterialization(
-                        asset_key=obj.asset_key_of(outcome.table),
-                        description=f"CDC micro-batch up to {lsn}, drained between backfill slices",
-                        metadata=table_metadata(outcome, now),
-                    )
-                )
-            elif outcome.mode in ("held", "failed"):
-                context.log.warning(f"{key}: {outcome.error} (see `pg-replication status`)")
-
-    def load_input(self, context: dg.InputContext) -> pa.Table:
+    def load_input(self, context: dg.InputContext) -> pa.RecordBatchReader:
         metadata = context.upstream_output.definition_metadata  # type: ignore[union-attr]
-        with self.warehouse.open(read_only=True) as warehouse:
-            return warehouse.read_table(metadata["pg_replication/schema"], metadata["pg_replication/table"])
+        return self.stream(str(metadata["pg_replication/schema"]), str(metadata["pg_replication/table"]))
+
+    def stream(self, schema: str, table: str) -> pa.RecordBatchReader:
+        """The table's batches, read from a connection of their own that closes when the stream
+        ends (the schema comes from a short one first): a reader never read holds nothing open,
+        which matters on DuckDB, whose file a reader keeps from writers of other processes."""
+        with self.warehouse.open(read_only=True) as wh:
+            schema_of_rows = wh.read_batches(schema, table, self.batch_rows).schema
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            with self.warehouse.open(read_only=True) as wh:
+                yield from wh.read_batches(schema, table, self.batch_rows)
+
+        return pa.RecordBatchReader.from_batches(schema_of_rows, batches())

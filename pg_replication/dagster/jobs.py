@@ -9,8 +9,9 @@ import dagster as dg
 from pydantic import Field
 
 from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.dagster.metadata import table_metadata
 from pg_replication.replicate.capture import CaptureSettings, drain_captured
-from pg_replication.replicate.cdc import DrainResult, DrainSettings, TableOutcome, drain_once
+from pg_replication.replicate.cdc import DrainResult, DrainSettings, drain_once
 from pg_replication.config import ReplicationConfig
 from pg_replication.replicate.drain_loop import Batch, LoopSettings, WarehousePerCall, drain_batches
 from pg_replication.errors import is_transient
@@ -31,27 +32,6 @@ class DrainConfig(dg.Config):
         "sets source.run_seconds from replication.yaml; 0 (a run launched by hand): one batch.",
     )
     batch_seconds: float = Field(1.0, gt=0, description="Longest read of one micro-batch in a long-lived run.")
-
-
-def table_metadata(outcome: TableOutcome, now: float) -> dict[str, dg.MetadataValue]:
-    stats = outcome.stats
-    metadata: dict[str, dg.MetadataValue] = {
-        "inserted": dg.MetadataValue.int(stats.inserted),
-        "updated": dg.MetadataValue.int(stats.updated),
-        "deleted": dg.MetadataValue.int(stats.deleted),
-        "truncated": dg.MetadataValue.int(stats.truncated),
-        "mode": dg.MetadataValue.text(outcome.mode),
-    }
-    if stats.first_lsn is not None:  # captured changes (strategy triggers) have no LSN
-        metadata["first_lsn"] = dg.MetadataValue.text(int_to_lsn(stats.first_lsn))
-        metadata["last_lsn"] = dg.MetadataValue.text(int_to_lsn(stats.last_lsn or stats.first_lsn))
-    if stats.last_commit_time is not None:
-        commit = stats.last_commit_time / 1e6
-        metadata["last_commit_time"] = dg.MetadataValue.timestamp(commit)
-        metadata["lag_seconds"] = dg.MetadataValue.float(round(max(0.0, now - commit), 3))
-    if outcome.rows_now is not None:
-        metadata["dagster/row_count"] = dg.MetadataValue.int(outcome.rows_now)
-    return metadata
 
 
 def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, drained: str, description: str):
@@ -224,7 +204,11 @@ def build_retry_job(config: ReplicationConfig, tables: list[Table]) -> dg.JobDef
             replayed = retry_table(source.conninfo, wh, table)
         context.log.info(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
 
-    @dg.job(name=name, description="Replay a failed table's change log (config: table) and stream it again.", tags={"pg_replication/kind": "retry"})
+    # In process, like the drain: one step gains nothing from a process of its own (bench/executor.py).
+    @dg.job(
+        name=name, description="Replay a failed table's change log (config: table) and stream it again.",
+        tags={"pg_replication/kind": "retry"}, executor_def=dg.in_process_executor,
+    )
     def retry_job():
         retry()
 

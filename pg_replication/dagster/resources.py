@@ -12,14 +12,32 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
+from pg_replication.config import ReplicationConfig
 from pg_replication.errors import PgReplicationError
 from pg_replication.source.connection import connect, describe_target
 from pg_replication.warehouse.engine import SqlWarehouse
+
+
+@dataclass(frozen=True)
+class ResourceKeys:
+    """The resource keys one source's definitions are wired with. Asset bodies and the IO manager
+    key look them up here (``resource_keys``), so a project with several sources keys each
+    source's resources apart in one place."""
+
+    source: str = "source"
+    warehouse: str = "warehouse"
+    io_manager: str = "warehouse_io_manager"
+
+
+def resource_keys(config: ReplicationConfig) -> ResourceKeys:
+    """The keys of ``config``'s source (one source per code location: the plain names)."""
+    return ResourceKeys()
 
 
 class PostgresSource(dg.ConfigurableResource):

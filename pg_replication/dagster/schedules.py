@@ -60,7 +60,9 @@ def _sync_job(name: str, cron: str, tables: list[Table], config: ReplicationConf
 
     names = ", ".join(t.display for t in tables)
 
-    @dg.job(name=name, description=f"Sync {names} ({cron}).", tags={"pg_replication/kind": "sync"})
+    # In process: one step, which would only wait for a process of its own to load the code
+    # again (bench/executor.py).
+    @dg.job(name=name, description=f"Sync {names} ({cron}).", tags={"pg_replication/kind": "sync"}, executor_def=dg.in_process_executor)
     def sync_job():
         sync()
 

@@ -12,6 +12,8 @@ Contract:
 - Replication state (plan, slices, schema, applied LSN) lives in the warehouse itself, in the
   ``_pg_replication`` schema, and is only ever written in the same transaction as the data it
   describes. Stored progress never moves backward.
+- ``read_batches`` streams a table back for downstream consumers, a bounded number of rows at
+  a time.
 - Writers of one table's state wait for each other (a lock on its state row); the Dagster layer
   also limits writers with pools (DuckDB takes one writing process).
 """
@@ -104,6 +106,12 @@ class Warehouse(Protocol):
         ...
 
     def row_count(self, table: Table) -> int: ...
+
+    def read_batches(self, schema: str, name: str, batch_rows: int = ...) -> pa.RecordBatchReader:
+        """The replicated table ``schema.name`` (its source columns) as Arrow batches of at most
+        ``batch_rows`` rows, fetched as the reader is consumed: memory holds a batch or so,
+        never the table (reads.py). The connection must stay open while the reader is read."""
+        ...
 
     def table_name(self, table: Table) -> str: ...
 

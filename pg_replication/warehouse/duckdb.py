@@ -25,6 +25,7 @@ from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA
 from pg_replication.warehouse.base import quote as q
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
+from pg_replication.warehouse.reads import BATCH_ROWS
 from pg_replication.warehouse.staging import StagedChanges
 
 __all__ = ["DuckDBWarehouse", "q", "table_key"]
@@ -144,9 +145,11 @@ class DuckDBWarehouse(SqlWarehouse):
                 "was committed (README, Type mapping)",
             )
 
-    def read_table(self, schema: str, name: str) -> pa.Table:
+    def read_batches(self, schema: str, name: str, batch_rows: int = BATCH_ROWS) -> pa.RecordBatchReader:
+        """DuckDB's own Arrow stream: a relation's reader produces batches as they are read
+        (a DB-API result's reader would copy every row first), typed as DuckDB stores them."""
         columns = ", ".join(q(c) for c in self.stored_columns(f"{schema}.{name}"))
-        return self.conn.execute(f"SELECT {columns} FROM {q(schema, name)}").to_arrow_table()
+        return self.conn.sql(f"SELECT {columns} FROM {q(schema, name)}").to_arrow_reader(batch_rows)
 
     def slice_eviction_for(self, table: Table) -> str:
         """Before the key is declared, once after the slice's batches; after (a re-run slice of a

@@ -5,7 +5,8 @@ mapping, how a batch is staged and how staged changes are applied. Everything el
 one concern a module, mixed into ``SqlWarehouse`` here: the state store (``state.py``), schema
 evolution (``evolution.py``), backfill slices and syncs (``slices.py``), the change log and the
 apply of one segment (``change_log.py``), a drain's apply with per-table isolation
-(``drain.py``), and the staging of large streamed transactions (``stream_staging.py``).
+(``drain.py``), the staging of large streamed transactions (``stream_staging.py``), and reading a
+table back as a stream of Arrow batches (``reads.py``).
 
 Every write ends in one transaction that holds the data and the state describing it. What a
 warehouse cannot do inside a transaction happens before it, idempotently: schema changes, change
@@ -33,13 +34,14 @@ from pg_replication.warehouse.base import (
 from pg_replication.warehouse.change_log import ChangeLog
 from pg_replication.warehouse.drain import DrainApply
 from pg_replication.warehouse.evolution import DescribeNew, SchemaEvolution
+from pg_replication.warehouse.reads import TableReader
 from pg_replication.warehouse.slices import SliceWriter
 from pg_replication.warehouse.staging import StagedChanges
 from pg_replication.warehouse.state import StateStore
 from pg_replication.warehouse.stream_staging import StreamStaging
 
 
-class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution, StreamStaging):
+class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution, StreamStaging, TableReader):
     """The engine; a dialect subclass fills in the hooks marked below."""
 
     name = "sql"
@@ -155,12 +157,6 @@ class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvoluti
             [self.fold(STATE_SCHEMA)],
         )
         return [(s, n, int(self.fetchall(f"SELECT count(*) FROM {self.ident(s, n)}")[0][0])) for s, n in tables]
-
-    def read_table(self, schema: str, name: str) -> pa.Table:
-        """The replicated table (its source columns) as Arrow, for downstream assets."""
-        columns = list(self.stored_columns(f"{schema}.{name}"))
-        rows = self.fetchall(f"SELECT {', '.join(self.ident(c) for c in columns)} FROM {self.ident(self.schema_prefix + schema, name)}")
-        return pa.table({c: [r[i] for r in rows] for i, c in enumerate(columns)})
 
     def row_count(self, table: Table) -> int:
         return int(self.fetchall(f"SELECT count(*) FROM {self.table_name(table)}")[0][0])

@@ -108,6 +108,11 @@ class PostgresWarehouse(SqlWarehouse):
     counts_rows_cheaply = False  # count(*) scans the table
     slice_eviction = "upsert"  # the key is declared from the start
     text_type = "text"
+    # read back typed (reads.py); every other type as its text (infinite dates, unconstrained numeric)
+    arrow_types = {
+        "boolean": pa.bool_(), "smallint": pa.int16(), "integer": pa.int32(), "bigint": pa.int64(), "real": pa.float32(),
+        "double precision": pa.float64(), "text": pa.string(), "character varying": pa.string(), "bytea": pa.binary(),
+    }
 
     def __init__(self, conn: psycopg.Connection, *, schema_prefix: str = "", read_only: bool = False) -> None:
         if not conn.autocommit:
@@ -123,6 +128,13 @@ class PostgresWarehouse(SqlWarehouse):
 
     def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
         return self.conn.execute(_qmarks_to_pyformat(query) if params else query, list(params) or None).fetchall()
+
+    def stream_rows(self, query: str, batch_rows: int) -> Iterator[Sequence[tuple]]:
+        """A server-side cursor: the server keeps the result, the client holds one batch."""
+        with self.conn.transaction(), self.conn.cursor(name="pgr_read") as cursor:
+            cursor.execute(query)
+            while rows := cursor.fetchmany(batch_rows):
+                yield rows
 
     def begin(self) -> None:
         self.conn.execute("BEGIN")

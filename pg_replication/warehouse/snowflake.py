@@ -59,6 +59,8 @@ class SnowflakeWarehouse(SqlWarehouse):
     errors = (snowflake.connector.errors.Error, duckdb.Error)  # fakesnow leaks raw DuckDB errors
     text_type = "VARCHAR"
     slice_eviction = "before"  # the key is declared, and fakesnow enforces it; one relation per slice
+    # read back typed (reads.py); NUMBER (any precision) and the rest as their text
+    arrow_types = {"boolean": pa.bool_(), "float": pa.float64(), "text": pa.string(), "binary": pa.binary()}
 
     def __init__(self, conn: SnowflakeConnection, *, read_only: bool = False, merge: bool = True) -> None:
         if getattr(conn, "_paramstyle", None) != "qmark":
@@ -80,6 +82,17 @@ class SnowflakeWarehouse(SqlWarehouse):
     def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
         self.cursor.execute(query, list(params) or None)
         return list(self.cursor.fetchall())
+
+    def stream_rows(self, query: str, batch_rows: int) -> Iterator[Sequence[tuple]]:
+        """The connector fetches the result's chunks as they are read; a cursor of its own, since
+        the warehouse's cursor may run statements meanwhile."""
+        cursor = self.conn.cursor()
+        try:
+            cursor.execute(query)
+            while rows := cursor.fetchmany(batch_rows):
+                yield rows
+        finally:
+            cursor.close()
 
     def begin(self) -> None:
         self.execute("BEGIN")
