@@ -7,9 +7,12 @@ clickhouse-connect's own literal formatting (``bind``), since chDB takes no para
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import pyarrow as pa
+
+from pg_replication.errors import PgReplicationError
 
 # join_use_nulls: an unmatched LEFT JOIN row reads NULL (not 0 or ''), as the engine's SQL expects.
 # final: every read of a ReplacingMergeTree table sees each key's latest version, deleted rows hidden.
@@ -51,17 +54,26 @@ def bind(query: str, params: Sequence) -> str:
     return "".join(out)
 
 
+_CHDB_SESSIONS: dict[str, list] = {}  # path -> [session, clients open on it]
+
+
 class ChdbClient:
-    """ClickHouse in-process (chDB), its data in ``path``. One per process at a time (chDB's
-    rule): open it for a run and close it after."""
+    """ClickHouse in-process (chDB), its data in ``path``. chDB runs one embedded server per
+    process: clients opened while another is open (a run opening the warehouse twice) share its
+    session, which closes with the last of them."""
 
     def __init__(self, path: str) -> None:
         from chdb import session
 
-        self.session = session.Session(path)
-        # String columns as bytes (a ClickHouse String is bytes; bytea values are not UTF-8).
-        for name, value in {**SESSION_SETTINGS, "output_format_arrow_string_as_string": 0}.items():
-            self.session.query(f"SET {name} = {bind('?', [value])}")
+        self.path = path
+        shared = _CHDB_SESSIONS.get(path)
+        if shared is None:
+            shared = _CHDB_SESSIONS[path] = [_open_session(session, path), 0]
+            # String columns as bytes (a ClickHouse String is bytes; bytea values are not UTF-8).
+            for name, value in {**SESSION_SETTINGS, "output_format_arrow_string_as_string": 0}.items():
+                shared[0].query(f"SET {name} = {bind('?', [value])}")
+        shared[1] += 1
+        self.session = shared[0]
 
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
@@ -86,7 +98,27 @@ class ChdbClient:
         del staged
 
     def close(self) -> None:
-        self.session.close()
+        shared = _CHDB_SESSIONS[self.path]
+        shared[1] -= 1
+        if shared[1] == 0:
+            del _CHDB_SESSIONS[self.path]
+            self.session.close()
+
+
+def _open_session(session, path: str, wait_seconds: float = 120.0):
+    """chDB admits one process per data directory: wait (bounded) while another process (a
+    drain, a backfill, a check run beside it) holds it, as for a DuckDB file."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return session.Session(path)
+        except RuntimeError as exc:  # chDB's ChdbError is one
+            if time.monotonic() > deadline:
+                raise PgReplicationError(
+                    f"cannot open the chDB warehouse {path}: {str(exc).strip().splitlines()[0]}",
+                    hint="another process holds it; retry when the running drain, backfill or check ends",
+                ) from None
+            time.sleep(0.2)
 
 
 class ServerClient:
