@@ -23,7 +23,7 @@ from pg_replication.warehouse.postgres import PostgresWarehouse
 
 KINDS = ("duckdb", "postgres", "snowflake", "clickhouse")
 # The test modules that run on ClickHouse; the others skip it (README, ClickHouse: what is covered).
-CLICKHOUSE_MODULES = {"test_backfill", "test_cdc", "test_exactly_once", "test_toast"}
+CLICKHOUSE_MODULES = {"test_backfill", "test_cdc", "test_exactly_once", "test_toast", "test_types"}
 
 
 class Target:
