@@ -5,7 +5,7 @@ Decimal) fail the slice, or the table in CDC, naming table, column, key and valu
 the slice written and other tables going on; a replayed drain adds versions, never rows (the raw
 table holds one version per write, a read under FINAL one row per key); and the operator's path:
 `dagster asset materialize` then `dagster job execute` of the drain job in fresh processes, with
-`warehouse.kind: clickhouse`. The shared backfill, CDC, TOAST, crash and convergence tests run on
+`warehouse.kind: clickhouse`; server settings reach Dagster as EnvVar names. The shared backfill, CDC, TOAST, crash and convergence tests run on
 ClickHouse too (targets.CLICKHOUSE_MODULES). Leaves out: a ClickHouse server (none runs here; see
 README, ClickHouse).
 """
@@ -124,3 +124,23 @@ def test_operator_backfills_and_drains_into_clickhouse(pg, tmp_path, monkeypatch
         assert (sid, samount, splaced) == (wid, wamount, wplaced)
         assert (stags is None) == (wtags is None)
     assert target.rows(table, ["id"])[-1] == (5000,)
+
+
+def test_server_settings_reach_dagster_as_env_var_names(monkeypatch):
+    import dagster as dg
+
+    from pg_replication.config import parse_config
+    from pg_replication.dagster.definitions import build_warehouse_resource
+    from pg_replication.dagster.resources_clickhouse import ClickHouseWarehouseResource
+
+    monkeypatch.setenv("CLICKHOUSE_HOST", "ch.internal")
+    monkeypatch.setenv("CLICKHOUSE_PORT", "8443")
+    monkeypatch.setenv("CLICKHOUSE_PASSWORD", "s3cret")
+    config = parse_config({"tables": ["t"], "warehouse": {"kind": "clickhouse"}})
+    resource = build_warehouse_resource(config)
+    assert isinstance(resource, ClickHouseWarehouseResource) and resource.path is None
+    assert "s3cret" not in repr(resource.__dict__)  # names only: the value is read at run time
+    assert isinstance(resource.__dict__["password"], dg.EnvVar) and resource.__dict__["password"] == "CLICKHOUSE_PASSWORD"
+    monkeypatch.delenv("CLICKHOUSE_HOST")
+    embedded = build_warehouse_resource(parse_config({"tables": ["t"], "warehouse": {"kind": "clickhouse", "path": "/data/wh"}}))
+    assert embedded.path == "/data/wh"
