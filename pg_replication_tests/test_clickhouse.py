@@ -96,6 +96,7 @@ def test_replayed_drain_adds_versions_never_rows(pg, pg_url, target):
     assert versions == 100 + 2 * (10 + 5)  # the slices' rows, then one version per change and write
 
 
+@pytest.mark.e2e
 def test_operator_backfills_and_drains_into_clickhouse(pg, tmp_path, monkeypatch):
     pg.execute("CREATE TABLE orders (id int PRIMARY KEY, amount numeric(40,2), placed timestamptz, tags text[])")
     pg.execute(
