@@ -1,6 +1,6 @@
 """Backfill benchmark: our COPY -> Arrow -> warehouse path through Dagster against the raw limit.
 
-    python bench/backfill.py --rows 2000000 [--partitions N] [--warehouse duckdb|postgres|snowflake]
+    python bench/backfill.py --rows 2000000 [--partitions N] [--warehouse duckdb|postgres|snowflake|clickhouse]
 
 Builds (or reuses) a table of N rows with mixed types in database ``pgr_bench`` of the server in
 POSTGRES_URL, then measures in the same run:

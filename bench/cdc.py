@@ -1,6 +1,6 @@
 """CDC benchmark: drain + apply throughput against the server's own decode limit.
 
-    python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake] [--batch N]
+    python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake|clickhouse] [--batch N]
         [--per-drain-sessions] [--profile FILE]
 
 On the backfill benchmark's table (``bench_rows`` in database ``pgr_bench``, built if missing, 2M

@@ -3,7 +3,8 @@
 duckdb: a new file in a temporary directory. postgres: database ``pgr_bench_wh`` on the source's
 server, recreated (so the replica competes with the source for the same two cores, as it
 would on a one-machine set-up). snowflake: the account in SNOWFLAKE_*; fakesnow is refused,
-because it would time DuckDB, not Snowflake.
+because it would time DuckDB, not Snowflake. clickhouse: a new chDB directory (ClickHouse in the
+benchmark's process, competing for the same two cores).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-KINDS = ("duckdb", "postgres", "snowflake")
+KINDS = ("duckdb", "postgres", "snowflake", "clickhouse")
 
 
 def use_warehouse(kind: str, admin_url: str) -> str:
@@ -25,6 +26,10 @@ def use_warehouse(kind: str, admin_url: str) -> str:
         path = Path(tempfile.mkdtemp(prefix="pgr_bench_")) / "bench.duckdb"
         os.environ["DUCKDB_PATH"] = str(path)
         return f"DuckDB file {path}"
+    if kind == "clickhouse":
+        path = Path(tempfile.mkdtemp(prefix="pgr_bench_")) / "bench.chdb"
+        os.environ["CHDB_PATH"] = str(path)
+        return f"chDB directory {path}"
     if kind == "postgres":
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute("DROP DATABASE IF EXISTS pgr_bench_wh WITH (FORCE)")

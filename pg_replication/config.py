@@ -76,13 +76,17 @@ class SourceConfig(_Model):
 
 
 WAREHOUSE_ENV_VAR = "PG_REPLICATION_WAREHOUSE"
-WarehouseKind = Literal["duckdb", "postgres", "snowflake"]
-WAREHOUSE_KINDS: tuple[str, ...] = ("duckdb", "postgres", "snowflake")
+WarehouseKind = Literal["duckdb", "postgres", "snowflake", "clickhouse"]
+WAREHOUSE_KINDS: tuple[str, ...] = ("duckdb", "postgres", "snowflake", "clickhouse")
 
 
 class WarehouseConfig(_Model):
     kind: WarehouseKind = Field("duckdb", description=f"Where tables go; {WAREHOUSE_ENV_VAR} overrides it.")
-    path: str = Field("warehouse.duckdb", description="duckdb: the file; DUCKDB_PATH overrides it.")
+    path: str = Field(
+        "warehouse.duckdb",
+        description="duckdb: the file; DUCKDB_PATH overrides it. clickhouse (embedded, chDB): the data directory; "
+        "CHDB_PATH overrides it (default warehouse.chdb).",
+    )
     memory_limit: str = Field(
         "512MB", description="duckdb: memory_limit for our connections: it spills beyond it."
     )
@@ -284,6 +288,11 @@ class ReplicationConfig(_Model):
 
     def duckdb_path(self) -> str:
         return os.environ.get("DUCKDB_PATH") or self.warehouse.path
+
+    def clickhouse_path(self) -> str:
+        """chDB's data directory: CHDB_PATH, else warehouse.path when it was set, else warehouse.chdb."""
+        default = type(self.warehouse).model_fields["path"].default
+        return os.environ.get("CHDB_PATH") or (self.warehouse.path if self.warehouse.path != default else "warehouse.chdb")
 
     def warehouse_kind(self) -> str:
         kind = os.environ.get(WAREHOUSE_ENV_VAR) or self.warehouse.kind

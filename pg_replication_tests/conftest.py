@@ -16,7 +16,7 @@ from psycopg import sql
 
 from pg_replication.config import ReplicationConfig, parse_config
 from pg_replication_tests.servers import worker_server
-from pg_replication_tests.targets import KINDS, Target, make_target
+from pg_replication_tests.targets import CLICKHOUSE_MODULES, KINDS, Target, make_target
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -74,6 +74,8 @@ def duckdb_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(params=KINDS)
 def target(request: pytest.FixtureRequest, tmp_path: Path, server_url: str) -> Iterator[Target]:
     """Every warehouse in turn: the test runs once per kind (see targets.py)."""
+    if request.param == "clickhouse" and request.module.__name__.rsplit(".", 1)[-1] not in CLICKHOUSE_MODULES:
+        pytest.skip("ClickHouse is not covered by this module yet (README, ClickHouse)")
     with make_target(request.param, tmp_path, server_url) as target:
         yield target
 

@@ -110,6 +110,9 @@ def _json_float(v: Any) -> float:  # to_json writes NaN and ±Infinity as string
     return float(v) if isinstance(v, str) else v
 
 
+CLICKHOUSE_LEFT_OUT_COLUMNS = {"c_date", "c_ts", "c_tstz"}
+
+
 @dataclass
 class CorpusColumn:
     name: str
@@ -135,9 +138,14 @@ class CorpusColumn:
 
     def values_for(self, kind: str) -> list[str]:
         """The column's literals on warehouse ``kind``: a value it cannot hold becomes NULL."""
-        if kind != "snowflake":
-            return self.values
-        return ["NULL" if v in self.snowflake_left_out else v for v in self.values]
+        return ["NULL" if v in self.left_out_on(kind) else v for v in self.values]
+
+    def left_out_on(self, kind: str) -> dict[str, str]:
+        """Snowflake's left-out values; on ClickHouse those of the date and timestamp columns
+        (the same range: years 1 to 9999, no infinity); it keeps times and arrays as text."""
+        if kind == "snowflake" or (kind == "clickhouse" and self.name in CLICKHOUSE_LEFT_OUT_COLUMNS):
+            return self.snowflake_left_out
+        return {}
 
 
 _TS_PG = "extract(epoch from {c})"
@@ -332,9 +340,7 @@ CORPUS_ROWS = max(len(c.values) for c in CORPUS) + 1  # the last row is NULL eve
 
 def left_out(kind: str) -> list[tuple[str, str, str, str]]:
     """The corpus values warehouse ``kind`` cannot hold: (column, Postgres type, literal, reason)."""
-    if kind != "snowflake":
-        return []
-    return [(c.name, c.pg_type, v, why) for c in CORPUS for v, why in c.snowflake_left_out.items()]
+    return [(c.name, c.pg_type, v, why) for c in CORPUS for v, why in c.left_out_on(kind).items()]
 
 
 def left_out_report(kind: str) -> str:

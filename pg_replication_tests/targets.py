@@ -1,5 +1,6 @@
-"""The warehouses the suite runs against: a real DuckDB file, a real Postgres database, and
-Snowflake through fakesnow (an emulation on DuckDB; see README, Warehouses).
+"""The warehouses the suite runs against: a real DuckDB file, a real Postgres database,
+Snowflake through fakesnow (an emulation on DuckDB; see README, Warehouses), and ClickHouse
+embedded through chDB (the same engine as a server; see README, ClickHouse).
 
 A target opens a fresh ``Warehouse`` per use, like a Dagster run does, and reads a table back
 in key order for comparison with the source.
@@ -20,7 +21,9 @@ from pg_replication.source.catalog import Table
 from pg_replication.warehouse.duckdb import DuckDBWarehouse
 from pg_replication.warehouse.postgres import PostgresWarehouse
 
-KINDS = ("duckdb", "postgres", "snowflake")
+KINDS = ("duckdb", "postgres", "snowflake", "clickhouse")
+# The test modules that run on ClickHouse; the others skip it (README, ClickHouse: what is covered).
+CLICKHOUSE_MODULES = {"test_backfill", "test_cdc", "test_exactly_once", "test_toast", "test_types"}
 
 
 class Target:
@@ -104,8 +107,35 @@ class SnowflakeTarget(Target):
             conn.close()
 
 
+class ClickHouseTarget(Target):
+    """A chDB directory: ClickHouse in this process, opened per use (chDB admits one session
+    per process, and one process per directory, at a time). Reads see each key's latest version
+    (the warehouse's sessions read with ``final = 1``)."""
+
+    kind = "clickhouse"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def spec(self) -> str:
+        return f"clickhouse:{self.path}"
+
+    @contextmanager
+    def open(self, *, read_only: bool = False) -> Iterator:
+        from pg_replication.warehouse.clickhouse import ClickHouseWarehouse
+        from pg_replication.warehouse.clickhouse_client import ChdbClient
+
+        client = ChdbClient(str(self.path))
+        try:
+            yield ClickHouseWarehouse(client, read_only=read_only)
+        finally:
+            client.close()
+
+
 def from_spec(spec: str) -> Target:
     kind, _, where = spec.partition(":")
+    if kind == "clickhouse":
+        return ClickHouseTarget(Path(where))
     return DuckDBTarget(Path(where)) if kind == "duckdb" else PostgresTarget(where)
 
 
@@ -124,6 +154,8 @@ def make_target(kind: str, tmp_path: Path, server_url: str) -> Iterator[Target]:
         finally:
             with psycopg.connect(server_url, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    elif kind == "clickhouse":
+        yield ClickHouseTarget(tmp_path / "warehouse.chdb")
     elif kind == "snowflake":
         import fakesnow
 

@@ -43,6 +43,8 @@ def _corpus_table():
 def _compare(pg, target) -> None:
     """The source against the warehouse, canonically; the values left out on this warehouse are
     printed and named in the failure message."""
+    if target.kind == "clickhouse":
+        return _compare_clickhouse(pg, target)
     pg.execute("SET IntervalStyle = iso_8601")  # the style pg_replication reads text in
     pg_rows = pg.execute(pg_select("public", "corpus", target.kind)).fetchall()
     assert len(pg_rows) == CORPUS_ROWS
@@ -51,6 +53,17 @@ def _compare(pg, target) -> None:
         print(report)
     problems = mismatches(pg_rows, _warehouse_corpus(target), target.kind)
     assert not problems, "\n".join(problems + ([report] if report else []))
+
+
+def _compare_clickhouse(pg, target) -> None:
+    from pg_replication_tests.corpus_clickhouse import clickhouse_mismatches
+
+    with connect(pg.info.dsn) as conn:
+        (table,) = introspect(conn, parse_config({"tables": ["public.corpus"]}))
+    names = [c.name for c in table.columns]
+    report = left_out_report("clickhouse")
+    problems = clickhouse_mismatches(pg, table, target.rows(table, names))
+    assert not problems, "\n".join(problems + [report])
 
 
 def test_type_corpus_round_trips_exactly(pg, pg_url, target):

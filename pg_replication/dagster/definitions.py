@@ -45,6 +45,10 @@ def build_warehouse_resource(config: ReplicationConfig) -> WarehouseResource:
         from pg_replication.dagster.resources_snowflake import snowflake_from_env
 
         return snowflake_from_env(merge=config.warehouse.merge)
+    if kind == "clickhouse":
+        from pg_replication.dagster.resources_clickhouse import clickhouse_from_env
+
+        return clickhouse_from_env(config.clickhouse_path())
     duckdb = DuckDBResource(database=config.duckdb_path(), connection_config={"memory_limit": config.warehouse.memory_limit})
     return DuckDBWarehouseResource(duckdb=duckdb)
 

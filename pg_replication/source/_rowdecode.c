@@ -178,19 +178,13 @@ static int array_json(Builder *b, const char *t, Py_ssize_t n, char kind) {
     }
     for (Py_ssize_t i = 0; i < m; i++)
         if ((unsigned char)inner[i] < 0x20) return 0;
-    int has_null = 0; /* then json.dumps(..., ensure_ascii=False) writes it, with ", " between items */
-    for (Py_ssize_t i = 0, start = 0; i <= m; i++) {
-        if (i == m || inner[i] == ',') {
-            if (i - start == 4 && memcmp(inner + start, "NULL", 4) == 0) has_null = 1;
-            start = i + 1;
-        }
-    }
+    /* to_json's spacing: "," between items, as text_values.array_to_json writes them too */
     if (builder_add(b, "[", 1) < 0) return -1;
     for (Py_ssize_t i = 0, start = 0; i <= m; i++) {
         if (i < m && inner[i] != ',') continue;
         const char *item = inner + start;
         Py_ssize_t len = i - start;
-        if (start > 0 && builder_add(b, has_null ? ", " : ",", has_null ? 2 : 1) < 0) return -1;
+        if (start > 0 && builder_add(b, ",", 1) < 0) return -1;
         if (len == 4 && memcmp(item, "NULL", 4) == 0) { if (builder_add(b, "null", 4) < 0) return -1; }
         else if (builder_add(b, "\"", 1) < 0 || builder_add(b, item, len) < 0 || builder_add(b, "\"", 1) < 0) return -1;
         start = i + 1;

@@ -128,7 +128,7 @@ def _fast_json(inner: str, kind: str) -> str | None:
     if kind == "text" and not _CONTROL.search(inner):
         items = inner.split(",")
         if "NULL" in items:
-            return json.dumps([None if x == "NULL" else x for x in items], ensure_ascii=False)
+            return json.dumps([None if x == "NULL" else x for x in items], ensure_ascii=False, separators=(",", ":"))
         return '["' + '","'.join(items) + '"]'
     return None
 
@@ -149,7 +149,7 @@ def array_to_json(element_kind: str) -> Callable[[str], str]:
             fast = _fast_json(inner, element_kind)
             if fast is not None:
                 return fast
-        return json.dumps(walk(parse_array(text)), ensure_ascii=False)
+        return json.dumps(walk(parse_array(text)), ensure_ascii=False, separators=(",", ":"))  # to_json's spacing
 
     to_json.element_kind = element_kind  # type: ignore[attr-defined]  # the compiled path's cue (column_changes.py)
     return to_json

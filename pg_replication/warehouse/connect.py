@@ -33,6 +33,15 @@ SNOWFLAKE_ENV = {
     "authenticator": "SNOWFLAKE_AUTHENTICATOR",
 }
 SNOWFLAKE_REQUIRED = ("account", "user", "database")
+# ClickHouse server settings -> environment variable; with neither url nor host, chDB at CHDB_PATH.
+CLICKHOUSE_ENV = {
+    "url": "CLICKHOUSE_URL",
+    "host": "CLICKHOUSE_HOST",
+    "port": "CLICKHOUSE_PORT",
+    "user": "CLICKHOUSE_USER",
+    "password": "CLICKHOUSE_PASSWORD",
+    "database": "CLICKHOUSE_DATABASE",
+}
 
 
 def type_mapper(kind: str) -> Mapper:
@@ -41,6 +50,8 @@ def type_mapper(kind: str) -> Mapper:
         from pg_replication.warehouse.postgres import map_column
     elif kind == "snowflake":
         from pg_replication.warehouse.snowflake_types import map_column
+    elif kind == "clickhouse":
+        from pg_replication.warehouse.clickhouse_types import map_column
     else:
         from pg_replication.types import map_column
     return map_column
@@ -113,6 +124,21 @@ def open_warehouse(config: ReplicationConfig, *, read_only: bool = False, wait_s
 
         with connect_postgres_warehouse(postgres_warehouse_url(config)) as conn:
             yield PostgresWarehouse(conn, schema_prefix=config.warehouse.schema_prefix, read_only=read_only)
+    elif kind == "clickhouse":
+        from pg_replication.warehouse.clickhouse import ClickHouseWarehouse
+        from pg_replication.warehouse.clickhouse_client import open_client
+
+        env = {name: os.environ.get(var) for name, var in CLICKHOUSE_ENV.items()}
+        server = env["url"] or env["host"]
+        client = open_client(
+            path=None if server else config.clickhouse_path(), url=env["url"], host=env["host"],
+            port=int(env["port"]) if env["port"] else None, username=env["user"], password=env["password"],
+            database=env["database"],
+        )
+        try:
+            yield ClickHouseWarehouse(client, read_only=read_only)
+        finally:
+            client.close()
     else:
         import snowflake.connector
 

@@ -151,7 +151,7 @@ class DrainApply:
                 added = pending.get(key) if status != "failed" else None
                 if added:
                     self._store_columns(key, {**self.stored_columns(key), **added})
-                if status == "streaming":
+                if status == "streaming" or (status == "backfilling" and self.applies_while_backfilling):
                     try:
                         reader = read_rows(plan.table) if read_rows is not None else None
                         defaults = self.defaults(plan.table, plan.columns)

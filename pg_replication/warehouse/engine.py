@@ -49,6 +49,9 @@ class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvoluti
     text_type = "TEXT"
     schema_prefix = ""  # warehouse schema = prefix + source schema
     counts_rows_cheaply = True  # count(*) reads metadata, not rows: report it with every micro-batch
+    # Changes of a table still backfilling are applied at once instead of logged (ClickHouse: its
+    # writes are versioned above the slices'); elsewhere they wait in the change log.
+    applies_while_backfilling = False
     # Waits between attempts of a drain that met a transient error (errors.is_transient); after the
     # last one the drain fails as retryable, having applied nothing.
     transient_delays: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)

@@ -1,0 +1,371 @@
+"""ClickHouse as a warehouse: exactly once without transactions, by versioned, idempotent writes.
+
+ClickHouse has no multi-statement transaction, so the engine's ``begin``/``commit`` do nothing here
+and every write is made safe to repeat instead:
+
+- A replicated table is a ``ReplacingMergeTree(_pg_version, _pg_deleted)`` ordered by the primary
+  key. A change is never an UPDATE or DELETE: it is a new version of the row (a delete is a
+  version with ``_pg_deleted = 1``), and a read sees each key's highest version only. Readers
+  query with ``FINAL`` (``SELECT … FROM public.orders FINAL``; our own sessions set ``final = 1``).
+- Versions are commit positions: a drain that ends at LSN L writes its segments at
+  ``L * 2^16 + n`` (n counts its writes in order); a backfill slice writes at ``plan LSN * 2^16``,
+  below every change after the plan position. A drain or slice killed anywhere and re-run writes
+  the same rows at the same versions (a replay deduplicates); a shorter re-read batch writes
+  older versions, which lose to what the longer one wrote.
+- The drained position is written after the data (``drain.py`` already orders it so), and a
+  slice is recorded as done after its rows: a crash in between re-does idempotent work.
+- Changes of a table still backfilling are applied at once, not logged: their versions are above
+  the slices'. A TRUNCATE writes a deleted version of every row and is remembered
+  (``_pg_replication.truncations``): a slice below it writes nothing, since every row alive after
+  the TRUNCATE arrives as a change above it. A failed table still logs its changes (the engine's
+  change log, appended without folding) and replays them when retried.
+- State tables are MergeTree tables with lightweight UPDATE/DELETE. Writers are not locked against
+  each other (ClickHouse has no row locks): the Dagster pools serialize drains and slices, as for
+  DuckDB, and chDB itself admits one process at a time.
+
+Values ClickHouse cannot hold are refused before a write, naming table, column, key and value
+(``clickhouse_types.py``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+
+import pyarrow as pa
+
+from pg_replication.errors import WarehouseError
+from pg_replication.source.catalog import Column, Table
+from pg_replication.source.pgoutput import lsn_to_int
+from pg_replication.source.recovery import RowReader
+from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
+from pg_replication.types import TypeMapping
+from pg_replication.warehouse import clickhouse_types, staging
+from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult
+from pg_replication.warehouse.clickhouse_client import ChdbClient, ServerClient, bind
+from pg_replication.warehouse.engine import SqlWarehouse, table_key
+from pg_replication.warehouse.staging import StagedChanges
+
+__all__ = ["ClickHouseWarehouse"]
+
+VERSION, DELETED = "_pg_version", "_pg_deleted"
+VERSION_SHIFT = 16  # writes one drain may make (per table, in order) before its versions reach the next LSN's
+_STATE_TYPES = {"text": "String", "BIGINT": "Int64", "DOUBLE PRECISION": "Float64", "INTEGER": "Int32"}
+
+
+class ClickHouseWarehouse(SqlWarehouse):
+    """A ClickHouse database as a replication target: chDB in-process or a server.
+
+    Example::
+
+        client = ChdbClient("warehouse.chdb")
+        wh = ClickHouseWarehouse(client)
+        wh.ensure_table(table)
+        rows = client.rows('SELECT * FROM "public"."orders" FINAL')
+    """
+
+    name = "clickhouse"
+    text_type = "Nullable(String)"
+    counts_rows_cheaply = False  # count() under FINAL reads every key
+    applies_while_backfilling = True  # changes are versioned above the slices (module docstring)
+
+    def __init__(self, client: ChdbClient | ServerClient, *, read_only: bool = False) -> None:
+        self.client = client
+        self.errors = client.errors
+        self._version = 0  # the last version written; the next write takes the one after
+        self._stage_suffix = uuid.uuid4().hex[:12]  # staging tables of concurrent processes apart
+        super().__init__(read_only=read_only)
+
+    # -- connection -------------------------------------------------------------------------
+
+    def execute(self, query: str, params: Sequence = ()) -> None:
+        if query.startswith("DELETE FROM ") and " WHERE " not in query:
+            query += " WHERE 1"  # ClickHouse's DELETE always takes a condition (the engine empties logs)
+        self.client.command(bind(query, params))
+
+    def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
+        return self.client.rows(bind(query, params))
+
+    def begin(self) -> None:
+        """No transactions in ClickHouse: every write is idempotent instead (module docstring)."""
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def create_schema(self, name: str) -> None:
+        self.execute(f"CREATE DATABASE IF NOT EXISTS {self.ident(name)}")
+
+    def _ensure_state_tables(self) -> None:
+        self.create_schema(STATE_SCHEMA)
+        for name, (columns, key) in self.STATE_TABLES.items():
+            cols = ", ".join(
+                f"{self.ident(c)} {_STATE_TYPES[t] if c in key else 'Nullable(' + _STATE_TYPES[t] + ')'}" for c, t in columns
+            )
+            keys = ", ".join(self.ident(k) for k in key)
+            # Lightweight UPDATE needs the block number and offset columns.
+            self.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.state(name)} ({cols}) ENGINE = MergeTree ORDER BY ({keys}) "
+                "SETTINGS enable_block_number_column = 1, enable_block_offset_column = 1"
+            )
+        self.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.state('truncations')} (table_key String, {VERSION} UInt64) "
+            "ENGINE = MergeTree ORDER BY table_key"
+        )
+
+    def map_column(self, column: Column) -> TypeMapping:
+        return clickhouse_types.map_column(column)
+
+    def sql_literal(self, mapping: TypeMapping, value: str) -> str:
+        # ClickHouse reads backslashes in string literals as escapes: double them.
+        return staging.typed(mapping, "'" + value.replace("\\", "\\\\").replace("'", "''") + "'")
+
+    # -- staging ----------------------------------------------------------------------------
+
+    def stage(self, name: str, data: pa.Table) -> str:
+        relation = self.state(f"{name}_{self._stage_suffix}")
+        types = {pa.string(): "Nullable(String)", pa.int64(): "Nullable(Int64)"}
+        cols = ", ".join(f"{self.ident(f.name)} {types[f.type]}" for f in data.schema)
+        self.execute(f"DROP TABLE IF EXISTS {relation}")
+        self.execute(f"CREATE TABLE {relation} ({cols}) ENGINE = Memory")
+        if data.num_rows:
+            self.client.insert_arrow(relation, data)
+        return relation
+
+    def unstage(self, name: str) -> None:
+        self.execute(f"DROP TABLE IF EXISTS {self.state(f'{name}_{self._stage_suffix}')}")
+
+    # -- tables -----------------------------------------------------------------------------
+
+    def create_table(self, table: Table, columns: list[tuple[str, TypeMapping]]) -> None:
+        cols = ", ".join(
+            f"{self.ident(name)} {clickhouse_types.key_ddl(m.ddl) if name in table.primary_key else m.ddl}" for name, m in columns
+        )
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        self.create_schema(self.schema_of(table))
+        self.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.table_name(table)} ({cols}, {self.ident(SLICE_COLUMN)} Nullable(Int32), "
+            f"{self.ident(VERSION)} UInt64, {self.ident(DELETED)} UInt8) "
+            f"ENGINE = ReplacingMergeTree({self.ident(VERSION)}, {self.ident(DELETED)}) ORDER BY ({keys})"
+        )
+
+    def add_column(self, table: Table, name: str, mapping: TypeMapping, value: str | None) -> None:
+        """Rows already there read ``value`` through the column's DEFAULT. It stays: every write
+        names every column, so it never applies to a later row (and removing it would make the
+        old rows read NULL until a merge materialized them)."""
+        target, column = self.table_name(table), self.ident(name)
+        default = "" if value is None else f" DEFAULT {self.sql_literal(mapping, value)}"
+        self.execute(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {column} {mapping.ddl}{default}")
+
+    def row_count(self, table: Table) -> int:
+        return int(self.fetchall(f"SELECT count() FROM {self.table_name(table)} FINAL")[0][0])
+
+    def read_table(self, schema: str, name: str) -> pa.Table:
+        columns = ", ".join(self.ident(c) for c in self.stored_columns(f"{schema}.{name}"))
+        return self.client.query_arrow(f"SELECT {columns} FROM {self.ident(schema, name)} FINAL")
+
+    def reset_table(self, table: Table) -> None:
+        super().reset_table(table)
+        self.execute(f"DELETE FROM {self.state('truncations')} WHERE table_key = ?", [table_key(table)])
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    def _max_version(self, table: Table) -> int:
+        rows = self.fetchall(f"SELECT max({self.ident(VERSION)}) FROM {self.table_name(table)} SETTINGS final = 0")
+        return int(rows[0][0] or 0)
+
+    def _truncated_at(self, table: Table) -> int:
+        rows = self.fetchall(f"SELECT max({self.ident(VERSION)}) FROM {self.state('truncations')} WHERE table_key = ?", [table_key(table)])  # 0 when none
+        return int(rows[0][0] or 0)
+
+    # -- backfill ---------------------------------------------------------------------------
+
+    def write_slice(
+        self,
+        table: Table,
+        index: int,
+        batches: Iterable[pa.RecordBatch],
+        progress: Progress | None = None,
+        still_in_source: KeyCheck | None = None,
+        read_rows: RowReader | None = None,
+        plan: BackfillPlan | None = None,
+    ) -> SliceResult:
+        """Insert the slice's rows at the plan's version (below every change after it), then
+        record the slice. A re-run writes its rows again at the same version, and the newer copy
+        wins; rows deleted since are deleted versions above it already (drained changes)."""
+        started = time.monotonic()
+        stored = self.load_state(table).plan
+        if plan is not None and stored is not None and stored != plan:
+            raise PlanStaleError(
+                f"{table.display}: slice {index} was read under a plan another run has replaced", table=table.display, lsn=plan.lsn
+            )
+        base = lsn_to_int((stored or plan).lsn) << VERSION_SHIFT  # type: ignore[union-attr]
+        version = self._copy_version(table, index, base)
+        superseded = self._truncated_at(table) > version  # every row alive now arrived as a change
+        mappings = dict(self.column_mappings(table))
+        rows = nbytes = 0
+        for batch in batches:
+            if not superseded and batch.num_rows:
+                self._insert_staged(table, mappings, batch, f"slice {index}", rows, f"{int(index)}, {version}, 0")
+            rows += batch.num_rows
+            nbytes += batch.nbytes
+            if progress is not None:
+                progress(rows, nbytes)
+        if version > base:
+            self._settle_earlier_copy(table, index, version, still_in_source)
+        self._upsert_state(
+            "slices",
+            {"table_key": table_key(table), "slice": index},
+            {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
+        )
+        self._start_streaming_when_complete(table, read_rows)
+        return SliceResult(rows, nbytes)
+
+    def _copy_version(self, table: Table, index: int, base: int) -> int:
+        """The plan's version for a slice's first copy; for each re-run one more (still below
+        every change after the plan), so its rows tell the earlier copy's apart."""
+        slice_, v = self.ident(SLICE_COLUMN), self.ident(VERSION)
+        rows = self.fetchall(
+            f"SELECT count(), max({v}) FROM {self.table_name(table)} WHERE {slice_} = ? AND {v} >= ? AND {v} < ? SETTINGS final = 0",
+            [index, base, base + (1 << VERSION_SHIFT) - 1],
+        )
+        return base if not rows[0][0] else int(rows[0][1]) + 1
+
+    def _settle_earlier_copy(self, table: Table, index: int, version: int, still_in_source: KeyCheck | None) -> None:
+        """Rows an earlier copy of the slice wrote and this one did not: deleted in the source (a
+        deleted version goes in) or moved by an update to another slice's pages (they stay)."""
+        keys = [self.ident(k) for k in table.primary_key]
+        slice_, v = self.ident(SLICE_COLUMN), self.ident(VERSION)
+        leftovers = [
+            tuple(r)
+            for r in self.fetchall(f"SELECT {', '.join(keys)} FROM {self.table_name(table)} WHERE {slice_} = ? AND {v} < ?", [index, version])
+        ]
+        alive = still_in_source(leftovers) if still_in_source is not None and leftovers else set()
+        gone = [k for k in leftovers if k not in alive]
+        for start in range(0, len(gone), 500):
+            chunk = gone[start : start + 500]
+            one = "(" + " AND ".join(f"{k} = ?" for k in keys) + ")"
+            columns = ", ".join(self.ident(c) for c in self.stored_columns(table_key(table)))
+            self.execute(
+                f"INSERT INTO {self.table_name(table)} ({columns}, {slice_}, {v}, {self.ident(DELETED)}) "
+                f"SELECT {columns}, {slice_}, {version}, 1 FROM {self.table_name(table)} WHERE {' OR '.join(one for _ in chunk)}",
+                [x for key in chunk for x in key],
+            )
+
+    def _insert_staged(self, table: Table, mappings: dict[str, TypeMapping], batch: pa.RecordBatch, what: str, first: int, tail: str) -> None:
+        names = list(mappings)
+        data = pa.Table.from_arrays([batch.column(n).cast(pa.string()) for n in names], names=[f"c{i}" for i in range(len(names))])
+        relation = self.stage("pgr_slice", data)
+        try:
+            staged = {n: self.ident(f"c{i}") for i, n in enumerate(names)}
+            keys = [staged[k] for k in table.primary_key]
+            self._refuse_unheld(table, relation, {n: staged[n] for n in names if mappings[n].refuse}, keys, mappings)
+            select = ", ".join(staging.typed(mappings[n], staged[n]) for n in names)
+            columns = ", ".join(self.ident(c) for c in [*names, SLICE_COLUMN, VERSION, DELETED])
+            try:
+                self.execute(f"INSERT INTO {self.table_name(table)} ({columns}) SELECT {select}, {tail} FROM {relation}")
+            except self.errors as exc:
+                raise self._refused(table, what, f"rows {first}..{first + batch.num_rows}", exc) from None
+        finally:
+            self.unstage("pgr_slice")
+
+    def upsert_rows(self, table: Table, batches, watermark):
+        raise WarehouseError(
+            f"{table.display}: the query strategies (append, updated_at, reload) do not write to ClickHouse yet",
+            table=table.display,
+            hint="replicate the table with strategy: cdc (the default), or use another warehouse for it",
+        )
+
+    replace_rows = upsert_rows
+
+    # -- CDC --------------------------------------------------------------------------------
+
+    def _apply_drain_once(self, decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows) -> dict:
+        # Every attempt of one drain writes the same versions: a replay deduplicates.
+        self._version = target_lsn << VERSION_SHIFT
+        return super()._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows)
+
+    def prepare_table(self, plan, status: str, describe_new) -> dict:
+        """A table still backfilling takes its changes at once (above the slices' versions):
+        create it if no slice has yet."""
+        if status == "backfilling" and self.physical_columns(self.schema_of(plan.table), plan.table.name) is None:
+            self.ensure_table(plan.table, describe_new)
+        return super().prepare_table(plan, status, describe_new)
+
+    def replay_log(self, table: Table, read_rows: RowReader | None = None) -> int:
+        # A failed table's logged changes, replayed above every version it holds.
+        if self.physical_columns(self.schema_of(table), table.name) is not None:
+            self._version = max(self._version, self._max_version(table))
+        return super().replay_log(table, read_rows)
+
+    def _fold_log(self, table: Table, columns, into: int, new: int) -> None:
+        """Not folded (ClickHouse has no UPDATE … FROM): each appended segment is replayed in order."""
+
+    def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
+        target = self.table_name(table)
+        columns = list(self.stored_columns(table_key(table)))
+        names = ", ".join(self.ident(c) for c in [*columns, SLICE_COLUMN, VERSION, DELETED])
+        if changes.truncated:
+            version = self._next_version()
+            self.execute(f"INSERT INTO {self.state('truncations')} VALUES (?, ?)", [table_key(table), version])
+            self.execute(
+                f"INSERT INTO {target} ({names}) SELECT {', '.join(self.ident(c) for c in columns)}, NULL, {version}, 1 FROM {target}"
+            )
+        self._refuse_unheld_changes(table, changes, mappings)
+        resolved = staging.resolved_select(changes, target, columns, mappings, table.primary_key, self.ident)
+        version = self._next_version()
+        op = self.ident(staging.OP)
+        self.execute(
+            f"INSERT INTO {target} ({names}) SELECT {', '.join(self.ident(c) for c in columns)}, NULL, {version}, "
+            f"if({op} = 'D', 1, 0) FROM ({resolved})"
+        )
+
+    # -- refusals ---------------------------------------------------------------------------
+
+    def _refuse_unheld_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
+        position = {name: i for i, name in enumerate(changes.columns)}
+        guarded = {n: f"s.{self.ident(staging.value_column(i))}" for n, i in position.items() if n in mappings and mappings[n].refuse}
+        if not guarded:
+            return
+        keys = [
+            f"s.{self.ident(staging.value_column(position[k]))}" if k in position else f"s.{self.ident(staging.fill_column(j))}"
+            for j, k in enumerate(table.primary_key)
+        ]
+        self._refuse_unheld(table, changes.relation, guarded, keys, mappings, where=f"s.{self.ident(staging.OP)} = 'U'")
+
+    def _refuse_unheld(
+        self, table: Table, relation: str, columns: dict[str, str], keys: list[str], mappings: dict[str, TypeMapping], where: str = "1"
+    ) -> None:
+        """Fail naming column, key and value when a staged value of ``columns`` (name -> staged
+        expression) is one its ClickHouse type cannot hold (``TypeMapping.refuse``)."""
+        for name, staged in columns.items():
+            mapping = mappings[name]
+            assert mapping.refuse is not None
+            found = self.fetchall(
+                f"SELECT {', '.join(keys)}, {staged} FROM {relation} s WHERE ({where}) AND {staged} IS NOT NULL "
+                f"AND ({mapping.refuse.replace('{0}', staged)}) LIMIT 1"
+            )
+            if not found:
+                continue
+            *key, value = found[0]
+            value = str(value)
+            if len(value) > 300:
+                value = value[:300] + "…"
+            source_type = next((c.type_sql for c in table.columns if c.name == name), mapping.ddl)
+            raise WarehouseError(
+                f"{table.display}: column {name} ({source_type}) of the row with key "
+                f"({', '.join(table.primary_key)})=({', '.join(str(k) for k in key)}) holds {value}, "
+                f"which ClickHouse's {mapping.ddl} cannot hold",
+                table=table.display,
+                hint="ClickHouse's Date32 and DateTime64 hold 0001-01-01 to 9999-12-31 (no BC, no infinity) and its "
+                "Decimal no NaN or infinity; correct the value in the source or leave the column out "
+                "(exclude_columns), then re-run (README, ClickHouse)",
+            )
+
