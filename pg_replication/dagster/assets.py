@@ -13,6 +13,7 @@ import dagster as dg
 from dagster._core.definitions.metadata.metadata_set import TableMetadataSet  # not re-exported
 
 from pg_replication.config import ReplicationConfig
+from pg_replication.dagster.resources import ResourceKeys
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Table
 from pg_replication.warehouse.connect import type_mapper
@@ -51,13 +52,14 @@ class BackfillRequest:
 class TableAssetTranslator:
     """Maps a source table to its asset spec. Each part comes from one small method."""
 
-    def __init__(self, config: ReplicationConfig) -> None:
+    def __init__(self, config: ReplicationConfig, key_prefix: Sequence[str] = ()) -> None:
         self.config = config
+        self.key_prefix = list(key_prefix)  # a component's source name, so two sources never collide
         self.warehouse_kind = config.warehouse_kind()
         self.map_column = type_mapper(self.warehouse_kind)
 
     def get_asset_key(self, table: Table) -> dg.AssetKey:
-        return dg.AssetKey([dagster_name(table.schema), dagster_name(table.name)])
+        return dg.AssetKey([*self.key_prefix, dagster_name(table.schema), dagster_name(table.name)])
 
     def get_group_name(self, table: Table) -> str:
         return dagster_name(table.schema)
@@ -109,22 +111,27 @@ class TableAssetTranslator:
 
 
 def build_table_asset(
-    table: Table, config: ReplicationConfig, translator: TableAssetTranslator, stream_tables: Sequence[Table] = ()
+    table: Table,
+    config: ReplicationConfig,
+    translator: TableAssetTranslator,
+    stream_tables: Sequence[Table] = (),
+    keys: ResourceKeys = ResourceKeys(),
 ) -> dg.AssetsDefinition:
     """``stream_tables``: the tables of the source's slot (strategy cdc), drained between the
     backfill's slices."""
-    spec = translator.get_asset_spec(table).with_io_manager_key(WAREHOUSE_IO_MANAGER_KEY)
+    spec = translator.get_asset_spec(table).with_io_manager_key(keys.io_manager)
     partitions = translator.get_partitions(table)
     entry = table.entry
     per_run = entry.max_partitions_per_run if entry else None
     policy = dg.BackfillPolicy.multi_run(per_run) if per_run else dg.BackfillPolicy.single_run()
+    resource_keys = keys  # the body's own ``keys`` are partition keys
 
     @dg.multi_asset(
         specs=[spec],
         name="_".join(spec.key.path),
         pool=config.source.pool,
         backfill_policy=policy,
-        required_resource_keys={"source"},
+        required_resource_keys={keys.source},
     )
     def table_asset(context: dg.AssetExecutionContext):
         keys = spec.partitions_def.get_partition_keys()  # type: ignore[union-attr]
@@ -137,7 +144,7 @@ def build_table_asset(
                 partitions=partitions,
                 readers=config.source.readers,
                 row_limit=entry.row_limit if entry else None,
-                conninfo=context.resources.source.conninfo,
+                conninfo=resource_keys.source_of(context).conninfo,
                 max_snapshot_bytes=config.backfill.max_snapshot_bytes,
                 stream_tables=tuple(stream_tables),
                 asset_key_of=translator.get_asset_key,

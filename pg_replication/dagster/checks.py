@@ -10,7 +10,7 @@ from psycopg import sql
 from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.replicate.capture import CaptureSettings
 from pg_replication.config import QUERY_STRATEGIES, ReplicationConfig
-from pg_replication.dagster.resources import PostgresSource, WarehouseResource
+from pg_replication.dagster.resources import PostgresSource, ResourceKeys, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
@@ -42,7 +42,9 @@ def _fresh_within(table: Table, config: ReplicationConfig) -> int:
     return max(config.source.freshness_seconds, int(2 * (second - first).total_seconds()))
 
 
-def build_table_checks(tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> list:
+def build_table_checks(
+    tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator, keys: ResourceKeys = ResourceKeys()
+) -> list:
     checks = []
     for table in tables:
         checks += _checks_for(
@@ -51,6 +53,7 @@ def build_table_checks(tables: list[Table], config: ReplicationConfig, translato
             config.source.slot,
             config.source.max_retained_wal_mb << 20,
             _fresh_within(table, config),
+            keys,
         )
     return checks
 
@@ -72,11 +75,12 @@ def _source_count(source: PostgresSource, table: Table) -> tuple[int, int, bool,
     return rows, at, waiting, late
 
 
-def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fresh_within: int) -> list:
+def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fresh_within: int, keys: ResourceKeys) -> list:
     position = {"cdc": slot, "triggers": CaptureSettings.position}.get(table.strategy)
 
-    @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once changes have caught up).")
-    def parity(source: PostgresSource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    @dg.asset_check(asset=key, name="row_count_parity", description="Warehouse rows = source rows (exact once changes have caught up).", required_resource_keys=keys.both)
+    def parity(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         source_rows, at, waiting, late = _source_count(source, table)
         drained, _, status, wh_rows = _warehouse_state(warehouse, table, position)
         if table.strategy == "cdc":
@@ -105,9 +109,9 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fr
             metadata=metadata,
         )
 
-    @dg.asset_check(asset=key, name="cdc_freshness", description=f"Changes were applied within {fresh_within} s and the table streams.")
-    def freshness(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        _, age, status, _ = _warehouse_state(warehouse, table, position)
+    @dg.asset_check(asset=key, name="cdc_freshness", description=f"Changes were applied within {fresh_within} s and the table streams.", required_resource_keys={keys.warehouse})
+    def freshness(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        _, age, status, _ = _warehouse_state(keys.warehouse_of(context), table, position)
         passed = status == "streaming" and age is not None and age <= fresh_within
         return dg.AssetCheckResult(
             passed=passed,
@@ -119,9 +123,9 @@ def _checks_for(table: Table, key: dg.AssetKey, slot: str, max_retained: int, fr
     if table.strategy != "cdc":  # no slot to watch
         return [parity, freshness]
 
-    @dg.asset_check(asset=key, name="slot_health", description="The replication slot exists, is not lost, and retains little WAL.")
-    def slot_health(source: PostgresSource) -> dg.AssetCheckResult:
-        with source.connect() as conn:
+    @dg.asset_check(asset=key, name="slot_health", description="The replication slot exists, is not lost, and retains little WAL.", required_resource_keys={keys.source})
+    def slot_health(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        with keys.source_of(context).connect() as conn:
             status = slot_status(conn, slot)
         if status is None:
             return dg.AssetCheckResult(passed=False, description=f"replication slot {slot!r} does not exist")

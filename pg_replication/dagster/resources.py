@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -84,3 +85,28 @@ class PostgresWarehouseResource(WarehouseResource):
 
         with connect_postgres_warehouse(self.conninfo) as conn:
             yield PostgresWarehouse(conn, schema_prefix=self.schema_prefix, read_only=read_only)
+
+
+@dataclass(frozen=True)
+class ResourceKeys:
+    """The keys one source's resources go by in Definitions. Dagster refuses two different
+    resources under one key, so each component instance derives its own from its source name;
+    the single replication.yaml path keeps the plain "source" and "warehouse"."""
+
+    source: str = "source"
+    warehouse: str = "warehouse"
+    io_manager: str = "warehouse_io_manager"
+
+    @classmethod
+    def for_source(cls, name: str) -> ResourceKeys:
+        return cls(f"{name}_source", f"{name}_warehouse", f"{name}_warehouse_io_manager")
+
+    @property
+    def both(self) -> set[str]:
+        return {self.source, self.warehouse}
+
+    def source_of(self, context) -> PostgresSource:
+        return getattr(context.resources, self.source)
+
+    def warehouse_of(self, context) -> WarehouseResource:
+        return getattr(context.resources, self.warehouse)
