@@ -17,6 +17,7 @@ that is down, or a new table that does not qualify, never removes the code locat
 
 import asyncio
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -121,8 +122,6 @@ class PgReplicationComponent(dg.StateBackedComponent, dg.Resolvable):
     def write_state_to_path(self, state_path: Path) -> None:
         """Introspect the source into ``state_path`` (the catalog snapshot format). Raises when the
         source cannot be read, so the saved state stays as it was."""
-        import os
-
         refresh_catalog(self.config, os.environ.get(self.postgres_url_env, ""), state_path)
 
     def build_defs_from_state(self, context: dg.ComponentLoadContext, state_path: Path | None) -> dg.Definitions:
