@@ -12,7 +12,7 @@ import dagster as dg
 
 from pg_replication.config import ReplicationConfig
 from pg_replication.dagster.freshness import freshness_policy
-from pg_replication.dagster.resources import PostgresSource, WarehouseResource, resource_keys
+from pg_replication.dagster.resources import PostgresSource, ResourceKeys, WarehouseResource
 from pg_replication.dagster.table_backfill import TableBackfill, run_table_backfill
 from pg_replication.errors import ConfigError
 from pg_replication.replicate.backfill import SlotSettings
@@ -35,13 +35,14 @@ def partition_keys(count: int) -> list[str]:
 class TableAssetTranslator:
     """Maps a source table to its asset spec. Each part comes from one small method."""
 
-    def __init__(self, config: ReplicationConfig) -> None:
+    def __init__(self, config: ReplicationConfig, key_prefix: Sequence[str] = ()) -> None:
         self.config = config
+        self.key_prefix = list(key_prefix)  # a component's source name, so two sources never collide
         self.warehouse_kind = config.warehouse_kind()
         self.map_column = type_mapper(self.warehouse_kind)
 
     def get_asset_key(self, table: Table) -> dg.AssetKey:
-        return dg.AssetKey([dagster_name(table.schema), dagster_name(table.name)])
+        return dg.AssetKey([*self.key_prefix, dagster_name(table.schema), dagster_name(table.name)])
 
     def get_group_name(self, table: Table) -> str:
         return dagster_name(table.schema)
@@ -97,12 +98,15 @@ class TableAssetTranslator:
 
 
 def build_table_asset(
-    table: Table, config: ReplicationConfig, translator: TableAssetTranslator, stream_tables: Sequence[Table] = ()
+    table: Table,
+    config: ReplicationConfig,
+    translator: TableAssetTranslator,
+    stream_tables: Sequence[Table] = (),
+    keys: ResourceKeys = ResourceKeys(),
 ) -> dg.AssetsDefinition:
     """``stream_tables``: the tables of the source's slot (strategy cdc), drained between the
     backfill's slices. The body copies the selected partitions itself (table_backfill.py); the
     IO manager only loads the table for downstream assets."""
-    keys = resource_keys(config)
     spec = translator.get_asset_spec(table).with_io_manager_key(keys.io_manager)
     entry = table.entry
     per_run = entry.max_partitions_per_run if entry else None

@@ -14,10 +14,12 @@ def check_condition(config: ReplicationConfig) -> dg.AutomationCondition:
     return dg.AutomationCondition.cron_tick_passed(config.source.checks_schedule, "UTC") & ~dg.AutomationCondition.in_progress()
 
 
-def build_automation_sensor(config: ReplicationConfig) -> dg.AutomationConditionSensorDefinition:
+def build_automation_sensor(config: ReplicationConfig, asset_keys: list[dg.AssetKey]) -> dg.AutomationConditionSensorDefinition:
+    """The source's own checks only: two sources in one project each have their sensor, and Dagster
+    lets one sensor, not two, evaluate a check."""
     return dg.AutomationConditionSensorDefinition(
         f"{config.source.name}_automation_sensor",
-        target=dg.AssetSelection.all_asset_checks(),
+        target=dg.AssetSelection.checks_for_assets(*asset_keys),
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=30,
         description=f"Runs {config.source.name}'s asset checks on their cron ({config.source.checks_schedule}, UTC).",

@@ -14,7 +14,7 @@ from pg_replication.replicate.capture import CaptureSettings
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import redact
 from pg_replication.failpoints import pause
-from pg_replication.dagster.resources import PostgresSource, WarehouseResource
+from pg_replication.dagster.resources import PostgresSource, ResourceKeys, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn, lsn_to_int
 from pg_replication.source.slot import slot_status
@@ -82,7 +82,9 @@ def _check_specs(table: Table, config: ReplicationConfig) -> list[tuple[str, str
     return specs
 
 
-def build_table_checks(tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> list:
+def build_table_checks(
+    tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator, keys: ResourceKeys = ResourceKeys()
+) -> list:
     """One multi-check per source holding every table's checks: a run of checks is one step in
     one process (loading the code once), however many tables it covers."""
     automation = check_condition(config)
@@ -97,8 +99,11 @@ def build_table_checks(tables: list[Table], config: ReplicationConfig, translato
     if not specs:
         return []
 
-    @dg.multi_asset_check(name=f"{config.source.name}_table_checks", specs=specs, can_subset=True)
-    def table_checks(context: dg.AssetCheckExecutionContext, source: PostgresSource, warehouse: WarehouseResource):
+    @dg.multi_asset_check(
+        name=f"{config.source.name}_table_checks", specs=specs, can_subset=True, required_resource_keys=keys.both
+    )
+    def table_checks(context: dg.AssetCheckExecutionContext):
+        source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         for key in sorted(context.selected_asset_check_keys, key=lambda k: (k.asset_key.to_user_string(), k.name)):
             check = checks[key]
             try:

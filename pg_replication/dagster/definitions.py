@@ -21,16 +21,23 @@ from pg_replication.dagster.notifications import build_notification_sensors
 from pg_replication.dagster.schedules import build_sync_schedules
 from pg_replication.dagster.sensors import build_cdc_sensor
 from pg_replication.dagster.io_managers import WarehouseIOManager
-from pg_replication.dagster.resources import DuckDBWarehouseResource, PostgresSource, PostgresWarehouseResource, WarehouseResource, resource_keys
-from pg_replication.dagster.load_catalog import load_catalog
+from pg_replication.dagster.resources import (
+    DuckDBWarehouseResource,
+    PostgresSource,
+    PostgresWarehouseResource,
+    ResourceKeys,
+    WarehouseResource,
+)
+from pg_replication.dagster.load_catalog import LoadedCatalog, load_catalog
+from pg_replication.dagster.refresh import build_refresh_catalog_job
 from pg_replication.source.catalog import Table, Unavailable
 from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
 
 
-def build_source_resource() -> PostgresSource:
+def build_source_resource(url_env: str = "POSTGRES_URL") -> PostgresSource:
     # EnvVar keeps the URL (and any password in it) out of the UI and of run configs.
-    if os.environ.get("POSTGRES_URL"):
-        return PostgresSource(conninfo=dg.EnvVar("POSTGRES_URL"))
+    if os.environ.get(url_env):
+        return PostgresSource(conninfo=dg.EnvVar(url_env))
     return PostgresSource()
 
 
@@ -57,42 +64,59 @@ def build_definitions(
     config: ReplicationConfig | None = None,
     translator_class: type[TableAssetTranslator] = TableAssetTranslator,
 ) -> dg.Definitions:
+    """The simple path: replication.yaml, the source's catalog read at load (the last snapshot
+    when the source is down), the plain resource keys."""
     config = config or load_config()
     catalog = load_catalog(config)  # never fails for one table, nor for a source that is down
+    return build_definitions_from_catalog(
+        config, catalog, translator_class(config), refresh_job=build_refresh_catalog_job(config)
+    )
+
+
+def build_definitions_from_catalog(
+    config: ReplicationConfig,
+    catalog: LoadedCatalog,
+    translator: TableAssetTranslator,
+    keys: ResourceKeys = ResourceKeys(),
+    source_url_env: str = "POSTGRES_URL",
+    refresh_job: dg.JobDefinition | None = None,
+) -> dg.Definitions:
+    """Everything one source defines, from a catalog already read: no I/O against the source."""
     tables = catalog.tables
-    translator = translator_class(config)
     streamed = [t for t in tables if t.strategy == "cdc"]  # the slot's tables, as the drain job has them
-    assets = [build_table_asset(t, config, translator, streamed) for t in tables]
+    assets = [build_table_asset(t, config, translator, streamed, keys) for t in tables]
     check_unique_keys(assets, tables)
-    assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"]) for t in catalog.left_out]
-    cdc_job = build_cdc_job(config, tables, translator)
-    schedules = build_sync_schedules(config, tables, translator)
+    assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"], keys) for t in catalog.left_out]
+    cdc_job = build_cdc_job(config, tables, translator, keys)
+    schedules = build_sync_schedules(config, tables, translator, keys)
     sync_jobs = [s.job for s in schedules]
     warehouse = build_warehouse_resource(config)
-    keys = resource_keys(config)
+    retry_job = build_retry_job(config, [t for t in tables if t.strategy in ("cdc", "triggers")], keys)
     return dg.Definitions(
         assets=assets,
-        asset_checks=build_table_checks(tables, config, translator),
-        jobs=[cdc_job, *sync_jobs, build_retry_job(config, [t for t in tables if t.strategy in ("cdc", "triggers")])],
+        asset_checks=build_table_checks(tables, config, translator, keys),
+        jobs=[cdc_job, *sync_jobs, retry_job, *([refresh_job] if refresh_job else [])],
         schedules=schedules,
         sensors=[
-            build_cdc_sensor(config, cdc_job, tables, catalog.warnings()),
+            build_cdc_sensor(config, cdc_job, tables, catalog.warnings(), keys),
             *build_notification_sensors(config, [cdc_job, *sync_jobs]),
-            build_automation_sensor(config),
+            build_automation_sensor(config, [translator.get_asset_key(t) for t in tables]),
         ],
         resources={
-            keys.source: build_source_resource(),
+            keys.source: build_source_resource(source_url_env),
             keys.warehouse: warehouse,
             keys.io_manager: WarehouseIOManager(warehouse=warehouse),
         },
     )
 
 
-def _left_out_asset(table: Table, config: ReplicationConfig, translator: TableAssetTranslator, why: Unavailable) -> dg.AssetsDefinition:
+def _left_out_asset(
+    table: Table, config: ReplicationConfig, translator: TableAssetTranslator, why: Unavailable, keys: ResourceKeys
+) -> dg.AssetsDefinition:
     """A table replicated before but gone from the source, or no longer replicable, keeps its
     asset (its warehouse data and history stay visible), marked with the reason; no drain or
     check includes it until it is back."""
-    asset = build_table_asset(table, config, translator)
+    asset = build_table_asset(table, config, translator, keys=keys)
     return asset.map_asset_specs(
         lambda spec: spec.replace_attributes(
             description=f"{why.status.upper()}: {why.reason}\n\n{spec.description or ''}",

@@ -16,7 +16,7 @@ from pg_replication.config import ReplicationConfig
 from pg_replication.replicate.drain_loop import Batch, LoopSettings, WarehousePerCall, drain_batches
 from pg_replication.errors import is_transient
 from pg_replication.replicate.operations import retry_table
-from pg_replication.dagster.resources import DuckDBWarehouseResource, PostgresSource, WarehouseResource
+from pg_replication.dagster.resources import DuckDBWarehouseResource, ResourceKeys, WarehouseResource
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.slot_probe import longest_probe, probe_slot
@@ -109,7 +109,9 @@ def _pool_waited_on(context: dg.OpExecutionContext, pool: str):
     return waited_on
 
 
-def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: TableAssetTranslator) -> dg.JobDefinition:
+def build_cdc_job(
+    config: ReplicationConfig, tables: list[Table], translator: TableAssetTranslator, keys: ResourceKeys = ResourceKeys()
+) -> dg.JobDefinition:
     """Drains the slot (tables with strategy cdc) and the trigger change table (strategy triggers)."""
     name = f"{config.source.name}_cdc_drain"
     settings = DrainSettings(slot=config.source.slot, publication=config.source.publication)
@@ -117,8 +119,9 @@ def build_cdc_job(config: ReplicationConfig, tables: list[Table], translator: Ta
     captured_tables = [t for t in tables if t.strategy == "triggers"]
     pool = config.source.pool
 
-    @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={})
-    def drain(context: dg.OpExecutionContext, config: DrainConfig, source: PostgresSource, warehouse: WarehouseResource):
+    @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={}, required_resource_keys=keys.both)
+    def drain(context: dg.OpExecutionContext, config: DrainConfig):
+        source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         run_seconds = config.run_seconds
         read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
         if run_seconds > 0:  # micro-batches: a short read each, applied as it ends
@@ -193,12 +196,13 @@ class RetryTableConfig(dg.Config):
     table: str = Field(description="The failed table to retry: schema.table (or its name alone when unambiguous).")
 
 
-def build_retry_job(config: ReplicationConfig, tables: list[Table]) -> dg.JobDefinition:
+def build_retry_job(config: ReplicationConfig, tables: list[Table], keys: ResourceKeys = ResourceKeys()) -> dg.JobDefinition:
     """Replays a failed table's change log into it (after its cause was fixed) and sets it streaming."""
     name = f"{config.source.name}_retry_table"
 
-    @dg.op(name=f"{config.source.name}_replay_change_log", pool=config.source.pool, out={})
-    def retry(context: dg.OpExecutionContext, config: RetryTableConfig, source: PostgresSource, warehouse: WarehouseResource):
+    @dg.op(name=f"{config.source.name}_replay_change_log", pool=config.source.pool, out={}, required_resource_keys=keys.both)
+    def retry(context: dg.OpExecutionContext, config: RetryTableConfig):
+        source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         table = find_table(tables, config.table)
         with warehouse.open() as wh:
             replayed = retry_table(source.conninfo, wh, table)

@@ -15,7 +15,7 @@ from pathlib import Path
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import SourceUnavailableError
 from pg_replication.source.catalog import Table, Unavailable, introspect_each
-from pg_replication.source.catalog_snapshot import load_snapshot, save_snapshot
+from pg_replication.source.catalog_snapshot import CatalogSnapshot, load_snapshot, save_snapshot
 from pg_replication.source.connection import connect, source_conninfo
 
 log = logging.getLogger("pg_replication")
@@ -45,8 +45,19 @@ def snapshot_path(config: ReplicationConfig) -> Path | None:
     return Path(home) / "pg_replication" / f"catalog.{config.source.name}.{digest}.json"
 
 
+CATALOG_ENV_VAR = "PG_REPLICATION_CATALOG"
+
+
 def load_catalog(config: ReplicationConfig) -> LoadedCatalog:
+    """``PG_REPLICATION_CATALOG=saved``: the last snapshot when there is one, without connecting
+    (refreshed by the ``refresh_catalog_<source>`` job); otherwise (``live``, the default) the
+    source is read at every load and the snapshot saved."""
     path = snapshot_path(config)
+    if path is not None and os.environ.get(CATALOG_ENV_VAR, "live") == "saved":
+        saved = load_snapshot(path)
+        if saved is not None:
+            now, left_out = _split(saved.tables, saved.unavailable)
+            return LoadedCatalog(now, saved.unavailable, None, left_out)
     try:
         with connect(source_conninfo()) as conn:
             tables, unavailable = introspect_each(conn, config)
@@ -65,14 +76,38 @@ def load_catalog(config: ReplicationConfig) -> LoadedCatalog:
         return LoadedCatalog(now, snapshot.unavailable, outage, left_out)
     for key, problem in sorted(unavailable.items()):
         log.warning(f"{key} left out ({problem.status}): {problem.reason}")
-    previous = load_snapshot(path) if path else None
-    left_out = [t for t in previous.tables if _key(t) in unavailable] if previous else []
+    left_out = left_out_since(load_snapshot(path) if path else None, unavailable)
     if path is not None:
         try:
             save_snapshot(path, tables + left_out, unavailable)
         except OSError as exc:  # a read-only home: loading works, the next outage has no snapshot
             log.warning(f"could not save the catalog snapshot to {path}: {exc}")
     return LoadedCatalog(tables, unavailable, None, left_out)
+
+
+def refresh_catalog(config: ReplicationConfig, conninfo: str, path: Path) -> tuple[int, int]:
+    """Read the source's catalog and save it at ``path`` (the previous snapshot stays when the
+    source cannot be read: the error says so). Returns (tables replicated, tables left out)."""
+    with connect(conninfo) as conn:
+        tables, unavailable = introspect_each(conn, config)
+    left_out = left_out_since(load_snapshot(path), unavailable)
+    save_snapshot(path, tables + left_out, unavailable)
+    return len(tables), len(unavailable)
+
+
+def catalog_from_snapshot(path: Path | None) -> LoadedCatalog:
+    """The catalog a saved snapshot holds, without touching the source; none saved yet: no table,
+    and a warning that says how to read one."""
+    saved = load_snapshot(path) if path is not None else None
+    if saved is None:
+        return LoadedCatalog([], {}, "no catalog saved yet: run `dg utils refresh-defs-state` or the refresh_catalog job")
+    now, left_out = _split(saved.tables, saved.unavailable)
+    return LoadedCatalog(now, saved.unavailable, None, left_out)
+
+
+def left_out_since(previous: CatalogSnapshot | None, unavailable: dict[str, Unavailable]) -> list[Table]:
+    """Tables the previous snapshot held that cannot be replicated now: their assets stay."""
+    return [t for t in previous.tables if _key(t) in unavailable] if previous else []
 
 
 def _key(table: Table) -> str:
@@ -89,4 +124,4 @@ def _when(saved_at: float) -> str:
     return f"snapshot of {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(saved_at))}"
 
 
-__all__ = ["LoadedCatalog", "load_catalog", "snapshot_path"]
+__all__ = ["LoadedCatalog", "catalog_from_snapshot", "load_catalog", "refresh_catalog", "snapshot_path"]

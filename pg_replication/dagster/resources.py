@@ -18,26 +18,9 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from pg_replication.config import ReplicationConfig
 from pg_replication.errors import PgReplicationError
 from pg_replication.source.connection import connect, describe_target
 from pg_replication.warehouse.engine import SqlWarehouse
-
-
-@dataclass(frozen=True)
-class ResourceKeys:
-    """The resource keys one source's definitions are wired with. Asset bodies and the IO manager
-    key look them up here (``resource_keys``), so a project with several sources keys each
-    source's resources apart in one place."""
-
-    source: str = "source"
-    warehouse: str = "warehouse"
-    io_manager: str = "warehouse_io_manager"
-
-
-def resource_keys(config: ReplicationConfig) -> ResourceKeys:
-    """The keys of ``config``'s source (one source per code location: the plain names)."""
-    return ResourceKeys()
 
 
 class PostgresSource(dg.ConfigurableResource):
@@ -131,3 +114,28 @@ class PostgresWarehouseResource(WarehouseResource):
 
         with connect_postgres_warehouse(self.conninfo) as conn:
             yield PostgresWarehouse(conn, schema_prefix=self.schema_prefix, read_only=read_only)
+
+
+@dataclass(frozen=True)
+class ResourceKeys:
+    """The keys one source's resources go by in Definitions. Dagster refuses two different
+    resources under one key, so each component instance derives its own from its source name;
+    the single replication.yaml path keeps the plain "source" and "warehouse"."""
+
+    source: str = "source"
+    warehouse: str = "warehouse"
+    io_manager: str = "warehouse_io_manager"
+
+    @classmethod
+    def for_source(cls, name: str) -> ResourceKeys:
+        return cls(f"{name}_source", f"{name}_warehouse", f"{name}_warehouse_io_manager")
+
+    @property
+    def both(self) -> set[str]:
+        return {self.source, self.warehouse}
+
+    def source_of(self, context) -> PostgresSource:
+        return getattr(context.resources, self.source)
+
+    def warehouse_of(self, context) -> WarehouseResource:
+        return getattr(context.resources, self.warehouse)

@@ -9,7 +9,7 @@ import psycopg
 from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.config import QUERY_STRATEGIES, ReplicationConfig
 from pg_replication.errors import PgReplicationError
-from pg_replication.dagster.resources import PostgresSource, WarehouseResource
+from pg_replication.dagster.resources import ResourceKeys
 from pg_replication.source.catalog import Table
 from pg_replication.replicate.strategies import SyncResult, sync_table
 
@@ -31,9 +31,12 @@ def sync_metadata(result: SyncResult) -> dict[str, dg.MetadataValue]:
     return metadata
 
 
-def _sync_job(name: str, cron: str, tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator) -> dg.JobDefinition:
-    @dg.op(name=f"{name}_tables", pool=config.source.pool, out={})
-    def sync(context: dg.OpExecutionContext, source: PostgresSource, warehouse: WarehouseResource):
+def _sync_job(
+    name: str, cron: str, tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator, keys: ResourceKeys
+) -> dg.JobDefinition:
+    @dg.op(name=f"{name}_tables", pool=config.source.pool, out={}, required_resource_keys=keys.both)
+    def sync(context: dg.OpExecutionContext):
+        source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         failed = []
         with warehouse.open() as wh:
             for table in tables:
@@ -69,7 +72,9 @@ def _sync_job(name: str, cron: str, tables: list[Table], config: ReplicationConf
     return sync_job
 
 
-def build_sync_schedules(config: ReplicationConfig, tables: list[Table], translator: TableAssetTranslator) -> list[dg.ScheduleDefinition]:
+def build_sync_schedules(
+    config: ReplicationConfig, tables: list[Table], translator: TableAssetTranslator, keys: ResourceKeys = ResourceKeys()
+) -> list[dg.ScheduleDefinition]:
     by_cron: dict[str, list[Table]] = {}
     for table in tables:
         if table.entry is not None and table.entry.strategy in QUERY_STRATEGIES:
@@ -78,7 +83,7 @@ def build_sync_schedules(config: ReplicationConfig, tables: list[Table], transla
     for cron, group in sorted(by_cron.items()):
         # named after the cron, so adding another schedule renames nothing (nor its UI state)
         name = f"{config.source.name}_sync_{hashlib.sha1(cron.encode()).hexdigest()[:8]}"
-        job = _sync_job(name, cron, group, config, translator)
+        job = _sync_job(name, cron, group, config, translator, keys)
         schedules.append(
             dg.ScheduleDefinition(
                 name=f"{name}_schedule",

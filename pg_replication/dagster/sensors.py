@@ -11,7 +11,7 @@ import dagster as dg
 
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import SourceUnavailableError
-from pg_replication.dagster.resources import PostgresSource
+from pg_replication.dagster.resources import PostgresSource, ResourceKeys
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.catalog import Table
 from pg_replication.source.slot import SlotBusyError, flushed_lsn, slot_status
@@ -104,7 +104,11 @@ def _slot_has_changes(context: dg.SensorEvaluationContext, source: PostgresSourc
 
 
 def build_cdc_sensor(
-    config: ReplicationConfig, job: dg.JobDefinition, tables: list[Table], load_warnings: Sequence[str] = ()
+    config: ReplicationConfig,
+    job: dg.JobDefinition,
+    tables: list[Table],
+    load_warnings: Sequence[str] = (),
+    keys: ResourceKeys = ResourceKeys(),
 ) -> dg.SensorDefinition:
     """``load_warnings``: what the code location left out when it loaded (tables that cannot be
     replicated, a source that was down), shown in the sensor's description: where a Dagster user
@@ -132,8 +136,10 @@ def build_cdc_sensor(
         minimum_interval_seconds=config.source.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=description,
+        required_resource_keys={keys.source},
     )
-    def cdc_sensor(context: dg.SensorEvaluationContext, source: PostgresSource):
+    def cdc_sensor(context: dg.SensorEvaluationContext, **_resources):  # a direct call passes them by key too
+        source = keys.source_of(context)
         positions, idle = [], []
         if not (watch_slot or watch_capture):
             return dg.SkipReason("; ".join(["no table replicates through the slot or triggers", *load_warnings]))
