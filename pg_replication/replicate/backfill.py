@@ -124,8 +124,7 @@ def run_backfill(
     """Copy partitions ``slices`` (each one or several snapshot slices, planned once with
     ``max_snapshot_bytes`` of heap at most per slice). ``between_slices`` runs after every slice
     but the last, while nothing of the backfill is open (neither a snapshot nor a warehouse
-    transaction); if it has an ``idle()`` that says it would do nothing, it is skipped and the
-    next slice's reader, started while this one committed (see _ReadAhead), is kept."""
+    transaction); if it has an ``idle()`` that says it would do nothing, it is skipped."""
     if cdc is not None and table.strategy == "cdc":
         with connect(conninfo) as conn:
             now = relation_identity(conn, cdc.publication, table)
@@ -140,65 +139,19 @@ def run_backfill(
     # Slices keep their partition across re-plans (replan), so this list stays valid.
     work = [(partition, index) for partition in slices for index in plan.slices_of(partition)]
     longest = 0.0
-    ahead = _ReadAhead()
-    try:
-        for done, (partition, index) in enumerate(work):
-            if done and between_slices is not None:
-                idle = getattr(between_slices, "idle", None)
-                if idle is None or not idle():
-                    ahead.discard()  # the hook runs with no snapshot of the backfill open
-                    between_slices()
-            next_index = work[done + 1][1] if done + 1 < len(work) else None
-            table, plan, result, seconds = _backfill_slice(
-                conninfo, warehouse, table, plan, partition, index, next_index, ahead, readers,
-                per_slice_limit, log, name_slices=len(work) != len(slices),
-            )
-            total_rows += result.rows
-            total_bytes += result.bytes
-            longest = max(longest, seconds)
-    finally:
-        ahead.discard()
+    for done, (partition, index) in enumerate(work):
+        if done and between_slices is not None:
+            idle = getattr(between_slices, "idle", None)
+            if idle is None or not idle():
+                between_slices()
+        table, plan, result, seconds = _backfill_slice(
+            conninfo, warehouse, table, plan, partition, index, readers, per_slice_limit, log,
+            name_slices=len(work) != len(slices),
+        )
+        total_rows += result.rows
+        total_bytes += result.bytes
+        longest = max(longest, seconds)
     return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn, len(work), longest)
-
-
-class _ReadAhead:
-    """The next slice's reader, started while the current slice commits (on a warehouse only this
-    process writes: ``DuckDBWarehouse.reads_ahead``). Used only when the next slice still reads the
-    same table under the same plan; otherwise closed and read afresh."""
-
-    def __init__(self) -> None:
-        self.reader: SliceReader | None = None
-        self.index = -1
-        self.plan: BackfillPlan | None = None
-
-    def open(self, conninfo: str, warehouse: Warehouse, table: Table, plan: BackfillPlan, index: int, readers: int, row_limit: int | None) -> None:
-        """Start reading slice ``index`` if re-opening it (``reopen_for_rerun``) would change
-        nothing: it is not copied and the table is not streaming. Its snapshot may then be taken
-        before the previous slice commits, since no one but this process can change that."""
-        self.discard()
-        state = warehouse.load_state(table)
-        if index in state.slices_done or state.status == "streaming":
-            return
-        try:
-            reader = SliceReader(
-                conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit, mapper=warehouse.map_column, plan=plan
-            )
-        except Exception:  # e.g. a rewrite: met again, and handled, when the slice is read in turn
-            return
-        reader.start()
-        self.reader, self.index, self.plan = reader, index, plan
-
-    def take(self, index: int, table: Table, plan: BackfillPlan) -> SliceReader | None:
-        reader, self.reader = self.reader, None
-        if reader is not None and (self.index != index or self.plan != plan or reader.table != table):
-            reader.close()  # the columns or the plan changed meanwhile
-            return None
-        return reader
-
-    def discard(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
 
 
 def _backfill_slice(
@@ -208,15 +161,12 @@ def _backfill_slice(
     plan: BackfillPlan,
     partition: int,
     index: int,
-    next_index: int | None,
-    ahead: _ReadAhead,
     readers: int,
     per_slice_limit: int | None,
     log: Callable[[str], None],
     name_slices: bool,
 ) -> tuple[Table, BackfillPlan, SliceResult, float]:
-    """Copy one slice; when ``next_index`` is given, start reading it once this slice's rows are
-    all read (see _ReadAhead)."""
+    """Copy one slice; returns the table and plan as they are after it, its result and seconds."""
     slice_started = last_report = time.monotonic()
     name = f"slice {index} (partition {partition})" if name_slices else f"slice {index}"
 
@@ -233,24 +183,14 @@ def _backfill_slice(
         warehouse.reopen_for_rerun(table, index)
     still_in_source = keys_in_source(conninfo, table)
     read_rows = row_reader(conninfo, table, warehouse.map_column)
-    started_early = ahead.take(index, table, plan)
-
-    def read_next(reader: SliceReader) -> None:
-        if next_index is not None and reader.plan is not None and getattr(warehouse, "reads_ahead", False):
-            plan_read = reader.plan  # after a re-plan, the new one
-            reader.on_exhausted = lambda: ahead.open(conninfo, warehouse, table, plan_read, next_index, readers, per_slice_limit)
-
     result, plan = _copy_slice(
         conninfo, warehouse, table, plan, index, readers, per_slice_limit, log,
         lambda reader, plan: warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows, plan),
-        started_early, read_next,
     )
     failpoint("after_slice")
     seconds = time.monotonic() - slice_started
     log(f"{table.display} {name} done: {result.rows:,} rows in {seconds:.1f} s")
-    # How long its snapshot lived: a reader started early took it during the previous commit.
-    snapshot_seconds = time.monotonic() - (started_early.opened_at if started_early is not None else slice_started)
-    return table, plan, result, snapshot_seconds
+    return table, plan, result, seconds
 
 
 def _copy_slice(
@@ -263,24 +203,17 @@ def _copy_slice(
     row_limit: int | None,
     log: Callable[[str], None],
     write: Callable[[SliceReader, BackfillPlan], SliceResult],
-    started_early: SliceReader | None = None,
-    prepare: Callable[[SliceReader], None] = lambda _reader: None,
 ) -> tuple[SliceResult, BackfillPlan]:
     """Copy slice ``index`` under ``plan``: its readers check the files the plan was cut from.
     After a rewrite (found at open or by a reader under its lock), or when another run re-planned
-    meanwhile, re-plan and copy again. ``started_early``: this slice's reader, already reading
-    under ``plan``; ``prepare`` sees each reader before it is written."""
+    meanwhile, re-plan and copy again."""
     for attempt in range(REPLAN_ATTEMPTS):
         reader = None
         try:
-            if attempt == 0 and started_early is not None:
-                reader = started_early
-            else:
-                reader = SliceReader(
-                    conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit,
-                    mapper=warehouse.map_column, plan=plan,
-                )
-            prepare(reader)
+            reader = SliceReader(
+                conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit,
+                mapper=warehouse.map_column, plan=plan,
+            )
             return write(reader, plan), plan
         except PlanStaleError as stale:
             if attempt == REPLAN_ATTEMPTS - 1:

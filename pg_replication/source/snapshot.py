@@ -29,7 +29,6 @@ import json
 import math
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -294,7 +293,6 @@ class SliceReader:
         self.schema = binary_copy.staged_schema(self.columns)
         self.check_lock = threading.Lock()
         self.locked_leaves: list[tuple[str, str]] = []
-        self.opened_at = time.monotonic()  # about when its snapshot was taken
         self.coordinator = connect(conninfo, autocommit=False, options=SESSION_OPTIONS)
         try:
             self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -321,10 +319,7 @@ class SliceReader:
             threading.Thread(target=self._read, name=f"pgr-reader-{i}", daemon=True)
             for i in range(min(readers, max(1, len(pieces))))
         ]
-        self.started = False  # the readers start when the batches are first asked for, or at start()
-        # Called once the last batch has been handed out (the caller starts reading the next
-        # slice there, while this one's writer still evicts and commits).
-        self.on_exhausted: Callable[[], None] | None = None
+        self.started = False  # the readers start when the batches are first asked for
 
     def binary_copies(self, select: Callable[[str, TypeMapping], sql.Composable]) -> Iterator[Iterator[bytes]]:
         """The slice as raw ``COPY … (FORMAT binary)`` output, one chunk iterator per piece (a
@@ -401,15 +396,11 @@ class SliceReader:
             done.error = exc
         self._put(done)
 
-    def start(self) -> None:
-        """Start reading now (at most ``readers`` batches wait for the consumer)."""
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
         if not self.started:
             self.started = True
             for t in self.threads:
                 t.start()
-
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
-        self.start()
         finished = 0
         while finished < len(self.threads):
             item = self.out.get()
@@ -419,8 +410,6 @@ class SliceReader:
                     raise item.error
                 continue
             yield item
-        if self.on_exhausted is not None:
-            self.on_exhausted()
 
     def close(self) -> None:
         self.stop.set()

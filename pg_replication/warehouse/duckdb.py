@@ -45,9 +45,6 @@ class DuckDBWarehouse(SqlWarehouse):
     name = "duckdb"
     errors = (duckdb.Error,)
     text_type = "VARCHAR"
-    # The backfill starts reading the next slice while one commits: only this process can write
-    # the file meanwhile, so nothing else can change whether that slice is copied (backfill.py).
-    reads_ahead = True
 
     def __init__(self, conn: duckdb.DuckDBPyConnection, *, read_only: bool = False) -> None:
         self.conn = conn
