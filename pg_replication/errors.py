@@ -111,6 +111,13 @@ class PlanMismatchError(PgReplicationError):
     default_hint = "restore the old partition count or resync the table to plan again"
 
 
+class BackfillRestartedError(PgReplicationError):
+    """A drain sent the table back to backfilling (a gap in its stream) while a slice was copied:
+    the slice belongs to a plan that no longer exists and is not recorded."""
+
+    default_hint = "materialize all the table's partitions again (its backfill starts over under a new plan)"
+
+
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 

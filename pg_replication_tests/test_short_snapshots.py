@@ -142,7 +142,6 @@ def test_bad_snapshot_size_names_the_key(value):
     assert "backfill.max_snapshot_bytes" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (review): a slice is recorded under no plan after a drain restarted the backfill")
 def test_a_slice_read_before_a_drain_restarted_the_backfill_is_not_recorded(pg, pg_url, target):
     """A drain between two slices that sends the table back to backfilling (a gap in its stream:
     restart_if_gap drops its rows, plan and slices) leaves the rest of the run without a plan: its

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 
-from pg_replication.errors import WarehouseError
+from pg_replication.errors import BackfillRestartedError, WarehouseError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.recovery import RowReader
@@ -202,7 +202,12 @@ class ClickHouseWarehouse(SqlWarehouse):
         wins; rows deleted since are deleted versions above it already (drained changes)."""
         started = time.monotonic()
         stored = self.load_state(table).plan
-        if plan is not None and stored is not None and stored != plan:
+        if plan is not None and stored is None:  # a drain restarted the backfill meanwhile
+            raise BackfillRestartedError(
+                f"{table.display}: slice {index} was read under a plan a drain has since dropped (the backfill restarted)",
+                table=table.display,
+            )
+        if plan is not None and stored != plan:
             raise PlanStaleError(
                 f"{table.display}: slice {index} was read under a plan another run has replaced", table=table.display, lsn=plan.lsn
             )

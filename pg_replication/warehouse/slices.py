@@ -9,9 +9,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-from pg_replication.errors import (
-    WarehouseError,
-)
+from pg_replication.errors import BackfillRestartedError, WarehouseError
 from pg_replication.source.binary_copy import text_column
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
@@ -74,7 +72,12 @@ class SliceWriter:
                 if parallel:
                     self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
                 stored = self.load_state(table).plan
-                if plan is not None and stored is not None and stored != plan:
+                if plan is not None and stored is None:  # a drain restarted the backfill meanwhile
+                    raise BackfillRestartedError(
+                        f"{table.display}: slice {index} was read under a plan a drain has since dropped (the backfill restarted)",
+                        table=table.display,
+                    )
+                if plan is not None and stored != plan:
                     raise PlanStaleError(
                         f"{table.display}: slice {index} was read under a plan another run has replaced",
                         table=table.display,
