@@ -82,26 +82,37 @@ def _check_specs(table: Table, config: ReplicationConfig) -> list[tuple[str, str
     return specs
 
 
+# Tables per multi-check. Dagster resolves each check key of a multi-check by copying the whole
+# definition, so one multi-check over 1,000 tables (3,000 checks) cost 9 M spec visits and ~50 s
+# at load (bench/definitions_load.py); groups of 50 keep that linear, and a run of every check
+# is still a few steps, not one per table.
+TABLES_PER_CHECK_STEP = 50
+
+
 def build_table_checks(
     tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator, keys: ResourceKeys = ResourceKeys()
 ) -> list:
-    """One multi-check per source holding every table's checks: a run of checks is one step in
-    one process (loading the code once), however many tables it covers."""
+    """Every table's checks, in multi-checks of up to ``TABLES_PER_CHECK_STEP`` tables: a run of
+    checks is one step per group, each loading the code once."""
+    groups = [tables[i : i + TABLES_PER_CHECK_STEP] for i in range(0, len(tables), TABLES_PER_CHECK_STEP)]
+    names = [f"{config.source.name}_table_checks" + (f"_{n:03d}" if len(groups) > 1 else "") for n in range(len(groups))]
+    return [_group_checks(name, group, config, translator, keys) for name, group in zip(names, groups)]
+
+
+def _group_checks(
+    name: str, tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator, keys: ResourceKeys
+) -> dg.AssetChecksDefinition:
     automation = check_condition(config)
     checks: dict[dg.AssetCheckKey, _Check] = {}
     specs = []
     for table in tables:
         key = translator.get_asset_key(table)
         position = {"cdc": config.source.slot, "triggers": CaptureSettings.position}.get(table.strategy)
-        for name, description in _check_specs(table, config):
-            specs.append(dg.AssetCheckSpec(name, asset=key, description=description, automation_condition=automation))
-            checks[dg.AssetCheckKey(key, name)] = _Check(table, name, position)
-    if not specs:
-        return []
+        for check_name, description in _check_specs(table, config):
+            specs.append(dg.AssetCheckSpec(check_name, asset=key, description=description, automation_condition=automation))
+            checks[dg.AssetCheckKey(key, check_name)] = _Check(table, check_name, position)
 
-    @dg.multi_asset_check(
-        name=f"{config.source.name}_table_checks", specs=specs, can_subset=True, required_resource_keys=keys.both
-    )
+    @dg.multi_asset_check(name=name, specs=specs, can_subset=True, required_resource_keys=keys.both)
     def table_checks(context: dg.AssetCheckExecutionContext):
         source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         for key in sorted(context.selected_asset_check_keys, key=lambda k: (k.asset_key.to_user_string(), k.name)):
@@ -116,7 +127,7 @@ def build_table_checks(
                     description=f"{check.table.display}: the check could not run: {reason}",
                 )
 
-    return [table_checks]
+    return table_checks
 
 
 def _run(key: dg.AssetCheckKey, check: _Check, config: ReplicationConfig, source: PostgresSource, warehouse: WarehouseResource) -> dg.AssetCheckResult:
