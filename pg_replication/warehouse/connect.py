@@ -61,7 +61,8 @@ def table_location(config: ReplicationConfig, schema: str, table: str) -> str:
     """``database.schema.table`` of a replicated table as the warehouse names it (what dbt and
     Dagster's ``dagster/table_name`` use to match a source to its model), read from the
     configuration and the environment without connecting: DuckDB's database is its file's stem,
-    the replica's the database of its URL, Snowflake's ``SNOWFLAKE_DATABASE``."""
+    the replica's the database of its URL, Snowflake's ``SNOWFLAKE_DATABASE``; ClickHouse has
+    database.table, the database named after the source schema."""
     kind = config.warehouse_kind()
     if kind == "postgres":
         try:
@@ -74,6 +75,8 @@ def table_location(config: ReplicationConfig, schema: str, table: str) -> str:
 
         database = os.environ.get(SNOWFLAKE_ENV["database"], "")
         return ".".join(n for n in (database, fold(schema), fold(table)) if n)
+    if kind == "clickhouse":  # no schema level: the source schema is the ClickHouse database
+        return f"{schema}.{table}"
     stem = os.path.splitext(os.path.basename(config.duckdb_path()))[0] or "memory"
     return f"{stem}.{schema}.{table}"
 
