@@ -334,17 +334,6 @@ class ClickHouseWarehouse(SqlWarehouse):
 
     # -- refusals ---------------------------------------------------------------------------
 
-    def _refuse_unheld_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
-        position = {name: i for i, name in enumerate(changes.columns)}
-        guarded = {n: f"s.{self.ident(staging.value_column(i))}" for n, i in position.items() if n in mappings and mappings[n].refuse}
-        if not guarded:
-            return
-        keys = [
-            f"s.{self.ident(staging.value_column(position[k]))}" if k in position else f"s.{self.ident(staging.fill_column(j))}"
-            for j, k in enumerate(table.primary_key)
-        ]
-        self._refuse_unheld(table, changes.relation, guarded, keys, mappings, where=f"s.{self.ident(staging.OP)} = 'U'")
-
     def _refuse_unheld(
         self, table: Table, relation: str, columns: dict[str, str], keys: list[str], mappings: dict[str, TypeMapping], where: str = "1"
     ) -> None:

@@ -208,14 +208,3 @@ class DuckDBWarehouse(SqlWarehouse):
             f"WHERE {q(staging.OP)} = 'U'"
         )
         self.execute("DROP TABLE pgr_resolved")
-
-    def _refuse_unheld_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
-        position = {name: i for i, name in enumerate(changes.columns)}
-        guarded = {n: f"s.{q(staging.value_column(i))}" for n, i in position.items() if n in mappings and mappings[n].refuse}
-        if not guarded:
-            return
-        keys = [
-            f"s.{q(staging.value_column(position[k]))}" if k in position else f"s.{q(staging.fill_column(j))}"
-            for j, k in enumerate(table.primary_key)
-        ]
-        self._refuse_unheld(table, changes.relation, guarded, keys, mappings, where=f"s.{q(staging.OP)} = 'U'")

@@ -36,6 +36,7 @@ from pg_replication.warehouse.drain import DrainApply
 from pg_replication.warehouse.evolution import DescribeNew, SchemaEvolution
 from pg_replication.warehouse.reads import TableReader
 from pg_replication.warehouse.slices import SliceWriter
+from pg_replication.warehouse import staging
 from pg_replication.warehouse.staging import StagedChanges
 from pg_replication.warehouse.state import StateStore
 from pg_replication.warehouse.stream_staging import StreamStaging
@@ -191,3 +192,17 @@ class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvoluti
     # -- the change log ---------------------------------------------------------------------
 
     # -- CDC --------------------------------------------------------------------------------
+
+    def _refuse_unheld_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
+        """Before a batch is applied: its upserted values that the warehouse's type refuses
+        (``TypeMapping.refuse``) fail the table, naming column, key and value, through the
+        dialect's ``_refuse_unheld`` (DuckDB, ClickHouse)."""
+        position = {name: i for i, name in enumerate(changes.columns)}
+        guarded = {n: f"s.{self.ident(staging.value_column(i))}" for n, i in position.items() if n in mappings and mappings[n].refuse}
+        if not guarded:
+            return
+        keys = [
+            f"s.{self.ident(staging.value_column(position[k]))}" if k in position else f"s.{self.ident(staging.fill_column(j))}"
+            for j, k in enumerate(table.primary_key)
+        ]
+        self._refuse_unheld(table, changes.relation, guarded, keys, mappings, where=f"s.{self.ident(staging.OP)} = 'U'")  # type: ignore[attr-defined]
