@@ -5,8 +5,9 @@ inserted into a fresh DuckDB file slice by slice (one transaction each), then th
 
 Reads ``bench_rows`` (built by bench/backfill.py in database ``pgr_bench`` of POSTGRES_URL) once
 with the backfill's own reader, then times insert, commit and close (DuckDB's final checkpoint)
-with DuckDB's defaults, with compression forced off, and with the checkpoint left to the close
-(no checkpoint at a commit), alternately.
+with DuckDB's defaults, with compression forced off, with the checkpoint left to the close (no
+checkpoint at a commit), without FSST, without insertion order and on one thread, alternately
+(``--only`` picks some).
 """
 
 from __future__ import annotations

@@ -3,11 +3,10 @@
 Snowflake commits implicitly before and after every DDL statement, so everything that creates
 something happens before the engine's ``BEGIN``: the staging tables (temporary, loaded in bulk
 from typed Parquet files PUT to a temporary stage and one COPY, see ``snowflake_stage.py``), and,
-for the MERGE-less path,
-the per-table scratch table that resolved changes pass through. The transaction then holds DML
-only. Temporary objects live in the state schema: the session is pinned to it (``USE SCHEMA``),
-because ``CREATE SCHEMA`` switches the session's schema and unqualified temporary tables must be
-found where they were made.
+for the MERGE-less path, the per-table scratch table that resolved changes pass through. The
+transaction then holds DML only. Temporary objects live in the state schema: the session is
+pinned to it (``USE SCHEMA``), because ``CREATE SCHEMA`` switches the session's schema and
+unqualified temporary tables (and the stage) must be found where they were made.
 
 Names: a plain lower-case Postgres name (``orders``) is stored upper-case, the way Snowflake stores
 it unquoted, so ``SELECT * FROM public.orders`` works; any other name is kept exactly (always
@@ -169,7 +168,7 @@ class SnowflakeWarehouse(SqlWarehouse):
     def _stage_name(self, name: str) -> str:
         if not PLAIN_NAME.fullmatch(name):
             raise ValueError(f"staging names are plain lower-case names, not {name!r}")
-        return self.ident(name)  # upper-case: write_pandas may or may not quote it
+        return self.ident(name)  # upper-case, as are its columns: COPY matches them to the Parquet file's by name
 
     def _create_stage(self, name: str, schema: pa.Schema) -> str:
         """A temporary table for ``schema``'s columns (their names folded), each typed to hold
