@@ -28,7 +28,7 @@ from pg_replication.config import parse_config
 from pg_replication.errors import ConfigError, WarehouseError
 from pg_replication.source.catalog import Column, PgType, Table, introspect
 from pg_replication.source.connection import connect
-from pg_replication.warehouse import snowflake_types, staging
+from pg_replication.warehouse import snowflake_stage, snowflake_types, staging
 from pg_replication.warehouse.snowflake import SnowflakeWarehouse, fold
 from pg_replication_tests.fake_snowflake import fake_snowflake
 
@@ -345,6 +345,27 @@ def test_ddl_inside_the_transaction_is_refused(fake):
         wh = SnowflakeWarehouse(conn)
         with pytest.raises(RuntimeError, match="DDL inside a transaction"), wh.transaction():
             wh.stage("pgr_changes_0", pa.table({"_seq": pa.array([0], pa.int64()), "_op": ["T"]}))
+
+
+def test_a_load_spread_over_several_parquet_files_loads_every_row_once(fake):
+    """Files roll over at ``file_bytes`` of Arrow data; one COPY loads this load's files only."""
+    batches = [
+        pa.record_batch({"ID": pa.array(range(i * 1000, (i + 1) * 1000), pa.int64()), "V": pa.array([f"v{i}"] * 1000)})
+        for i in range(5)
+    ]
+    with _connect() as conn:
+        wh = SnowflakeWarehouse(conn)
+        relation = wh.stage("pgr_changes_0", pa.Table.from_batches(batches[:1]))  # a stage with one load in it
+        statements: list[str] = []
+
+        def execute(query: str) -> list[tuple]:
+            statements.append(query)
+            return wh.fetchall(query)
+
+        assert snowflake_stage.load_parquet(execute, relation, batches[1:], file_bytes=batches[0].nbytes * 2) == 4000
+        rows = wh.fetchall(f"SELECT ID, V FROM {relation} ORDER BY ID")
+    assert rows == [(i, f"v{i // 1000}") for i in range(5000)]
+    assert [s.split()[0] for s in statements] == ["PUT", "PUT", "COPY"]
 
 
 # -- with Postgres ----------------------------------------------------------------------------
