@@ -7,13 +7,15 @@ alternately, each run next to the raw limit measured just before it.
 Settings: DuckDB's (``write_buffer_row_group_count``, ``preserve_insertion_order``, disabled
 compression methods) and the backfill's reader threads. Uses ``bench_rows`` (built by bench/backfill.py in database ``pgr_bench`` of POSTGRES_URL). No
 Dagster: what is compared is the part a setting can change. Prints per run the seconds, rows/s,
-the ratio to the limit and the file size, and per setting the median ratio.
+the ratio to the limit, this process's CPU-seconds and the file size, and per setting the median
+ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -45,9 +47,10 @@ VARIANTS: dict[str, tuple[list[str], int]] = {
 }
 
 
-def one_run(url: str, table, partitions: int, settings: list[str], readers: int) -> tuple[float, int]:
+def one_run(url: str, table, partitions: int, settings: list[str], readers: int) -> tuple[float, float, int]:
     folder = tempfile.mkdtemp(prefix="pgr_bench_settings_")
     path = os.path.join(folder, "w.duckdb")
+    cpu = _cpu()
     started = time.perf_counter()
     with duckdb.connect(path) as conn:
         for setting in settings:
@@ -56,10 +59,17 @@ def one_run(url: str, table, partitions: int, settings: list[str], readers: int)
         wh.ensure_table(table)
         run_backfill(url, wh, table, range(partitions), partitions=partitions, readers=readers)
     elapsed = time.perf_counter() - started  # the close (DuckDB's last checkpoint) included
+    client_cpu = _cpu() - cpu
     size = os.path.getsize(path)
     os.remove(path)
     os.rmdir(folder)
-    return elapsed, size
+    return elapsed, client_cpu, size
+
+
+def _cpu() -> float:
+    """CPU-seconds of this process: every thread (readers, DuckDB's workers)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -76,12 +86,12 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in ratios:
             limit, _ = raw_limit(url)
-            elapsed, size = one_run(url, table, args.partitions, *VARIANTS[name])
+            elapsed, client_cpu, size = one_run(url, table, args.partitions, *VARIANTS[name])
             rate = args.rows / elapsed
             ratios[name].append(rate / limit)
             print(
                 f"{name:22s}: {elapsed:6.2f} s  {rate:>9,.0f} rows/s  limit {limit:>9,.0f}  ratio {rate / limit:.2f}  "
-                f"file {size / 2**20:,.0f} MiB",
+                f"client {client_cpu:5.2f} CPU-s  file {size / 2**20:,.0f} MiB",
                 flush=True,
             )
     for name, values in ratios.items():
