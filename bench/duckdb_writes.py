@@ -5,8 +5,9 @@ inserted into a fresh DuckDB file slice by slice (one transaction each), then th
 
 Reads ``bench_rows`` (built by bench/backfill.py in database ``pgr_bench`` of POSTGRES_URL) once
 with the backfill's own reader, then times insert, commit and close (DuckDB's final checkpoint)
-with DuckDB's defaults, with compression forced off, and with the checkpoint left to the close
-(no checkpoint at a commit), alternately.
+with DuckDB's defaults, with compression forced off, with the checkpoint left to the close (no
+checkpoint at a commit), without FSST, without insertion order and on one thread, alternately
+(``--only`` picks some).
 """
 
 from __future__ import annotations
@@ -60,11 +61,22 @@ def write(batches: list[pa.RecordBatch], slices: int, setting: str | None) -> tu
     return inserting, committing, closing, size
 
 
+VARIANTS = (
+    ("default compression", None),
+    ("uncompressed", "PRAGMA force_compression='uncompressed'"),
+    ("checkpoint at close", "SET checkpoint_threshold = '16GB'"),
+    ("no fsst", "SET disabled_compression_methods = 'fsst,dict_fsst'"),
+    ("no insertion order", "SET preserve_insertion_order = false"),
+    ("one thread", "SET threads = 1"),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="variants to run (default: all): " + ", ".join(v[0] for v in VARIANTS))
     args = parser.parse_args()
     url = prepare(os.environ["POSTGRES_URL"], args.rows)
     os.environ["POSTGRES_URL"] = url
@@ -74,11 +86,9 @@ def main() -> None:
     batches = list(read_slice(url, table, (Segment("public", "bench_rows", 0, None),), mapper=type_mapper("duckdb")))
     print(f"{sum(b.num_rows for b in batches):,} rows in {len(batches)} batches, {sum(b.nbytes for b in batches) / 2**20:,.0f} MiB of Arrow", flush=True)
     for _ in range(args.rounds):
-        for label, setting in (
-            ("default compression", None),
-            ("uncompressed", "PRAGMA force_compression='uncompressed'"),
-            ("checkpoint at close", "SET checkpoint_threshold = '16GB'"),
-        ):
+        for label, setting in VARIANTS:
+            if args.only and label not in args.only:
+                continue
             inserting, committing, closing, size = write(batches, args.slices, setting)
             total = inserting + committing + closing
             print(

@@ -157,9 +157,9 @@ def make_target(kind: str, tmp_path: Path, server_url: str) -> Iterator[Target]:
     elif kind == "clickhouse":
         yield ClickHouseTarget(tmp_path / "warehouse.chdb")
     elif kind == "snowflake":
-        import fakesnow
+        from pg_replication_tests.fake_snowflake import fake_snowflake
 
-        with fakesnow.patch():
+        with fake_snowflake():
             yield SnowflakeTarget()
     else:
         raise ValueError(kind)

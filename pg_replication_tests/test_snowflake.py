@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
 
-import fakesnow
 import pyarrow as pa
 import pytest
 import snowflake.connector
@@ -29,15 +28,16 @@ from pg_replication.config import parse_config
 from pg_replication.errors import ConfigError, WarehouseError
 from pg_replication.source.catalog import Column, PgType, Table, introspect
 from pg_replication.source.connection import connect
-from pg_replication.warehouse import snowflake_types, staging
+from pg_replication.warehouse import snowflake_stage, snowflake_types, staging
 from pg_replication.warehouse.snowflake import SnowflakeWarehouse, fold
+from pg_replication_tests.fake_snowflake import fake_snowflake
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DuckDB: "Arrow output ... extra copy"
 
 
 @pytest.fixture
 def fake() -> Iterator[None]:
-    with fakesnow.patch():
+    with fake_snowflake():
         yield
 
 
@@ -51,6 +51,10 @@ class _Recording(SnowflakeWarehouse):
     def execute(self, query, params=()):
         self.statements.append(query)
         super().execute(query, params)
+
+    def fetchall(self, query, params=()):
+        self.statements.append(query)
+        return super().fetchall(query, params)
 
     def __init__(self, conn, **kw):
         self.statements: list[str] = []
@@ -206,6 +210,28 @@ def test_type_mapping(column, ddl):
         assert mapping.from_text is not None and mapping.from_text("{1,NULL}") == staged.from_text("{1,NULL}")
 
 
+@pytest.mark.parametrize(
+    ("column", "native"),
+    [
+        (_column("int4"), pa.int32()),
+        (_column("oid"), pa.int64()),
+        (_column("numeric", _numeric_typmod(12, 2)), pa.decimal128(12, 2)),
+        (_column("numeric"), None),  # no precision: its exact text
+        (_column("float8"), pa.float64()),
+        (_column("float4"), None),  # text: 0.1, not its float64 widening 0.10000000149011612
+        (_column("bytea"), pa.binary()),
+        (_column("timestamptz"), pa.timestamp("us", tz="UTC")),
+        (_column("time"), pa.time64("us")),
+        (_column("uuid"), None),
+        (_column("jsonb"), None),
+        (_array("int4", 23), None),
+    ],
+    ids=lambda v: getattr(v, "type_sql", None) or str(v),
+)
+def test_backfill_reads_natively_what_snowflake_holds_exactly(column, native):
+    assert snowflake_types.map_column(column).native == native
+
+
 def test_type_table_covers_every_type_and_keeps_the_staged_forms():
     assert set(types.TYPE_TABLE) == set(snowflake_types.TYPE_TABLE)
     money = snowflake_types.TYPE_TABLE["money"]
@@ -321,6 +347,27 @@ def test_ddl_inside_the_transaction_is_refused(fake):
             wh.stage("pgr_changes_0", pa.table({"_seq": pa.array([0], pa.int64()), "_op": ["T"]}))
 
 
+def test_a_load_spread_over_several_parquet_files_loads_every_row_once(fake):
+    """Files roll over at ``file_bytes`` of Arrow data; one COPY loads this load's files only."""
+    batches = [
+        pa.record_batch({"ID": pa.array(range(i * 1000, (i + 1) * 1000), pa.int64()), "V": pa.array([f"v{i}"] * 1000)})
+        for i in range(5)
+    ]
+    with _connect() as conn:
+        wh = SnowflakeWarehouse(conn)
+        relation = wh.stage("pgr_changes_0", pa.Table.from_batches(batches[:1]))  # a stage with one load in it
+        statements: list[str] = []
+
+        def execute(query: str) -> list[tuple]:
+            statements.append(query)
+            return wh.fetchall(query)
+
+        assert snowflake_stage.load_parquet(execute, relation, batches[1:], file_bytes=batches[0].nbytes * 2) == 4000
+        rows = wh.fetchall(f"SELECT ID, V FROM {relation} ORDER BY ID")
+    assert rows == [(i, f"v{i // 1000}") for i in range(5000)]
+    assert [s.split()[0] for s in statements] == ["PUT", "PUT", "COPY"]
+
+
 # -- with Postgres ----------------------------------------------------------------------------
 
 ORDERS = """
@@ -369,6 +416,75 @@ def test_backfill_and_cdc_round_trip(pg, pg_url, fake):
     replica.drain_all()
     replica.assert_equal(pg, "orders")
     assert not any(s.startswith("MERGE") for s in replica.statements)
+
+
+def test_backfill_loads_typed_parquet(pg, pg_url, fake):
+    """The slice is staged as typed Parquet: columns with a native reading land in staging
+    columns of the target's type and are inserted as they are; the rest are text."""
+    pg.execute(ORDERS)
+    replica = Replica(pg_url, ["orders"])
+    replica.backfill()
+    replica.assert_equal(pg, "orders")
+    (stage,) = {s for s in replica.statements if s.startswith('CREATE OR REPLACE TEMPORARY TABLE "PGR_SLICE"')}
+    for column, ddl in {
+        "C0": "NUMBER(10,0)",  # id int
+        "C1": "VARCHAR",  # status text
+        "C2": "NUMBER(10,2)",  # amount numeric(10,2); C3 its text companion (NaN)
+        "C4": "FLOAT",  # score float8
+        "C5": "BOOLEAN",
+        "C6": "DATE",
+        "C8": "TIMESTAMP_TZ(6)",
+        "C10": "BINARY",
+        "C11": "VARCHAR",  # doc jsonb: its text, PARSE_JSON in the INSERT
+    }.items():
+        assert f'"{column}" {ddl}' in stage, (column, stage)
+    copies = [s for s in replica.statements if s.startswith('COPY INTO "PGR_SLICE"')]
+    assert len(copies) == 2 and all("TYPE = PARQUET" in c and "MATCH_BY_COLUMN_NAME = CASE_SENSITIVE" in c for c in copies)
+    (insert, *_) = [s for s in replica.statements if s.startswith('INSERT INTO "PUBLIC"."ORDERS"')]
+    assert 'SELECT "ID", "STATUS", COALESCE("AMOUNT", CAST(' in insert and '"SCORE", "PAID", COALESCE("PLACED"' in insert
+    assert 'PARSE_JSON("DOC")' in insert
+
+
+EDGES = """
+CREATE TABLE edges (id int PRIMARY KEY, d date, ts timestamp, tz timestamptz, t time, n numeric(38,10), o oid, b bytea);  -- money: in the corpus
+INSERT INTO edges VALUES
+  (1, '0001-01-01', '0001-01-01 00:00:00', '0001-01-01 00:00:00+00', '00:00:00',
+   '-9999999999999999999999999999.9999999999', 0, '\\x'),
+  (2, '9999-12-31', '9999-12-31 23:59:59.999999', '9999-12-31 23:59:59.999999+00', '23:59:59.999999',
+   '0.0000000001', 4294967295, '\\x00ff'),
+  (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+"""
+
+
+def test_typed_backfill_keeps_the_edges_of_snowflake_ranges(pg, pg_url, fake):
+    pg.execute(EDGES)
+    replica = Replica(pg_url, ["edges"], slot="pgr_sf_edges")
+    replica.backfill()
+    replica.assert_equal(pg, "edges")
+
+
+@pytest.mark.parametrize(
+    ("pg_type", "literal", "message"),
+    [
+        ("date", "'infinity'", "not representable in Snowflake: infinity"),
+        ("date", "'0044-03-15 BC'", "not representable in Snowflake: 0044-03-15 BC"),
+        ("date", "'10000-01-01'", "not representable in Snowflake: 10000-01-01"),
+        ("timestamp", "'0044-03-15 12:00:00 BC'", "not representable in Snowflake: 0044-03-15 12:00:00 BC"),
+        ("timestamptz", "'-infinity'", "not representable in Snowflake: -infinity"),
+        ("time", "'24:00:00'", "not representable in Snowflake: 24:00:00"),
+        ("numeric(6,2)", "'NaN'", "NaN"),
+    ],
+)
+def test_typed_backfill_refuses_what_snowflake_cannot_hold(pg, pg_url, fake, pg_type, literal, message):
+    """Values outside Snowflake's ranges leave the typed path as text and are refused naming
+    the value; nothing of the slice is committed."""
+    pg.execute(f"CREATE TABLE far (id int PRIMARY KEY, v {pg_type})")
+    pg.execute("INSERT INTO far SELECT i, NULL FROM generate_series(1, 20) i")
+    pg.execute(f"INSERT INTO far VALUES (21, {literal})")
+    replica = Replica(pg_url, ["far"], slot="pgr_sf_far")
+    with pytest.raises(WarehouseError, match=message):
+        replica.backfill(slices=[0, 1])
+    assert replica.rows("far") == []
 
 
 ODD = """

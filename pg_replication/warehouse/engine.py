@@ -88,9 +88,13 @@ class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvoluti
     def unstage(self, name: str) -> None:
         raise NotImplementedError
 
-    def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
-        """The slice's rows as relations of source-named columns, and the batch each holds
-        (None when one relation holds all of them). Called before the slice's transaction
+    def slice_relations(
+        self, table: Table, batches: Iterable[pa.RecordBatch]
+    ) -> Iterator[tuple[str, pa.RecordBatch | pa.Schema | None]]:
+        """The slice's rows as relations of source-named columns, and the batch each holds; when
+        one relation holds all of them, its columns' schema (staged like the batches: natively
+        read columns typed, see binary_copy) or None (each column the warehouse column's type or
+        its text). Called before the slice's transaction
         begins; iterated inside it. A generator stages lazily, inside the transaction: a dialect
         that cannot stage there (Snowflake) must stage everything when called."""
         raise NotImplementedError

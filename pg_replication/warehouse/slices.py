@@ -161,7 +161,9 @@ class SliceWriter:
         upsert = mode == "upsert"
         rows = nbytes = 0
         for relation, batch in relations:
-            select = self._staged_loads(mappings, batch.schema if batch is not None else None)
+            # A batch; or the schema of one relation holding the whole slice (counted below).
+            staged = batch if isinstance(batch, pa.Schema) else batch.schema if batch is not None else None
+            select = self._staged_loads(mappings, staged)
             names = ", ".join([self.ident(n) for n in mappings] + [self.ident(SLICE_COLUMN)])
             insert = f"INSERT INTO {target} ({names}) SELECT {', '.join(list(select.values()) + [tag])} FROM {relation}"
             if upsert:
@@ -173,9 +175,9 @@ class SliceWriter:
                     self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
                 self.execute(insert)
             except self.errors as exc:
-                where = f"rows {rows}..{rows + batch.num_rows}" if batch is not None else "its rows"
+                where = f"rows {rows}..{rows + batch.num_rows}" if isinstance(batch, pa.RecordBatch) else "its rows"
                 raise self._refused(table, what, where, exc) from None
-            if batch is not None:
+            if isinstance(batch, pa.RecordBatch):
                 rows += batch.num_rows
                 nbytes += batch.nbytes
             else:

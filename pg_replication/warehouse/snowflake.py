@@ -2,11 +2,11 @@
 
 Snowflake commits implicitly before and after every DDL statement, so everything that creates
 something happens before the engine's ``BEGIN``: the staging tables (temporary, loaded in bulk
-with ``write_pandas``: Parquet files PUT to a stage and one COPY), and, for the MERGE-less path,
-the per-table scratch table that resolved changes pass through. The transaction then holds DML
-only. Temporary objects live in the state schema: the session is pinned to it (``USE SCHEMA``),
-because ``CREATE SCHEMA`` switches the session's schema and unqualified temporary tables must be
-found where they were made.
+from typed Parquet files PUT to a temporary stage and one COPY, see ``snowflake_stage.py``), and,
+for the MERGE-less path, the per-table scratch table that resolved changes pass through. The
+transaction then holds DML only. Temporary objects live in the state schema: the session is
+pinned to it (``USE SCHEMA``), because ``CREATE SCHEMA`` switches the session's schema and
+unqualified temporary tables (and the stage) must be found where they were made.
 
 Names: a plain lower-case Postgres name (``orders``) is stored upper-case, the way Snowflake stores
 it unquoted, so ``SELECT * FROM public.orders`` works; any other name is kept exactly (always
@@ -18,16 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 import duckdb
-import pandas as pd
 import pyarrow as pa
 import snowflake.connector
-import snowflake.connector.pandas_tools  # called through the module: fakesnow patches the attribute
 from snowflake.connector import SnowflakeConnection
 
-from pg_replication.errors import ConfigError, WarehouseError
+from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.types import TypeMapping
-from pg_replication.warehouse import snowflake_types, staging
+from pg_replication.warehouse import snowflake_stage, snowflake_types, staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, quote
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
 from pg_replication.warehouse.snowflake_types import PLAIN_NAME, fold
@@ -71,6 +69,7 @@ class SnowflakeWarehouse(SqlWarehouse):
         self.conn, self.merge = conn, merge
         self.cursor = conn.cursor()
         self._in_transaction = False
+        self._stage_made = False
         self._scratch: dict[str, str] = {}  # table key -> its scratch table (merge=False)
         super().__init__(read_only=read_only)
 
@@ -169,47 +168,53 @@ class SnowflakeWarehouse(SqlWarehouse):
     def _stage_name(self, name: str) -> str:
         if not PLAIN_NAME.fullmatch(name):
             raise ValueError(f"staging names are plain lower-case names, not {name!r}")
-        return self.ident(name)  # upper-case: write_pandas may or may not quote it
+        return self.ident(name)  # upper-case, as are its columns: COPY matches them to the Parquet file's by name
 
-    def _create_stage(self, name: str, columns: Iterable[str]) -> str:
+    def _create_stage(self, name: str, schema: pa.Schema) -> str:
+        """A temporary table for ``schema``'s columns (their names folded), each typed to hold
+        its Arrow values exactly (``snowflake_stage.stage_type``)."""
         relation = self._stage_name(name)
-        cols = ", ".join(f"{self.ident(c)} {'BIGINT' if c == staging.SEQ else 'VARCHAR'}" for c in columns)
+        cols = ", ".join(f"{self.ident(f.name)} {snowflake_stage.stage_type(f.type)}" for f in schema)
         self._ddl(f"CREATE OR REPLACE TEMPORARY TABLE {relation} ({cols})")
         return relation
 
-    def _load(self, name: str, data: pa.Table | pa.RecordBatch) -> None:
-        """Append ``data`` (columns named as the stage's) in bulk: Parquet, PUT, COPY."""
-        if data.num_rows == 0:
-            return
-        frame = data.rename_columns([fold(c) for c in data.schema.names]).to_pandas(types_mapper=pd.ArrowDtype)
-        success, _, rows, _ = snowflake.connector.pandas_tools.write_pandas(self.conn, frame, fold(name), quote_identifiers=True)
-        if not success or rows != data.num_rows:
-            raise WarehouseError(f"Snowflake loaded {rows} of {data.num_rows} staged rows into {fold(name)}")
+    def _load(self, relation: str, batches: Iterable[pa.RecordBatch]) -> None:
+        """Append the batches (columns named as Snowflake stores the stage's) in bulk."""
+        if not self._stage_made:
+            self._ddl(f"CREATE TEMPORARY STAGE IF NOT EXISTS {snowflake_stage.STAGE}")
+            self._stage_made = True
+        snowflake_stage.load_parquet(self.fetchall, relation, batches)
 
     def stage(self, name: str, data: pa.Table) -> str:
-        relation = self._create_stage(name, data.schema.names)
-        self._load(name, data)
+        data = data.rename_columns([fold(c) for c in data.schema.names])
+        relation = self._create_stage(name, data.schema)
+        self._load(relation, data.to_batches())
         return relation
 
     def unstage(self, name: str) -> None:
         self._ddl(f"DROP TABLE IF EXISTS {self._stage_name(name)}")
 
-    def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+    def slice_relations(
+        self, table: Table, batches: Iterable[pa.RecordBatch]
+    ) -> Iterator[tuple[str, pa.RecordBatch | pa.Schema | None]]:
         """Stages the whole slice now (the engine calls this before BEGIN; Snowflake cannot
-        stage inside a transaction), one bulk load per batch, so memory holds one batch."""
+        stage inside a transaction) as typed Parquet: natively read columns keep their types
+        (and their text companions, see binary_copy), the rest are text. Memory holds one batch
+        (and the local disk one Parquet file)."""
         self._prepare_scratch(table)  # the slice that completes the backfill replays the log
-        names = [c.name for c in table.columns]
-        positional = [f"c{i}" for i in range(len(names))]  # stage columns: write_pandas-safe names
-        self._create_stage(_SLICE_STAGE, positional)
+        batches = iter(batches)
+        first = next(batches, None)
+        staged = first.schema if first is not None else pa.schema([pa.field(c.name, pa.string()) for c in table.columns])
+        positional = [fold(f"c{i}") for i in range(len(staged))]  # stage columns: plain names
+        relation = self._create_stage(_SLICE_STAGE, pa.schema([f.with_name(p) for f, p in zip(staged, positional)]))
         try:
-            for batch in batches:
-                columns = [batch.column(n).cast(pa.string()) for n in names]
-                self._load(_SLICE_STAGE, pa.RecordBatch.from_arrays(columns, names=positional))
+            pending = [first] if first is not None else []
+            self._load(relation, (b.rename_columns(positional) for chain in (pending, batches) for b in chain))
         except BaseException:
             self.unstage(_SLICE_STAGE)
             raise
-        select = ", ".join(f"{self.ident(p)} AS {self.ident(n)}" for p, n in zip(positional, names))
-        return _Staged(self, _SLICE_STAGE, f"(SELECT {select} FROM {self._stage_name(_SLICE_STAGE)})")
+        select = ", ".join(f"{self.ident(p)} AS {self.ident(f.name)}" for p, f in zip(positional, staged))
+        return _Staged(self, _SLICE_STAGE, f"(SELECT {select} FROM {relation})", staged)
 
     def sql_literal(self, mapping: TypeMapping, value: str) -> str:
         # Snowflake reads backslashes in string literals as escapes: double them.
@@ -294,14 +299,14 @@ class _Staged:
     """The staged slice as the engine iterates it: one relation; ``close()`` drops the stage
     (a generator's ``finally`` would not run when it was never started)."""
 
-    def __init__(self, warehouse: SnowflakeWarehouse, name: str, relation: str) -> None:
+    def __init__(self, warehouse: SnowflakeWarehouse, name: str, relation: str, schema: pa.Schema) -> None:
         self.warehouse, self.name = warehouse, name
-        self.pending: list[tuple[str, pa.RecordBatch | None]] = [(relation, None)]
+        self.pending: list[tuple[str, pa.Schema]] = [(relation, schema)]
 
-    def __iter__(self) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+    def __iter__(self) -> Iterator[tuple[str, pa.Schema]]:
         return self
 
-    def __next__(self) -> tuple[str, pa.RecordBatch | None]:
+    def __next__(self) -> tuple[str, pa.Schema]:
         if not self.pending:
             raise StopIteration
         return self.pending.pop()

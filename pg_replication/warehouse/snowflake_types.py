@@ -1,10 +1,16 @@
 """Postgres type -> Snowflake column: the DDL, and the SQL that turns a staged value into it.
 
-Every column is staged as text (a VARCHAR column of a temporary table): the Postgres text the
-backfill's COPY query writes, or pgoutput's text for CDC (``types.SESSION_OPTIONS``: UTC,
-ISO dates, ISO 8601 intervals, hex bytea). The ``select`` and ``from_text`` of ``types.py`` are
-kept, so both paths stage the same text; only ``arrow`` differs (always a string: the CSV text
-goes to the staging table as it is, with nothing parsed and printed again in between).
+The backfill stages typed Parquet: a column with a lossless native reading (``native``: integers,
+float8, boolean, text, bytea, date, timestamp(tz), time, numeric(p,s) and money as decimals) is
+read typed by the binary reader (source/binary_copy.py) and lands in a staging column of the
+target's own type, inserted as it is. Values outside Snowflake's range (the ``native_guard``
+fails: ±infinity, BC, years past 9999, 24:00, NaN) travel as text in a companion column and meet
+the text path's refusal below. Every other column, and every CDC value, is staged as text (a
+VARCHAR column): the value's output-function text, or pgoutput's text for CDC
+(``types.SESSION_OPTIONS``: UTC, ISO dates, ISO 8601 intervals, hex bytea), converted by
+``load``. The ``select`` and ``from_text`` of ``types.py`` are kept, so both paths stage the same
+text. float4 keeps the text path: widened to Snowflake's 64-bit FLOAT, its binary value would
+read 0.10000000149011612 where the text (and CDC) gives 0.1.
 
 What Snowflake cannot hold is refused, never altered: the table's write fails with the value in
 the message, that table stops (its changes wait in its change log) and the others go on.
@@ -26,6 +32,7 @@ the message, that table stops (its changes wait in its change log) and the other
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pyarrow as pa
 
@@ -48,6 +55,17 @@ def _cast(ddl: str, value: str = "{0}", **extra) -> TypeMapping:
     return TypeMapping(pa.string(), ddl, load=f"CAST({value} AS {ddl})", **extra)
 
 
+def _native(base: TypeMapping, arrow: pa.DataType, pg_type: str, guard: str | None = None) -> TypeMapping:
+    """``base`` (the text path CDC and the query strategies keep), read typed by the backfill."""
+    return replace(base, native=arrow, native_type=pg_type, native_guard=guard)
+
+
+# Snowflake's date range is years 1-9999 (Postgres prints other years its own way, refused by
+# the text path's guard); ±infinity fails BETWEEN too.
+_DATE_RANGE = "{0} BETWEEN '0001-01-01' AND '9999-12-31'"
+_TIMESTAMP_RANGE = "{0} BETWEEN '0001-01-01 00:00:00%s' AND '9999-12-31 23:59:59.999999%s'"
+
+
 def _refuse_when(condition: str) -> str:
     # A text no parser accepts, naming the value: Snowflake and DuckDB both fail the CAST with it.
     return f"CASE WHEN {condition} THEN 'not representable in Snowflake: ' || {{0}} ELSE {{0}} END"
@@ -64,30 +82,42 @@ _TIMESTAMP_TZ = (
 _FLOAT = "CASE {0} WHEN 'Infinity' THEN 'inf' WHEN '-Infinity' THEN '-inf' ELSE {0} END"
 
 TYPE_TABLE: dict[str, TypeMapping] = {
-    "int2": _cast("NUMBER(5,0)"),
-    "int4": _cast("NUMBER(10,0)"),
-    "int8": _cast("NUMBER(19,0)"),
-    "oid": _cast("NUMBER(10,0)"),
-    "float4": _cast("FLOAT", _FLOAT),
-    "float8": _cast("FLOAT", _FLOAT),
-    "bool": _cast("BOOLEAN"),  # 't' / 'f'
-    "text": _TEXT,
-    "varchar": _TEXT,
-    "bpchar": _TEXT,
-    "name": _TEXT,
+    "int2": _native(_cast("NUMBER(5,0)"), pa.int16(), "pg_catalog.int2"),
+    "int4": _native(_cast("NUMBER(10,0)"), pa.int32(), "pg_catalog.int4"),
+    "int8": _native(_cast("NUMBER(19,0)"), pa.int64(), "pg_catalog.int8"),
+    "oid": _native(_cast("NUMBER(10,0)"), pa.int64(), "pg_catalog.int8"),
+    "float4": _cast("FLOAT", _FLOAT),  # text: see the module docstring
+    "float8": _native(_cast("FLOAT", _FLOAT), pa.float64(), "pg_catalog.float8"),
+    "bool": _native(_cast("BOOLEAN"), pa.bool_(), "pg_catalog.bool"),  # text: 't' / 'f'
+    "text": _native(_TEXT, pa.string(), "pg_catalog.text"),
+    "varchar": _native(_TEXT, pa.string(), "pg_catalog.varchar"),
+    "bpchar": _native(_TEXT, pa.string(), "pg_catalog.bpchar"),  # its binary form keeps the padding
+    "name": _native(_TEXT, pa.string(), "pg_catalog.name"),
     "char": _TEXT,
     "citext": _TEXT,
-    "bytea": TypeMapping(pa.string(), "BINARY", load="TO_BINARY(SUBSTR({0}, 3), 'HEX')"),  # '\x...' hex
+    "bytea": _native(
+        TypeMapping(pa.string(), "BINARY", load="TO_BINARY(SUBSTR({0}, 3), 'HEX')"), pa.binary(), "pg_catalog.bytea"  # '\x...' hex
+    ),
     "uuid": _TEXT,
     "json": TypeMapping(pa.string(), "VARIANT", load="PARSE_JSON({0})"),
     "jsonb": TypeMapping(pa.string(), "VARIANT", load="PARSE_JSON({0})"),
-    "date": _cast("DATE", _DATETIME_GUARD),
-    "timestamp": _cast("TIMESTAMP_NTZ(6)", _DATETIME_GUARD),
-    "timestamptz": _cast("TIMESTAMP_TZ(6)", _TIMESTAMP_TZ),
-    "time": _cast("TIME(6)", _refuse_when("LEFT({0}, 2) = '24'")),
+    "date": _native(_cast("DATE", _DATETIME_GUARD), pa.date32(), "pg_catalog.date", _DATE_RANGE),
+    "timestamp": _native(
+        _cast("TIMESTAMP_NTZ(6)", _DATETIME_GUARD), pa.timestamp("us"), "pg_catalog.timestamp", _TIMESTAMP_RANGE % ("", "")
+    ),
+    "timestamptz": _native(
+        _cast("TIMESTAMP_TZ(6)", _TIMESTAMP_TZ), pa.timestamp("us", tz="UTC"), "pg_catalog.timestamptz", _TIMESTAMP_RANGE % ("+00", "+00")
+    ),
+    "time": _native(_cast("TIME(6)", _refuse_when("LEFT({0}, 2) = '24'")), pa.time64("us"), "pg_catalog.time", "{0} < '24:00:00'"),
     "timetz": _TEXT,  # Snowflake has no time with an offset
     "interval": _TEXT,  # ISO 8601 text ('P1Y2M3DT4H5M6S'): IntervalStyle=iso_8601
-    "money": _cast("NUMBER(19,2)", select="{0}::numeric", from_text=types.TYPE_TABLE["money"].from_text),
+    # Decimals are read as numeric_out's text and parsed exactly by Arrow (the driver's own
+    # numeric decoding is not relied on).
+    "money": _native(
+        _cast("NUMBER(19,2)", select="{0}::numeric", from_text=types.TYPE_TABLE["money"].from_text),
+        pa.decimal128(19, 2),
+        "pg_catalog.text",
+    ),
     **{name: _TEXT for name in types.TEXT_FORM_TYPES},
 }
 
@@ -95,7 +125,10 @@ TYPE_TABLE: dict[str, TypeMapping] = {
 def numeric_mapping(typmod: int) -> TypeMapping:
     """numeric(p,s) with p <= 38 -> NUMBER(p,s); unconstrained or wider numeric keeps its text."""
     fits = types.decimal_precision(typmod)
-    return _TEXT if fits is None else _cast(f"NUMBER({fits[0]},{fits[1]})")
+    if fits is None:
+        return _TEXT
+    # NaN (the one non-number numeric(p,s) holds) travels as text, to be refused naming it.
+    return _native(_cast(f"NUMBER({fits[0]},{fits[1]})"), pa.decimal128(*fits), "pg_catalog.text", "{0} <> 'NaN'")
 
 
 def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
