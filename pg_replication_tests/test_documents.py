@@ -263,3 +263,58 @@ def test_configuration_errors_name_what_is_wrong(catalog, pg):
         tables = introspect(conn, reload)
     assert "public.book has strategy reload" in _problem(catalog, pg, PUBLISHER_DOCS, tables)
     assert "publisher_docs" in _problem(catalog, pg, {**PUBLISHER_DOCS, "root": "public.nope"})  # names the set
+
+
+def test_a_bad_documents_section_fails_the_load_naming_the_set(pg, write_config, duckdb_path):
+    from pg_replication.dagster.definitions import build_definitions
+
+    pg.execute(SCHEMA)
+    bad = {**PUBLISHER_DOCS, "children": [{**PUBLISHER_DOCS["children"][0], "columns": ["isbn", "subtitle"]}]}
+    write_config({"tables": TABLES, "documents": [bad]})
+    with pytest.raises(ConfigError, match="documents: publisher_docs: public.book has no column subtitle"):
+        build_definitions()
+
+
+@pytest.mark.e2e
+def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+    """What an operator runs: the tables' and the documents' assets materialized, then the drain
+    job, each in a fresh process; the drain reports the documents it recomputed on their asset."""
+    import dagster as dg
+    import duckdb
+
+    from pg_replication_tests import operator
+    from pg_replication_tests.operator import dagster_env, run_cli
+
+    def ok(args) -> None:
+        out = run_cli(args, env, tmp_path)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+
+    pg.execute(SCHEMA)
+    write_config({
+        "source": {"slot": "pgr_docs", "publication": "pgr_docs"}, "tables": TABLES, "defaults": {"partitions": 1},
+        "documents": [PUBLISHER_DOCS],
+    })
+    env = dagster_env(tmp_path)
+    ok(operator.materialize(",".join(f"public/{t}" for t in TABLES), "000...000"))
+    ok(["dagster", "asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", "public/publisher_docs"])
+    pg.execute("UPDATE book SET publisher_id = 3 WHERE isbn = 'b00001'")  # from publisher 2 to 3
+    pg.execute("DELETE FROM review WHERE book_isbn = 'b00005'")  # publisher 6's
+    ok(operator.drain())
+
+    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
+        stored = {k: json.loads(d) for k, d in wh.execute('SELECT id, document FROM "public"."publisher_docs"').fetchall()}
+    assert stored == source_documents(pg)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to where the CLI ran
+    with dg.DagsterInstance.get() as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey(["public", "publisher_docs"]))
+    assert event.asset_materialization.metadata["documents_recomputed"].value == 3
+
+
+def test_the_component_takes_the_same_documents_section():
+    from pg_replication.dagster.component import PgReplicationComponent
+
+    component = PgReplicationComponent(tables=TABLES, documents=[PUBLISHER_DOCS])
+    assert component.config.documents == parse_config({"tables": TABLES, "documents": [PUBLISHER_DOCS]}).documents
+    with pytest.raises(ConfigError, match="documents.0.children.0.relationship"):
+        PgReplicationComponent(tables=TABLES, documents=[{**PUBLISHER_DOCS, "children": [{"table": "public.book"}]}]).config
