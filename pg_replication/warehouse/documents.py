@@ -18,6 +18,7 @@ a full build) wait for each other on its state row.
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from pg_replication.errors import PgReplicationError
@@ -39,6 +40,9 @@ class DocumentStore:
     """Mixed into ``engine.SqlWarehouse``: uses its dialect hooks and the other parts."""
 
     json_functions: JsonFunctions | None = None  # None: this warehouse cannot build documents
+    # Index the join columns of the tree's tables (a Postgres replica: without them each child
+    # probe scans its table; DuckDB decorrelates the probes into hash joins).
+    document_join_indexes = False
 
     # -- names ------------------------------------------------------------------------------
 
@@ -81,11 +85,30 @@ class DocumentStore:
         # Outside the transaction, idempotent (Snowflake commits on DDL): typed like the root's key.
         self.execute(f"CREATE TABLE IF NOT EXISTS {self.document_table(dset)} AS {built.select('WHERE 1 = 0')}")  # type: ignore[attr-defined]
         self.execute(f"CREATE TABLE IF NOT EXISTS {self._keys_table(dset)} AS SELECT {keys} FROM {root} WHERE 1 = 0")  # type: ignore[attr-defined]
+        if self.document_join_indexes:
+            self._index_joins(dset)
         with self.transaction():  # type: ignore[attr-defined]
             self._upsert_state("documents", {"name": dset.name}, {"definition": dset.to_json(), "updated_at": time.time()})  # type: ignore[attr-defined]
             self.execute(f"DELETE FROM {self.document_table(dset)}")  # type: ignore[attr-defined]
             self.execute(f"INSERT INTO {self.document_table(dset)} {built.select()}")  # type: ignore[attr-defined]
             return int(self.fetchall(f"SELECT count(*) FROM {self.document_table(dset)}")[0][0])  # type: ignore[attr-defined]
+
+    def _index_joins(self, dset: DocumentSet) -> None:
+        """An index on each child's join columns, and on each parent's for a many_to_one child."""
+        wanted = []
+        for node, _ in dset.paths():
+            for edge in node.children:
+                wanted += [(edge.node, edge.child_columns), (node, edge.parent_columns)]
+        for node, columns in dict.fromkeys(wanted):
+            if columns and tuple(columns) != tuple(node.key[: len(columns)]):  # else the primary key's index serves it
+                self._index(node.table_key, self._node_table(node), columns)
+        # the documents' own root key: a drain deletes and inserts the documents of its roots
+        self._index(f"{dset.root.schema}.{dset.name}", self.document_table(dset), dset.root.key)
+
+    def _index(self, what: str, table: str, columns: tuple[str, ...]) -> None:
+        digest = hashlib.sha256(f"{what}({','.join(columns)})".encode()).hexdigest()[:12]
+        cols = ", ".join(self.ident(c) for c in columns)  # type: ignore[attr-defined]
+        self.execute(f"CREATE INDEX IF NOT EXISTS {self.ident(f'pgr_doc_{digest}')} ON {table} ({cols})")  # type: ignore[attr-defined]
 
     def document_sets(self) -> list[DocumentSet]:
         """The sets materialized in this warehouse (each drain keeps them fresh)."""

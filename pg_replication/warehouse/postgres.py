@@ -107,6 +107,7 @@ class PostgresWarehouse(SqlWarehouse):
     name = "postgres"
     errors = (psycopg.Error,)
     json_functions = POSTGRES_JSON
+    document_join_indexes = True
     counts_rows_cheaply = False  # count(*) scans the table
     slice_eviction = "upsert"  # the key is declared from the start
     text_type = "text"
