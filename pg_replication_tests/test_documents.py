@@ -2,7 +2,7 @@
 book 1-n review, kept fresh by the drains while a writer changes every table; every document
 then equals a build from scratch in the warehouse and the same document built by Postgres itself
 on the source (json_build_object / json_agg), compared as parsed JSON, lists ordered by the
-child's primary key."""
+child's primary key. On DuckDB, the Postgres replica and Snowflake (fakesnow); ClickHouse refuses."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ FROM publisher p ORDER BY p.id
 """
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
+@pytest.fixture(params=["duckdb", "postgres", "snowflake"])
 def tree(request, pg, pg_url, tmp_path: Path, server_url: str):
     pg.execute(SCHEMA)
     with make_target(request.param, tmp_path, server_url) as target:
@@ -318,3 +318,14 @@ def test_the_component_takes_the_same_documents_section():
     assert component.config.documents == parse_config({"tables": TABLES, "documents": [PUBLISHER_DOCS]}).documents
     with pytest.raises(ConfigError, match="documents.0.children.0.relationship"):
         PgReplicationComponent(tables=TABLES, documents=[{**PUBLISHER_DOCS, "children": [{"table": "public.book"}]}]).config
+
+
+def test_clickhouse_refuses_documents_naming_the_warehouses_that_build_them(catalog, pg, tmp_path, server_url):
+    from pg_replication.errors import PgReplicationError
+
+    dset = resolve(catalog, pg)
+    with make_target("clickhouse", tmp_path, server_url) as target, target.open() as wh:
+        with pytest.raises(PgReplicationError, match="the clickhouse warehouse cannot build nested documents") as refused:
+            wh.materialize_documents(dset)
+        assert wh.document_sets() == []  # no drain refreshes anything there
+    assert "duckdb, postgres or snowflake" in str(refused.value)

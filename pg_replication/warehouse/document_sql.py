@@ -27,6 +27,9 @@ class JsonFunctions:
 
 # DuckDB's json_group_array is a macro that takes no ORDER BY: a list, ordered, as JSON.
 DUCKDB_JSON = JsonFunctions("json_object", "to_json(list({value} ORDER BY {order}))", "CAST('[]' AS JSON)", "{}")
+SNOWFLAKE_JSON = JsonFunctions(
+    "OBJECT_CONSTRUCT_KEEP_NULL", "ARRAY_AGG({value}) WITHIN GROUP (ORDER BY {order})", "ARRAY_CONSTRUCT()", "{}"
+)
 POSTGRES_JSON = JsonFunctions("json_build_object", "json_agg({value} ORDER BY {order})", "CAST('[]' AS json)", "CAST({} AS jsonb)")
 
 

@@ -63,7 +63,7 @@ class DocumentStore:
         if self.json_functions is None:
             raise PgReplicationError(
                 f"documents {dset.name}: the {self.name} warehouse cannot build nested documents yet",  # type: ignore[attr-defined]
-                hint="build documents on duckdb or postgres (README, Documents)",
+                hint="build documents on duckdb, postgres or snowflake (README, Documents)",
             )
         return DocumentSql(dset, self.json_functions, self.ident, self._node_table)  # type: ignore[attr-defined]
 
@@ -138,7 +138,8 @@ class DocumentRefresh:
             return
         present = _present_tables(wh, sets)
         for dset in sets:
-            needed = {(wh.schema_prefix + n.schema, n.table) for n, _ in dset.paths()} | {(wh.document_schema(dset), dset.name)}
+            needed = {(wh.fold(wh.schema_prefix + n.schema), wh.fold(n.table)) for n, _ in dset.paths()}
+            needed.add((wh.fold(wh.document_schema(dset)), wh.fold(dset.name)))
             if not needed <= present:
                 continue  # a table of the tree is gone (a resync): its next full build says so
             built = wh._document_sql(dset)
