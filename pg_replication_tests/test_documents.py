@@ -85,6 +85,15 @@ def tree(request, pg, pg_url, tmp_path: Path, server_url: str):
         yield h
 
 
+@pytest.fixture
+def duckdb_tree(pg, pg_url, tmp_path: Path, server_url: str):
+    pg.execute(SCHEMA)
+    with make_target("duckdb", tmp_path, server_url) as target:
+        h = Harness(pg_url, target, TABLES, partitions=1)
+        h.backfill()
+        yield h
+
+
 def resolve(h: Harness, pg: psycopg.Connection, raw: dict = PUBLISHER_DOCS) -> DocumentSet:
     fks = foreign_keys(pg, {(t.schema, t.name) for t in h.tables})
     (dset,) = resolve_document_sets([DocumentSetConfig.model_validate(raw)], h.tables, fks)
@@ -212,6 +221,33 @@ def test_a_drain_recomputes_only_the_documents_it_touched(tree, pg):
     (result,) = tree.drain_all()
     assert result.tables.documents == {"publisher_docs": 20}
     assert_documents_fresh(tree, pg, dset)
+
+
+def test_a_column_gone_from_the_tree_holds_the_documents_not_the_drain(duckdb_tree, pg):
+    h = duckdb_tree
+    dset = resolve(h, pg)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    pg.execute("ALTER TABLE author RENAME COLUMN name TO full_name")  # the warehouse follows it
+    pg.execute("UPDATE author SET full_name = 'renamed' WHERE id = 2")
+    pg.execute("UPDATE book SET title = 'changed' WHERE isbn = 'b00001'")
+    (result,) = h.drain_all()
+    assert {k: o.mode for k, o in result.tables.items()} == {"public.author": "applied", "public.book": "applied"}
+    assert result.tables.documents == {}
+    assert "documents publisher_docs not refreshed: the warehouse lacks public.author (name)" in result.tables.document_problems["publisher_docs"]
+    h.reload()
+    fixed = {**PUBLISHER_DOCS, "children": [{**PUBLISHER_DOCS["children"][0], "children": [
+        {"table": "public.author", "as": "author", "relationship": "many_to_one", "columns": {"id": "id", "full_name": "name"}},
+        PUBLISHER_DOCS["children"][0]["children"][1],
+    ]}]}
+    dset = resolve(h, pg, fixed)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    assert stored_documents(h, dset) == rebuilt_documents(h, dset)
+    assert stored_documents(h, dset)[2]["books"][0] == {
+        "isbn": "b00001", "title": "changed", "price": 1.25, "author": {"id": 2, "name": "renamed"},
+        "reviews": [{"n": 200, "rating": 1}, {"n": 400, "rating": 1}],
+    }
 
 
 def _problem(h: Harness, pg, raw: dict, tables: list | None = None) -> str:

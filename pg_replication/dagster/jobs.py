@@ -65,6 +65,8 @@ def _report(
                 description="on_schema_change: resync",
                 metadata={"resynced": dg.MetadataValue.text(outcome.error or ""), "mode": dg.MetadataValue.text("resynced")},
             )
+    for name, problem in getattr(result.tables, "document_problems", {}).items():
+        context.log.warning(problem)
     for name, count in getattr(result.tables, "documents", {}).items():
         if documents and name in documents:
             yield dg.AssetMaterialization(

@@ -24,16 +24,18 @@ import time
 from pg_replication.errors import PgReplicationError
 from pg_replication.replicate.document_tree import DocumentSet, Node
 from pg_replication.warehouse import staging
+from pg_replication.warehouse.base import STATE_SCHEMA
 from pg_replication.warehouse.document_sql import DocumentSql, JsonFunctions
 
 
 class DrainOutcomes(dict):
-    """A drain's outcome per table (``TableOutcome``), and ``documents``: set name -> documents
-    the drain recomputed."""
+    """A drain's outcome per table (``TableOutcome``), ``documents``: set name -> documents the
+    drain recomputed, and ``document_problems``: set name -> why it left them as they were."""
 
-    def __init__(self, outcomes=(), documents: dict[str, int] | None = None) -> None:
+    def __init__(self, outcomes=(), documents: dict[str, int] | None = None, document_problems: dict[str, str] | None = None) -> None:
         super().__init__(outcomes)
         self.documents = documents or {}
+        self.document_problems = document_problems or {}
 
 
 class DocumentStore:
@@ -83,6 +85,12 @@ class DocumentStore:
         root = self._node_table(dset.root)
         keys = ", ".join(self.ident(k) for k in dset.root.key)  # type: ignore[attr-defined]
         # Outside the transaction, idempotent (Snowflake commits on DDL): typed like the root's key.
+        # A set whose root (key) changed since its last build gets its tables anew.
+        shape = [self.fold(c) for c in (*dset.root.key, "document")]  # type: ignore[attr-defined]
+        have = self.physical_columns(self.document_schema(dset), dset.name)  # type: ignore[attr-defined]
+        if have is not None and have != shape:
+            self.execute(f"DROP TABLE {self.document_table(dset)}")  # type: ignore[attr-defined]
+            self.execute(f"DROP TABLE IF EXISTS {self._keys_table(dset)}")  # type: ignore[attr-defined]
         self.execute(f"CREATE TABLE IF NOT EXISTS {self.document_table(dset)} AS {built.select('WHERE 1 = 0')}")  # type: ignore[attr-defined]
         self.execute(f"CREATE TABLE IF NOT EXISTS {self._keys_table(dset)} AS SELECT {keys} FROM {root} WHERE 1 = 0")  # type: ignore[attr-defined]
         if self.document_join_indexes:
@@ -132,16 +140,24 @@ class DocumentRefresh:
     def __init__(self, wh, decoded, staged: dict) -> None:
         self.wh = wh
         self.work: list[tuple[DocumentSet, DocumentSql, list[tuple[tuple, str]] | None]] = []
+        self.problems: dict[str, str] = {}  # set name: why the drain left its documents as they were
         changed = set(decoded.batches)
         sets = [d for d in wh.document_sets() if d.table_keys() & changed]
         if not sets:
             return
-        present = _present_tables(wh, sets)
+        present = _present_columns(wh, sets)
         for dset in sets:
-            needed = {(wh.fold(wh.schema_prefix + n.schema), wh.fold(n.table)) for n, _ in dset.paths()}
-            needed.add((wh.fold(wh.document_schema(dset)), wh.fold(dset.name)))
-            if not needed <= present:
-                continue  # a table of the tree is gone (a resync): its next full build says so
+            missing = [
+                f"{schema}.{table}" + (f" ({', '.join(sorted(columns - present[(schema, table)]))})" if (schema, table) in present else "")
+                for (schema, table), columns in _needed_columns(wh, dset).items()
+                if not columns <= present.get((schema, table), set())
+            ]
+            if missing:  # a table of the tree resynced, a column renamed or dropped: the set waits, the drain goes on
+                self.problems[dset.name] = (
+                    f"documents {dset.name} not refreshed: the warehouse lacks {', '.join(missing)}; "
+                    "fix documents: if a column changed, then materialize the document asset again"
+                )
+                continue
             built = wh._document_sql(dset)
             mapped: list[tuple[tuple, str]] | None = []
             for node, path in dset.paths():
@@ -205,10 +221,31 @@ def _changed_keys(wh, node: Node, changes, mappings: dict) -> str | None:
     return f"SELECT {keys} FROM {changes.relation} s WHERE s.{wh.ident(staging.OP)} <> 'T'"
 
 
-def _present_tables(wh, sets: list[DocumentSet]) -> set[tuple[str, str]]:
-    schemas = sorted({wh.schema_prefix + n.schema for d in sets for n, _ in d.paths()} | {wh.document_schema(d) for d in sets})
+def _needed_columns(wh, dset: DocumentSet) -> dict[tuple[str, str], set[str]]:
+    """(schema, table) -> columns a refresh of the set reads or writes, as the warehouse names them."""
+    needed: dict[tuple[str, str], set[str]] = {}
+
+    def need(schema: str, table: str, columns) -> None:
+        needed.setdefault((wh.fold(schema), wh.fold(table)), set()).update(wh.fold(c) for c in columns)
+
+    for node, _ in dset.paths():
+        need(wh.schema_prefix + node.schema, node.table, [c for c, _ in node.columns] + list(node.key))
+        for edge in node.children:
+            need(wh.schema_prefix + node.schema, node.table, edge.parent_columns)
+            need(wh.schema_prefix + edge.node.schema, edge.node.table, edge.child_columns)
+    need(wh.document_schema(dset), dset.name, [*dset.root.key, "document"])
+    need(STATE_SCHEMA, f"document_keys.{dset.name}", dset.root.key)
+    return needed
+
+
+def _present_columns(wh, sets: list[DocumentSet]) -> dict[tuple[str, str], set[str]]:
+    """The warehouse's columns of the schemas the sets use (one catalog query per drain that touches a set)."""
+    schemas = sorted({s for d in sets for s, _ in _needed_columns(wh, d)})
     marks = ", ".join("?" for _ in schemas)
     rows = wh.fetchall(
-        f"SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema IN ({marks})", [wh.fold(s) for s in schemas]
+        f"SELECT table_schema, table_name, column_name FROM information_schema.columns WHERE table_schema IN ({marks})", schemas
     )
-    return {(s, n) for s, n in rows}
+    present: dict[tuple[str, str], set[str]] = {}
+    for schema, table, column in rows:
+        present.setdefault((schema, table), set()).add(column)
+    return present

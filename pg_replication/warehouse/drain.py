@@ -177,7 +177,7 @@ class DrainApply:
                     self.set_status(key, "failed", error)  # once: later drains find it failed and hold its changes
                 mode = "failed" if key in failed_now else "held" if status == "failed" else "logged"
                 outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
-            outcomes = DrainOutcomes(outcomes, documents.finish())
+            outcomes = DrainOutcomes(outcomes, documents.finish(), documents.problems)
             failpoint("mid_apply")
             self._advance_coverage(getattr(decoded, "covered", ()), getattr(decoded, "drained_before", 0), target_lsn)
             self.set_drained_lsn(slot, target_lsn)
