@@ -68,7 +68,7 @@ def _document_asset(
     schema, root = split_qualified_name(document.root)
     key = document_asset_key(translator, document)
     description = (
-        f"Nested documents of {schema}.{root} and its children ({', '.join(f'{s}.{t}' for s, t in _tree_tables(document))}), "
+        f"Nested documents of {schema}.{root} with {', '.join(f'{s}.{t}' for s, t in _tree_tables(document)[1:]) or 'no children'}, "
         f"one JSON document per {schema}.{root} row, kept fresh by the CDC drain."
     )
     spec = dg.AssetSpec(
