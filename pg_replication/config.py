@@ -261,6 +261,59 @@ class TableEntry(_Model):
         return any(ch in part for part in split_qualified_name(self.name) for ch in "*?")
 
 
+Relationship = Literal["one_to_many", "many_to_one"]
+
+
+class DocumentForeignKey(_Model):
+    parent: list[str] = Field(min_length=1, description="Columns of the parent table.")
+    child: list[str] = Field(min_length=1, description="The matching columns of the child table, in order.")
+
+    @model_validator(mode="after")
+    def _same_width(self) -> DocumentForeignKey:
+        if len(self.parent) != len(self.child):
+            raise ValueError(f"foreign_key: {len(self.parent)} parent column(s) but {len(self.child)} child column(s)")
+        return self
+
+
+class DocumentChild(_Model):
+    """One child of a document node, along a foreign key: ``one_to_many`` (the child table
+    references the parent: a list) or ``many_to_one`` (the parent references the child: an object)."""
+
+    table: str = Field(description="schema.table of the child (a replicated table with strategy cdc).")
+    name: str | None = Field(None, alias="as", description="Its key in the parent's document (default: the table's name).")
+    relationship: Relationship = Field(description="one_to_many: a list of the child's rows; many_to_one: one object (or null).")
+    foreign_key: DocumentForeignKey | None = Field(
+        None, description="The join: parent columns = child columns; default: the source's foreign key between the two."
+    )
+    columns: list[str] | dict[str, str] | None = Field(
+        None, description="Columns in the document: a list, or {column: name in the document}; default: all."
+    )
+    children: list[DocumentChild] = Field(default_factory=list)
+
+    @field_validator("table")
+    @classmethod
+    def _qualified(cls, value: str) -> str:
+        split_qualified_name(value)
+        return value
+
+
+class DocumentSetConfig(_Model):
+    """One set of nested documents: a root table and its children (PGSync's schema shape)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")] = Field(
+        description="The warehouse table <root's schema>.<name> holding one document per root row."
+    )
+    root: str = Field(description="schema.table of the root (a replicated table with strategy cdc).")
+    columns: list[str] | dict[str, str] | None = Field(None, description="Root columns in the document; default: all.")
+    children: list[DocumentChild] = Field(default_factory=list)
+
+    @field_validator("root")
+    @classmethod
+    def _qualified(cls, value: str) -> str:
+        split_qualified_name(value)
+        return value
+
+
 class ReplicationConfig(_Model):
     source: SourceConfig = SourceConfig()
     warehouse: WarehouseConfig = WarehouseConfig()
@@ -268,6 +321,9 @@ class ReplicationConfig(_Model):
     backfill: BackfillConfig = BackfillConfig()
     notifications: NotificationConfig | None = None
     tables: list[TableEntry] = Field(min_length=1)
+    documents: list[DocumentSetConfig] = Field(
+        default_factory=list, description="Nested documents kept fresh in the warehouse (README, Documents)."
+    )
 
     @field_validator("tables", mode="before")
     @classmethod
@@ -284,6 +340,14 @@ class ReplicationConfig(_Model):
             for t in self.tables
         ]
         object.__setattr__(self, "tables", tables)  # frozen model: set once, while it is validated
+        return self
+
+    @model_validator(mode="after")
+    def _document_names_unique(self) -> ReplicationConfig:
+        names = [d.name for d in self.documents]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"documents: {', '.join(twice)} named twice; each set needs a name of its own")
         return self
 
     def duckdb_path(self) -> str:

@@ -92,6 +92,7 @@ class PgReplicationComponent(dg.StateBackedComponent, dg.Resolvable):
     defaults: dict[str, Any] = field(default_factory=dict)
     backfill: dict[str, Any] = field(default_factory=dict)
     notifications: dict[str, Any] | None = None
+    documents: list[Any] | None = None
     postgres_url_env: str = "POSTGRES_URL"
     asset_key_prefix: list[str] | None = None
     translator: str | None = None
@@ -102,7 +103,7 @@ class PgReplicationComponent(dg.StateBackedComponent, dg.Resolvable):
     @property
     def config(self) -> "ReplicationConfig":
         raw: dict[str, Any] = {"tables": self.tables}
-        for key in ("source", "warehouse", "defaults", "backfill", "notifications"):
+        for key in ("source", "warehouse", "defaults", "backfill", "notifications", "documents"):
             if getattr(self, key):
                 raw[key] = getattr(self, key)
         return parse_config(raw, source="defs.yaml")

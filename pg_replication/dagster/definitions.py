@@ -15,6 +15,7 @@ from dagster_duckdb import DuckDBResource
 
 from pg_replication.dagster.automation import build_automation_sensor
 from pg_replication.dagster.checks import build_table_checks
+from pg_replication.dagster.documents import build_document_assets
 from pg_replication.config import ReplicationConfig, load_config
 from pg_replication.dagster.jobs import build_cdc_job, build_retry_job
 from pg_replication.dagster.notifications import build_notification_sensors
@@ -87,6 +88,7 @@ def build_definitions_from_catalog(
     assets = [build_table_asset(t, config, translator, streamed, keys) for t in tables]
     check_unique_keys(assets, tables)
     assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"], keys) for t in catalog.left_out]
+    assets += build_document_assets(config, tables, translator, keys, set(catalog.unavailable), catalog.outage is not None)
     cdc_job = build_cdc_job(config, tables, translator, keys)
     schedules = build_sync_schedules(config, tables, translator, keys)
     sync_jobs = [s.job for s in schedules]

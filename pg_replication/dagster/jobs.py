@@ -9,6 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.dagster.documents import document_asset_key
 from pg_replication.dagster.metadata import table_metadata
 from pg_replication.replicate.capture import CaptureSettings, drain_captured
 from pg_replication.replicate.cdc import DrainResult, DrainSettings, drain_once
@@ -34,9 +35,14 @@ class DrainConfig(dg.Config):
     batch_seconds: float = Field(1.0, gt=0, description="Longest read of one micro-batch in a long-lived run.")
 
 
-def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, drained: str, description: str):
+def _report(
+    context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, drained: str, description: str,
+    documents: dict[str, dg.AssetKey] | None = None,
+):
     """Log the drain, then one materialization per applied table (the micro-batch); a table that
-    failed in an earlier drain (held) or was reset by ``on_schema_change: resync`` says so."""
+    failed in an earlier drain (held) or was reset by ``on_schema_change: resync`` says so. Each
+    document set the drain refreshed (``documents``: set name -> asset key) gets one too, with
+    the number of documents recomputed."""
     if result.changes or result.tables:  # a long-lived run's idle batches stay out of the log
         context.log.info(f"drained {drained} in {result.seconds:.2f} s (caught up: {result.caught_up})")
     now = time.time()
@@ -58,6 +64,14 @@ def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, re
                 asset_key=translator.get_asset_key(outcome.table),
                 description="on_schema_change: resync",
                 metadata={"resynced": dg.MetadataValue.text(outcome.error or ""), "mode": dg.MetadataValue.text("resynced")},
+            )
+    for name, problem in getattr(result.tables, "document_problems", {}).items():
+        context.log.warning(problem)
+    for name, count in getattr(result.tables, "documents", {}).items():
+        if documents and name in documents:
+            yield dg.AssetMaterialization(
+                asset_key=documents[name], description=f"{description}: documents refreshed",
+                metadata={"documents_recomputed": dg.MetadataValue.int(count)},
             )
 
 
@@ -118,6 +132,7 @@ def build_cdc_job(
     slot_tables = [t for t in tables if t.strategy == "cdc"]
     captured_tables = [t for t in tables if t.strategy == "triggers"]
     pool = config.source.pool
+    documents = {d.name: document_asset_key(translator, d) for d in config.documents}
 
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={}, required_resource_keys=keys.both)
     def drain(context: dg.OpExecutionContext, config: DrainConfig):
@@ -163,7 +178,7 @@ def build_cdc_job(
                     result = done.slot
                     lsn = int_to_lsn(result.drained_lsn)
                     drained = f"{result.changes:,} changes in {result.transactions:,} transactions up to {lsn}"
-                    yield from _report(context, translator, result, drained, f"CDC micro-batch up to {lsn}")
+                    yield from _report(context, translator, result, drained, f"CDC micro-batch up to {lsn}", documents)
                     failed.update(result.failed)
                 if done.captured is not None:
                     result = done.captured

@@ -23,6 +23,7 @@ from pg_replication.source.recovery import RowReader
 from pg_replication.warehouse.base import (
     table_key,
 )
+from pg_replication.warehouse.documents import DrainOutcomes
 from pg_replication.warehouse.evolution import DescribeNew
 from pg_replication.warehouse.staging import StagedChanges
 
@@ -143,6 +144,7 @@ class DrainApply:
             for key in decoded.batches:
                 self._lock_state(key)
             statuses = self.statuses()  # after the locks: a backfill that just completed is seen
+            documents = self.document_refresh(decoded, staged)  # maps the changed rows to their roots, before the changes
             for key, batch in decoded.batches.items():
                 plan = decoded.plans[key]
                 status, error = statuses.get(key, ("backfilling", None))
@@ -175,6 +177,7 @@ class DrainApply:
                     self.set_status(key, "failed", error)  # once: later drains find it failed and hold its changes
                 mode = "failed" if key in failed_now else "held" if status == "failed" else "logged"
                 outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
+            outcomes = DrainOutcomes(outcomes, documents.finish(), documents.problems)
             failpoint("mid_apply")
             self._advance_coverage(getattr(decoded, "covered", ()), getattr(decoded, "drained_before", 0), target_lsn)
             self.set_drained_lsn(slot, target_lsn)

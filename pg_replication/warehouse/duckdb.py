@@ -24,6 +24,7 @@ from pg_replication.types import TypeMapping
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA
 from pg_replication.warehouse.base import quote as q
+from pg_replication.warehouse.document_sql import DUCKDB_JSON
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
 from pg_replication.warehouse.reads import BATCH_ROWS
 from pg_replication.warehouse.staging import StagedChanges
@@ -44,6 +45,7 @@ class DuckDBWarehouse(SqlWarehouse):
 
     name = "duckdb"
     errors = (duckdb.Error,)
+    json_functions = DUCKDB_JSON
     text_type = "VARCHAR"
 
     def __init__(self, conn: duckdb.DuckDBPyConnection, *, read_only: bool = False) -> None:

@@ -5,8 +5,8 @@ mapping, how a batch is staged and how staged changes are applied. Everything el
 one concern a module, mixed into ``SqlWarehouse`` here: the state store (``state.py``), schema
 evolution (``evolution.py``), backfill slices and syncs (``slices.py``), the change log and the
 apply of one segment (``change_log.py``), a drain's apply with per-table isolation
-(``drain.py``), the staging of large streamed transactions (``stream_staging.py``), and reading a
-table back as a stream of Arrow batches (``reads.py``).
+(``drain.py``), the staging of large streamed transactions (``stream_staging.py``), reading a
+table back as a stream of Arrow batches (``reads.py``), and nested documents (``documents.py``).
 
 Every write ends in one transaction that holds the data and the state describing it. What a
 warehouse cannot do inside a transaction happens before it, idempotently: schema changes, change
@@ -32,6 +32,7 @@ from pg_replication.warehouse.base import (
     table_key,
 )
 from pg_replication.warehouse.change_log import ChangeLog
+from pg_replication.warehouse.documents import DocumentStore
 from pg_replication.warehouse.drain import DrainApply
 from pg_replication.warehouse.evolution import DescribeNew, SchemaEvolution
 from pg_replication.warehouse.reads import TableReader
@@ -42,7 +43,7 @@ from pg_replication.warehouse.state import StateStore
 from pg_replication.warehouse.stream_staging import StreamStaging
 
 
-class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution, StreamStaging, TableReader):
+class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution, StreamStaging, TableReader, DocumentStore):
     """The engine; a dialect subclass fills in the hooks marked below."""
 
     name = "sql"

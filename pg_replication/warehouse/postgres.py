@@ -31,6 +31,7 @@ from pg_replication.source.snapshot import SliceReader
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, numeric_typmod
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import SLICE_COLUMN
+from pg_replication.warehouse.document_sql import POSTGRES_JSON
 from pg_replication.warehouse.engine import SqlWarehouse
 from pg_replication.warehouse.staging import StagedChanges
 
@@ -105,6 +106,8 @@ class PostgresWarehouse(SqlWarehouse):
 
     name = "postgres"
     errors = (psycopg.Error,)
+    json_functions = POSTGRES_JSON
+    document_join_indexes = True
     counts_rows_cheaply = False  # count(*) scans the table
     slice_eviction = "upsert"  # the key is declared from the start
     text_type = "text"

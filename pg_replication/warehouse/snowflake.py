@@ -27,6 +27,7 @@ from pg_replication.source.catalog import Column, Table
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import snowflake_stage, snowflake_types, staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, quote
+from pg_replication.warehouse.document_sql import SNOWFLAKE_JSON
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
 from pg_replication.warehouse.snowflake_types import PLAIN_NAME, fold
 from pg_replication.warehouse.staging import StagedChanges
@@ -54,6 +55,7 @@ class SnowflakeWarehouse(SqlWarehouse):
     """
 
     name = "snowflake"
+    json_functions = SNOWFLAKE_JSON  # a document is a VARIANT
     errors = (snowflake.connector.errors.Error, duckdb.Error)  # fakesnow leaks raw DuckDB errors
     text_type = "VARCHAR"
     slice_eviction = "before"  # the key is declared, and fakesnow enforces it; one relation per slice
