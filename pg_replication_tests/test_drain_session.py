@@ -141,7 +141,6 @@ class _StreamCutDuringFirstApply:
         return self._warehouse.apply_drain(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: a batch committed while the next read fails is not yielded")
 def test_a_batch_committed_while_the_next_read_fails_is_reported_and_confirmed(pg, pg_url, duckdb_path):
     from pg_replication.replicate.drain_session import drain_session
 
