@@ -126,7 +126,6 @@ class _SlotSessions(threading.Thread):
                     self.seen[row[0]] = (self.seen.get(row[0], (now, now))[0], now)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the drain job opens a replication session per micro-batch")
 def test_a_long_lived_run_reads_its_micro_batches_through_one_session(orders, pg, pg_url, duckdb_path, tmp_path, monkeypatch):
     """A backlog of 20 transactions of 50 changes, with batches of at most 50 changes: the run
     applies them in many micro-batches, all read by one walsender (one replication session), and

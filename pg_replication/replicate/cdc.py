@@ -505,7 +505,7 @@ class Session:
     confirmed: int  # the slot's confirmed position when the session opened
     drained: int  # the position the warehouse has committed (batches move it)
     start: int  # where the stream starts
-    caught_up_at: int  # the server's flush position when the session opened
+    caught_up_at: int  # the server's flush position when the session opened (drain_session: as its batch began)
     streaming: bool
     covered: tuple[str, ...]
     # What the session's Relation messages said (sent once per session): relation oid -> plan,

@@ -12,9 +12,11 @@ expects N's position); the slot is told a position (standby feedback, sent from 
 reads the stream: libpq's connection is not shared between threads) only once the warehouse has
 committed it. A batch read while an apply fails is dropped unapplied, and the session ends.
 
-The session ends after a batch that found the slot caught up, once ``max_seconds`` have passed,
-or after a batch that held a large streamed transaction still open or staged its parts (the
-stream staging is emptied after such a batch and the next session re-sends what is open). A read that fails while a batch is applied ends the session too, once
+The session lasts as long as batches keep coming: it ends after a batch that found the slot
+caught up with nothing to apply (the caller then waits on a probe, source/slot_probe.py), once
+``max_seconds`` have passed, or after a batch that held a large streamed transaction still open
+or staged its parts (the stream staging is emptied after such a batch and the next session
+re-sends what is open). A read that fails while a batch is applied ends the session too, once
 that batch is committed and yielded: the slot hears of its position by SQL once the broken
 session let go of it (``confirm_released``), or from the next session (``open_session``).
 
@@ -46,6 +48,7 @@ from pg_replication.errors import PgReplicationError
 from pg_replication.failpoints import failpoint
 from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
+from pg_replication.source.slot import flushed_lsn
 from pg_replication.source.stream import SlotStream
 from pg_replication.types import SESSION_OPTIONS
 
@@ -101,6 +104,14 @@ def drain_session(
             log_failed(result, log)
             return result
 
+        def confirm(stream: SlotStream, lsn: int) -> None:
+            """Standby feedback, only once the warehouse has committed ``lsn``."""
+            if lsn > session.confirmed:
+                try:
+                    stream.confirm(lsn)
+                except PgReplicationError:
+                    pass  # the stream broke during the apply: confirmed by SQL once it is let go (below)
+
         def apply(decoded, target: int, logged: list[str]):
             with lock:
                 return apply_batch(conninfo, conn, warehouse, settings, decoded, target, logged.append)
@@ -111,6 +122,8 @@ def drain_session(
                 while True:
                     started = time.monotonic()
                     try:
+                        if not first:  # "caught up" means up to where the server was as this batch began
+                            session.caught_up_at = flushed_lsn(conn)
                         # Only the first batch empties the stream staging: a batch that staged parts ends the session.
                         streams, first = session.streamed(locked, empty=first), False
                         decoded, result = read_batch(conn, locked, session, stream, streams)
@@ -122,23 +135,18 @@ def drain_session(
                     failpoint("after_read")
                     if pending is not None:
                         done, pending = finish(pending), None
-                        if done.drained_lsn > session.confirmed:
-                            stream.confirm(done.drained_lsn)  # standby feedback, only now that the warehouse committed
+                        confirm(stream, done.drained_lsn)
                         yield done
                     # The next batch starts where this one ends, once it has committed.
                     session.drained = session.start = result.drained_lsn
                     logged: list[str] = []
                     pending = (applier.submit(apply, decoded, result.drained_lsn, logged), result, started, logged)
-                    last = result.caught_up or time.monotonic() >= deadline
+                    last = (result.caught_up and result.changes == 0) or time.monotonic() >= deadline
                     if streams is not None and (streams.open or streams.parts_staged):
                         last = True  # the stream staging is emptied after the apply: see the module docstring
                     if last:
                         done, pending = finish(pending), None
-                        if done.drained_lsn > session.confirmed:
-                            try:
-                                stream.confirm(done.drained_lsn)
-                            except PgReplicationError:
-                                pass  # the stream broke during the apply: confirmed below instead
+                        confirm(stream, done.drained_lsn)
                         if streams is not None and streams.parts_staged:
                             warehouse.reset_stream_staging(settings.slot)  # applied, or to be re-sent to the next session
                         yield done
