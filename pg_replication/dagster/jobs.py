@@ -31,6 +31,12 @@ class DrainConfig(dg.Config):
         "sets source.run_seconds from replication.yaml; 0 (a run launched by hand): one batch.",
     )
     batch_seconds: float = Field(1.0, gt=0, description="Longest read of one micro-batch in a long-lived run.")
+    min_batch_seconds: float = Field(
+        0.25,
+        ge=0,
+        description="Shortest read of a micro-batch while the one before is applied: it ends at a commit once that "
+        "one committed (which is reported then). Higher: fewer, larger micro-batches (materializations).",
+    )
 
 
 def _report(context: dg.OpExecutionContext, translator: TableAssetTranslator, result: DrainResult, drained: str, description: str):
@@ -112,7 +118,10 @@ def build_cdc_job(
         run_seconds = config.run_seconds
         read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
         if run_seconds > 0:  # micro-batches: a short read each, applied as the next is read
-            read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes, config.batch_seconds)
+            read = DrainSettings(
+                settings.slot, settings.publication, config.max_changes, config.max_bytes,
+                max_seconds=config.batch_seconds, min_seconds=config.min_batch_seconds,
+            )
         run = drain_run(
             source.conninfo, warehouse.open, slot_tables, captured_tables, read, LoopSettings(run_seconds=run_seconds), context.log.info,
             # A long-lived run holds a DuckDB file only while each of its calls runs (one writer

@@ -6,6 +6,10 @@ session reads batch after batch; batch N is applied in a worker thread while the
 reads batch N+1 (the stream reader waits on the server in C, and the warehouse drivers run their
 statements, with the GIL released).
 
+The read of batch N+1 ends at a commit once batch N has committed (after ``min_seconds`` at
+least; ``max_seconds`` and the other bounds of ``DrainSettings`` hold as ever): N is reported
+when that read ends, so the read lasts about as long as the apply beside it.
+
 Exactly once, as in ``drain_once``: each batch is one warehouse transaction holding its changes
 and its end position; batch N+1 is applied only after batch N committed (its compare-and-set
 expects N's position); the slot is told a position (standby feedback, sent from the thread that
@@ -104,6 +108,15 @@ def drain_session(
             log_failed(result, log)
             return result
 
+        def enough(work: tuple[Future, DrainResult, float, list[str]] | None, started: float) -> Callable[[], bool] | None:
+            """When the read of the next batch may end (at a commit): once the batch applied
+            meanwhile has committed, and not before ``min_seconds``. That batch is reported only
+            when this read ends: reading on would hold its report back for nothing."""
+            if work is None:
+                return None
+            future, least = work[0], started + settings.min_seconds
+            return lambda: future.done() and time.monotonic() >= least
+
         def confirm(stream: SlotStream, lsn: int) -> None:
             """Standby feedback, only once the warehouse has committed ``lsn``."""
             if lsn > session.confirmed:
@@ -126,7 +139,7 @@ def drain_session(
                             session.caught_up_at = flushed_lsn(conn)
                         # Only the first batch empties the stream staging: a batch that staged parts ends the session.
                         streams, first = session.streamed(locked, empty=first), False
-                        decoded, result = read_batch(conn, locked, session, stream, streams)
+                        decoded, result = read_batch(conn, locked, session, stream, streams, enough(pending, started))
                     except Exception:
                         if pending is not None:  # committed all the same: reported before the read's error
                             done, pending = finish(pending), None
