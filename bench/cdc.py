@@ -1,7 +1,7 @@
 """CDC benchmark: drain + apply throughput against the server's own decode limit.
 
     python bench/cdc.py --changes 200000 [--warehouse duckdb|postgres|snowflake|clickhouse] [--batch N]
-        [--per-drain-sessions] [--profile FILE]
+        [--per-drain-sessions | --job-path] [--profile FILE]
 
 On the backfill benchmark's table (``bench_rows`` in database ``pgr_bench``, built if missing, 2M
 rows by default) backfilled into a fresh warehouse (bench/warehouses.py) and caught up (a drain
@@ -14,7 +14,9 @@ measures in the same run, over the same WAL (a second slot created just before t
   3. our drain: stream (START_REPLICATION) + decode + fold + apply + commit + slot confirm,
      until caught up: batches of ``--batch`` changes through one replication session, each
      applied while the next is read (``drain_session``), or with ``--per-drain-sessions`` one
-     ``drain_once`` (a session) per batch, as the tree before it did.
+     ``drain_once`` (a session) per batch, as the tree before it did; or with ``--job-path`` what
+     the drain job runs in a long-lived run (``drain_loop.drain_run``: 1 s micro-batches of at
+     most ``--batch`` changes, the DuckDB file opened for each warehouse call).
 Prints changes/s, the ratio to the limit, the CPU time this process spent on the drains (user +
 system: the client's own cost, which the other load on a shared machine moves much less than the
 wall-clock time) and its peak RSS. ``--profile`` writes a cProfile of the drains (read it with
@@ -32,6 +34,8 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -122,12 +126,42 @@ def catch_up(url: str, wh, table) -> None:
     print(f"caught up     : the slot's restart point is {int(lag) / 1e6:,.1f} MB of WAL behind", flush=True)
 
 
+def drain(url: str, config, table, settings: DrainSettings, args) -> tuple[int, int]:
+    """Drain until every change is applied, the way ``args`` says: (changes applied, batches)."""
+    applied = drains = 0
+    if args.job_path:
+        from pg_replication.replicate.drain_loop import LoopSettings, drain_run
+
+        read = replace(settings, max_seconds=1.0)  # the drain job's batch_seconds in a long-lived run
+        run = drain_run(url, lambda: open_warehouse(config), [table], [], read, LoopSettings(run_seconds=600), lambda m: None,
+                        per_call=args.warehouse == "duckdb")
+        with closing(run):
+            for batch in run:
+                applied, drains = applied + batch.slot.changes, drains + 1
+                if applied >= args.changes and batch.slot.caught_up:
+                    return applied, drains
+        return applied, drains
+    with open_warehouse(config) as wh:
+        if args.per_drain_sessions:
+            while True:
+                result = drain_once(url, wh, [table], settings)
+                applied, drains = applied + result.changes, drains + 1
+                if result.caught_up:
+                    return applied, drains
+        from pg_replication.replicate.drain_session import drain_session
+
+        for result in drain_session(url, wh, [table], settings, max_seconds=600):
+            applied, drains = applied + result.changes, drains + 1
+    return applied, drains
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--changes", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=50_000, help="max changes per batch (the tree before used 200,000)")
     parser.add_argument("--per-drain-sessions", action="store_true", help="one drain_once (and replication session) per batch")
+    parser.add_argument("--job-path", action="store_true", help="the drain job's long-lived run (drain_loop.drain_run)")
     parser.add_argument("--warehouse", choices=KINDS, default="duckdb")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the drains to FILE (slows them down)")
     args = parser.parse_args()
@@ -159,23 +193,9 @@ def main() -> None:
     settings = DrainSettings(SLOT, PUBLICATION, max_changes=args.batch)
     profiler = cProfile.Profile() if args.profile else None
     started, cpu_started = time.perf_counter(), time.process_time()
-    applied = drains = 0
     if profiler:
         profiler.enable()
-    with open_warehouse(config) as wh:
-        if args.per_drain_sessions:
-            while True:
-                result = drain_once(url, wh, [table], settings)
-                applied += result.changes
-                drains += 1
-                if result.caught_up:
-                    break
-        else:
-            from pg_replication.replicate.drain_session import drain_session
-
-            for result in drain_session(url, wh, [table], settings, max_seconds=600):
-                applied += result.changes
-                drains += 1
+    applied, drains = drain(url, config, table, settings, args)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if profiler:
         profiler.disable()
@@ -183,7 +203,7 @@ def main() -> None:
     ours = messages / elapsed
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"pg_replication: {applied / elapsed:>9,.0f} changes/s applied into {args.warehouse} ({applied:,} changes, {drains} batches of <= {args.batch:,}, "
-          f"{'a session each' if args.per_drain_sessions else 'one session'}, {elapsed:.1f} s)")
+          f"{'a session each' if args.per_drain_sessions else 'the drain job path' if args.job_path else 'one session'}, {elapsed:.1f} s)")
     print(f"ratio to limit: {ours / limit:.2f} (messages/s over the same stream)   peak RSS: {peak_mib:,.0f} MiB")
     if streamed is not None:
         print(f"ratio to stream limit: {ours / streamed:.2f}")

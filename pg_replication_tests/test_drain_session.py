@@ -18,7 +18,10 @@ import sys
 import psycopg
 import pytest
 
+from pg_replication.errors import SourceUnavailableError
+from pg_replication.replicate.cdc import DrainSettings
 from pg_replication.source.pgoutput import lsn_to_int
+from pg_replication_tests.operator import wait_for
 from pg_replication_tests.replication import Harness
 from pg_replication_tests.test_exactly_once import NOT_CRASH_SAFE, ROOT, Writer, create_writers_table
 
@@ -59,7 +62,9 @@ def test_session_batches_equal_the_source(pg, pg_url, target):
     _write_mixed(pg, 30)
     results = h.drain_session(max_changes=200)
     assert len(results) > 3, "the changes should take several batches"
-    assert results[-1].caught_up and not any(r.caught_up for r in results[:-1])
+    # The session lasts while batches come: it ends after one that found nothing left to apply.
+    assert results[-1].caught_up and results[-1].changes == 0
+    assert not any(r.caught_up for r in results[:-2])
     positions = [r.drained_lsn for r in results]
     assert positions == sorted(positions)
     h.assert_equal(pg, "t")
@@ -112,4 +117,49 @@ def test_sessions_converge_under_concurrent_writes(pg, pg_url, target):
     assert writer.transactions > 160
     h.drain_session(max_changes=300)
     h.reload()
+    h.assert_equal(pg, "t")
+
+
+class _StreamCutDuringFirstApply:
+    """The warehouse, except that its first apply first ends the session's walsender (as a
+    failover or a network cut would) and waits until the slot is let go: the read running beside
+    that apply, or the one after it, fails while the batch commits."""
+
+    def __init__(self, warehouse, pg_url: str, slot: str) -> None:
+        self._warehouse, self._pg_url, self._slot, self._cut = warehouse, pg_url, slot, False
+
+    def __getattr__(self, name: str):
+        return getattr(self._warehouse, name)
+
+    def apply_drain(self, *args, **kwargs):
+        if not self._cut:
+            self._cut = True
+            with psycopg.connect(self._pg_url, autocommit=True) as pg:
+                pg.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s", (self._slot,))
+                wait_for(
+                    lambda: not pg.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self._slot,)).fetchone()[0],
+                    "the slot to be let go", timeout=120, poll=0.05,
+                )
+        return self._warehouse.apply_drain(*args, **kwargs)
+
+
+def test_a_batch_committed_while_the_next_read_fails_is_reported_and_confirmed(pg, pg_url, duckdb_path):
+    from pg_replication.replicate.drain_session import drain_session
+
+    _create_table(pg)
+    h = Harness(pg_url, duckdb_path, ["t"])
+    h.backfill()
+    _write_mixed(pg, 10)
+    reported = []
+    with h.target.open() as wh:
+        cut = _StreamCutDuringFirstApply(wh, pg_url, h.settings.slot)
+        settings = DrainSettings(**{**h.settings.__dict__, "max_changes": 100})
+        with pytest.raises(SourceUnavailableError):
+            for result in drain_session(pg_url, cut, h.tables, settings):
+                reported.append(result)
+        committed = wh.drained_lsn(h.settings.slot)
+    assert reported, "the batch applied while the stream broke was not reported"
+    assert reported[-1].drained_lsn == committed, "a committed batch was not reported"
+    assert _slot_confirmed(pg, h.settings.slot) == committed  # confirmed by SQL once the broken session let go
+    h.drain_session(max_changes=100)
     h.assert_equal(pg, "t")

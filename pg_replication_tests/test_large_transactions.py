@@ -18,12 +18,14 @@ Postgres < 14 (protocol 1, no streaming: the plain path, covered by every other 
 from __future__ import annotations
 
 import time
+from contextlib import closing
 
 import duckdb
 import psycopg
 import pytest
 from psycopg import sql
 
+from pg_replication.replicate.cdc import DrainSettings
 from pg_replication_tests import operator
 from pg_replication_tests.operator import dagster_env, run_cli
 from pg_replication_tests.replication import Harness
@@ -249,3 +251,31 @@ def test_ddl_in_a_streamed_transaction_rolled_back_never_reaches_the_warehouse(h
         columns = {c for (c,) in wh.fetchall("SELECT column_name FROM information_schema.columns WHERE table_name = 't'")}
     assert "never" not in columns, columns
     h.assert_equal(pg, "t")
+
+
+def test_the_drain_jobs_path_stages_a_large_transaction_through_a_warehouse_open_per_call(h, pg, duckdb_path):
+    """The drain job's engine path on DuckDB (``drain_run``, per call: a long-lived run): each
+    staged part, the apply and the emptying of the staging are calls complete on their own, and
+    nothing holds the file once a batch is yielded (a read-only open succeeds then)."""
+    from pg_replication.replicate.drain_loop import LoopSettings, drain_run
+
+    with pg.transaction():
+        pg.execute("INSERT INTO t SELECT g, g, repeat(md5(g::text), 10) FROM generate_series(1000, 20999) g")  # ~7 MB
+        pg.execute("UPDATE t SET n = -n, pad = NULL WHERE id % 7 = 0")
+        pg.execute("DELETE FROM t WHERE id % 11 = 0")
+    for i in range(5):  # small transactions after it: the session goes on with them
+        pg.execute("UPDATE t SET n = n + 1 WHERE id BETWEEN %s AND %s", (1000 + i * 10, 1009 + i * 10))
+    read = DrainSettings(h.settings.slot, h.settings.publication, max_bytes=1 << 20, max_seconds=1.0)
+    run = drain_run(h.pg_url, h.target.open, h.tables, [], read, LoopSettings(run_seconds=120), print, per_call=True)
+    staged = changes = 0
+    with closing(run):
+        for batch in run:
+            staged += batch.slot.staged_parts
+            changes += batch.slot.changes
+            with duckdb.connect(str(duckdb_path), read_only=True) as reader:  # fails while a connection is open in this process
+                reader.execute('SELECT count(*) FROM "public"."t"').fetchone()
+            if batch.applied_nothing and changes:
+                break
+    assert staged >= 3, f"{staged} parts staged: the transaction should have been streamed and staged"
+    h.assert_equal(pg, "t")
+    assert _staged_rows(h) == 0

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+import psycopg
 import pytest
 import yaml
 
@@ -76,9 +78,11 @@ def test_a_long_lived_drain_applies_changes_as_they_come_while_duckdb_stays_read
     assert all(r.asset_materialization.metadata["last_lsn"] for r in batches)
 
 
-def _start_drain(tmp_path: Path, env: dict, run_seconds: int, name: str) -> subprocess.Popen:
-    """`dagster job execute` of the drain job for ``run_seconds``, its output in ``name``.log."""
-    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"ops": {"postgres_drain_slot": {"config": {"run_seconds": run_seconds}}}}))
+def _start_drain(tmp_path: Path, env: dict, run_seconds: int, name: str, **config) -> subprocess.Popen:
+    """`dagster job execute` of the drain job for ``run_seconds`` (more op config in ``config``),
+    its output in ``name``.log."""
+    op_config = {"run_seconds": run_seconds, **config}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"ops": {"postgres_drain_slot": {"config": op_config}}}))
     return subprocess.Popen(
         [str(BIN / drain()[0]), *drain()[1:], "-c", str(tmp_path / f"{name}.yaml")],
         env=env, cwd=tmp_path, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT,
@@ -101,6 +105,63 @@ def orders(pg, write_config, duckdb_path, tmp_path) -> dict:
 def _mirrored(pg, path: Path) -> bool:
     query = "SELECT id, n, note FROM shop.orders ORDER BY id"
     return _read_only(path, query) == pg.execute(query).fetchall()
+
+
+class _SlotSessions(threading.Thread):
+    """Samples which walsender reads the slot (``pg_replication_slots.active_pid``) every 20 ms:
+    pid -> (first seen, last seen), wall-clock times comparable with Dagster's event times."""
+
+    def __init__(self, pg_url: str) -> None:
+        super().__init__(daemon=True)
+        self.pg_url, self.seen, self.stop = pg_url, {}, threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            while not self.stop.wait(0.02):
+                row = conn.execute(
+                    "SELECT active_pid FROM pg_replication_slots WHERE database = current_database() AND active_pid IS NOT NULL"
+                ).fetchone()
+                if row is not None:
+                    now = time.time()
+                    self.seen[row[0]] = (self.seen.get(row[0], (now, now))[0], now)
+
+
+def test_a_long_lived_run_reads_its_micro_batches_through_one_session(orders, pg, pg_url, duckdb_path, tmp_path, monkeypatch):
+    """A backlog of 20 transactions of 50 changes, with batches of at most 50 changes: the run
+    applies them in many micro-batches, all read by one walsender (one replication session), and
+    the DuckDB file still opens read-only from this process while the run is up."""
+    process = _start_drain(tmp_path, orders, 600, "drain", max_changes=50)
+    sessions = _SlotSessions(pg_url)
+    try:
+        pg.execute("UPDATE shop.orders SET n = 1")
+        _wait(lambda: _mirrored(pg, duckdb_path), "the first change in DuckDB")
+        sessions.start()
+        backlog_from = time.time()
+        for i in range(20):
+            with pg.transaction():
+                pg.execute("INSERT INTO shop.orders SELECT i, %s, 'batch ' || i FROM generate_series(%s::int, %s::int) i",
+                           (i, 1000 + i * 25, 1024 + i * 25))
+                pg.execute("UPDATE shop.orders SET n = n + %s, note = CASE WHEN id %% 2 = 0 THEN NULL ELSE note || '!' END "
+                           "WHERE id BETWEEN %s AND %s", (i, 1 + (i * 5) % 75, 25 + (i * 5) % 75))
+        _wait(lambda: _mirrored(pg, duckdb_path), "the backlog in DuckDB, value by value")  # read-only opens while the run is up
+        assert process.poll() is None, (tmp_path / "drain.log").read_text()[-3000:]
+        monkeypatch.setenv("DAGSTER_HOME", orders["DAGSTER_HOME"])
+        monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to the working directory
+        with dg.DagsterInstance.get() as instance:
+            records = instance.fetch_materializations(dg.AssetKey(["shop", "orders"]), limit=100).records
+        batches = sorted(r.timestamp for r in records if r.timestamp >= backlog_from)
+    finally:
+        sessions.stop.set()
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=120)
+    sessions.join(timeout=60)
+    assert len(batches) >= 10, f"{len(batches)} micro-batch(es): the backlog should take many"
+    # Dagster records a batch's materialization while its session reads the next one.
+    per_session = {pid: sum(first - 0.1 <= t <= last + 0.1 for t in batches) for pid, (first, last) in sessions.seen.items()}
+    assert max(per_session.values(), default=0) >= len(batches) - 1, (
+        f"{len(batches)} micro-batches were read by {len(sessions.seen)} sessions ({per_session})"
+    )
 
 
 def test_a_lost_source_connection_is_retried_inside_the_run(orders, pg, duckdb_path, tmp_path):

@@ -1,9 +1,9 @@
-"""The CDC drain job (one op that drains a bounded batch and reports each table it touched) and
-the retry job (replays a failed table's change log)."""
+"""The CDC drain job (one op that drains micro-batches, replicate/drain_loop.py, and reports each
+table a batch touched) and the retry job (replays a failed table's change log)."""
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import dagster as dg
 from pydantic import Field
@@ -11,16 +11,15 @@ from pydantic import Field
 from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.dagster.documents import document_asset_key
 from pg_replication.dagster.metadata import table_metadata
-from pg_replication.replicate.capture import CaptureSettings, drain_captured
-from pg_replication.replicate.cdc import DrainResult, DrainSettings, drain_once
+from pg_replication.replicate.capture import CaptureSettings
+from pg_replication.replicate.cdc import DrainResult, DrainSettings
 from pg_replication.config import ReplicationConfig
-from pg_replication.replicate.drain_loop import Batch, LoopSettings, WarehousePerCall, drain_batches
+from pg_replication.replicate.drain_loop import LoopSettings, drain_run
 from pg_replication.errors import is_transient
 from pg_replication.replicate.operations import retry_table
-from pg_replication.dagster.resources import DuckDBWarehouseResource, ResourceKeys, WarehouseResource
+from pg_replication.dagster.resources import DuckDBWarehouseResource, ResourceKeys
 from pg_replication.source.catalog import Table
 from pg_replication.source.pgoutput import int_to_lsn
-from pg_replication.source.slot_probe import longest_probe, probe_slot
 
 
 class DrainConfig(dg.Config):
@@ -33,6 +32,12 @@ class DrainConfig(dg.Config):
         "sets source.run_seconds from replication.yaml; 0 (a run launched by hand): one batch.",
     )
     batch_seconds: float = Field(1.0, gt=0, description="Longest read of one micro-batch in a long-lived run.")
+    min_batch_seconds: float = Field(
+        0.25,
+        ge=0,
+        description="Shortest read of a micro-batch while the one before is applied: it ends at a commit once that "
+        "one committed (which is reported then). Higher: fewer, larger micro-batches (materializations).",
+    )
 
 
 def _report(
@@ -92,18 +97,6 @@ def _transient_as_retryable() -> Iterator[None]:
         ) from exc
 
 
-@contextmanager
-def _batch_warehouse(warehouse: WarehouseResource, *, long_lived: bool) -> Iterator:
-    """The warehouse one batch writes to. A long-lived run holds a DuckDB file only while each of
-    a drain's calls runs (one writer process per file: readers get in between); other warehouses
-    take a connection per batch (a broken one is not kept for the rest of the run)."""
-    if long_lived and isinstance(warehouse, DuckDBWarehouseResource):
-        yield WarehousePerCall(warehouse.open)
-    else:
-        with warehouse.open() as wh:
-            yield wh
-
-
 def _pool_waited_on(context: dg.OpExecutionContext, pool: str):
     """Whether a step of another run waits for ``pool`` (a backfill, the retry job): a long-lived
     drain then ends after its batch and lets it in; the sensor starts the next drain. Looked up at
@@ -139,40 +132,21 @@ def build_cdc_job(
         source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         run_seconds = config.run_seconds
         read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
-        if run_seconds > 0:  # micro-batches: a short read each, applied as it ends
-            read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes, config.batch_seconds)
-        position = {"lsn": 0}
-
-        def batch() -> Batch:
-            slot_result = captured_result = None
-            with _batch_warehouse(warehouse, long_lived=run_seconds > 0) as wh:
-                if slot_tables:
-                    slot_result = drain_once(source.conninfo, wh, slot_tables, read, context.log.info)
-                    position["lsn"] = slot_result.drained_lsn
-                if captured_tables:
-                    captured = CaptureSettings(max_changes=config.max_changes)
-                    captured_result = drain_captured(source.conninfo, wh, captured_tables, captured, context.log.info)
-            return Batch(slot_result, captured_result)
-
-        probe_seconds = 0.0
-        if run_seconds > 0:
-            with source.connect() as conn:
-                probe_seconds = longest_probe(conn)
-
-        def wait_for_changes(seconds: float) -> bool:
-            if not slot_tables or captured_tables:  # captured changes are polled
-                time.sleep(min(seconds, 1.0))
-                return False
-            try:
-                found = probe_slot(source.conninfo, settings.slot, settings.publication, position["lsn"], until_lsn=None, timeout=min(seconds, probe_seconds))
-            except Exception as exc:  # the next batch meets (and retries) whatever this was
-                context.log.debug(f"waiting on the slot: {exc}")
-                return True
-            return found.has_changes
-
-        loop = LoopSettings(run_seconds=run_seconds)
-        with _transient_as_retryable():
-            for done in drain_batches(batch, wait_for_changes, loop, context.log.info, hand_over=_pool_waited_on(context, pool)):
+        if run_seconds > 0:  # micro-batches: a short read each, applied as the next is read
+            read = DrainSettings(
+                settings.slot, settings.publication, config.max_changes, config.max_bytes,
+                max_seconds=config.batch_seconds, min_seconds=config.min_batch_seconds,
+            )
+        run = drain_run(
+            source.conninfo, warehouse.open, slot_tables, captured_tables, read, LoopSettings(run_seconds=run_seconds), context.log.info,
+            # A long-lived run holds a DuckDB file only while each of its calls runs (one writer
+            # process per file: readers get in between); other warehouses, a connection per session.
+            per_call=run_seconds > 0 and isinstance(warehouse, DuckDBWarehouseResource),
+            capture=CaptureSettings(max_changes=config.max_changes),
+            hand_over=_pool_waited_on(context, pool),
+        )
+        with _transient_as_retryable(), closing(run):
+            for done in run:
                 failed = {}
                 if done.slot is not None:
                     result = done.slot

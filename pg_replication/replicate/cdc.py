@@ -60,6 +60,9 @@ class DrainSettings:
     # folded change in about ten times its pgoutput size.
     spill_bytes: int = 8 << 20
     stream_idle_ms: int = 5000  # a streamed transaction is open and nothing came for this long: stop
+    # drain_session: a batch read while the one before is applied ends at a commit once that one
+    # has committed and the read lasted this long (the one before is reported when this read ends).
+    min_seconds: float = 0.25
 
 
 @dataclass
@@ -278,10 +281,12 @@ def _read_batch(
     streams: StreamedTransactions | None = None,
     relations: dict[int, _RelationPlan | None] | None = None,
     plans: dict[str, _RelationPlan] | None = None,
+    enough: Callable[[], bool] | None = None,
 ) -> _Decoded:
     """Fold the stream's messages until a commit past a bound (changes, bytes held in memory,
-    seconds), or until no message is waiting between transactions once the time budget is spent,
-    or for ``idle_ms`` once the server has decoded past ``caught_up_at`` (exhausted: caught up).
+    seconds, or ``enough()``: drain_session's batch before this one is committed), or until no
+    message is waiting between transactions once the time budget is spent, or for ``idle_ms``
+    once the server has decoded past ``caught_up_at`` (exhausted: caught up).
 
     Large transactions streamed while in progress (``streams``, protocol 2) are kept by
     ``streamed.py`` (spilled to the warehouse past a bound) and join the batch at their Stream
@@ -427,7 +432,7 @@ def _read_batch(
             last_end = msg.end_lsn  # type: ignore[union-attr]
             held_now = held + stream.routed_bytes - routed_bytes_before
             peak = max(peak, held_now + (streams.held_bytes if streams is not None else 0))
-            spent = time.monotonic() >= deadline and not (streams is not None and streams.open)
+            spent = (time.monotonic() >= deadline or (enough is not None and enough())) and not (streams is not None and streams.open)
             if changes + stream.routed_changes - routed_before >= settings.max_changes or held_now >= settings.max_bytes or spent:
                 break
             continue
@@ -505,7 +510,7 @@ class Session:
     confirmed: int  # the slot's confirmed position when the session opened
     drained: int  # the position the warehouse has committed (batches move it)
     start: int  # where the stream starts
-    caught_up_at: int  # the server's flush position when the session opened
+    caught_up_at: int  # the server's flush position when the session opened (drain_session: as its batch began)
     streaming: bool
     covered: tuple[str, ...]
     # What the session's Relation messages said (sent once per session): relation oid -> plan,
@@ -550,12 +555,14 @@ def open_session(conn: psycopg.Connection, warehouse, tables: list[Table], setti
     )
 
 
-def read_batch(conn: psycopg.Connection, warehouse, session: Session, stream: SlotStream, streams) -> tuple[_Decoded, DrainResult]:
+def read_batch(
+    conn: psycopg.Connection, warehouse, session: Session, stream: SlotStream, streams, enough: Callable[[], bool] | None = None
+) -> tuple[_Decoded, DrainResult]:
     """Read the session's next batch; it starts from ``session.drained`` (the last committed
-    batch's position) and ends at ``result.drained_lsn``."""
+    batch's position) and ends at ``result.drained_lsn`` (at a commit once ``enough()``, if not before)."""
     decoded = _read_batch(
         conn, session.tables, session.settings, session.drained, warehouse.map_column, session.by_oid, stream,
-        session.caught_up_at, session.start, streams, session.relations, session.plans,
+        session.caught_up_at, session.start, streams, session.relations, session.plans, enough,
     )
     decoded.covered, decoded.drained_before = session.covered, session.drained
     target = max(session.start, decoded.last_end_lsn or 0, decoded.quiet_lsn)
