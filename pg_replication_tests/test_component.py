@@ -13,6 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import psycopg
 import pytest
@@ -155,6 +156,38 @@ def test_two_sources_load_side_by_side_with_their_own_keys(pg_url, second_db, tm
                 assert job.resource_defs
 
 
+@pytest.mark.xfail(strict=True, reason="issue 13: pg-replication resync reads replication.yaml only; a component's prefixed asset keeps its partitions")
+def test_resync_of_a_component_source_clears_its_prefixed_partitions(pg_url, tmp_path, monkeypatch):
+    """`pg-replication --defs <component> resync`, in a fresh process: the component's warehouse
+    table is reset and its asset (key with the source prefix) shows no partition materialized."""
+    _items(pg_url, 200)
+    env = dagster_env(tmp_path)
+    env.pop("POSTGRES_URL", None)  # the component names its own variable
+    env["SHOP_URL"] = pg_url
+    monkeypatch.setenv("SHOP_URL", pg_url)
+    monkeypatch.chdir(tmp_path)  # the shipped dagster.yaml's storage is relative to the working directory
+    key = dg_key("shop", "public", "items")
+    warehouse = tmp_path / "w.duckdb"
+    with create_defs_folder_sandbox() as sandbox:
+        defs_path = sandbox.scaffold_component(
+            PgReplicationComponent, "shop", defs_yaml_contents={"type": TYPE, "attributes": _attributes("shop", "SHOP_URL", warehouse)}
+        )
+        _refresh(sandbox, defs_path)
+        with sandbox.build_all_defs() as defs, dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            job = defs.resolve_implicit_global_asset_job_def()
+            for partition in ("000", "001"):
+                assert job.execute_in_process(asset_selection=[key], partition_key=partition, instance=instance).success
+            assert instance.get_materialized_partitions(key) == {"000", "001"}
+
+        done = run_cli(["pg-replication", "--defs", str(defs_path), "resync", "public.items", "--yes"], env, tmp_path)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert "shop/public/items" in done.stdout  # names the asset it cleared
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            assert instance.get_materialized_partitions(key) == set()
+        with duckdb.connect(str(warehouse), read_only=True) as wh:
+            assert not wh.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'items'").fetchone()[0]
+
+
 def test_attributes_fail_with_replication_yaml_messages(tmp_path):
     attributes = _attributes("shop", "SHOP_URL", tmp_path / "w.duckdb", tables=[{"name": "public.items", "partitons": 3}])
     with create_defs_folder_sandbox() as sandbox:
@@ -170,8 +203,6 @@ def test_attributes_fail_with_replication_yaml_messages(tmp_path):
 
 
 def dg_key(*path: str):
-    import dagster as dg
-
     return dg.AssetKey(list(path))
 
 
