@@ -156,7 +156,6 @@ def test_two_sources_load_side_by_side_with_their_own_keys(pg_url, second_db, tm
                 assert job.resource_defs
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: pg-replication resync reads replication.yaml only; a component's prefixed asset keeps its partitions")
 def test_resync_of_a_component_source_clears_its_prefixed_partitions(pg_url, tmp_path, monkeypatch):
     """`pg-replication --defs <component> resync`, in a fresh process: the component's warehouse
     table is reset and its asset (key with the source prefix) shows no partition materialized."""
