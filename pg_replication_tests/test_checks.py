@@ -149,7 +149,6 @@ def _freshness(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=True, reason="issue 13: a drain materializes only the tables it changed; a quiet table goes stale while drains run")
 def test_a_quiet_table_stays_fresh_while_drains_run_and_goes_stale_when_they_stop(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     """The real `dagster-daemon` evaluates the FreshnessPolicy (freshness_seconds 60) and its CDC
     sensor launches the drains while one table changes twice a second and the other never does:

@@ -105,7 +105,6 @@ def test_one_step_jobs_run_in_process(pg, write_config, duckdb_path):
         assert defs.resolve_job_def(name).executor_def.name == dg.in_process_executor.name
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: a drain materializes only the tables it changed; a quiet table looks stale")
 def test_a_caught_up_drain_materializes_quiet_streaming_tables_once_per_half_window(pg, write_config, duckdb_path):
     """Dagster's FreshnessPolicy counts materializations only: a table nobody writes to gets one
     from the drain that kept it current (caught up), at most once per half freshness window; a

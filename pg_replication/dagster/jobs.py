@@ -9,6 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.dagster.kept_current import KeptCurrent
 from pg_replication.dagster.metadata import table_metadata
 from pg_replication.replicate.capture import CaptureSettings, drain_captured
 from pg_replication.replicate.cdc import DrainResult, DrainSettings, drain_once
@@ -118,6 +119,7 @@ def build_cdc_job(
     slot_tables = [t for t in tables if t.strategy == "cdc"]
     captured_tables = [t for t in tables if t.strategy == "triggers"]
     pool = config.source.pool
+    report_every = config.source.freshness_seconds / 2  # kept_current.py: half the freshness window
 
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={}, required_resource_keys=keys.both)
     def drain(context: dg.OpExecutionContext, config: DrainConfig):
@@ -127,6 +129,11 @@ def build_cdc_job(
         if run_seconds > 0:  # micro-batches: a short read each, applied as it ends
             read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes, config.batch_seconds)
         position = {"lsn": 0}
+        kept = KeptCurrent(context.instance, translator, tables, report_every)
+
+        def statuses():
+            with warehouse.open(read_only=True) as wh:
+                return wh.statuses()
 
         def batch() -> Batch:
             slot_result = captured_result = None
@@ -164,11 +171,13 @@ def build_cdc_job(
                     lsn = int_to_lsn(result.drained_lsn)
                     drained = f"{result.changes:,} changes in {result.transactions:,} transactions up to {lsn}"
                     yield from _report(context, translator, result, drained, f"CDC micro-batch up to {lsn}")
+                    yield from kept.events(result, slot_tables, lsn, statuses)
                     failed.update(result.failed)
                 if done.captured is not None:
                     result = done.captured
                     drained = f"{result.changes:,} captured changes up to change {result.drained_lsn}"
                     yield from _report(context, translator, result, drained, f"captured changes up to change {result.drained_lsn}")
+                    yield from kept.events(result, captured_tables, f"change {result.drained_lsn}", statuses)
                     failed.update(result.failed)
                 if failed:  # newly failed only: a table failed before is held, and does not fail the run again
                     problems = "; ".join(o.error or key for key, o in failed.items())
