@@ -240,9 +240,11 @@ def _dg(args: list[str], env: dict, cwd: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_dg_scaffold_check_validate_and_backfill_two_sources(pg_url, second_db, tmp_path):
+def test_dg_scaffold_check_validate_backfill_and_drain_two_sources(pg_url, second_db, tmp_path, monkeypatch):
     """What a user does: scaffold two sources with dg, refresh their catalogs, check, validate,
-    then backfill both through `dagster asset materialize`; each warehouse equals its source."""
+    then backfill both through `dagster asset materialize`; each warehouse equals its source. Then
+    changes in one source, applied by its drain job (`dagster job execute`): its warehouse equals
+    it again, and the CDC materialization lands on the asset key with the source's prefix."""
     _items(pg_url, 3000)
     _items(second_db, 2000, offset=7)
     project = tmp_path / "two_sources"
@@ -293,6 +295,24 @@ def test_dg_scaffold_check_validate_and_backfill_two_sources(pg_url, second_db, 
         with psycopg.connect(url) as conn:
             want = sorted(conn.execute("SELECT id, label, price FROM items").fetchall())
         assert got == want and len(got) in (3000, 2000)
+
+    # Then CDC: shop's drain job applies what changed since, onto the prefixed asset.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (5001, 'new', 9.99)")
+        conn.execute("UPDATE items SET price = price + 1 WHERE id <= 100")
+        conn.execute("DELETE FROM items WHERE id BETWEEN 200 AND 209")
+    out = run_cli(["dagster", "job", "execute", "-m", "two_sources.definitions", "-j", "shop_cdc_drain"], env, project)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    with duckdb.connect(str(tmp_path / "shop.duckdb"), read_only=True) as wh:
+        got = sorted(wh.execute('SELECT id, label, price FROM "public"."items"').fetchall())
+    with psycopg.connect(pg_url) as conn:
+        want = sorted(conn.execute("SELECT id, label, price FROM items").fetchall())
+    assert got == want and len(got) == 2991
+    monkeypatch.chdir(project)  # the shipped dagster.yaml's storage is relative to where the CLI ran
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        event = instance.get_latest_materialization_event(dg_key("shop", "public", "items")).asset_materialization
+    counts = {k: event.metadata[k].value for k in ("inserted", "updated", "deleted")}
+    assert counts == {"inserted": 1, "updated": 100, "deleted": 10}
 
 
 def test_replication_yaml_loads_the_saved_catalog_when_asked(pg, pg_url, write_config, tmp_path, monkeypatch):
