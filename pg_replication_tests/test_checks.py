@@ -153,7 +153,7 @@ def test_a_quiet_table_stays_fresh_while_drains_run_and_goes_stale_when_they_sto
     """The real `dagster-daemon` evaluates the FreshnessPolicy (freshness_seconds 60) and its CDC
     sensor launches the drains while one table changes twice a second and the other never does:
     the quiet table stays fresh for longer than its window, from the drains' caught-up reports
-    (at most one per half window); once changes stop, drains stop and it goes stale."""
+    (at most one per half window); once the sensor is stopped, drains stop and it goes stale."""
     window = 60  # Dagster takes no fail_window under a minute
     pg.execute("CREATE TABLE busy (id int PRIMARY KEY, v int)")
     pg.execute("CREATE TABLE quiet (id int PRIMARY KEY, v int)")
@@ -198,6 +198,10 @@ def test_a_quiet_table_stays_fresh_while_drains_run_and_goes_stale_when_they_sto
             assert all(b - a >= window / 2 - 1 for a, b in zip(times, times[1:])), times  # never more than one per half window
             stop.set()
             writer.join()
+            # Drains stop: the operator stops the sensor (an idle source would otherwise still get
+            # a short drain per half window that keeps it fresh: test_sensors.py).
+            out = run_cli(["dagster", "sensor", "stop", "-w", str(ROOT / "workspace.yaml"), "postgres_cdc_sensor"], env, tmp_path)
+            assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
             wait_for(lambda: _freshness(instance, QUIET) == "FAIL", "quiet to go stale once drains stopped", timeout=window + 300, poll=1)
     finally:
         stop.set()

@@ -8,7 +8,9 @@ each streaming table it did not touch as materialized, ``mode: caught_up``, once
 materialization is older than half the freshness window: at most one event per table per half
 window, whatever the number of batches, and a table stays fresh with half a window to spare for
 the time between drains. A table that is failed, held or still backfilling is never reported;
-when drains stop, nothing is reported and the table goes stale.
+when drains stop, nothing is reported and the table goes stale. A source where nothing changes
+at all gets a one-batch drain from its CDC sensor for that purpose, once per half window
+(``report_due``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ import dagster as dg
 from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.replicate.cdc import DrainResult
 from pg_replication.source.catalog import Table
+
+
+IN_PROGRESS = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+}
 
 
 class KeptCurrent:
@@ -71,4 +81,20 @@ class KeptCurrent:
             )
 
 
-__all__ = ["KeptCurrent"]
+def report_due(instance: dg.DagsterInstance, job_name: str, keys: list[dg.AssetKey], every_seconds: float) -> bool:
+    """Whether an idle source needs a one-batch drain run only to report its tables kept current:
+    no drain run is in progress or started within ``every_seconds``, and a table materialized
+    before (backfilled) was not within ``every_seconds``. Without it, a source where nothing
+    changes gets no drain and every table shows stale after its window."""
+    now = time.time()
+    latest = instance.get_run_records(dg.RunsFilter(job_name=job_name), limit=1)
+    if latest and (latest[0].dagster_run.status in IN_PROGRESS or now - latest[0].create_timestamp.timestamp() < every_seconds):
+        return False
+    for record in instance.get_asset_records(keys):
+        last = record.asset_entry.last_materialization
+        if last is not None and now - last.timestamp >= every_seconds:
+            return True
+    return False
+
+
+__all__ = ["KeptCurrent", "report_due"]
