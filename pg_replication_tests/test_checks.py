@@ -231,3 +231,9 @@ def test_a_bad_checks_schedule_is_named():
     with pytest.raises(ConfigError) as err:
         parse_config({"tables": ["t"], "source": {"checks_schedule": "every minute"}})
     assert "checks_schedule" in str(err.value) and "cron" in str(err.value)
+
+
+def test_a_freshness_window_under_a_minute_is_named():
+    with pytest.raises(ConfigError) as err:  # Dagster would refuse the FreshnessPolicy at load, unnamed
+        parse_config({"tables": ["t"], "source": {"freshness_seconds": 30}})
+    assert "freshness_seconds" in str(err.value)
