@@ -10,7 +10,9 @@ definitions state), then measures in the same run:
   2. the CDC sensor's tick with N tables: the sensor built from those definitions, evaluated with
      ``build_sensor_context`` on a real (temporary) Dagster instance, while the slot holds changes
      to drain (it requests a run), median of several ticks.
-Targets: validate < 10 s, tick < 2 s.
+Targets: validate < 10 s, tick < 2 s. ``--compare-python OTHER/bin/python`` validates both
+projects again with another environment's ``dagster``, alternating with this one (what a package
+registered with Dagster's component loader, e.g. dagster-snowflake, costs every code location).
 """
 
 from __future__ import annotations
@@ -92,15 +94,32 @@ def make_project(root: Path, name: str, component: str | None) -> None:
         (root / name / "defs" / "bench" / "defs.yaml").write_text(component)
 
 
-def validate_seconds(project: Path, module: str, env: dict) -> float:
+def validate_seconds(project: Path, module: str, env: dict, bin_dir: Path = BIN) -> float:
     start = time.perf_counter()
     out = subprocess.run(
-        [str(BIN / "dagster"), "definitions", "validate", "-m", module], cwd=project, env=env, capture_output=True, text=True, timeout=900
+        [str(bin_dir / "dagster"), "definitions", "validate", "-m", module], cwd=project, env=env, capture_output=True, text=True, timeout=900
     )
     seconds = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"dagster definitions validate failed:\n{(out.stdout + out.stderr)[-3000:]}")
     return seconds
+
+
+DISCOVERY = """\
+import time
+import dagster
+from dagster.components.core.package_entry import discover_entry_point_package_objects
+start = time.perf_counter()
+discover_entry_point_package_objects()
+print(time.perf_counter() - start)
+"""
+
+
+def discovery_seconds(python: Path) -> float:
+    """What Dagster's component loader spends importing the packages registered with it
+    (``dagster_dg_cli.registry_modules`` entry points) when any code location loads a defs folder."""
+    out = subprocess.run([str(python), "-c", DISCOVERY], capture_output=True, text=True, timeout=900, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _breakdown(project: Path, tmp_path: Path) -> tuple[float, float, int]:
@@ -128,6 +147,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", type=int, default=1000)
     parser.add_argument("--ticks", type=int, default=5)
+    parser.add_argument(
+        "--compare-python", type=Path, metavar="PYTHON",
+        help="also validate both projects with another environment's dagster (e.g. one with dagster-snowflake "
+        "installed), alternating with this one three times: the medians compare under the same load",
+    )
     args = parser.parse_args()
     admin_url = os.environ.get("POSTGRES_URL")
     if not admin_url:
@@ -154,6 +178,18 @@ def main() -> None:
 
         baseline = validate_seconds(empty, "bench_empty.definitions", {**env, "PYTHONPATH": str(empty)})
         loaded = validate_seconds(big, "bench_big.definitions", {**env, "PYTHONPATH": str(big)})
+        compared = None
+        if args.compare_python:
+            other = args.compare_python.parent
+            runs: dict[tuple[str, str], list[float]] = {}
+            for _ in range(3):
+                for project, module in ((empty, "bench_empty.definitions"), (big, "bench_big.definitions")):
+                    for which, bin_dir in (("this", BIN), ("other", other)):
+                        seconds = validate_seconds(project, module, {**env, "PYTHONPATH": str(project)}, bin_dir)
+                        runs.setdefault((module.split(".")[0], which), []).append(seconds)
+                for which, python in (("this", Path(sys.executable)), ("other", args.compare_python)):
+                    runs.setdefault(("discovery", which), []).append(discovery_seconds(python))
+            compared = {k: statistics.median(v) for k, v in runs.items()}
 
         # The tick, in this process: the definitions as a code server builds them.
         os.environ.update(BENCH_URL=url, DAGSTER_HOME=str(tmp_path / "home"))
@@ -183,6 +219,11 @@ def main() -> None:
     print(f"command: POSTGRES_URL=… .venv/bin/python bench/definitions_load.py --tables {args.tables}")
     print(f"tables replicated: {tables} (catalog refresh by `dg utils refresh-defs-state`: {refresh:.1f} s)")
     print(f"dagster definitions validate: {loaded:.2f} s (empty project: {baseline:.2f} s; difference {loaded - baseline:.2f} s); target < 10 s")
+    if compared:
+        for project in ("bench_empty", "bench_big", "discovery"):
+            this, other = compared[(project, "this")], compared[(project, "other")]
+            what = "the component loader's entry-point discovery" if project == "discovery" else f"{project}: validate"
+            print(f"{what}: median of 3, this environment {this:.2f} s, {args.compare_python} {other:.2f} s (ratio {this / other:.2f})")
     print(f"definitions built in-process: {build:.2f} s, of which table assets {assets_s:.2f} s and {n_checks:,} asset checks {checks_s:.2f} s")
     print(f"CDC sensor tick: median {tick:.3f} s over {len(ticks)} (min {min(ticks):.3f}, max {max(ticks):.3f}); target < 2 s; "
           f"last tick: {requested} run request(s){', skipped: ' + skipped if skipped else ''}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,28 @@ from pg_replication.source.triggers import install, uninstall
 from pg_replication.warehouse.connect import open_warehouse
 
 EXIT_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNHEALTHY = 1, 2, 3, 4
+
+
+def _component(args):
+    """The PgReplicationComponent of ``--defs`` (loaded once; Dagster is imported only then)."""
+    if getattr(args, "component", None) is None:
+        from pathlib import Path
+
+        from pg_replication.dagster.component import load_component
+
+        args.component = load_component(Path(args.defs))
+    return args.component
+
+
+def _config(args):
+    """replication.yaml, or with ``--defs`` the component's attributes."""
+    return _component(args).config if args.defs else load_config()
+
+
+def _conninfo(args) -> str:
+    """POSTGRES_URL, or with ``--defs`` the component's ``postgres_url_env`` (as its resource
+    reads it: unset, libpq takes the PG* variables)."""
+    return os.environ.get(_component(args).postgres_url_env, "") if args.defs else source_conninfo()
 
 
 def _print_table(rows: list[dict], columns: Sequence[str]) -> None:
@@ -46,8 +69,8 @@ def _emit(args, payload, rows: list[dict], columns: Sequence[str], header: str |
 
 
 def cmd_status(args) -> int:
-    config = load_config()
-    with connect(source_conninfo()) as conn:
+    config = _config(args)
+    with connect(_conninfo(args)) as conn:
         slot = slot_status(conn, config.source.slot)
         tables, unavailable = introspect_each(conn, config)
         estimates = {f"{t.schema}.{t.name}": t.estimated_rows for t in tables}
@@ -103,8 +126,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_list(args) -> int:
-    config = load_config()
-    with connect(source_conninfo()) as conn:
+    config = _config(args)
+    with connect(_conninfo(args)) as conn:
         candidates = list_source_tables(conn)
         selected = {(t.schema, t.name) for t, _ in select_tables(config, candidates)}
         pkeys = dict(
@@ -130,7 +153,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_listwh(args) -> int:
-    config = load_config()
+    config = _config(args)
     with open_warehouse(config, read_only=True) as wh:
         rows = [{"table": f"{schema}.{name}", "rows": count} for schema, name, count in wh.list_tables()]
     _emit(args, rows, rows, ["table", "rows"])
@@ -147,18 +170,18 @@ def _confirm(args, question: str) -> bool:
 
 
 def cmd_drop_slot(args) -> int:
-    config = load_config()
+    config = _config(args)
     if not _confirm(args, f"Drop replication slot {config.source.slot!r}? Undrained changes are lost; every table then needs a resync."):
         return EXIT_USAGE
     with open_warehouse(config) as wh:
-        existed = drop_slot(source_conninfo(), wh, config.source.slot)
+        existed = drop_slot(_conninfo(args), wh, config.source.slot)
     print(f"slot {config.source.slot!r} {'dropped' if existed else 'did not exist'}; drained position forgotten")
     return 0
 
 
-def _configured_table(config, name: str):
+def _configured_table(args, config, name: str):
     """The configured table ``name`` names (schema.table, table, or its quoted form)."""
-    with connect(source_conninfo()) as conn:
+    with connect(_conninfo(args)) as conn:
         tables = [t for t in introspect(conn, config) if name in (f"{t.schema}.{t.name}", t.name, t.display)]
     if not tables:
         raise PgReplicationError(f"{name!r} is not a configured table", hint="see `pg-replication status`")
@@ -167,8 +190,8 @@ def _configured_table(config, name: str):
 
 
 def cmd_resync(args) -> int:
-    config = load_config()
-    table = _configured_table(config, args.table)
+    config = _config(args)
+    table = _configured_table(args, config, args.table)
     if not _confirm(args, f"Resync {table.display}? Its warehouse copy is dropped until the backfill runs again."):
         return EXIT_USAGE
     with open_warehouse(config) as wh:
@@ -176,8 +199,9 @@ def cmd_resync(args) -> int:
     print(f"{table.display}: reset; materialize all its partitions to backfill it again (CDC resumes after)")
     from pg_replication.dagster.partition_status import clear_partition_status  # Dagster loads only here
 
+    translator = _component(args).get_translator(config) if args.defs else None  # a component's keys carry its prefix
     try:
-        print(clear_partition_status(config, table))
+        print(clear_partition_status(config, table, translator))
     except Exception as exc:  # the warehouse is reset either way: say what is left to do
         print(
             f"pg-replication: Dagster's partition status of {table.display} was not cleared: "
@@ -189,19 +213,19 @@ def cmd_resync(args) -> int:
 
 
 def cmd_retry(args) -> int:
-    config = load_config()
-    table = _configured_table(config, args.table)
+    config = _config(args)
+    table = _configured_table(args, config, args.table)
     if not _confirm(args, f"Retry {table.display}? Its logged changes are applied now (fix what made it fail first)."):
         return EXIT_USAGE
     with open_warehouse(config) as wh:
-        replayed = retry_table(source_conninfo(), wh, table)
+        replayed = retry_table(_conninfo(args), wh, table)
     print(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
     return 0
 
 
 def cmd_install_triggers(args) -> int:
-    config = load_config()
-    with connect(source_conninfo()) as conn:
+    config = _config(args)
+    with connect(_conninfo(args)) as conn:
         tables = [t for t in introspect(conn, config) if t.entry and t.entry.strategy == "triggers"]
         if not tables:
             raise PgReplicationError("no table in replication.yaml has strategy triggers", hint="set `strategy: triggers` on a table")
@@ -216,7 +240,7 @@ def cmd_install_triggers(args) -> int:
 def cmd_uninstall_triggers(args) -> int:
     if not _confirm(args, "Remove every capture trigger and the captured changes not yet drained?"):
         return EXIT_USAGE
-    with connect(source_conninfo()) as conn:
+    with connect(_conninfo(args)) as conn:
         removed = uninstall(conn)
     print(f"removed capture from {len(removed)} table(s){': ' + ', '.join(removed) if removed else ''}; schema _pg_replication_capture dropped")
     return 0
@@ -236,7 +260,7 @@ def wait_for_lsn(read_state: Callable[[], tuple[int | None, dict[str, str]]], ls
 
 
 def cmd_wait_for_lsn(args) -> int:
-    config = load_config()
+    config = _config(args)
     target = lsn_to_int(args.lsn)
 
     def read_state():
@@ -270,6 +294,10 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pg-replication", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--defs", metavar="PATH",
+        help="act on a PgReplicationComponent source: its defs.yaml (or the folder holding it) instead of replication.yaml",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="slot, lag, WAL retained and per-table state").set_defaults(run=cmd_status)
     sub.add_parser("list", help="source tables and whether they qualify").set_defaults(run=cmd_list)

@@ -56,10 +56,11 @@ class SourceConfig(_Model):
         description="With nothing to apply, the sensor still requests a one-batch drain run once the "
         "slot holds back this much WAL (written by other databases or unpublished tables).",
     )
-    freshness_seconds: Annotated[int, Field(ge=1)] = Field(
+    freshness_seconds: Annotated[int, Field(ge=60)] = Field(
         300,
-        description="A cdc or triggers table's FreshnessPolicy: stale when no change was applied for this long; "
-        "its cdc_freshness check fails when no drain ran for this long.",
+        description="A cdc or triggers table's FreshnessPolicy: stale when no drain applied a change to it or reported "
+        "it kept current for this long (Dagster takes no window under a minute); its cdc_freshness check fails "
+        "when no drain ran for this long.",
     )
     max_retained_wal_mb: Annotated[int, Field(ge=1)] = Field(
         1024, description="The slot_health check fails when the slot retains more WAL than this."

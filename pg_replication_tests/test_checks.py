@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from datetime import timedelta
 
 import dagster as dg
@@ -138,6 +139,85 @@ def test_checks_run_by_themselves_under_the_daemon(pg, write_config, duckdb_path
     assert any(tag.startswith("dagster/") and "automation" in tag for tag in run.tags), run.tags  # launched by the automation sensor
 
 
+QUIET = dg.AssetKey(["public", "quiet"])
+
+
+def _freshness(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
+    """The daemon's last verdict on ``key``'s FreshnessPolicy: PASS, WARN, FAIL, UNKNOWN."""
+    record = instance.get_freshness_state_records([key]).get(key)
+    return record.freshness_state.value if record else None
+
+
+@pytest.mark.e2e
+def test_a_quiet_table_stays_fresh_while_drains_run_and_goes_stale_when_they_stop(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+    """The real `dagster-daemon` evaluates the FreshnessPolicy (freshness_seconds 60) and its CDC
+    sensor launches the drains while one table changes twice a second and the other never does:
+    the quiet table stays fresh for longer than its window, from the drains' caught-up reports
+    (at most one per half window); once the sensor is stopped, drains stop and it goes stale."""
+    window = 60  # Dagster takes no fail_window under a minute
+    pg.execute("CREATE TABLE busy (id int PRIMARY KEY, v int)")
+    pg.execute("CREATE TABLE quiet (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO busy VALUES (1, 0)")
+    pg.execute("INSERT INTO quiet SELECT i, i FROM generate_series(1, 10) i")
+    write_config({
+        "tables": ["busy", "quiet"], "defaults": {"partitions": 1},
+        "source": {"freshness_seconds": window, "sensor_interval_seconds": 2, "run_seconds": 30, "checks_schedule": "0 0 1 1 *"},
+    })
+    env = {**dagster_env(tmp_path), "FRESHNESS_DAEMON_INTERVAL_SECONDS": "2"}  # Dagster's default: every 30 s
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to the working directory
+    out = run_cli(materialize("public/busy,public/quiet", "000...000"), env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stop = threading.Event()
+
+    def write_busy():
+        while not stop.wait(0.5):
+            pg.execute("UPDATE busy SET v = v + 1")
+
+    writer = threading.Thread(target=write_busy, daemon=True)
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen(
+        [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        writer.start()
+        with dg.DagsterInstance.get() as instance:
+            # Drains run: busy's changes arrive (launch times vary with the machine's load).
+            wait_for(lambda: any("lag_seconds" in r.asset_materialization.metadata for r in instance.fetch_materializations(
+                dg.AssetKey(["public", "busy"]), limit=5).records), "a drain run to apply busy's changes", timeout=600, poll=1)
+            wait_for(lambda: _freshness(instance, QUIET) == "PASS", "the daemon to find quiet fresh", timeout=120, poll=1)
+            watched_from = time.monotonic()
+            while time.monotonic() - watched_from < window + 15:  # longer than the window: reports keep it fresh
+                assert _freshness(instance, QUIET) == "PASS", f"quiet went {_freshness(instance, QUIET)} while drains ran"
+                time.sleep(1)
+            reports = [r for r in instance.fetch_materializations(QUIET, limit=100).records
+                       if r.asset_materialization.metadata.get("mode") == dg.MetadataValue.text("caught_up")]
+            assert reports, "no drain reported quiet as kept current"
+            times = sorted(r.timestamp for r in reports)
+            assert all(b - a >= window / 2 - 1 for a, b in zip(times, times[1:])), times  # never more than one per half window
+            stop.set()
+            writer.join()
+            # Drains stop: the operator stops the sensor (an idle source would otherwise still get
+            # a short drain per half window that keeps it fresh: test_sensors.py).
+            out = run_cli(["dagster", "sensor", "stop", "-w", str(ROOT / "workspace.yaml"), "postgres_cdc_sensor"], env, tmp_path)
+            assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+            # Runs requested before the stop still start (a loaded machine takes minutes to start
+            # a run worker) and may report it once more: a generous deadline.
+            wait_for(lambda: _freshness(instance, QUIET) == "FAIL", "quiet to go stale once drains stopped", timeout=window + 900, poll=1)
+    finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join()
+        try:  # the daemon, its code server and the runs it launched
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        log.close()
+
+
 def test_a_check_that_cannot_run_fails_alone(streamed, pg):
     pg.execute("DROP TABLE b")  # parity cannot count it; the slot is still healthy
     keys = list(streamed.resolve_asset_graph().asset_check_keys)
@@ -153,3 +233,9 @@ def test_a_bad_checks_schedule_is_named():
     with pytest.raises(ConfigError) as err:
         parse_config({"tables": ["t"], "source": {"checks_schedule": "every minute"}})
     assert "checks_schedule" in str(err.value) and "cron" in str(err.value)
+
+
+def test_a_freshness_window_under_a_minute_is_named():
+    with pytest.raises(ConfigError) as err:  # Dagster would refuse the FreshnessPolicy at load, unnamed
+        parse_config({"tables": ["t"], "source": {"freshness_seconds": 30}})
+    assert "freshness_seconds" in str(err.value)

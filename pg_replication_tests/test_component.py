@@ -13,6 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import psycopg
 import pytest
@@ -155,6 +156,37 @@ def test_two_sources_load_side_by_side_with_their_own_keys(pg_url, second_db, tm
                 assert job.resource_defs
 
 
+def test_resync_of_a_component_source_clears_its_prefixed_partitions(pg_url, tmp_path, monkeypatch):
+    """`pg-replication --defs <component> resync`, in a fresh process: the component's warehouse
+    table is reset and its asset (key with the source prefix) shows no partition materialized."""
+    _items(pg_url, 200)
+    env = dagster_env(tmp_path)
+    env.pop("POSTGRES_URL", None)  # the component names its own variable
+    env["SHOP_URL"] = pg_url
+    monkeypatch.setenv("SHOP_URL", pg_url)
+    monkeypatch.chdir(tmp_path)  # the shipped dagster.yaml's storage is relative to the working directory
+    key = dg_key("shop", "public", "items")
+    warehouse = tmp_path / "w.duckdb"
+    with create_defs_folder_sandbox() as sandbox:
+        defs_path = sandbox.scaffold_component(
+            PgReplicationComponent, "shop", defs_yaml_contents={"type": TYPE, "attributes": _attributes("shop", "SHOP_URL", warehouse)}
+        )
+        _refresh(sandbox, defs_path)
+        with sandbox.build_all_defs() as defs, dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            job = defs.resolve_implicit_global_asset_job_def()
+            for partition in ("000", "001"):
+                assert job.execute_in_process(asset_selection=[key], partition_key=partition, instance=instance).success
+            assert instance.get_materialized_partitions(key) == {"000", "001"}
+
+        done = run_cli(["pg-replication", "--defs", str(defs_path), "resync", "public.items", "--yes"], env, tmp_path)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert "shop/public/items" in done.stdout  # names the asset it cleared
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+            assert instance.get_materialized_partitions(key) == set()
+        with duckdb.connect(str(warehouse), read_only=True) as wh:
+            assert not wh.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'items'").fetchone()[0]
+
+
 def test_attributes_fail_with_replication_yaml_messages(tmp_path):
     attributes = _attributes("shop", "SHOP_URL", tmp_path / "w.duckdb", tables=[{"name": "public.items", "partitons": 3}])
     with create_defs_folder_sandbox() as sandbox:
@@ -170,8 +202,6 @@ def test_attributes_fail_with_replication_yaml_messages(tmp_path):
 
 
 def dg_key(*path: str):
-    import dagster as dg
-
     return dg.AssetKey(list(path))
 
 
@@ -210,9 +240,11 @@ def _dg(args: list[str], env: dict, cwd: Path) -> str:
 
 
 @pytest.mark.e2e
-def test_dg_scaffold_check_validate_and_backfill_two_sources(pg_url, second_db, tmp_path):
+def test_dg_scaffold_check_validate_backfill_and_drain_two_sources(pg_url, second_db, tmp_path, monkeypatch):
     """What a user does: scaffold two sources with dg, refresh their catalogs, check, validate,
-    then backfill both through `dagster asset materialize`; each warehouse equals its source."""
+    then backfill both through `dagster asset materialize`; each warehouse equals its source. Then
+    changes in one source, applied by its drain job (`dagster job execute`): its warehouse equals
+    it again, and the CDC materialization lands on the asset key with the source's prefix."""
     _items(pg_url, 3000)
     _items(second_db, 2000, offset=7)
     project = tmp_path / "two_sources"
@@ -263,6 +295,24 @@ def test_dg_scaffold_check_validate_and_backfill_two_sources(pg_url, second_db, 
         with psycopg.connect(url) as conn:
             want = sorted(conn.execute("SELECT id, label, price FROM items").fetchall())
         assert got == want and len(got) in (3000, 2000)
+
+    # Then CDC: shop's drain job applies what changed since, onto the prefixed asset.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (5001, 'new', 9.99)")
+        conn.execute("UPDATE items SET price = price + 1 WHERE id <= 100")
+        conn.execute("DELETE FROM items WHERE id BETWEEN 200 AND 209")
+    out = run_cli(["dagster", "job", "execute", "-m", "two_sources.definitions", "-j", "shop_cdc_drain"], env, project)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    with duckdb.connect(str(tmp_path / "shop.duckdb"), read_only=True) as wh:
+        got = sorted(wh.execute('SELECT id, label, price FROM "public"."items"').fetchall())
+    with psycopg.connect(pg_url) as conn:
+        want = sorted(conn.execute("SELECT id, label, price FROM items").fetchall())
+    assert got == want and len(got) == 2991
+    monkeypatch.chdir(project)  # the shipped dagster.yaml's storage is relative to where the CLI ran
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        event = instance.get_latest_materialization_event(dg_key("shop", "public", "items")).asset_materialization
+    counts = {k: event.metadata[k].value for k in ("inserted", "updated", "deleted")}
+    assert counts == {"inserted": 1, "updated": 100, "deleted": 10}
 
 
 def test_replication_yaml_loads_the_saved_catalog_when_asked(pg, pg_url, write_config, tmp_path, monkeypatch):

@@ -31,7 +31,8 @@ def test_drain_materializes_touched_tables_with_metadata(shop, pg):
     with dg.instance_for_test() as instance:
         result = _drain(shop, instance)
         assert result.success
-        (event,) = result.asset_materializations_for_node("postgres_drain_slot")
+        events = result.asset_materializations_for_node("postgres_drain_slot")
+        (event,) = [e for e in events if e.metadata["mode"].value == "applied"]  # b: kept current (test below)
         assert event.asset_key == dg.AssetKey(["public", "a"])
         md = {k: v.value for k, v in event.metadata.items()}
         assert (md["inserted"], md["updated"], md["deleted"], md["truncated"]) == (1, 10, 1, 0)
@@ -102,3 +103,30 @@ def test_one_step_jobs_run_in_process(pg, write_config, duckdb_path):
     assert len(one_step) == 3
     for name in one_step:
         assert defs.resolve_job_def(name).executor_def.name == dg.in_process_executor.name
+
+
+def test_a_caught_up_drain_materializes_quiet_streaming_tables_once_per_half_window(pg, write_config, duckdb_path):
+    """Dagster's FreshnessPolicy counts materializations only: a table nobody writes to gets one
+    from the drain that kept it current (caught up), at most once per half freshness window; a
+    table still backfilling gets none."""
+    pg.execute("CREATE TABLE busy (id int PRIMARY KEY, v int)")
+    pg.execute("CREATE TABLE quiet (id int PRIMARY KEY, v int)")
+    pg.execute("CREATE TABLE half (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO quiet SELECT i, i FROM generate_series(1, 10) i")
+    write_config({"tables": ["busy", "quiet", "half"], "defaults": {"partitions": 2}, "source": {"freshness_seconds": 600}})
+    defs = build_definitions()
+    job = defs.resolve_implicit_global_asset_job_def()
+    for name, partitions in (("busy", ("000", "001")), ("quiet", ("000", "001")), ("half", ("000",))):
+        for partition in partitions:
+            assert job.execute_in_process(asset_selection=[dg.AssetKey(["public", name])], partition_key=partition).success
+    with dg.instance_for_test() as instance:  # no materialization of any table in it yet
+        pg.execute("INSERT INTO busy VALUES (1, 1)")
+        first = _drain(defs, instance)
+        assert first.success
+        events = {e.asset_key.path[-1]: e for e in first.asset_materializations_for_node("postgres_drain_slot")}
+        assert set(events) == {"busy", "quiet"}  # half is still backfilling: not current
+        assert events["quiet"].metadata["mode"].value == "caught_up"
+        assert instance.get_latest_materialization_event(dg.AssetKey(["public", "quiet"])) is not None
+        pg.execute("INSERT INTO busy VALUES (2, 2)")
+        second = _drain(defs, instance)  # within the half window: quiet's report still stands
+        assert [e.asset_key.path[-1] for e in second.asset_materializations_for_node("postgres_drain_slot")] == ["busy"]

@@ -71,9 +71,9 @@ def test_a_long_lived_drain_applies_changes_as_they_come_while_duckdb_stays_read
     with dg.DagsterInstance.get() as instance:
         (run,) = instance.get_runs(dg.RunsFilter(job_name="postgres_cdc_drain"))
         records = instance.fetch_materializations(dg.AssetKey(["shop", "orders"]), limit=100).records
-        batches = [r for r in records if r.run_id == run.run_id]
+        batches = [r for r in records if r.run_id == run.run_id and "last_lsn" in r.asset_materialization.metadata]  # not caught_up reports
     # One materialization per batch that touched the table: each change was applied (and read)
-    # before the next was made, so each came in a batch of its own; idle batches report nothing.
+    # before the next was made, so each came in a batch of its own; idle batches apply nothing.
     assert len(batches) == len(CHANGES)
     assert all(r.asset_materialization.metadata["last_lsn"] for r in batches)
 

@@ -4,6 +4,7 @@ import dagster as dg
 import pytest
 
 from pg_replication.dagster.definitions import build_definitions
+from pg_replication_tests.operator import wait_for
 
 
 @pytest.fixture
@@ -102,3 +103,30 @@ def test_an_idle_slot_still_advances_with_one_short_run(pg, write_config, duckdb
         "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = 'pgr_sensor_slot'", (held_back,)
     ).fetchone()
     assert advanced
+
+
+def test_an_idle_source_gets_one_short_run_per_half_window_to_report_its_tables_kept_current(pg, write_config, duckdb_path):
+    """Nothing changes: no drain would run and the table would show stale. Once its last
+    materialization is half a freshness window old, the sensor requests one batch, whose drain
+    reports the table kept current; then it skips again for another half window."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    pg.execute("INSERT INTO t SELECT i, i FROM generate_series(1, 10) i")
+    write_config({"tables": ["t"], "defaults": {"partitions": 1}, "source": {"slot": "pgr_sensor_slot", "publication": "pgr_sensor_pub", "freshness_seconds": 60}})
+    defs = build_definitions()
+    key = dg.AssetKey(["public", "t"])
+    with dg.instance_for_test() as instance:
+        backfill = defs.resolve_implicit_global_asset_job_def()
+        assert backfill.execute_in_process(asset_selection=[key], partition_key="000", instance=instance).success
+        assert not _evaluate(defs, instance).run_requests  # materialized just now: fresh for a while
+
+        def requested():
+            return _evaluate(defs, instance).run_requests
+
+        (request,) = wait_for(requested, "the sensor to ask for a run that reports t kept current", timeout=300, poll=2)
+        assert ":kept-current:" in request.run_key
+        assert request.run_config["ops"]["postgres_drain_slot"]["config"]["run_seconds"] == 0  # one batch
+        drain = defs.resolve_job_def("postgres_cdc_drain")
+        assert drain.execute_in_process(run_config=request.run_config, instance=instance, tags=request.tags).success
+        latest = instance.get_latest_materialization_event(key).asset_materialization
+        assert latest.metadata["mode"] == dg.MetadataValue.text("caught_up")
+        assert not _evaluate(defs, instance).run_requests  # a drain just ran: nothing due

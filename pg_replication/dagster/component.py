@@ -143,6 +143,33 @@ class PgReplicationComponent(dg.StateBackedComponent, dg.Resolvable):
         )
 
 
+def load_component(path: Path) -> PgReplicationComponent:
+    """The PgReplicationComponent a ``defs.yaml`` (or the folder holding it) declares, resolved
+    as Dagster resolves it (its ``type`` may be a subclass): what the operator's CLI acts on."""
+    import yaml
+
+    file = path / "defs.yaml" if path.is_dir() else path
+    try:
+        documents = [d for d in yaml.safe_load_all(file.read_text()) if d]
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{file}: cannot read it ({exc})", hint="name a component's defs.yaml or its folder") from None
+    found = []
+    for document in documents:
+        module_name, _, class_name = str(document.get("type", "")).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, PgReplicationComponent):
+            found.append(cls.resolve_from_dict(document.get("attributes") or {}))
+    if len(found) != 1:
+        raise ConfigError(
+            f"{file}: {'declares several' if found else 'declares no'} PgReplicationComponent",
+            hint="name the defs.yaml of one source (scaffolded by `dg scaffold defs`)",
+        )
+    return found[0]
+
+
 def _translator_class(path: str | None, default: type[TableAssetTranslator]) -> type[TableAssetTranslator]:
     if path is None:
         return default
@@ -156,4 +183,4 @@ def _translator_class(path: str | None, default: type[TableAssetTranslator]) -> 
     return found
 
 
-__all__ = ["PgReplicationComponent", "PgReplicationScaffolder"]
+__all__ = ["PgReplicationComponent", "PgReplicationScaffolder", "load_component"]

@@ -100,7 +100,7 @@ def build_definitions_from_catalog(
         jobs=[cdc_job, *sync_jobs, retry_job, *([refresh_job] if refresh_job else [])],
         schedules=schedules,
         sensors=[
-            build_cdc_sensor(config, cdc_job, tables, catalog.warnings(), keys),
+            build_cdc_sensor(config, cdc_job, tables, catalog.warnings(), keys, translator),
             *build_notification_sensors(config, [cdc_job, *sync_jobs]),
             build_automation_sensor(config, [translator.get_asset_key(t) for t in tables]),
         ],

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.dagster.documents import document_asset_key
+from pg_replication.dagster.kept_current import KeptCurrent
 from pg_replication.dagster.metadata import table_metadata
 from pg_replication.replicate.capture import CaptureSettings
 from pg_replication.replicate.cdc import DrainResult, DrainSettings
@@ -126,6 +127,7 @@ def build_cdc_job(
     captured_tables = [t for t in tables if t.strategy == "triggers"]
     pool = config.source.pool
     documents = {d.name: document_asset_key(translator, d) for d in config.documents}
+    report_every = config.source.freshness_seconds / 2  # kept_current.py: half the freshness window
 
     @dg.op(name=f"{config.source.name}_drain_slot", pool=config.source.pool, out={}, required_resource_keys=keys.both)
     def drain(context: dg.OpExecutionContext, config: DrainConfig):
@@ -145,6 +147,14 @@ def build_cdc_job(
             capture=CaptureSettings(max_changes=config.max_changes),
             hand_over=_pool_waited_on(context, pool),
         )
+        kept = KeptCurrent(context.instance, translator, tables, report_every)
+
+        def statuses():
+            # Not read_only: a one-batch run holds the DuckDB file for its session, and DuckDB
+            # refuses a second connection of another mode to it from the same process.
+            with warehouse.open() as wh:
+                return wh.statuses()
+
         with _transient_as_retryable(), closing(run):
             for done in run:
                 failed = {}
@@ -153,11 +163,13 @@ def build_cdc_job(
                     lsn = int_to_lsn(result.drained_lsn)
                     drained = f"{result.changes:,} changes in {result.transactions:,} transactions up to {lsn}"
                     yield from _report(context, translator, result, drained, f"CDC micro-batch up to {lsn}", documents)
+                    yield from kept.events(result, slot_tables, lsn, statuses)
                     failed.update(result.failed)
                 if done.captured is not None:
                     result = done.captured
                     drained = f"{result.changes:,} captured changes up to change {result.drained_lsn}"
                     yield from _report(context, translator, result, drained, f"captured changes up to change {result.drained_lsn}")
+                    yield from kept.events(result, captured_tables, f"change {result.drained_lsn}", statuses)
                     failed.update(result.failed)
                 if failed:  # newly failed only: a table failed before is held, and does not fail the run again
                     problems = "; ".join(o.error or key for key, o in failed.items())

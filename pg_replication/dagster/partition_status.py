@@ -18,9 +18,10 @@ from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.source.catalog import Table
 
 
-def clear_partition_status(config: ReplicationConfig, table: Table) -> str:
-    """Wipe ``table``'s asset in the instance of DAGSTER_HOME; returns what was done, for the operator."""
-    key = TableAssetTranslator(config).get_asset_key(table).to_user_string()
+def clear_partition_status(config: ReplicationConfig, table: Table, translator: TableAssetTranslator | None = None) -> str:
+    """Wipe ``table``'s asset (its key from ``translator``: a component's carries its prefix) in
+    the instance of DAGSTER_HOME; returns what was done, for the operator."""
+    key = (translator or TableAssetTranslator(config)).get_asset_key(table).to_user_string()
     if not os.environ.get("DAGSTER_HOME"):
         return f"DAGSTER_HOME is not set: Dagster's partition status of {key} is unchanged (wipe the asset in the UI)"
     with dg.DagsterInstance.get() as instance:

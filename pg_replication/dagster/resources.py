@@ -2,8 +2,8 @@
 
 Each warehouse resource opens one connection per use and hands back the engine's dialect for
 it; jobs, checks and the IO manager only see ``WarehouseResource.open()``. DuckDB rides on
-dagster-duckdb's DuckDBResource and Snowflake on dagster-snowflake's SnowflakeResource
-(``resources_snowflake.py``, imported only when chosen: dagster_snowflake takes seconds to load).
+dagster-duckdb's DuckDBResource; Snowflake on the Snowflake connector itself
+(``resources_snowflake.py``, imported only when chosen: the connector takes seconds to load).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ import dagster as dg
 
 from pg_replication.config import ReplicationConfig
 from pg_replication.errors import SourceUnavailableError
+from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.dagster.kept_current import report_due
 from pg_replication.dagster.resources import PostgresSource, ResourceKeys
 from pg_replication.source.pgoutput import int_to_lsn
 from pg_replication.source.catalog import Table
@@ -109,10 +111,12 @@ def build_cdc_sensor(
     tables: list[Table],
     load_warnings: Sequence[str] = (),
     keys: ResourceKeys = ResourceKeys(),
+    translator: TableAssetTranslator | None = None,
 ) -> dg.SensorDefinition:
     """``load_warnings``: what the code location left out when it loaded (tables that cannot be
     replicated, a source that was down), shown in the sensor's description: where a Dagster user
-    looks when a table is not replicated."""
+    looks when a table is not replicated. ``translator`` names the table assets a one-batch drain
+    reports kept current when nothing changes (kept_current.py)."""
     slot = config.source.slot
     publication = config.source.publication
     advance_bytes = config.source.idle_slot_advance_mb << 20
@@ -125,6 +129,8 @@ def build_cdc_sensor(
         return {"ops": {f"{config.source.name}_drain_slot": {"config": {"run_seconds": seconds}}}}
 
     strategies = {t.strategy for t in tables}
+    streamed_keys = [(translator or TableAssetTranslator(config)).get_asset_key(t) for t in tables if t.strategy in ("cdc", "triggers")]
+    report_every = config.source.freshness_seconds / 2
     watch_slot, watch_capture = "cdc" in strategies, "triggers" in strategies
     description = f"Requests a drain run when the {slot!r} slot has changes to apply, or captured changes wait. Never drains itself."
     if load_warnings:
@@ -162,7 +168,7 @@ def build_cdc_sensor(
         elif watch_capture:
             positions.append(f"change {captured}")
         if not positions:
-            return dg.SkipReason("; ".join(idle))
+            return nothing_to_apply(context, "; ".join(idle), ready=status is not None or not watch_slot)
         live = []
         for run in context.instance.get_runs(dg.RunsFilter(job_name=job.name, statuses=IN_PROGRESS)):
             reason = dead_run_reason(context.instance, run)
@@ -189,13 +195,24 @@ def build_cdc_sensor(
             if found is None:
                 return dg.SkipReason(f"slot {slot!r} is in use by another session")
             if not found and status.lag_bytes < advance_bytes:
-                return dg.SkipReason(
+                return nothing_to_apply(
+                    context,
                     f"slot {slot!r} has nothing to apply up to {int_to_lsn(flushed)} "
-                    f"({status.lag_bytes:,} bytes of WAL from other databases or unpublished tables)"
+                    f"({status.lag_bytes:,} bytes of WAL from other databases or unpublished tables)",
                 )
             if not found:
                 run_config = drain_for(0)  # one batch: it only advances the slot
         return _request(context, positions, status, run_config)
+
+    def nothing_to_apply(context: dg.SensorEvaluationContext, why: str, ready: bool = True) -> dg.RunRequest | dg.SkipReason:
+        """A skip; or, when the tables' freshness needs it, one batch only to report them kept current."""
+        if not ready or not report_due(context.instance, job.name, streamed_keys, report_every):
+            return dg.SkipReason(why)
+        return dg.RunRequest(
+            run_key=f"{slot}:kept-current:{int(time.time() // report_every)}",
+            run_config=drain_for(0),
+            tags={"pg_replication/lag_bytes": "0", HOST_TAG: socket.gethostname()},
+        )
 
     def _request(context: dg.SensorEvaluationContext, positions: list[str], status, run_config: dict) -> dg.RunRequest:
         # The run key names the position; the attempt count lets a failed drain be retried.
@@ -223,5 +240,8 @@ def _busy_and_ending(instance: dg.DagsterInstance, run: dg.DagsterRun, op_name: 
     within = min(within, run_seconds / 2)  # short runs: at half-life, not one successor after another
     if record.start_time + run_seconds - now > within:
         return False
-    applied = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, ascending=False, limit=1).records
+    # A drain's caught_up materializations (kept_current.py) say it had nothing to apply: skipped
+    # (among the last hundred; a batch that reports more tables than that reads as idle).
+    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, ascending=False, limit=100).records
+    applied = [r for r in records if r.asset_materialization and r.asset_materialization.metadata.get("mode") != dg.MetadataValue.text("caught_up")]
     return bool(applied) and now - applied[0].event_log_entry.timestamp < within
