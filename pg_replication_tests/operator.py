@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +47,27 @@ def wait_for(condition, what: str, timeout: float, poll: float = 0.5):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(poll)
+
+
+@contextmanager
+def dagster_daemon(env: dict, cwd: Path) -> Iterator[subprocess.Popen]:
+    """`dagster-daemon run` on the repository's workspace.yaml, its output in cwd/daemon.log;
+    stopped at the end with the code server and the runs it launched (its process group)."""
+    with open(cwd / "daemon.log", "w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+            env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            yield process
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the code server and runs it started may outlive the daemon
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()

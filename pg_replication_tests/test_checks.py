@@ -3,9 +3,6 @@ every table asset carries its FreshnessPolicy; the checks run by themselves unde
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -17,7 +14,7 @@ import pytest
 from pg_replication.config import parse_config
 from pg_replication.dagster.definitions import build_definitions
 from pg_replication.errors import ConfigError
-from pg_replication_tests.operator import BIN, ROOT, dagster_env, materialize, run_cli, wait_for
+from pg_replication_tests.operator import ROOT, dagster_env, dagster_daemon, materialize, run_cli, wait_for
 
 
 @pytest.fixture
@@ -109,31 +106,17 @@ def test_checks_run_by_themselves_under_the_daemon(pg, write_config, duckdb_path
     monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to the working directory
     out = run_cli(materialize("public/b", "000...000"), env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
     parity = dg.AssetCheckKey(dg.AssetKey(["public", "b"]), "row_count_parity")
-    try:
-        with dg.DagsterInstance.get() as instance:
-            ours = {r.run_id for r in instance.get_runs()}  # the backfill ran the checks too: not by themselves
+    with dagster_daemon(env, tmp_path), dg.DagsterInstance.get() as instance:
+        ours = {r.run_id for r in instance.get_runs()}  # the backfill ran the checks too: not by themselves
 
-            def evaluated():
-                record = instance.event_log_storage.get_latest_asset_check_execution_by_key([parity]).get(parity)
-                done = record is not None and record.event is not None and record.event.asset_check_evaluation
-                return record if done and record.run_id not in ours else None
+        def evaluated():
+            record = instance.event_log_storage.get_latest_asset_check_execution_by_key([parity]).get(parity)
+            done = record is not None and record.event is not None and record.event.asset_check_evaluation
+            return record if done and record.run_id not in ours else None
 
-            record = wait_for(evaluated, "the daemon to run row_count_parity by itself", timeout=600, poll=2)
-            run = instance.get_run_by_id(record.run_id)
-    finally:
-        try:  # the daemon, its code server and the runs it launched
-            os.killpg(daemon.pid, signal.SIGTERM)
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
-        log.close()
+        record = wait_for(evaluated, "the daemon to run row_count_parity by itself", timeout=600, poll=2)
+        run = instance.get_run_by_id(record.run_id)
     evaluation = record.event.asset_check_evaluation
     assert evaluation.passed and evaluation.metadata["source_rows"].value == evaluation.metadata["warehouse_rows"].value == 50
     assert any(tag.startswith("dagster/") and "automation" in tag for tag in run.tags), run.tags  # launched by the automation sensor
@@ -175,14 +158,9 @@ def test_a_quiet_table_stays_fresh_while_drains_run_and_goes_stale_when_they_sto
             pg.execute("UPDATE busy SET v = v + 1")
 
     writer = threading.Thread(target=write_busy, daemon=True)
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
     try:
-        writer.start()
-        with dg.DagsterInstance.get() as instance:
+        with dagster_daemon(env, tmp_path), dg.DagsterInstance.get() as instance:
+            writer.start()
             # Drains run: busy's changes arrive (launch times vary with the machine's load).
             wait_for(lambda: any("lag_seconds" in r.asset_materialization.metadata for r in instance.fetch_materializations(
                 dg.AssetKey(["public", "busy"]), limit=5).records), "a drain run to apply busy's changes", timeout=600, poll=1)
@@ -209,13 +187,6 @@ def test_a_quiet_table_stays_fresh_while_drains_run_and_goes_stale_when_they_sto
         stop.set()
         if writer.is_alive():
             writer.join()
-        try:  # the daemon, its code server and the runs it launched
-            os.killpg(daemon.pid, signal.SIGTERM)
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
-        log.close()
 
 
 def test_a_check_that_cannot_run_fails_alone(streamed, pg):

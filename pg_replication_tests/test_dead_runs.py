@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from pg_replication_tests.operator import dagster_env, materialize, run_cli, wait_for
+from pg_replication_tests.operator import dagster_daemon, dagster_env, materialize, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -89,25 +88,8 @@ def daemon(pg, write_config, duckdb_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to the working directory
     out = run_cli(materialize("shop/orders", "000...001"), env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    log = open(tmp_path / "daemon.log", "w")
-    process = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
+    with dagster_daemon(env, tmp_path):
         yield failpoints
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # the code server and runs it started may outlive the daemon
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-        log.close()
 
 
 def _parent(pid: int) -> int:
