@@ -163,3 +163,39 @@ def test_a_batch_committed_while_the_next_read_fails_is_reported_and_confirmed(p
     assert _slot_confirmed(pg, h.settings.slot) == committed  # confirmed by SQL once the broken session let go
     h.drain_session(max_changes=100)
     h.assert_equal(pg, "t")
+
+
+class _RefusingApply:
+    """The warehouse, except that its apply logs a line and then refuses the batch."""
+
+    def __init__(self, warehouse) -> None:
+        self._warehouse = warehouse
+
+    def __getattr__(self, name: str):
+        return getattr(self._warehouse, name)
+
+    def apply_drain(self, *args, log, **kwargs):
+        log("t: the warehouse refused the batch")
+        raise RuntimeError("the warehouse refused the batch")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11: the finally waits for the failed batch again and repeats its log lines")
+def test_a_failed_apply_is_told_once(pg, pg_url, duckdb_path):
+    """The batch's error reaches the caller and its log lines are passed on once, not again when
+    the session closes; nothing is confirmed past what the warehouse holds."""
+    from pg_replication.replicate.drain_session import drain_session
+
+    _create_table(pg)
+    h = Harness(pg_url, duckdb_path, ["t"])
+    h.backfill()
+    _write_mixed(pg, 3)
+    lines: list[str] = []
+    with h.target.open() as wh:
+        before = wh.drained_lsn(h.settings.slot)
+        with pytest.raises(RuntimeError, match="refused the batch"):
+            for _ in drain_session(pg_url, _RefusingApply(wh), h.tables, h.settings, lines.append):
+                pass
+        assert wh.drained_lsn(h.settings.slot) == before
+    assert lines.count("t: the warehouse refused the batch") == 1, lines
+    h.drain_session()
+    h.assert_equal(pg, "t")
