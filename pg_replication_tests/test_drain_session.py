@@ -179,7 +179,6 @@ class _RefusingApply:
         raise RuntimeError("the warehouse refused the batch")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the finally waits for the failed batch again and repeats its log lines")
 def test_a_failed_apply_is_told_once(pg, pg_url, duckdb_path):
     """The batch's error reaches the caller and its log lines are passed on once, not again when
     the session closes; nothing is confirmed past what the warehouse holds."""

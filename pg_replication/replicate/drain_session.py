@@ -108,6 +108,13 @@ def drain_session(
             log_failed(result, log)
             return result
 
+        def finish_pending() -> DrainResult:
+            """The batch being applied, once committed; no longer pending even when it failed (the
+            ``finally`` below must not wait for it, nor pass its log lines on, a second time)."""
+            nonlocal pending
+            work, pending = pending, None
+            return finish(work)
+
         def enough(work: tuple[Future, DrainResult, float, list[str]] | None, started: float) -> Callable[[], bool] | None:
             """When the read of the next batch may end (at a commit): once the batch applied
             meanwhile has committed, and not before ``min_seconds``. That batch is reported only
@@ -142,12 +149,12 @@ def drain_session(
                         decoded, result = read_batch(conn, locked, session, stream, streams, enough(pending, started))
                     except Exception:
                         if pending is not None:  # committed all the same: reported before the read's error
-                            done, pending = finish(pending), None
+                            done = finish_pending()
                             yield done
                         raise
                     failpoint("after_read")
                     if pending is not None:
-                        done, pending = finish(pending), None
+                        done = finish_pending()
                         confirm(stream, done.drained_lsn)
                         yield done
                     # The next batch starts where this one ends, once it has committed.
@@ -158,7 +165,7 @@ def drain_session(
                     if streams is not None and (streams.open or streams.parts_staged):
                         last = True  # the stream staging is emptied after the apply: see the module docstring
                     if last:
-                        done, pending = finish(pending), None
+                        done = finish_pending()
                         confirm(stream, done.drained_lsn)
                         if streams is not None and streams.parts_staged:
                             warehouse.reset_stream_staging(settings.slot)  # applied, or to be re-sent to the next session
