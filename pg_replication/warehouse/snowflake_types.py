@@ -105,9 +105,9 @@ TYPE_TABLE: dict[str, TypeMapping] = {
     "timestamp": _native(
         _cast("TIMESTAMP_NTZ(6)", _DATETIME_GUARD), pa.timestamp("us"), "pg_catalog.timestamp", _TIMESTAMP_RANGE % ("", "")
     ),
-    "timestamptz": _native(
-        _cast("TIMESTAMP_TZ(6)", _TIMESTAMP_TZ), pa.timestamp("us", tz="UTC"), "pg_catalog.timestamptz", _TIMESTAMP_RANGE % ("+00", "+00")
-    ),
+    # Text, not a Parquet UTC instant: Snowflake would store that with its session's offset, CDC's
+    # text path with +00:00; one load for both keeps backfilled and streamed rows alike.
+    "timestamptz": _cast("TIMESTAMP_TZ(6)", _TIMESTAMP_TZ),
     "time": _native(_cast("TIME(6)", _refuse_when("LEFT({0}, 2) = '24'")), pa.time64("us"), "pg_catalog.time", "{0} < '24:00:00'"),
     "timetz": _TEXT,  # Snowflake has no time with an offset
     "interval": _TEXT,  # ISO 8601 text ('P1Y2M3DT4H5M6S'): IntervalStyle=iso_8601
