@@ -17,7 +17,7 @@ from pg_replication.errors import (
     TransientWarehouseError,
     is_transient,
 )
-from pg_replication.failpoints import failpoint
+from pg_replication.failpoints import failpoint, pause
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
 from pg_replication.warehouse.base import (
@@ -179,6 +179,7 @@ class DrainApply:
                 outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
             outcomes = DrainOutcomes(outcomes, documents.finish(), documents.problems)
             failpoint("mid_apply")
+            pause("mid_apply")  # the race tests hold a drain here, its changes applied and not committed
             self._advance_coverage(getattr(decoded, "covered", ()), getattr(decoded, "drained_before", 0), target_lsn)
             self.set_drained_lsn(slot, target_lsn)
             self.commit()
