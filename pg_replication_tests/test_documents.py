@@ -286,7 +286,6 @@ def _waits_on_a_lock(h: Harness) -> bool:
         ).fetchone()[0])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the first build of a set misses the changes of a drain in flight")
 def test_the_first_build_waits_for_a_drain_in_flight(replica_tree, pg, tmp_path, monkeypatch):
     """A drain holds its applied changes uncommitted (paused mid-apply: it read the sets before the
     set existed) while the set's first build runs on another connection: the build must wait for

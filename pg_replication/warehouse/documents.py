@@ -12,8 +12,9 @@ from then on. A drain refreshes a set in its own transaction:
 3. it maps them again (new rows, new parents), then deletes the documents of the union of those
    roots and builds again those whose root row exists.
 
-A TRUNCATE of any table of the tree rebuilds the whole set. Writers of a set's documents (drains,
-a full build) wait for each other on its state row.
+A TRUNCATE of any table of the tree rebuilds the whole set. A full build waits for the drains
+applying to any table of the tree on the tables' state rows (its first build included, when no
+drain knows the set yet), and drains wait for it there.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class DocumentStore:
         if self.document_join_indexes:
             self._index_joins(dset)
         with self.transaction():  # type: ignore[attr-defined]
+            # A drain locks the state rows of the tables it applies (sorted, as here) before it
+            # reads which sets to refresh: a drain in flight, which may not know this set yet,
+            # commits before the build reads the tables; a later one waits and then refreshes it.
+            for key in sorted(dset.table_keys()):
+                self._lock_state(key)  # type: ignore[attr-defined]
             self._upsert_state("documents", {"name": dset.name}, {"definition": dset.to_json(), "updated_at": time.time()})  # type: ignore[attr-defined]
             self.execute(f"DELETE FROM {self.document_table(dset)}")  # type: ignore[attr-defined]
             self.execute(f"INSERT INTO {self.document_table(dset)} {built.select()}")  # type: ignore[attr-defined]

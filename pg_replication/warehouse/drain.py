@@ -141,7 +141,7 @@ class DrainApply:
             expected = getattr(decoded, "drained_before", None)  # the slot drain's start; capture serializes itself
             if expected is not None:
                 self._claim_cursor(slot, expected)
-            for key in decoded.batches:
+            for key in sorted(decoded.batches):  # sorted: a document build takes them in this order too
                 self._lock_state(key)
             statuses = self.statuses()  # after the locks: a backfill that just completed is seen
             documents = self.document_refresh(decoded, staged)  # maps the changed rows to their roots, before the changes
