@@ -316,7 +316,6 @@ def test_the_first_build_waits_for_a_drain_in_flight(replica_tree, pg, tmp_path,
     assert_documents_fresh(h, pg, dset)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: a document refresh that fails fails the whole drain")
 def test_a_failed_refresh_holds_the_set_not_the_drain(replica_tree, pg):
     """The root's key retyped int -> bigint: the Postgres replica widens the root table in place,
     but the set's tables keep int until the set is built again; a root key beyond int fails the
