@@ -348,7 +348,6 @@ def test_a_failed_refresh_holds_the_set_not_the_drain(replica_tree, pg):
     assert_documents_fresh(h, pg, dset)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: a set named like a replicated table but for case rewrites it on DuckDB")
 def test_a_set_named_like_a_replicated_table_but_for_case_is_refused(duckdb_tree, pg):
     """DuckDB resolves quoted names regardless of case: a set named Review would be public.review."""
     h = duckdb_tree

@@ -98,6 +98,7 @@ class DocumentStore:
                 f"documents {dset.name}: {', '.join(sorted(set(missing)))} not in the warehouse yet",
                 hint="materialize (backfill) the tables of the tree first, then the documents",
             )
+        self._refuse_foreign_table(dset)
         self.create_schema(self.document_schema(dset))  # type: ignore[attr-defined]
         root = self._node_table(dset.root)
         keys = ", ".join(self.ident(k) for k in dset.root.key)  # type: ignore[attr-defined]
@@ -121,6 +122,34 @@ class DocumentStore:
             self.execute(f"DELETE FROM {self.document_table(dset)}")  # type: ignore[attr-defined]
             self.execute(f"INSERT INTO {self.document_table(dset)} {built.select()}")  # type: ignore[attr-defined]
             return int(self.fetchall(f"SELECT count(*) FROM {self.document_table(dset)}")[0][0])  # type: ignore[attr-defined]
+
+    def _refuse_foreign_table(self, dset: DocumentSet) -> None:
+        """A build deletes the rows of its table and may drop it: never over a table that is not
+        this set's (a replicated one, one of the user's, one whose name differs only in case:
+        DuckDB resolves quoted names regardless of case)."""
+        schema, name = self.fold(self.document_schema(dset)), self.fold(dset.name)  # type: ignore[attr-defined]
+        found = self.fetchall(  # type: ignore[attr-defined]
+            "SELECT table_schema, table_name FROM information_schema.tables WHERE lower(table_schema) = lower(?) "
+            "AND lower(table_name) = lower(?)",
+            [schema, name],
+        )
+        replicated = self.fetchall(  # type: ignore[attr-defined]
+            f"SELECT table_key FROM {self.state('tables')} WHERE lower(table_key) = lower(?)", [f"{dset.root.schema}.{dset.name}"]  # type: ignore[attr-defined]
+        )
+        built_before = self.fetchall(f"SELECT 1 FROM {self.state('documents')} WHERE name = ?", [dset.name])  # type: ignore[attr-defined]
+        shape = [self.fold(c) for c in (*dset.root.key, "document")]  # type: ignore[attr-defined]
+        for have_schema, have_name in found:
+            ours = (
+                (have_schema, have_name) == (schema, name) and not replicated
+                and (built_before or self.physical_columns(have_schema, have_name) == shape)  # type: ignore[attr-defined]
+            )
+            if not ours:
+                raise PgReplicationError(
+                    f"documents {dset.name}: the warehouse already has the table {have_schema}.{have_name}"
+                    f"{', a replicated table' if replicated else ''}, which is not this set's documents table "
+                    "(names compare regardless of case in DuckDB); building the set would rewrite it",
+                    hint="rename the document set in documents:, or drop that table if nothing needs it",
+                )
 
     def _stale_document_tables(self, dset: DocumentSet) -> bool:
         """Whether the set's tables exist with other columns, or key types other than the root's
