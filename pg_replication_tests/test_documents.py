@@ -348,6 +348,33 @@ def test_a_failed_refresh_holds_the_set_not_the_drain(replica_tree, pg):
     assert_documents_fresh(h, pg, dset)
 
 
+def test_a_rebuild_after_the_root_key_is_retyped_and_backfilled_again_follows_the_new_type(duckdb_tree, pg):
+    """DuckDB cannot widen a key column in place: the root fails, is resynced (what
+    ``pg-replication resync`` does) and backfilled again as bigint, and the set is built again; its
+    tables must follow, or a root key beyond int fails its refresh."""
+    from pg_replication.replicate.operations import resync_table
+
+    h = duckdb_tree
+    dset = resolve(h, pg)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    pg.execute("ALTER TABLE publisher ALTER id TYPE bigint")
+    h.reload()
+    pg.execute("UPDATE publisher SET name = 'after the retype' WHERE id = 1")
+    (result,) = h.drain_all()
+    assert result.tables["public.publisher"].mode == "failed"
+    with h.target.open() as wh:
+        resync_table(wh, h.table("publisher"))
+    h.backfill("publisher")
+    with h.target.open() as wh:
+        assert wh.materialize_documents(dset) == 20
+    pg.execute("INSERT INTO publisher VALUES (3000000000, 'big')")
+    pg.execute("UPDATE book SET publisher_id = NULL WHERE isbn = 'b00001'")
+    (result,) = h.drain_all()
+    assert result.tables.documents == {"publisher_docs": 2} and result.tables.document_problems == {}
+    assert_documents_fresh(h, pg, dset)
+
+
 def test_a_set_named_like_a_replicated_table_but_for_case_is_refused(duckdb_tree, pg):
     """DuckDB resolves quoted names regardless of case: a set named Review would be public.review."""
     h = duckdb_tree
