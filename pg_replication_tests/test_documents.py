@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from pg_replication.config import DocumentSetConfig, parse_config
-from pg_replication.errors import ConfigError
+from pg_replication.errors import ConfigError, PgReplicationError
 from pg_replication.replicate.document_tree import DocumentSet, resolve_document_sets
 from pg_replication.source.foreign_keys import foreign_keys
 from pg_replication_tests.replication import Harness
@@ -89,6 +90,15 @@ def tree(request, pg, pg_url, tmp_path: Path, server_url: str):
 def duckdb_tree(pg, pg_url, tmp_path: Path, server_url: str):
     pg.execute(SCHEMA)
     with make_target("duckdb", tmp_path, server_url) as target:
+        h = Harness(pg_url, target, TABLES, partitions=1)
+        h.backfill()
+        yield h
+
+
+@pytest.fixture
+def replica_tree(pg, pg_url, tmp_path: Path, server_url: str):
+    pg.execute(SCHEMA)
+    with make_target("postgres", tmp_path, server_url) as target:
         h = Harness(pg_url, target, TABLES, partitions=1)
         h.backfill()
         yield h
@@ -248,6 +258,135 @@ def test_a_column_gone_from_the_tree_holds_the_documents_not_the_drain(duckdb_tr
         "isbn": "b00001", "title": "changed", "price": 1.25, "author": {"id": 2, "name": "renamed"},
         "reviews": [{"n": 200, "rating": 1}, {"n": 400, "rating": 1}],
     }
+
+
+def _until(condition, what: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        time.sleep(0.05)
+
+
+def _in_thread(work, errors: list) -> threading.Thread:
+    def body() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread
+
+
+def _waits_on_a_lock(h: Harness) -> bool:
+    with psycopg.connect(h.target.url, autocommit=True) as conn:
+        return bool(conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()[0])
+
+
+def test_the_first_build_waits_for_a_drain_in_flight(replica_tree, pg, tmp_path, monkeypatch):
+    """A drain holds its applied changes uncommitted (paused mid-apply: it read the sets before the
+    set existed) while the set's first build runs on another connection: the build must wait for
+    it, else the build's snapshot lacks the change and no drain ever refreshes that document."""
+    h = replica_tree
+    dset = resolve(h, pg)
+    gates = tmp_path / "failpoints"
+    gates.mkdir()
+    monkeypatch.setenv("PGR_FAILPOINT_DIR", str(gates))
+    (gates / "mid_apply.pause").touch()
+    # author: no index of the build's on it (book's would wait for the drain's lock on book)
+    pg.execute("UPDATE author SET name = 'during the first build' WHERE id = 2")
+    errors: list = []
+    drain = _in_thread(h.drain_all, errors)
+    _until(lambda: (gates / "mid_apply.paused").exists() or not drain.is_alive(), "the drain to pause mid-apply")
+
+    def build() -> None:
+        with h.target.open() as wh:
+            wh.materialize_documents(dset)
+
+    builder = _in_thread(build, errors)
+    _until(lambda: not builder.is_alive() or _waits_on_a_lock(h), "the build to finish or wait for the drain")
+    (gates / "mid_apply.pause").unlink()
+    drain.join()
+    builder.join()
+    assert not errors, errors
+    assert stored_documents(h, dset)[2]["books"][0]["author"]["name"] == "during the first build"
+    assert_documents_fresh(h, pg, dset)
+
+
+def test_a_failed_refresh_holds_the_set_not_the_drain(replica_tree, pg):
+    """The root's key retyped int -> bigint: the Postgres replica widens the root table in place,
+    but the set's tables keep int until the set is built again; a root key beyond int fails the
+    refresh. The drain applies every table and reports the set; the set stays held until it is
+    built again, which recreates its tables with the root key's new type."""
+    h = replica_tree
+    dset = resolve(h, pg)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    pg.execute("ALTER TABLE publisher ALTER id TYPE bigint")
+    pg.execute("INSERT INTO publisher VALUES (3000000000, 'big')")
+    pg.execute("UPDATE book SET title = 'changed' WHERE isbn = 'b00001'")
+    h.reload()
+    (result,) = h.drain_all()
+    assert {k: o.mode for k, o in result.tables.items()} == {"public.publisher": "applied", "public.book": "applied"}
+    h.assert_equal(pg, "publisher")
+    h.assert_equal(pg, "book")
+    problem = result.tables.document_problems["publisher_docs"]
+    assert "documents publisher_docs" in problem and "materialize the asset public/publisher_docs" in problem, problem
+    pg.execute("UPDATE author SET name = 'later' WHERE id = 2")
+    (result,) = h.drain_all()  # held: later drains leave the set alone and say why
+    assert result.tables.documents == {} and "publisher_docs" in result.tables.document_problems
+    h.assert_equal(pg, "author")
+    with h.target.open() as wh:
+        assert wh.materialize_documents(dset) == 21
+    assert_documents_fresh(h, pg, dset)
+    pg.execute("UPDATE publisher SET name = 'big, renamed' WHERE id = 3000000000")
+    (result,) = h.drain_all()
+    assert result.tables.documents == {"publisher_docs": 1} and result.tables.document_problems == {}
+    assert_documents_fresh(h, pg, dset)
+
+
+def test_a_rebuild_after_the_root_key_is_retyped_and_backfilled_again_follows_the_new_type(duckdb_tree, pg):
+    """DuckDB cannot widen a key column in place: the root fails, is resynced (what
+    ``pg-replication resync`` does) and backfilled again as bigint, and the set is built again; its
+    tables must follow, or a root key beyond int fails its refresh."""
+    from pg_replication.replicate.operations import resync_table
+
+    h = duckdb_tree
+    dset = resolve(h, pg)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    pg.execute("ALTER TABLE publisher ALTER id TYPE bigint")
+    h.reload()
+    pg.execute("UPDATE publisher SET name = 'after the retype' WHERE id = 1")
+    (result,) = h.drain_all()
+    assert result.tables["public.publisher"].mode == "failed"
+    with h.target.open() as wh:
+        resync_table(wh, h.table("publisher"))
+    h.backfill("publisher")
+    with h.target.open() as wh:
+        assert wh.materialize_documents(dset) == 20
+    pg.execute("INSERT INTO publisher VALUES (3000000000, 'big')")
+    pg.execute("UPDATE book SET publisher_id = NULL WHERE isbn = 'b00001'")
+    (result,) = h.drain_all()
+    assert result.tables.documents == {"publisher_docs": 2} and result.tables.document_problems == {}
+    assert_documents_fresh(h, pg, dset)
+
+
+def test_a_set_named_like_a_replicated_table_but_for_case_is_refused(duckdb_tree, pg):
+    """DuckDB resolves quoted names regardless of case: a set named Review would be public.review."""
+    h = duckdb_tree
+    problem = _problem(h, pg, {**PUBLISHER_DOCS, "name": "Review"})
+    assert "documents: Review: " in problem and "public.review" in problem, problem
+    # the build refuses too (a set stored before the load check existed)
+    dset = DocumentSet("Review", resolve(h, pg).root)
+    before = h.warehouse_rows("review")
+    with h.target.open() as wh, pytest.raises(PgReplicationError) as refused:
+        wh.materialize_documents(dset)
+    assert "documents Review" in str(refused.value) and "public.review" in str(refused.value), str(refused.value)
+    assert h.warehouse_rows("review") == before
 
 
 def _problem(h: Harness, pg, raw: dict, tables: list | None = None) -> str:

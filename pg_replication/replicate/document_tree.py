@@ -106,10 +106,13 @@ class _Resolver:
 
     def resolve(self) -> DocumentSet:
         root = self.table(self.config.root)
-        taken = {t.name for t in self.tables.values() if t.schema == root.schema}
-        if self.config.name in taken:
+        # Regardless of case: DuckDB resolves quoted names so, and "Tags" would be the table tags.
+        same = (root.schema.lower(), self.config.name.lower())
+        clash = next((t for t in self.tables.values() if (t.schema.lower(), t.name.lower()) == same), None)
+        if clash is not None:
             raise self.fail(
-                f"{root.schema}.{self.config.name} is a replicated table; the documents' table needs a name of its own",
+                f"its table {root.schema}.{self.config.name} would be the replicated table {clash.schema}.{clash.name} "
+                "(names compare regardless of case, as DuckDB does); the documents' table needs a name of its own",
                 hint="rename the document set",
             )
         return DocumentSet(self.config.name, self.node(root, self.config.columns, self.config.children, ()))

@@ -292,10 +292,10 @@ class ClickHouseWarehouse(SqlWarehouse):
 
     # -- CDC --------------------------------------------------------------------------------
 
-    def _apply_drain_once(self, decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows) -> dict:
+    def _apply_drain_once(self, decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows) -> dict:
         # Every attempt of one drain writes the same versions: a replay deduplicates.
         self._version = target_lsn << VERSION_SHIFT
-        return super()._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows)
+        return super()._apply_drain_once(decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows)
 
     def prepare_table(self, plan, status: str, describe_new) -> dict:
         """A table still backfilling takes its changes at once (above the slices' versions):

@@ -12,8 +12,11 @@ from then on. A drain refreshes a set in its own transaction:
 3. it maps them again (new rows, new parents), then deletes the documents of the union of those
    roots and builds again those whose root row exists.
 
-A TRUNCATE of any table of the tree rebuilds the whole set. Writers of a set's documents (drains,
-a full build) wait for each other on its state row.
+A TRUNCATE of any table of the tree rebuilds the whole set. A set whose refresh fails (or whose
+tables lack a column it uses) is held, not the drain: the drain is retried without it, its
+documents stay as they were and every drain reports why until the set is built again. A full build waits for the drains
+applying to any table of the tree on the tables' state rows (its first build included, when no
+drain knows the set yet), and drains wait for it there.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from pg_replication.errors import PgReplicationError
+from pg_replication.errors import PgReplicationError, is_transient
 from pg_replication.replicate.document_tree import DocumentSet, Node
 from pg_replication.warehouse import staging
 from pg_replication.warehouse.base import STATE_SCHEMA
@@ -36,6 +39,20 @@ class DrainOutcomes(dict):
         super().__init__(outcomes)
         self.documents = documents or {}
         self.document_problems = document_problems or {}
+
+
+class DocumentRefreshFailed(Exception):
+    """A set's refresh failed inside a drain's transaction: the drain rolls back and runs again
+    with the set held (``DocumentRefresh(held=...)``)."""
+
+    def __init__(self, dset: DocumentSet, exc: BaseException) -> None:
+        super().__init__(dset.name, exc)
+        self.name, self.exc = dset.name, exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.reason = (
+            f"documents {dset.name} held: a drain's refresh of them failed ({first}); the drain applied its tables "
+            f"and left these documents as they were; materialize the asset {dset.root.schema}/{dset.name} again to rebuild them"
+        )
 
 
 class DocumentStore:
@@ -81,14 +98,13 @@ class DocumentStore:
                 f"documents {dset.name}: {', '.join(sorted(set(missing)))} not in the warehouse yet",
                 hint="materialize (backfill) the tables of the tree first, then the documents",
             )
+        self._refuse_foreign_table(dset)
         self.create_schema(self.document_schema(dset))  # type: ignore[attr-defined]
         root = self._node_table(dset.root)
         keys = ", ".join(self.ident(k) for k in dset.root.key)  # type: ignore[attr-defined]
         # Outside the transaction, idempotent (Snowflake commits on DDL): typed like the root's key.
         # A set whose root (key) changed since its last build gets its tables anew.
-        shape = [self.fold(c) for c in (*dset.root.key, "document")]  # type: ignore[attr-defined]
-        have = self.physical_columns(self.document_schema(dset), dset.name)  # type: ignore[attr-defined]
-        if have is not None and have != shape:
+        if self._stale_document_tables(dset):
             self.execute(f"DROP TABLE {self.document_table(dset)}")  # type: ignore[attr-defined]
             self.execute(f"DROP TABLE IF EXISTS {self._keys_table(dset)}")  # type: ignore[attr-defined]
         self.execute(f"CREATE TABLE IF NOT EXISTS {self.document_table(dset)} AS {built.select('WHERE 1 = 0')}")  # type: ignore[attr-defined]
@@ -96,10 +112,64 @@ class DocumentStore:
         if self.document_join_indexes:
             self._index_joins(dset)
         with self.transaction():  # type: ignore[attr-defined]
-            self._upsert_state("documents", {"name": dset.name}, {"definition": dset.to_json(), "updated_at": time.time()})  # type: ignore[attr-defined]
+            # A drain locks the state rows of the tables it applies (sorted, as here) before it
+            # reads which sets to refresh: a drain in flight, which may not know this set yet,
+            # commits before the build reads the tables; a later one waits and then refreshes it.
+            for key in sorted(dset.table_keys()):
+                self._lock_state(key)  # type: ignore[attr-defined]
+            values = {"definition": dset.to_json(), "updated_at": time.time(), "error": None}  # built again: no longer held
+            self._upsert_state("documents", {"name": dset.name}, values)  # type: ignore[attr-defined]
             self.execute(f"DELETE FROM {self.document_table(dset)}")  # type: ignore[attr-defined]
             self.execute(f"INSERT INTO {self.document_table(dset)} {built.select()}")  # type: ignore[attr-defined]
             return int(self.fetchall(f"SELECT count(*) FROM {self.document_table(dset)}")[0][0])  # type: ignore[attr-defined]
+
+    def _refuse_foreign_table(self, dset: DocumentSet) -> None:
+        """A build deletes the rows of its table and may drop it: never over a table that is not
+        this set's (a replicated one, one of the user's, one whose name differs only in case:
+        DuckDB resolves quoted names regardless of case)."""
+        schema, name = self.fold(self.document_schema(dset)), self.fold(dset.name)  # type: ignore[attr-defined]
+        found = self.fetchall(  # type: ignore[attr-defined]
+            "SELECT table_schema, table_name FROM information_schema.tables WHERE lower(table_schema) = lower(?) "
+            "AND lower(table_name) = lower(?)",
+            [schema, name],
+        )
+        replicated = self.fetchall(  # type: ignore[attr-defined]
+            f"SELECT table_key FROM {self.state('tables')} WHERE lower(table_key) = lower(?)", [f"{dset.root.schema}.{dset.name}"]  # type: ignore[attr-defined]
+        )
+        built_before = self.fetchall(f"SELECT 1 FROM {self.state('documents')} WHERE name = ?", [dset.name])  # type: ignore[attr-defined]
+        shape = [self.fold(c) for c in (*dset.root.key, "document")]  # type: ignore[attr-defined]
+        for have_schema, have_name in found:
+            ours = (
+                (have_schema, have_name) == (schema, name) and not replicated
+                and (built_before or self.physical_columns(have_schema, have_name) == shape)  # type: ignore[attr-defined]
+            )
+            if not ours:
+                raise PgReplicationError(
+                    f"documents {dset.name}: the warehouse already has the table {have_schema}.{have_name}"
+                    f"{', a replicated table' if replicated else ''}, which is not this set's documents table "
+                    "(names compare regardless of case in DuckDB); building the set would rewrite it",
+                    hint="rename the document set in documents:, or drop that table if nothing needs it",
+                )
+
+    def _stale_document_tables(self, dset: DocumentSet) -> bool:
+        """Whether the set's tables exist with other columns, or key types other than the root's
+        now (a root key retyped int -> bigint, then re-backfilled or widened in place)."""
+        root = self._column_types(self.schema_prefix + dset.root.schema, dset.root.table)  # type: ignore[attr-defined]
+        keys = [(self.fold(k), root.get(self.fold(k))) for k in dset.root.key]  # type: ignore[attr-defined]
+        documents = self._column_types(self.document_schema(dset), dset.name)
+        if documents and (list(documents) != [k for k, _ in keys] + [self.fold("document")] or any(documents[k] != t for k, t in keys)):  # type: ignore[attr-defined]
+            return True
+        held = self._column_types(STATE_SCHEMA, f"document_keys.{dset.name}")
+        return bool(held) and held != dict(keys)
+
+    def _column_types(self, schema: str, name: str) -> dict[str, str]:
+        """Column name -> the catalog's data type, in order; empty when the table does not exist."""
+        rows = self.fetchall(  # type: ignore[attr-defined]
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = ? AND table_name = ? "
+            "ORDER BY ordinal_position",
+            [self.fold(schema), self.fold(name)],  # type: ignore[attr-defined]
+        )
+        return {c: t for c, t in rows}
 
     def _index_joins(self, dset: DocumentSet) -> None:
         """An index on each child's join columns, and on each parent's for a many_to_one child."""
@@ -120,16 +190,25 @@ class DocumentStore:
 
     def document_sets(self) -> list[DocumentSet]:
         """The sets materialized in this warehouse (each drain keeps them fresh)."""
+        return [dset for dset, _ in self._stored_sets()]
+
+    def _stored_sets(self) -> list[tuple[DocumentSet, str | None]]:
+        """Each materialized set, and why drains hold it (None: they keep it fresh)."""
         if self.json_functions is None:
             return []
-        rows = self.fetchall(f"SELECT definition FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
-        return [DocumentSet.from_json(r[0]) for r in rows]
+        rows = self.fetchall(f"SELECT definition, error FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
+        return [(DocumentSet.from_json(r[0]), r[1]) for r in rows]
+
+    def _hold(self, dset: DocumentSet, reason: str) -> None:
+        self.execute(f"UPDATE {self.state('documents')} SET error = ?, updated_at = ? WHERE name = ?", [reason, time.time(), dset.name])  # type: ignore[attr-defined]
 
     # -- a drain's refresh ------------------------------------------------------------------
 
-    def document_refresh(self, decoded, staged: dict) -> DocumentRefresh:
-        """Inside a drain's transaction, before its changes are applied (see the module docstring)."""
-        refresh = DocumentRefresh(self, decoded, staged)
+    def document_refresh(self, decoded, staged: dict, failed: dict[str, str] | None = None) -> DocumentRefresh:
+        """Inside a drain's transaction, before its changes are applied (see the module docstring).
+        ``failed``: set name -> why its refresh failed in an earlier try of this drain (held now).
+        Raises DocumentRefreshFailed for a set whose refresh fails (not transiently)."""
+        refresh = DocumentRefresh(self, decoded, staged, failed or {})
         refresh.before()
         return refresh
 
@@ -137,12 +216,22 @@ class DocumentStore:
 class DocumentRefresh:
     """One drain's refresh of the document sets its changes touch."""
 
-    def __init__(self, wh, decoded, staged: dict) -> None:
+    def __init__(self, wh, decoded, staged: dict, failed: dict[str, str]) -> None:
         self.wh = wh
         self.work: list[tuple[DocumentSet, DocumentSql, list[tuple[tuple, str]] | None]] = []
         self.problems: dict[str, str] = {}  # set name: why the drain left its documents as they were
         changed = set(decoded.batches)
-        sets = [d for d in wh.document_sets() if d.table_keys() & changed]
+        sets = []
+        for dset, held in wh._stored_sets():
+            if not dset.table_keys() & changed:
+                continue
+            if dset.name in failed:  # this drain's refresh of it failed: held from now on
+                wh._hold(dset, failed[dset.name])
+                held = failed[dset.name]
+            if held:  # its documents missed a refresh: a later one would not mend them
+                self.problems[dset.name] = held
+            else:
+                sets.append(dset)
         if not sets:
             return
         present = _present_columns(wh, sets)
@@ -155,8 +244,9 @@ class DocumentRefresh:
             if missing:  # a table of the tree resynced, a column renamed or dropped: the set waits, the drain goes on
                 self.problems[dset.name] = (
                     f"documents {dset.name} not refreshed: the warehouse lacks {', '.join(missing)}; "
-                    "fix documents: if a column changed, then materialize the document asset again"
+                    f"fix documents: if a column changed, then materialize the asset {dset.root.schema}/{dset.name} again"
                 )
+                wh._hold(dset, self.problems[dset.name])
                 continue
             built = wh._document_sql(dset)
             mapped: list[tuple[tuple, str]] | None = []
@@ -171,37 +261,51 @@ class DocumentRefresh:
                     break
             self.work.append((dset, built, mapped))
 
-    def _map(self) -> None:
-        for dset, built, mapped in self.work:
-            for path, relation in mapped or ():
-                keys = ", ".join(self.wh.ident(k) for k in dset.root.key)
-                self.wh.execute(f"INSERT INTO {self.wh._keys_table(dset)} ({keys}) {built.roots_of(path, relation)}")
+    def _guarded(self, dset: DocumentSet, work) -> None:
+        """Run one set's part: an error that is not transient becomes the set's, not the drain's."""
+        try:
+            work()
+        except (*self.wh.errors, PgReplicationError) as exc:
+            if is_transient(exc):
+                raise
+            raise DocumentRefreshFailed(dset, exc) from exc
+
+    def _map(self, dset: DocumentSet, built: DocumentSql, mapped) -> None:
+        for path, relation in mapped or ():
+            keys = ", ".join(self.wh.ident(k) for k in dset.root.key)
+            self.wh.execute(f"INSERT INTO {self.wh._keys_table(dset)} ({keys}) {built.roots_of(path, relation)}")
 
     def before(self) -> None:
-        for dset, _, _ in self.work:  # writers of the set wait for each other here
-            self.wh.execute(f"UPDATE {self.wh.state('documents')} SET updated_at = ? WHERE name = ?", [time.time(), dset.name])
-            self.wh.execute(f"DELETE FROM {self.wh._keys_table(dset)}")
-        self._map()
+        for dset, built, mapped in self.work:
+            def start(dset=dset, built=built, mapped=mapped) -> None:
+                self.wh.execute(f"UPDATE {self.wh.state('documents')} SET updated_at = ? WHERE name = ?", [time.time(), dset.name])
+                self.wh.execute(f"DELETE FROM {self.wh._keys_table(dset)}")
+                self._map(dset, built, mapped)
+
+            self._guarded(dset, start)
 
     def finish(self) -> dict[str, int]:
         """After the changes: recompute, and return documents recomputed per set."""
-        self._map()
-        wh, touched = self.wh, {}
+        touched: dict[str, int] = {}
         for dset, built, mapped in self.work:
-            table, keys_table = wh.document_table(dset), wh._keys_table(dset)
-            if mapped is None:
-                wh.execute(f"DELETE FROM {table}")
-                wh.execute(f"INSERT INTO {table} {built.select()}")
-                touched[dset.name] = int(wh.fetchall(f"SELECT count(*) FROM {table}")[0][0])
-                continue
-            name = dset.name
-            match = " AND ".join(f"{wh.ident(name)}.{wh.ident(k)} = k.{wh.ident(k)}" for k in dset.root.key)
-            wh.execute(f"DELETE FROM {table} USING {keys_table} k WHERE {match}")
-            root_match = " AND ".join(f"k.{wh.ident(k)} = r0.{wh.ident(k)}" for k in dset.root.key)
-            wh.execute(f"INSERT INTO {table} {built.select(f'WHERE EXISTS (SELECT 1 FROM {keys_table} k WHERE {root_match})')}")
-            cols = ", ".join(wh.ident(k) for k in dset.root.key)
-            touched[name] = int(wh.fetchall(f"SELECT count(*) FROM (SELECT DISTINCT {cols} FROM {keys_table}) t")[0][0])
-            wh.execute(f"DELETE FROM {keys_table}")
+            self._guarded(dset, lambda dset=dset, built=built, mapped=mapped: touched.update({dset.name: self._recompute(dset, built, mapped)}))
+        return touched
+
+    def _recompute(self, dset: DocumentSet, built: DocumentSql, mapped) -> int:
+        wh = self.wh
+        table, keys_table = wh.document_table(dset), wh._keys_table(dset)
+        if mapped is None:
+            wh.execute(f"DELETE FROM {table}")
+            wh.execute(f"INSERT INTO {table} {built.select()}")
+            return int(wh.fetchall(f"SELECT count(*) FROM {table}")[0][0])
+        self._map(dset, built, mapped)
+        match = " AND ".join(f"{wh.ident(dset.name)}.{wh.ident(k)} = k.{wh.ident(k)}" for k in dset.root.key)
+        wh.execute(f"DELETE FROM {table} USING {keys_table} k WHERE {match}")
+        root_match = " AND ".join(f"k.{wh.ident(k)} = r0.{wh.ident(k)}" for k in dset.root.key)
+        wh.execute(f"INSERT INTO {table} {built.select(f'WHERE EXISTS (SELECT 1 FROM {keys_table} k WHERE {root_match})')}")
+        cols = ", ".join(wh.ident(k) for k in dset.root.key)
+        touched = int(wh.fetchall(f"SELECT count(*) FROM (SELECT DISTINCT {cols} FROM {keys_table}) t")[0][0])
+        wh.execute(f"DELETE FROM {keys_table}")
         return touched
 
 

@@ -17,13 +17,13 @@ from pg_replication.errors import (
     TransientWarehouseError,
     is_transient,
 )
-from pg_replication.failpoints import failpoint
+from pg_replication.failpoints import failpoint, pause
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
 from pg_replication.warehouse.base import (
     table_key,
 )
-from pg_replication.warehouse.documents import DrainOutcomes
+from pg_replication.warehouse.documents import DocumentRefreshFailed, DrainOutcomes
 from pg_replication.warehouse.evolution import DescribeNew
 from pg_replication.warehouse.staging import StagedChanges
 
@@ -71,6 +71,7 @@ class DrainApply:
             key: reason for key, reason in getattr(decoded, "failed", {}).items() if statuses.get(key, ("",))[0] != "failed"
         }
         staged: dict[str, list[StagedChanges]] = {}
+        failed_sets: dict[str, str] = {}  # document sets whose refresh failed: held, the drain goes on
         pending: dict[str, dict] = {}  # columns each table's stored state gains in the transaction
         names: list[str] = []
         try:
@@ -106,7 +107,9 @@ class DrainApply:
                     self.ensure_log(plan.table, plan.columns)
             while True:
                 try:
-                    outcomes = self._apply_drain_once(decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows)
+                    outcomes = self._apply_drain_once(
+                        decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows
+                    )
                     for key, reason in resynced.items():
                         if key in outcomes:
                             outcomes[key] = replace(outcomes[key], mode="resynced", error=reason)
@@ -114,6 +117,9 @@ class DrainApply:
                 except _TableFailed as failure:
                     failed_now[failure.key] = failure.describe()
                     self.ensure_log(decoded.plans[failure.key].table, decoded.plans[failure.key].columns)
+                except DocumentRefreshFailed as failure:  # one set's trouble is its own: again, with the set held
+                    failed_sets[failure.name] = failure.reason
+                    log(failure.reason)
         finally:
             for name in names:
                 self.unstage(name)
@@ -134,17 +140,17 @@ class DrainApply:
         self.ensure_log(plan.table, plan.columns)  # streaming tables too: values re-read from the source pass through it
         return added
 
-    def _apply_drain_once(self, decoded, staged, pending, failed_now, target_lsn, slot, failpoint, read_rows) -> dict:
+    def _apply_drain_once(self, decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows) -> dict:
         outcomes = {}
         self.begin()
         try:
             expected = getattr(decoded, "drained_before", None)  # the slot drain's start; capture serializes itself
             if expected is not None:
                 self._claim_cursor(slot, expected)
-            for key in decoded.batches:
+            for key in sorted(decoded.batches):  # sorted: a document build takes them in this order too
                 self._lock_state(key)
             statuses = self.statuses()  # after the locks: a backfill that just completed is seen
-            documents = self.document_refresh(decoded, staged)  # maps the changed rows to their roots, before the changes
+            documents = self.document_refresh(decoded, staged, failed_sets)  # maps the changed rows to their roots, before the changes
             for key, batch in decoded.batches.items():
                 plan = decoded.plans[key]
                 status, error = statuses.get(key, ("backfilling", None))
@@ -179,6 +185,7 @@ class DrainApply:
                 outcomes[key] = TableOutcome(plan.table, batch.stats, mode, None, error)
             outcomes = DrainOutcomes(outcomes, documents.finish(), documents.problems)
             failpoint("mid_apply")
+            pause("mid_apply")  # the race tests hold a drain here, its changes applied and not committed
             self._advance_coverage(getattr(decoded, "covered", ()), getattr(decoded, "drained_before", 0), target_lsn)
             self.set_drained_lsn(slot, target_lsn)
             self.commit()
