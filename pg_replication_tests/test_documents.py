@@ -77,31 +77,28 @@ FROM publisher p ORDER BY p.id
 """
 
 
-@pytest.fixture(params=["duckdb", "postgres", "snowflake"])
-def tree(request, pg, pg_url, tmp_path: Path, server_url: str):
+def _backfilled_tree(pg, pg_url, tmp_path: Path, server_url: str, kind: str, partitions: int):
+    """The tree's tables on the source, backfilled into a warehouse of ``kind``."""
     pg.execute(SCHEMA)
-    with make_target(request.param, tmp_path, server_url) as target:
-        h = Harness(pg_url, target, TABLES, partitions=2)
+    with make_target(kind, tmp_path, server_url) as target:
+        h = Harness(pg_url, target, TABLES, partitions=partitions)
         h.backfill()
         yield h
+
+
+@pytest.fixture(params=["duckdb", "postgres", "snowflake"])
+def tree(request, pg, pg_url, tmp_path: Path, server_url: str):
+    yield from _backfilled_tree(pg, pg_url, tmp_path, server_url, request.param, partitions=2)
 
 
 @pytest.fixture
 def duckdb_tree(pg, pg_url, tmp_path: Path, server_url: str):
-    pg.execute(SCHEMA)
-    with make_target("duckdb", tmp_path, server_url) as target:
-        h = Harness(pg_url, target, TABLES, partitions=1)
-        h.backfill()
-        yield h
+    yield from _backfilled_tree(pg, pg_url, tmp_path, server_url, "duckdb", partitions=1)
 
 
 @pytest.fixture
 def replica_tree(pg, pg_url, tmp_path: Path, server_url: str):
-    pg.execute(SCHEMA)
-    with make_target("postgres", tmp_path, server_url) as target:
-        h = Harness(pg_url, target, TABLES, partitions=1)
-        h.backfill()
-        yield h
+    yield from _backfilled_tree(pg, pg_url, tmp_path, server_url, "postgres", partitions=1)
 
 
 def resolve(h: Harness, pg: psycopg.Connection, raw: dict = PUBLISHER_DOCS) -> DocumentSet:
