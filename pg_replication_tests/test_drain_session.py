@@ -23,7 +23,7 @@ from pg_replication.replicate.cdc import DrainSettings
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication_tests.operator import wait_for
 from pg_replication_tests.replication import Harness
-from pg_replication_tests.test_exactly_once import NOT_CRASH_SAFE, ROOT, Writer, create_writers_table
+from pg_replication_tests.test_exactly_once import NOT_CRASH_SAFE, ROOT, converge, create_writers_table
 
 SESSION_DRAIN = """
 import sys
@@ -102,22 +102,12 @@ def test_sessions_converge_under_concurrent_writes(pg, pg_url, target):
     create_writers_table(pg)
     h = Harness(pg_url, target, ["t"], partitions=2)
     h.backfill()
-    writer = Writer(h.pg_url, seed=int(os.environ.get("PGR_SEED", "11")))
-    writer.start()
-    try:
-        for _ in range(200):
-            if writer.transactions > 160 or writer.error:
-                break
-            h.drain_session(max_seconds=3, max_changes=300)
-    finally:
-        writer.stop.set()
-        writer.join(timeout=600)
-    assert not writer.is_alive(), "the writer did not stop within 600 s"
-    assert writer.error is None, writer.error
-    assert writer.transactions > 160
-    h.drain_session(max_changes=300)
-    h.reload()
-    h.assert_equal(pg, "t")
+    converge(
+        pg, h, lambda: None,
+        drain=lambda: h.drain_session(max_seconds=3, max_changes=300),
+        drain_rest=lambda: h.drain_session(max_changes=300),
+        seed="11",
+    )
 
 
 class _StreamCutDuringFirstApply:

@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -134,24 +135,35 @@ def create_writers_table(pg: psycopg.Connection) -> None:
     pg.execute("INSERT INTO t SELECT i, repeat('p', i % 200), 0, repeat(md5(i::text), 100) FROM generate_series(1, 3000) i")
 
 
-def converge(pg: psycopg.Connection, h: Harness, interleave) -> None:
+def converge(
+    pg: psycopg.Connection,
+    h: Harness,
+    interleave: Callable[[], None],
+    *,
+    drain: Callable[[], object] | None = None,
+    drain_rest: Callable[[], object] | None = None,
+    seed: str = "7",
+) -> None:
     """While a Writer changes table t, run ``interleave()`` (slices, drains, crashes), keep
-    draining until the writer is past its TRUNCATE and ADD COLUMN, then compare every row."""
-    writer = Writer(h.pg_url, seed=int(os.environ.get("PGR_SEED", "7")))
+    calling ``drain()`` until the writer is past its TRUNCATE and ADD COLUMN, ``drain_rest()``
+    after it stopped, then compare every row. By default the drains are ``h.drain``'s."""
+    drain = drain or (lambda: h.drain(max_changes=3000))
+    drain_rest = drain_rest or h.drain_all
+    writer = Writer(h.pg_url, seed=int(os.environ.get("PGR_SEED", seed)))
     writer.start()
     try:
         interleave()
         for _ in range(200):
             if writer.transactions > 160 or writer.error:
                 break
-            h.drain(max_changes=3000)
+            drain()
     finally:
         writer.stop.set()
         writer.join(timeout=600)
     assert not writer.is_alive(), "the writer did not stop within 600 s"
     assert writer.error is None, writer.error
     assert writer.transactions > 160
-    h.drain_all()
+    drain_rest()
     h.reload()
     h.assert_equal(pg, "t")
 
