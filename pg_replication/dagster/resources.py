@@ -9,7 +9,6 @@ dagster-duckdb's DuckDBResource; Snowflake on the Snowflake connector itself
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from pg_replication.errors import PgReplicationError
 from pg_replication.source.connection import connect, describe_target
+from pg_replication.warehouse.connect import duckdb_connect_waiting
 from pg_replication.warehouse.engine import SqlWarehouse
 
 
@@ -85,17 +84,10 @@ def _duckdb_read_only(path: str, config: dict, wait_seconds: float = 300.0):
 
     if path != ":memory:" and not os.path.exists(path):  # nothing replicated yet: an empty warehouse
         return duckdb.connect(":memory:")
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        try:
-            return duckdb.connect(path, read_only=True, config=dict(config))
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                raise PgReplicationError(
-                    f"cannot open the warehouse {path} to read: {str(exc).splitlines()[0]}",
-                    hint="a backfill or drain held it all along; the check runs again at its next tick",
-                ) from None
-            time.sleep(0.2)
+    return duckdb_connect_waiting(
+        path, read_only=True, config=config, wait_seconds=wait_seconds, purpose=" to read",
+        hint="a backfill or drain held it all along; the check runs again at its next tick",
+    )
 
 
 class PostgresWarehouseResource(WarehouseResource):

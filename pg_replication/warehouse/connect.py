@@ -155,17 +155,22 @@ def open_warehouse(config: ReplicationConfig, *, read_only: bool = False, wait_s
 
 
 def _duckdb_connect(config: ReplicationConfig, read_only: bool, wait_seconds: float):
-    """DuckDB allows one writing process: wait (bounded) while a drain or backfill holds the file."""
+    return duckdb_connect_waiting(
+        config.duckdb_path(), read_only=read_only, config={"memory_limit": config.warehouse.memory_limit},
+        wait_seconds=wait_seconds, hint="another process holds it; retry when the running drain or backfill ends",
+    )
+
+
+def duckdb_connect_waiting(path: str, *, read_only: bool, config: dict, wait_seconds: float, hint: str, purpose: str = ""):
+    """DuckDB allows one writing process: wait (bounded) while a drain or backfill holds the file.
+    A lock held past ``wait_seconds`` fails with ``hint``; any other error at once."""
     import duckdb
 
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
-            return duckdb.connect(config.duckdb_path(), read_only=read_only, config={"memory_limit": config.warehouse.memory_limit})
+            return duckdb.connect(path, read_only=read_only, config=dict(config))
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                raise PgReplicationError(
-                    f"cannot open the warehouse {config.duckdb_path()}: {str(exc).splitlines()[0]}",
-                    hint="another process holds it; retry when the running drain or backfill ends",
-                ) from None
+                raise PgReplicationError(f"cannot open the warehouse {path}{purpose}: {str(exc).splitlines()[0]}", hint=hint) from None
             time.sleep(0.2)
