@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -41,21 +42,27 @@ def _with_dbname(url: str, dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(**params)
 
 
-@pytest.fixture
-def pg_url(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh database; POSTGRES_URL points at it for the test's duration."""
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new database on the test server, dropped afterwards with the slots made in it."""
     name = f"pgr_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = _with_dbname(server_url, name)
-    monkeypatch.setenv("POSTGRES_URL", url)
     try:
-        yield url
+        yield _with_dbname(server_url, name)
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             for (slot,) in admin.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)):
                 admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_url(server_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database; POSTGRES_URL points at it for the test's duration."""
+    with fresh_database(server_url) as url:
+        monkeypatch.setenv("POSTGRES_URL", url)
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -19,11 +18,11 @@ import psycopg
 import pytest
 import yaml
 from dagster.components.testing import create_defs_folder_sandbox
-from psycopg import sql
 
 from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.dagster.component import PgReplicationComponent
 from pg_replication.errors import ConfigError, SourceUnavailableError
+from pg_replication_tests.conftest import fresh_database
 from pg_replication_tests.operator import BIN, dagster_env, run_cli
 
 TYPE = "pg_replication.dagster.component.PgReplicationComponent"
@@ -40,19 +39,8 @@ class GroupBySourceTranslator(TableAssetTranslator):
 @pytest.fixture
 def second_db(server_url: str):
     """Another database on the test server: a second source."""
-    name = f"pgr_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = psycopg.conninfo.conninfo_to_dict(server_url)
-    params["dbname"] = name
-    url = psycopg.conninfo.make_conninfo(**params)
-    try:
+    with fresh_database(server_url) as url:
         yield url
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            for (slot,) in admin.execute("SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)):
-                admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _items(url: str, rows: int, offset: int = 0) -> None:
