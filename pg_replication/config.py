@@ -17,9 +17,18 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from cronsim import CronSim, CronSimError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pg_replication.errors import ConfigError
+
+
+def _qualified(value: str) -> str:
+    split_qualified_name(value)  # raises ValueError with the reason
+    return value
+
+
+# schema.table (quoted parts allowed; patterns too where a field says so)
+QualifiedName = Annotated[str, AfterValidator(_qualified)]
 
 DEFAULT_CONFIG_PATH = "replication.yaml"
 CONFIG_ENV_VAR = "PG_REPLICATION_CONFIG"
@@ -188,7 +197,7 @@ def _parse_days(value: str) -> set[int]:
 class TableEntry(_Model):
     """One line of ``tables:``: an exact table or a ``schema.*`` pattern, with options."""
 
-    name: str = Field(description="schema.table, a pattern such as sales.* or sales.order_*")
+    name: QualifiedName = Field(description="schema.table, a pattern such as sales.* or sales.order_*")
     exclude: list[str] = Field(default_factory=list, description="Patterns a wildcard name skips.")
     primary_key: list[str] | None = Field(None, description="Key columns when the table has no PK.")
     exclude_columns: list[str] = Field(default_factory=list)
@@ -218,12 +227,6 @@ class TableEntry(_Model):
         "until `pg-replication resync`), or resync it automatically (its backfill runs again). "
         "Default: defaults.on_schema_change.",
     )
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_qualified(cls, value: str) -> str:
-        split_qualified_name(value)  # raises ValueError with the reason
-        return value
 
     @model_validator(mode="after")
     def _exclude_needs_pattern(self) -> TableEntry:
@@ -280,7 +283,7 @@ class DocumentChild(_Model):
     """One child of a document node, along a foreign key: ``one_to_many`` (the child table
     references the parent: a list) or ``many_to_one`` (the parent references the child: an object)."""
 
-    table: str = Field(description="schema.table of the child (a replicated table with strategy cdc).")
+    table: QualifiedName = Field(description="schema.table of the child (a replicated table with strategy cdc).")
     name: str | None = Field(None, alias="as", description="Its key in the parent's document (default: the table's name).")
     relationship: Relationship = Field(description="one_to_many: a list of the child's rows; many_to_one: one object (or null).")
     foreign_key: DocumentForeignKey | None = Field(
@@ -291,12 +294,6 @@ class DocumentChild(_Model):
     )
     children: list[DocumentChild] = Field(default_factory=list)
 
-    @field_validator("table")
-    @classmethod
-    def _qualified(cls, value: str) -> str:
-        split_qualified_name(value)
-        return value
-
 
 class DocumentSetConfig(_Model):
     """One set of nested documents: a root table and its children (PGSync's schema shape)."""
@@ -304,15 +301,9 @@ class DocumentSetConfig(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")] = Field(
         description="The warehouse table <root's schema>.<name> holding one document per root row."
     )
-    root: str = Field(description="schema.table of the root (a replicated table with strategy cdc).")
+    root: QualifiedName = Field(description="schema.table of the root (a replicated table with strategy cdc).")
     columns: list[str] | dict[str, str] | None = Field(None, description="Root columns in the document; default: all.")
     children: list[DocumentChild] = Field(default_factory=list)
-
-    @field_validator("root")
-    @classmethod
-    def _qualified(cls, value: str) -> str:
-        split_qualified_name(value)
-        return value
 
 
 class ReplicationConfig(_Model):
