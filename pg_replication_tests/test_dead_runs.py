@@ -35,7 +35,25 @@ pytestmark = pytest.mark.e2e
 
 
 def _wait(condition, what: str, timeout: float = DEADLINE):
-    return wait_for(condition, what, timeout, poll=0.5)
+    try:
+        return wait_for(condition, what, timeout, poll=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_what_the_daemon_saw()}") from None
+
+
+def _what_the_daemon_saw() -> str:
+    """The drain runs, the source pool and the daemon's last lines: a timeout explains itself."""
+    lines = []
+    with dg.DagsterInstance.get() as instance:
+        for run in _drain_runs(instance)[:8]:
+            record = instance.get_run_record_by_id(run.run_id)
+            lines.append(f"run {run.run_id} {run.status.value} created {record.create_timestamp:%X} start {record.start_time} end {record.end_time} key {run.tags.get('dagster/run_key')}")
+        lines.append(repr(instance.event_log_storage.get_concurrency_info("postgres_source")))
+    log = Path.cwd() / "daemon.log"
+    if log.exists():
+        tail = [line for line in log.read_text(errors="replace").splitlines() if " - dagster" in line][-60:]
+        lines += ["daemon.log (last lines):", *tail]
+    return "\n".join(lines)
 
 
 def _warehouse_has(path: Path, n: int) -> bool:
