@@ -2,7 +2,7 @@
 book 1-n review, kept fresh by the drains while a writer changes every table; every document
 then equals a build from scratch in the warehouse and the same document built by Postgres itself
 on the source (json_build_object / json_agg), compared as parsed JSON, lists ordered by the
-child's primary key. On DuckDB, the Postgres replica and Snowflake (fakesnow); ClickHouse refuses."""
+child's primary key. On DuckDB, the Postgres replica, Snowflake (fakesnow) and ClickHouse (chDB)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _backfilled_tree(pg, pg_url, tmp_path: Path, server_url: str, kind: str, par
         yield h
 
 
-@pytest.fixture(params=["duckdb", "postgres", "snowflake"])
+@pytest.fixture(params=["duckdb", "postgres", "snowflake", "clickhouse"])
 def tree(request, pg, pg_url, tmp_path: Path, server_url: str):
     yield from _backfilled_tree(pg, pg_url, tmp_path, server_url, request.param, partitions=2)
 
@@ -490,14 +490,3 @@ def test_the_component_takes_the_same_documents_section():
     assert component.config.documents == parse_config({"tables": TABLES, "documents": [PUBLISHER_DOCS]}).documents
     with pytest.raises(ConfigError, match="documents.0.children.0.relationship"):
         PgReplicationComponent(tables=TABLES, documents=[{**PUBLISHER_DOCS, "children": [{"table": "public.book"}]}]).config
-
-
-def test_clickhouse_refuses_documents_naming_the_warehouses_that_build_them(catalog, pg, tmp_path, server_url):
-    from pg_replication.errors import PgReplicationError
-
-    dset = resolve(catalog, pg)
-    with make_target("clickhouse", tmp_path, server_url) as target, target.open() as wh:
-        with pytest.raises(PgReplicationError, match="the clickhouse warehouse cannot build nested documents") as refused:
-            wh.materialize_documents(dset)
-        assert wh.document_sets() == []  # no drain refreshes anything there
-    assert "duckdb, postgres or snowflake" in str(refused.value)
