@@ -2,7 +2,8 @@
 book 1-n review, kept fresh by the drains while a writer changes every table; every document
 then equals a build from scratch in the warehouse and the same document built by Postgres itself
 on the source (json_build_object / json_agg), compared as parsed JSON, lists ordered by the
-child's primary key. On DuckDB, the Postgres replica, Snowflake (fakesnow) and ClickHouse (chDB)."""
+child's primary key. On DuckDB, the Postgres replica, Snowflake (fakesnow) and ClickHouse (chDB);
+on ClickHouse also a drain killed between its data and its documents, then replayed."""
 
 from __future__ import annotations
 
@@ -228,6 +229,33 @@ def test_a_drain_recomputes_only_the_documents_it_touched(tree, pg):
     (result,) = tree.drain_all()
     assert result.tables.documents == {"publisher_docs": 20}
     assert_documents_fresh(tree, pg, dset)
+
+
+@pytest.fixture
+def clickhouse_tree(pg, pg_url, tmp_path: Path, server_url: str):
+    yield from _backfilled_tree(pg, pg_url, tmp_path, server_url, "clickhouse", partitions=1)
+
+
+@pytest.mark.parametrize("failpoint", ["before_documents", "mid_apply"])
+def test_a_clickhouse_drain_killed_before_its_position_replays_to_fresh_documents(clickhouse_tree, pg, failpoint):
+    """ClickHouse has no transaction: a drain killed (SIGKILL) after its data and before its
+    documents, or after its documents and before its position, is replayed by the next drain,
+    which finds the tree changed already; the roots the killed one mapped before its changes
+    (publisher 2, which loses a book) are still refreshed."""
+    from pg_replication_tests.test_exactly_once import drain_in_subprocess
+
+    h = clickhouse_tree
+    dset = resolve(h, pg)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    pg.execute("UPDATE book SET publisher_id = 3 WHERE isbn = 'b00001'")  # from publisher 2 to 3
+    pg.execute("UPDATE review SET book_isbn = 'b00002' WHERE book_isbn = 'b00005'")  # publisher 6's reviews to publisher 3's book
+    pg.execute("DELETE FROM book WHERE isbn = 'b00007'")  # publisher 8's
+    assert drain_in_subprocess(h, failpoint) == -9
+    h.drain_all()
+    for name in TABLES:
+        h.assert_equal(pg, name)
+    assert_documents_fresh(h, pg, dset)
 
 
 def test_a_column_gone_from_the_tree_holds_the_documents_not_the_drain(duckdb_tree, pg):
