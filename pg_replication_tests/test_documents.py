@@ -476,9 +476,11 @@ def test_a_bad_documents_section_fails_the_load_naming_the_set(pg, write_config,
 
 
 @pytest.mark.e2e
-def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["duckdb", "clickhouse"])
+def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_path, tmp_path, monkeypatch, kind):
     """What an operator runs: the tables' and the documents' assets materialized, then the drain
-    job, each in a fresh process; the drain reports the documents it recomputed on their asset."""
+    job, each in a fresh process; the drain reports the documents it recomputed on their asset.
+    On ClickHouse (chDB) readers query the documents with FINAL."""
     import dagster as dg
     import duckdb
 
@@ -493,16 +495,26 @@ def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_p
     write_config({
         "source": {"slot": "pgr_docs", "publication": "pgr_docs"}, "tables": TABLES, "defaults": {"partitions": 1},
         "documents": [PUBLISHER_DOCS],
+        **({"warehouse": {"kind": "clickhouse", "path": str(tmp_path / "warehouse.chdb")}} if kind == "clickhouse" else {}),
     })
     env = dagster_env(tmp_path)
-    ok(operator.materialize(",".join(f"public/{t}" for t in TABLES), "000...000"))
+    tables = operator.materialize(",".join(f"public/{t}" for t in TABLES), "000...000")
+    # chDB admits one process per directory: the tables' steps in one process, not four waiting on each other
+    ok(tables + (["--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})] if kind == "clickhouse" else []))
     ok(["dagster", "asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", "public/publisher_docs"])
     pg.execute("UPDATE book SET publisher_id = 3 WHERE isbn = 'b00001'")  # from publisher 2 to 3
     pg.execute("DELETE FROM review WHERE book_isbn = 'b00005'")  # publisher 6's
     ok(operator.drain())
 
-    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
-        stored = {k: json.loads(d) for k, d in wh.execute('SELECT id, document FROM "public"."publisher_docs"').fetchall()}
+    if kind == "clickhouse":
+        from pg_replication_tests.targets import ClickHouseTarget
+
+        with ClickHouseTarget(tmp_path / "warehouse.chdb").open(read_only=True) as wh:
+            rows = wh.fetchall('SELECT id, document FROM "public"."publisher_docs" FINAL')
+    else:
+        with duckdb.connect(str(duckdb_path), read_only=True) as conn:
+            rows = conn.execute('SELECT id, document FROM "public"."publisher_docs"').fetchall()
+    stored = {k: json.loads(d) for k, d in rows}
     assert stored == source_documents(pg)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to where the CLI ran
