@@ -258,6 +258,64 @@ def test_a_clickhouse_drain_killed_before_its_position_replays_to_fresh_document
     assert_documents_fresh(h, pg, dset)
 
 
+TYPED_SCHEMA = r"""
+CREATE TABLE typed (
+    id int PRIMARY KEY, big bigint, small smallint, amount numeric(12,3), ratio double precision, r real, flag boolean,
+    label text, day date, at timestamp, uid uuid, clock time, blob bytea,
+    at_tz timestamptz, doc jsonb, tags int[], loose numeric
+);
+CREATE TABLE typed_item (typed_id int REFERENCES typed, n int, at timestamp, PRIMARY KEY (typed_id, n));
+INSERT INTO typed VALUES
+    (1, 9007199254740993, -7, 1234.500, 'NaN', 1.5, true, E'q"uote \\ back\nline\té', '2024-02-29',
+     '2024-01-02 03:04:05.5', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '03:04:05', '\x00ff',
+     '2024-01-02 03:04:05.25+00', '{"b": 1, "a": [1, 2.5]}', '{1,NULL,3}', 1.50),
+    (2, NULL, NULL, NULL, 'Infinity', NULL, false, NULL, NULL, '2024-01-02 03:04:00', NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+    (3, NULL, NULL, -0.001, '-Infinity', 0.1, NULL, '', NULL, '1999-12-31 23:59:59.999999', NULL, NULL, '', NULL, 'null', '{}', NULL);
+INSERT INTO typed_item VALUES (1, 2, '2024-01-01 00:00:00'), (1, 1, NULL);
+"""
+TYPED_DOCS = {
+    "name": "typed_docs", "root": "public.typed",
+    "children": [{"table": "public.typed_item", "as": "items", "relationship": "one_to_many", "columns": ["n", "at"]}],
+}
+
+
+def test_clickhouse_renders_values_as_postgres_json_does_where_it_can_tell(pg, pg_url, tmp_path, server_url):
+    """Each field of a ClickHouse document against Postgres's json_build_object of the same row:
+    equal as parsed JSON for integers, decimals, floats (NaN and infinities as Postgres's strings),
+    booleans, text, dates, timestamps, uuid, time, bytea and NULLs, lists of children included; what
+    differs is checked as documented (README, Documents): timestamptz without its zone, jsonb,
+    arrays and unconstrained numeric as their text."""
+    pg.execute(TYPED_SCHEMA)
+    with make_target("clickhouse", tmp_path, server_url) as target:
+        h = Harness(pg_url, target, ["typed", "typed_item"], partitions=1)
+        h.backfill()
+        fks = foreign_keys(pg, {(t.schema, t.name) for t in h.tables})
+        (dset,) = resolve_document_sets([DocumentSetConfig.model_validate(TYPED_DOCS)], h.tables, fks)
+        with target.open() as wh:
+            assert wh.materialize_documents(dset) == 3
+        pg.execute("UPDATE typed SET label = 'changed', at = '2025-06-30 12:00:00.000001' WHERE id = 2")
+        pg.execute("INSERT INTO typed_item VALUES (2, 1, '2024-05-05 05:05:05.05')")
+        h.drain_all()
+        with target.open(read_only=True) as wh:
+            stored = {k: json.loads(d) for k, d in wh.fetchall(f"SELECT id, document FROM {wh.document_table(dset)} FINAL")}
+    with pg.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        source = dict(cur.execute(
+            "SELECT t.id, json_build_object('id', t.id, 'big', big, 'small', small, 'amount', amount, 'ratio', ratio, 'r', r, "
+            "'flag', flag, 'label', label, 'day', day, 'at', t.at, 'uid', uid, 'clock', clock, 'blob', blob, "
+            "'at_tz', at_tz AT TIME ZONE 'UTC', 'doc', doc::text, 'tags', to_json(tags)::text, 'loose', loose::text, "
+            "'items', COALESCE((SELECT json_agg(json_build_object('n', i.n, 'at', i.at) ORDER BY i.typed_id, i.n) "
+            "FROM typed_item i WHERE i.typed_id = t.id), '[]'::json)) FROM typed t"
+        ).fetchall())
+    assert set(stored) == set(source) == {1, 2, 3}
+    for key in stored:
+        assert stored[key] == source[key], key
+    assert stored[1]["big"] == 9007199254740993 and stored[1]["ratio"] == "NaN" and stored[1]["blob"] == "\\x00ff"
+    assert stored[1]["at"] == "2024-01-02T03:04:05.5" and stored[2]["at"] == "2025-06-30T12:00:00.000001"
+    assert json.loads(stored[1]["doc"]) == {"a": [1, 2.5], "b": 1} and json.loads(stored[1]["tags"]) == [1, None, 3]
+    assert stored[1]["at_tz"] == "2024-01-02T03:04:05.25" and stored[1]["loose"] == "1.50"
+
+
 def test_a_column_gone_from_the_tree_holds_the_documents_not_the_drain(duckdb_tree, pg):
     h = duckdb_tree
     dset = resolve(h, pg)

@@ -37,16 +37,31 @@ def _literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _value(expression: str) -> str:
-    """A column's JSON text: ClickHouse's own rendering (``toJSONString``), ``null`` for NULL."""
+def _value(expression: str, column_type: str) -> str:
+    """A column's JSON text as Postgres's ``json_build_object`` writes it where ClickHouse can tell:
+    a timestamp as ``2024-01-02T03:04:05.5`` (ClickHouse keeps timestamptz as UTC without its
+    zone), a float's NaN and infinities as strings; otherwise ClickHouse's ``toJSONString``.
+    ``null`` for NULL."""
+    if column_type == "bytea":  # Postgres's hex text: the bytes themselves need not be UTF-8
+        return f"ifNull(toJSONString(concat('\\\\x', lower(hex({expression})))), 'null')"
+    if "DateTime" in column_type:
+        text = rf"replaceRegexpOne(replaceOne(toString({expression}), ' ', 'T'), '\\.?0+$', '')"
+        return f"ifNull(toJSONString({text}), 'null')"
+    if "Float" in column_type:
+        e = expression
+        return (
+            f"ifNull(multiIf(isNaN({e}), '\"NaN\"', isInfinite({e}), if({e} > 0, '\"Infinity\"', '\"-Infinity\"'), "
+            f"toJSONString({e})), 'null')"
+        )
     return f"ifNull(toJSONString({expression}), 'null')"
 
 
 class ClickHouseDocumentSql:
     """The statements of one document set on ClickHouse. ``table_of(node)`` is the quoted table."""
 
-    def __init__(self, dset: DocumentSet, ident, table_of) -> None:
-        self.dset, self.ident, self.table_of = dset, ident, table_of
+    def __init__(self, dset: DocumentSet, ident, table_of, column_types: dict[tuple[str, str], dict[str, str]]) -> None:
+        """``column_types``: (source schema, table) -> column -> its ClickHouse type."""
+        self.dset, self.ident, self.table_of, self.column_types = dset, ident, table_of, column_types
         self._aliases = 0
 
     def _alias(self, prefix: str) -> str:
@@ -60,7 +75,8 @@ class ClickHouseDocumentSql:
         """``SELECT j0.., k0.., doc`` of the node's rows (``restrict(alias)``: a condition, or
         None for every row): its join columns to the parent, its key, its JSON object."""
         t = self._alias("t")
-        parts = [(name, _value(f"{t}.{self.ident(column)}")) for column, name in node.columns]
+        types = self.column_types.get((node.schema, node.table), {})
+        parts = [(name, _value(f"{t}.{self.ident(column)}", types.get(column, ""))) for column, name in node.columns]
         joins = []
         for edge in node.children:
             c = self._alias("c")
@@ -132,7 +148,19 @@ class ClickHouseDocuments:
     document_extra_columns = (VERSION, DELETED)
 
     def _document_sql(self, dset: DocumentSet) -> ClickHouseDocumentSql:
-        return ClickHouseDocumentSql(dset, self.ident, self._node_table)  # type: ignore[attr-defined]
+        nodes = {(self.schema_prefix + n.schema, n.table): (n.schema, n.table) for n, _ in dset.paths()}  # type: ignore[attr-defined]
+        marks = ", ".join("?" for _ in nodes)
+        rows = self.fetchall(  # type: ignore[attr-defined]
+            f"SELECT database, table, name, type FROM system.columns WHERE (database, table) IN ({marks})", [tuple(k) for k in nodes]
+        )
+        types: dict[tuple[str, str], dict[str, str]] = {}
+        for database, table, name, column_type in rows:
+            types.setdefault(nodes[(database, table)], {})[name] = column_type
+        for node, _ in dset.paths():  # bytea is a String like text: its load (unhex) tells it apart
+            for name, stored in self.stored_columns(node.table_key).items():  # type: ignore[attr-defined]
+                if (stored.get("load") or "").startswith("unhex("):
+                    types.setdefault((node.schema, node.table), {})[name] = "bytea"
+        return ClickHouseDocumentSql(dset, self.ident, self._node_table, types)  # type: ignore[attr-defined]
 
     def materialize_documents(self, dset: DocumentSet) -> int:
         """Build every document, above every version the set's table holds, then store the set's
