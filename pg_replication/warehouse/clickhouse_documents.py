@@ -196,10 +196,10 @@ class ClickHouseDocuments:
         keys = ", ".join(ident(k) for k in dset.root.key)
         names = f"{keys}, {ident('document')}, {ident(VERSION)}, {ident(DELETED)}"
         wh.execute(f"INSERT INTO {table} ({names}) SELECT {keys}, {ident('document')}, {version}, 0 FROM ({built.select(roots)})")  # type: ignore[attr-defined]
-        among = f"({keys}) IN (SELECT {keys} FROM {roots}) AND " if roots is not None else ""
+        among = f"({keys}) IN (SELECT {keys} FROM {roots})" if roots is not None else "1"
         wh.execute(  # type: ignore[attr-defined]
             f"INSERT INTO {table} ({names}) SELECT {keys}, '', {version}, 1 FROM {table} "
-            f"WHERE {among}({keys}) NOT IN (SELECT {keys} FROM {root})"
+            f"WHERE {among} AND ({keys}) NOT IN (SELECT {keys} FROM {root} WHERE {among})"
         )
         if roots is None:
             return int(wh.fetchall(f"SELECT count() FROM {table}")[0][0])  # type: ignore[attr-defined]
