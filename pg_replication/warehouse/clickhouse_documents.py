@@ -126,19 +126,23 @@ class ClickHouseDocumentSql:
 
     def roots_of(self, path: tuple[Edge, ...], changed: str) -> str:
         """``SELECT <root key>`` of the roots whose documents hold a row of the path's last node
-        whose key is in ``changed`` (columns k0, k1, ...), as the warehouse holds the tree now."""
-        alias, node, joins = "r0", self.dset.root, []
-        for i, edge in enumerate(path, start=1):
-            child = f"r{i}"
-            on = " AND ".join(f"{child}.{self.ident(c)} = {alias}.{self.ident(p)}" for p, c in zip(edge.parent_columns, edge.child_columns))
-            joins.append(f"JOIN {self.table_of(edge.node)} {child} ON {on}")
-            alias, node = child, edge.node
+        whose key is in ``changed`` (columns k0, k1, ...), as the warehouse holds the tree now:
+        from those rows up to the root, each level an ``IN`` on the one below (the rows found
+        by their keys, not a join that reads every table of the path whole)."""
+        nodes = [self.dset.root, *(edge.node for edge in path)]
+        changed_keys = ", ".join(f"c.{self.ident(f'k{i}')}" for i in range(len(nodes[-1].key)))
+        rows = f"SELECT {changed_keys} FROM ({changed}) c"  # the last node's rows, by their key
+        columns: tuple[str, ...] = nodes[-1].key
+        for depth in range(len(path), 0, -1):  # the rows of nodes[depth] are ``columns`` IN ``rows``
+            edge, node = path[depth - 1], nodes[depth]
+            x = self._alias("u")
+            rows = (
+                f"SELECT {', '.join(f'{x}.{self.ident(c)}' for c in edge.child_columns)} FROM {self.table_of(node)} {x} "
+                f"WHERE {self._tuple(x, columns)} IN ({rows})"
+            )
+            columns = edge.parent_columns
         keys = ", ".join(f"r0.{self.ident(k)}" for k in self.dset.root.key)
-        changed_keys = ", ".join(f"c.{self.ident(f'k{i}')}" for i in range(len(node.key)))
-        return (
-            f"SELECT {keys} FROM {self.table_of(self.dset.root)} r0 {' '.join(joins)} "
-            f"WHERE {self._tuple(alias, node.key)} IN (SELECT {changed_keys} FROM ({changed}) c)"
-        )
+        return f"SELECT {keys} FROM {self.table_of(self.dset.root)} r0 WHERE {self._tuple('r0', columns)} IN ({rows})"
 
 
 class ClickHouseDocuments:
