@@ -581,6 +581,17 @@ def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_p
     assert event.asset_materialization.metadata["documents_recomputed"].value == 3
 
 
+def test_the_document_asset_holds_the_source_pool_on_clickhouse(pg, write_config, tmp_path):
+    """No locks in ClickHouse: a build waits for a drain in flight through the pool they share."""
+    import dagster as dg
+
+    from pg_replication.dagster.definitions import build_definitions
+
+    pg.execute(SCHEMA)
+    write_config({"tables": TABLES, "documents": [PUBLISHER_DOCS], "warehouse": {"kind": "clickhouse", "path": str(tmp_path / "wh.chdb")}})
+    assert build_definitions().get_assets_def(dg.AssetKey(["public", "publisher_docs"])).op.pool == "postgres_source"
+
+
 def test_the_component_takes_the_same_documents_section():
     from pg_replication.dagster.component import PgReplicationComponent
 
