@@ -1,6 +1,6 @@
 """What a document set costs a drain: the same drain of N changes with and without it.
 
-    python bench/documents.py [--changes 20000] [--warehouse duckdb|postgres] [--rounds 2]
+    python bench/documents.py [--changes 20000] [--warehouse duckdb|postgres|clickhouse] [--rounds 2]
 
 In database ``pgr_bench_docs`` (recreated) on the server of POSTGRES_URL, a tree of 2,000
 publishers, 5,000 authors, 50,000 books (one publisher, one author each) and 100,000 reviews is
@@ -92,7 +92,7 @@ def write_changes(url: str, changes: int, round_no: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--changes", type=int, default=20000)
-    parser.add_argument("--warehouse", choices=("duckdb", "postgres"), default="duckdb")
+    parser.add_argument("--warehouse", choices=("duckdb", "postgres", "clickhouse"), default="duckdb")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     admin = os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:54329/postgres")

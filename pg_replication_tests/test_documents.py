@@ -2,7 +2,8 @@
 book 1-n review, kept fresh by the drains while a writer changes every table; every document
 then equals a build from scratch in the warehouse and the same document built by Postgres itself
 on the source (json_build_object / json_agg), compared as parsed JSON, lists ordered by the
-child's primary key. On DuckDB, the Postgres replica and Snowflake (fakesnow); ClickHouse refuses."""
+child's primary key. On DuckDB, the Postgres replica, Snowflake (fakesnow) and ClickHouse (chDB);
+on ClickHouse also a drain killed between its data and its documents, then replayed."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def _backfilled_tree(pg, pg_url, tmp_path: Path, server_url: str, kind: str, par
         yield h
 
 
-@pytest.fixture(params=["duckdb", "postgres", "snowflake"])
+@pytest.fixture(params=["duckdb", "postgres", "snowflake", "clickhouse"])
 def tree(request, pg, pg_url, tmp_path: Path, server_url: str):
     yield from _backfilled_tree(pg, pg_url, tmp_path, server_url, request.param, partitions=2)
 
@@ -228,6 +229,91 @@ def test_a_drain_recomputes_only_the_documents_it_touched(tree, pg):
     (result,) = tree.drain_all()
     assert result.tables.documents == {"publisher_docs": 20}
     assert_documents_fresh(tree, pg, dset)
+
+
+@pytest.fixture
+def clickhouse_tree(pg, pg_url, tmp_path: Path, server_url: str):
+    yield from _backfilled_tree(pg, pg_url, tmp_path, server_url, "clickhouse", partitions=1)
+
+
+@pytest.mark.parametrize("failpoint", ["before_documents", "mid_apply"])
+def test_a_clickhouse_drain_killed_before_its_position_replays_to_fresh_documents(clickhouse_tree, pg, failpoint):
+    """ClickHouse has no transaction: a drain killed (SIGKILL) after its data and before its
+    documents, or after its documents and before its position, is replayed by the next drain,
+    which finds the tree changed already; the roots the killed one mapped before its changes
+    (publisher 2, which loses a book) are still refreshed."""
+    from pg_replication_tests.test_exactly_once import drain_in_subprocess
+
+    h = clickhouse_tree
+    dset = resolve(h, pg)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    pg.execute("UPDATE book SET publisher_id = 3 WHERE isbn = 'b00001'")  # from publisher 2 to 3
+    pg.execute("UPDATE review SET book_isbn = 'b00002' WHERE book_isbn = 'b00005'")  # publisher 6's reviews to publisher 3's book
+    pg.execute("DELETE FROM book WHERE isbn = 'b00007'")  # publisher 8's
+    assert drain_in_subprocess(h, failpoint) == -9
+    h.drain_all()
+    for name in TABLES:
+        h.assert_equal(pg, name)
+    assert_documents_fresh(h, pg, dset)
+
+
+TYPED_SCHEMA = r"""
+CREATE TABLE typed (
+    id int PRIMARY KEY, big bigint, small smallint, amount numeric(12,3), ratio double precision, r real, flag boolean,
+    label text, day date, at timestamp, uid uuid, clock time, blob bytea,
+    at_tz timestamptz, doc jsonb, tags int[], loose numeric
+);
+CREATE TABLE typed_item (typed_id int REFERENCES typed, n int, at timestamp, PRIMARY KEY (typed_id, n));
+INSERT INTO typed VALUES
+    (1, 9007199254740993, -7, 1234.500, 'NaN', 1.5, true, E'q"uote \\ back\nline\té', '2024-02-29',
+     '2024-01-02 03:04:05.5', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '03:04:05', '\x00ff',
+     '2024-01-02 03:04:05.25+00', '{"b": 1, "a": [1, 2.5]}', '{1,NULL,3}', 1.50),
+    (2, NULL, NULL, NULL, 'Infinity', NULL, false, NULL, NULL, '2024-01-02 03:04:00', NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+    (3, NULL, NULL, -0.001, '-Infinity', 0.1, NULL, '', NULL, '1999-12-31 23:59:59.999999', NULL, NULL, '', NULL, 'null', '{}', NULL);
+INSERT INTO typed_item VALUES (1, 2, '2024-01-01 00:00:00'), (1, 1, NULL);
+"""
+TYPED_DOCS = {
+    "name": "typed_docs", "root": "public.typed",
+    "children": [{"table": "public.typed_item", "as": "items", "relationship": "one_to_many", "columns": ["n", "at"]}],
+}
+
+
+def test_clickhouse_renders_values_as_postgres_json_does_where_it_can_tell(pg, pg_url, tmp_path, server_url):
+    """Each field of a ClickHouse document against Postgres's json_build_object of the same row:
+    equal as parsed JSON for integers, decimals, floats (NaN and infinities as Postgres's strings),
+    booleans, text, dates, timestamps, uuid, time, bytea and NULLs, lists of children included; what
+    differs is checked as documented (README, Documents): timestamptz without its zone, jsonb,
+    arrays and unconstrained numeric as their text."""
+    pg.execute(TYPED_SCHEMA)
+    with make_target("clickhouse", tmp_path, server_url) as target:
+        h = Harness(pg_url, target, ["typed", "typed_item"], partitions=1)
+        h.backfill()
+        fks = foreign_keys(pg, {(t.schema, t.name) for t in h.tables})
+        (dset,) = resolve_document_sets([DocumentSetConfig.model_validate(TYPED_DOCS)], h.tables, fks)
+        with target.open() as wh:
+            assert wh.materialize_documents(dset) == 3
+        pg.execute("UPDATE typed SET label = 'changed', at = '2025-06-30 12:00:00.000001' WHERE id = 2")
+        pg.execute("INSERT INTO typed_item VALUES (2, 1, '2024-05-05 05:05:05.05')")
+        h.drain_all()
+        with target.open(read_only=True) as wh:
+            stored = {k: json.loads(d) for k, d in wh.fetchall(f"SELECT id, document FROM {wh.document_table(dset)} FINAL")}
+    with pg.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        source = dict(cur.execute(
+            "SELECT t.id, json_build_object('id', t.id, 'big', big, 'small', small, 'amount', amount, 'ratio', ratio, 'r', r, "
+            "'flag', flag, 'label', label, 'day', day, 'at', t.at, 'uid', uid, 'clock', clock, 'blob', blob, "
+            "'at_tz', at_tz AT TIME ZONE 'UTC', 'doc', doc::text, 'tags', to_json(tags)::text, 'loose', loose::text, "
+            "'items', COALESCE((SELECT json_agg(json_build_object('n', i.n, 'at', i.at) ORDER BY i.typed_id, i.n) "
+            "FROM typed_item i WHERE i.typed_id = t.id), '[]'::json)) FROM typed t"
+        ).fetchall())
+    assert set(stored) == set(source) == {1, 2, 3}
+    for key in stored:
+        assert stored[key] == source[key], key
+    assert stored[1]["big"] == 9007199254740993 and stored[1]["ratio"] == "NaN" and stored[1]["blob"] == "\\x00ff"
+    assert stored[1]["at"] == "2024-01-02T03:04:05.5" and stored[2]["at"] == "2025-06-30T12:00:00.000001"
+    assert json.loads(stored[1]["doc"]) == {"a": [1, 2.5], "b": 1} and json.loads(stored[1]["tags"]) == [1, None, 3]
+    assert stored[1]["at_tz"] == "2024-01-02T03:04:05.25" and stored[1]["loose"] == "1.50"
 
 
 def test_a_column_gone_from_the_tree_holds_the_documents_not_the_drain(duckdb_tree, pg):
@@ -448,9 +534,11 @@ def test_a_bad_documents_section_fails_the_load_naming_the_set(pg, write_config,
 
 
 @pytest.mark.e2e
-def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["duckdb", "clickhouse"])
+def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_path, tmp_path, monkeypatch, kind):
     """What an operator runs: the tables' and the documents' assets materialized, then the drain
-    job, each in a fresh process; the drain reports the documents it recomputed on their asset."""
+    job, each in a fresh process; the drain reports the documents it recomputed on their asset.
+    On ClickHouse (chDB) readers query the documents with FINAL."""
     import dagster as dg
     import duckdb
 
@@ -465,22 +553,43 @@ def test_document_asset_and_drain_job_through_the_cli(pg, write_config, duckdb_p
     write_config({
         "source": {"slot": "pgr_docs", "publication": "pgr_docs"}, "tables": TABLES, "defaults": {"partitions": 1},
         "documents": [PUBLISHER_DOCS],
+        **({"warehouse": {"kind": "clickhouse", "path": str(tmp_path / "warehouse.chdb")}} if kind == "clickhouse" else {}),
     })
     env = dagster_env(tmp_path)
-    ok(operator.materialize(",".join(f"public/{t}" for t in TABLES), "000...000"))
+    tables = operator.materialize(",".join(f"public/{t}" for t in TABLES), "000...000")
+    # chDB admits one process per directory: the tables' steps in one process, not four waiting on each other
+    ok(tables + (["--config-json", json.dumps({"execution": {"config": {"in_process": {}}}})] if kind == "clickhouse" else []))
     ok(["dagster", "asset", "materialize", "-m", "pg_replication.dagster.definitions", "--select", "public/publisher_docs"])
     pg.execute("UPDATE book SET publisher_id = 3 WHERE isbn = 'b00001'")  # from publisher 2 to 3
     pg.execute("DELETE FROM review WHERE book_isbn = 'b00005'")  # publisher 6's
     ok(operator.drain())
 
-    with duckdb.connect(str(duckdb_path), read_only=True) as wh:
-        stored = {k: json.loads(d) for k, d in wh.execute('SELECT id, document FROM "public"."publisher_docs"').fetchall()}
+    if kind == "clickhouse":
+        from pg_replication_tests.targets import ClickHouseTarget
+
+        with ClickHouseTarget(tmp_path / "warehouse.chdb").open(read_only=True) as wh:
+            rows = wh.fetchall('SELECT id, document FROM "public"."publisher_docs" FINAL')
+    else:
+        with duckdb.connect(str(duckdb_path), read_only=True) as conn:
+            rows = conn.execute('SELECT id, document FROM "public"."publisher_docs"').fetchall()
+    stored = {k: json.loads(d) for k, d in rows}
     assert stored == source_documents(pg)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     monkeypatch.chdir(tmp_path)  # dagster.yaml's storage path is relative to where the CLI ran
     with dg.DagsterInstance.get() as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey(["public", "publisher_docs"]))
     assert event.asset_materialization.metadata["documents_recomputed"].value == 3
+
+
+def test_the_document_asset_holds_the_source_pool_on_clickhouse(pg, write_config, tmp_path):
+    """No locks in ClickHouse: a build waits for a drain in flight through the pool they share."""
+    import dagster as dg
+
+    from pg_replication.dagster.definitions import build_definitions
+
+    pg.execute(SCHEMA)
+    write_config({"tables": TABLES, "documents": [PUBLISHER_DOCS], "warehouse": {"kind": "clickhouse", "path": str(tmp_path / "wh.chdb")}})
+    assert build_definitions().get_assets_def(dg.AssetKey(["public", "publisher_docs"])).op.pool == "postgres_source"
 
 
 def test_the_component_takes_the_same_documents_section():
@@ -490,14 +599,3 @@ def test_the_component_takes_the_same_documents_section():
     assert component.config.documents == parse_config({"tables": TABLES, "documents": [PUBLISHER_DOCS]}).documents
     with pytest.raises(ConfigError, match="documents.0.children.0.relationship"):
         PgReplicationComponent(tables=TABLES, documents=[{**PUBLISHER_DOCS, "children": [{"table": "public.book"}]}]).config
-
-
-def test_clickhouse_refuses_documents_naming_the_warehouses_that_build_them(catalog, pg, tmp_path, server_url):
-    from pg_replication.errors import PgReplicationError
-
-    dset = resolve(catalog, pg)
-    with make_target("clickhouse", tmp_path, server_url) as target, target.open() as wh:
-        with pytest.raises(PgReplicationError, match="the clickhouse warehouse cannot build nested documents") as refused:
-            wh.materialize_documents(dset)
-        assert wh.document_sets() == []  # no drain refreshes anything there
-    assert "duckdb, postgres or snowflake" in str(refused.value)

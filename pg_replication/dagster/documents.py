@@ -83,7 +83,11 @@ def _document_asset(
         },
     )
 
-    @dg.multi_asset(specs=[spec], name="_".join(key.path), required_resource_keys={keys.source, keys.warehouse})
+    # ClickHouse has no locks to make a build wait for a drain in flight (the other warehouses do):
+    # on a server, the source pool (limit 1) keeps them apart, as it does the drains and slices.
+    pool = config.source.pool if translator.warehouse_kind == "clickhouse" else None
+
+    @dg.multi_asset(specs=[spec], name="_".join(key.path), required_resource_keys={keys.source, keys.warehouse}, pool=pool)
     def documents(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         source: PostgresSource = getattr(context.resources, keys.source)
         warehouse: WarehouseResource = getattr(context.resources, keys.warehouse)

@@ -24,7 +24,8 @@ and every write is made safe to repeat instead:
   DuckDB, and chDB itself admits one process at a time.
 
 Values ClickHouse cannot hold are refused before a write, naming table, column, key and value
-(``clickhouse_types.py``).
+(``clickhouse_types.py``). Nested documents are built and kept fresh the same way
+(``clickhouse_documents.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pg_replication.types import TypeMapping
 from pg_replication.warehouse import clickhouse_types, staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult
 from pg_replication.warehouse.clickhouse_client import ChdbClient, ServerClient, bind
+from pg_replication.warehouse.clickhouse_documents import ClickHouseDocuments
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
 from pg_replication.warehouse.staging import StagedChanges
 
@@ -54,7 +56,7 @@ VERSION_SHIFT = 16  # writes one drain may make (per table, in order) before its
 _STATE_TYPES = {"text": "String", "BIGINT": "Int64", "DOUBLE PRECISION": "Float64", "INTEGER": "Int32"}
 
 
-class ClickHouseWarehouse(SqlWarehouse):
+class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
     """A ClickHouse database as a replication target: chDB in-process or a server.
 
     Example::

@@ -62,6 +62,12 @@ class DocumentStore:
     # Index the join columns of the tree's tables (a Postgres replica: without them each child
     # probe scans its table; DuckDB decorrelates the probes into hash joins).
     document_join_indexes = False
+    # Columns of the documents table after the root key and ``document`` (ClickHouse: its versions).
+    document_extra_columns: tuple[str, ...] = ()
+
+    @property
+    def builds_documents(self) -> bool:
+        return self.json_functions is not None
 
     # -- names ------------------------------------------------------------------------------
 
@@ -82,7 +88,7 @@ class DocumentStore:
         if self.json_functions is None:
             raise PgReplicationError(
                 f"documents {dset.name}: the {self.name} warehouse cannot build nested documents yet",  # type: ignore[attr-defined]
-                hint="build documents on duckdb, postgres or snowflake (README, Documents)",
+                hint="build documents on duckdb, postgres, snowflake or clickhouse (README, Documents)",
             )
         return DocumentSql(dset, self.json_functions, self.ident, self._node_table)  # type: ignore[attr-defined]
 
@@ -92,12 +98,7 @@ class DocumentStore:
         """Store the set's definition and build every document again, in one transaction; from
         then on each drain keeps them fresh. Returns the number of documents."""
         built = self._document_sql(dset)
-        missing = [n.table_key for n, _ in dset.paths() if self.physical_columns(self.schema_prefix + n.schema, n.table) is None]  # type: ignore[attr-defined]
-        if missing:
-            raise PgReplicationError(
-                f"documents {dset.name}: {', '.join(sorted(set(missing)))} not in the warehouse yet",
-                hint="materialize (backfill) the tables of the tree first, then the documents",
-            )
+        self._require_tree(dset)
         self._refuse_foreign_table(dset)
         self.create_schema(self.document_schema(dset))  # type: ignore[attr-defined]
         root = self._node_table(dset.root)
@@ -123,6 +124,14 @@ class DocumentStore:
             self.execute(f"INSERT INTO {self.document_table(dset)} {built.select()}")  # type: ignore[attr-defined]
             return int(self.fetchall(f"SELECT count(*) FROM {self.document_table(dset)}")[0][0])  # type: ignore[attr-defined]
 
+    def _require_tree(self, dset: DocumentSet) -> None:
+        missing = [n.table_key for n, _ in dset.paths() if self.physical_columns(self.schema_prefix + n.schema, n.table) is None]  # type: ignore[attr-defined]
+        if missing:
+            raise PgReplicationError(
+                f"documents {dset.name}: {', '.join(sorted(set(missing)))} not in the warehouse yet",
+                hint="materialize (backfill) the tables of the tree first, then the documents",
+            )
+
     def _refuse_foreign_table(self, dset: DocumentSet) -> None:
         """A build deletes the rows of its table and may drop it: never over a table that is not
         this set's (a replicated one, one of the user's, one whose name differs only in case:
@@ -137,7 +146,7 @@ class DocumentStore:
             f"SELECT table_key FROM {self.state('tables')} WHERE lower(table_key) = lower(?)", [f"{dset.root.schema}.{dset.name}"]  # type: ignore[attr-defined]
         )
         built_before = self.fetchall(f"SELECT 1 FROM {self.state('documents')} WHERE name = ?", [dset.name])  # type: ignore[attr-defined]
-        shape = [self.fold(c) for c in (*dset.root.key, "document")]  # type: ignore[attr-defined]
+        shape = [self.fold(c) for c in (*dset.root.key, "document", *self.document_extra_columns)]  # type: ignore[attr-defined]
         for have_schema, have_name in found:
             ours = (
                 (have_schema, have_name) == (schema, name) and not replicated
@@ -157,7 +166,7 @@ class DocumentStore:
         root = self._column_types(self.schema_prefix + dset.root.schema, dset.root.table)  # type: ignore[attr-defined]
         keys = [(self.fold(k), root.get(self.fold(k))) for k in dset.root.key]  # type: ignore[attr-defined]
         documents = self._column_types(self.document_schema(dset), dset.name)
-        if documents and (list(documents) != [k for k, _ in keys] + [self.fold("document")] or any(documents[k] != t for k, t in keys)):  # type: ignore[attr-defined]
+        if documents and (list(documents) != [k for k, _ in keys] + [self.fold(c) for c in ("document", *self.document_extra_columns)] or any(documents[k] != t for k, t in keys)):  # type: ignore[attr-defined]
             return True
         held = self._column_types(STATE_SCHEMA, f"document_keys.{dset.name}")
         return bool(held) and held != dict(keys)
@@ -194,7 +203,7 @@ class DocumentStore:
 
     def _stored_sets(self) -> list[tuple[DocumentSet, str | None]]:
         """Each materialized set, and why drains hold it (None: they keep it fresh)."""
-        if self.json_functions is None:
+        if not self.builds_documents:
             return []
         rows = self.fetchall(f"SELECT definition, error FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
         return [(DocumentSet.from_json(r[0]), r[1]) for r in rows]
