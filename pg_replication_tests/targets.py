@@ -27,6 +27,7 @@ CLICKHOUSE_MODULES = {
     "test_backfill",
     "test_cdc",
     "test_drain_session",
+    "test_errors",
     "test_exactly_once",
     "test_large_transactions",
     "test_progress",

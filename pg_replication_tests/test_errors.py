@@ -213,7 +213,9 @@ def _numeric_tables(pg, pg_url, target) -> Harness:
     return h
 
 
-def test_retry_replays_the_change_log_after_the_cause_is_fixed(pg, pg_url, target):
+def test_retry_replays_the_change_log_after_the_cause_is_fixed(pg, pg_url, target, request):
+    if target.kind == "clickhouse":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: the unfolded change log replays NaN as NULL on ClickHouse"))
     h = _numeric_tables(pg, pg_url, target)
     bad = _reject(target, h)
     pg.execute(f"INSERT INTO a VALUES (999, {bad})")
@@ -267,7 +269,9 @@ def test_retry_command_and_job(shop, pg, duckdb_path, capsys):
 # -- on_schema_change: resync --------------------------------------------------------------------
 
 
-def test_on_schema_change_resync_restarts_the_backfill_while_others_stream(pg, pg_url, target):
+def test_on_schema_change_resync_restarts_the_backfill_while_others_stream(pg, pg_url, target, request):
+    if target.kind == "clickhouse":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: the resynced table's changes fail the whole drain on ClickHouse"))
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v int)")
     pg.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")
     pg.execute("INSERT INTO a SELECT i, i FROM generate_series(1, 30) i")
@@ -303,7 +307,9 @@ def _log_rows(h: Harness) -> int:
         return int(wh.fetchall(f"SELECT count(*) FROM {wh.state(wh.log_name(h.table('a')))}")[0][0])
 
 
-def test_folded_change_log_stays_bounded_and_replays_to_the_source(pg, pg_url, target):
+def test_folded_change_log_stays_bounded_and_replays_to_the_source(pg, pg_url, target, request):
+    if target.kind == "clickhouse":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: ClickHouse's change log is not folded, it grows per change"))
     h = _numeric_tables(pg, pg_url, target)
     bad = _reject(target, h)
     pg.execute(f"INSERT INTO a (id, v) VALUES (999, {bad})")
