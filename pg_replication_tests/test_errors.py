@@ -213,9 +213,7 @@ def _numeric_tables(pg, pg_url, target) -> Harness:
     return h
 
 
-def test_retry_replays_the_change_log_after_the_cause_is_fixed(pg, pg_url, target, request):
-    if target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: the unfolded change log replays NaN as NULL on ClickHouse"))
+def test_retry_replays_the_change_log_after_the_cause_is_fixed(pg, pg_url, target):
     h = _numeric_tables(pg, pg_url, target)
     bad = _reject(target, h)
     pg.execute(f"INSERT INTO a VALUES (999, {bad})")
@@ -307,9 +305,7 @@ def _log_rows(h: Harness) -> int:
         return int(wh.fetchall(f"SELECT count(*) FROM {wh.state(wh.log_name(h.table('a')))}")[0][0])
 
 
-def test_folded_change_log_stays_bounded_and_replays_to_the_source(pg, pg_url, target, request):
-    if target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: ClickHouse's change log is not folded, it grows per change"))
+def test_folded_change_log_stays_bounded_and_replays_to_the_source(pg, pg_url, target):
     h = _numeric_tables(pg, pg_url, target)
     bad = _reject(target, h)
     pg.execute(f"INSERT INTO a (id, v) VALUES (999, {bad})")

@@ -18,7 +18,8 @@ and every write is made safe to repeat instead:
   the slices'. A TRUNCATE writes a deleted version of every row and is remembered
   (``_pg_replication.truncations``): a slice below it writes nothing, since every row alive after
   the TRUNCATE arrives as a change above it. A failed table still logs its changes (the engine's
-  change log, appended without folding) and replays them when retried.
+  change log, folded per key by INSERT and DELETE) and replays them, guarded like a drain, when
+  retried.
 - State tables are MergeTree tables with lightweight UPDATE/DELETE. Writers are not locked against
   each other (ClickHouse has no row locks): the Dagster pools serialize drains and slices, as for
   DuckDB, and chDB itself admits one process at a time.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import pyarrow as pa
 
@@ -43,6 +45,7 @@ from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import clickhouse_types, staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult
+from pg_replication.warehouse.change_log import COLUMNS, SEGMENT
 from pg_replication.warehouse.clickhouse_client import ChdbClient, ServerClient, bind
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
 from pg_replication.warehouse.staging import StagedChanges
@@ -159,6 +162,12 @@ class ClickHouseWarehouse(SqlWarehouse):
         target, column = self.table_name(table), self.ident(name)
         default = "" if value is None else f" DEFAULT {self.sql_literal(mapping, value)}"
         self.execute(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {column} {mapping.ddl}{default}")
+
+    def stored_mappings(self, table: Table) -> dict[str, TypeMapping]:
+        # A replayed change log is guarded like a drain: a CAST would turn what the type cannot
+        # hold (NaN in a Decimal) into NULL instead of failing.
+        mappings = super().stored_mappings(table)
+        return {n: replace(m, refuse=clickhouse_types.refusal(m.ddl)) for n, m in mappings.items()}
 
     def row_count(self, table: Table) -> int:
         return int(self.fetchall(f"SELECT count() FROM {self.table_name(table)} FINAL")[0][0])
@@ -311,7 +320,42 @@ class ClickHouseWarehouse(SqlWarehouse):
         return super().replay_log(table, read_rows)
 
     def _fold_log(self, table: Table, columns, into: int, new: int) -> None:
-        """Not folded (ClickHouse has no UPDATE … FROM): each appended segment is replayed in order."""
+        """The engine's fold (``change_log._fold_log``) without UPDATE … FROM, which ClickHouse
+        lacks: ``new``'s rows are rewritten by an INSERT … SELECT over the same join (at a
+        scratch segment), the rows they replace deleted, and the result moved to ``into``."""
+        log = self.state(self.log_name(table))
+        op, unknown, segment, seq = (self.ident(n) for n in (staging.OP, staging.UNKNOWN, SEGMENT, staging.SEQ))
+        width = len(table.primary_key)
+        fills = [self.ident(staging.fill_column(j)) for j in range(width)]
+        # l matched: n keeps some warehouse values and names a row into upserts (as the engine's WHERE)
+        merge = f"(n.{op} = 'U' AND n.{unknown} LIKE '%1%' AND l.{seq} IS NOT NULL)"
+        values, flags = [], []
+        for i, name in enumerate(columns):
+            col = self.ident(name)
+            keeps = f"substr(n.{unknown}, {i + 1}, 1) = '1'"
+            knows = f"(l.{unknown} IS NULL OR substr(l.{unknown}, {i + 1}, 1) <> '1')"
+            values.append(f"if({merge} AND {keeps} AND {knows}, l.{col}, n.{col})")
+            flags.append(f"if({keeps} AND NOT {knows}, '1', '0')")
+        flag = f"if({merge}, {' || '.join(flags) or chr(39) * 2}, n.{unknown})"
+        filled = [f"if({merge}, l.{f}, n.{f})" for f in fills]
+        join = " AND ".join(f"l.{self.ident(k)} = n.{f}" for k, f in zip(table.primary_key, fills))
+        scratch = -2  # below every real segment and RECOVERED_SEGMENT
+        names = [seq, segment, self.ident(COLUMNS), op, unknown, *fills, *(self.ident(c) for c in columns)]
+        self.execute(
+            f"INSERT INTO {log} ({', '.join(names)}) SELECT n.{seq}, {scratch}, n.{self.ident(COLUMNS)}, n.{op}, {flag}, "
+            f"{', '.join([*filled, *values])} FROM {log} AS n "
+            f"LEFT JOIN (SELECT * FROM {log} WHERE {segment} = {int(into)} AND {op} = 'U') AS l ON {join} "
+            f"WHERE n.{segment} = {int(new)}"
+        )
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        self.execute(
+            f"DELETE FROM {log} WHERE {segment} = {int(into)} AND {op} <> 'T' AND ({keys}) IN "
+            f"(SELECT {keys} FROM {log} WHERE {segment} = {int(new)} AND {op} <> 'T')"
+        )
+        self.execute(f"DELETE FROM {log} WHERE {segment} = {int(new)}")
+        every = ", ".join(n for n in names if n != segment)
+        self.execute(f"INSERT INTO {log} ({every}, {segment}) SELECT {every}, {int(into)} FROM {log} WHERE {segment} = {scratch}")
+        self.execute(f"DELETE FROM {log} WHERE {segment} = {scratch}")
 
     def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
         target = self.table_name(table)
