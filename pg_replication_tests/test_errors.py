@@ -267,9 +267,7 @@ def test_retry_command_and_job(shop, pg, duckdb_path, capsys):
 # -- on_schema_change: resync --------------------------------------------------------------------
 
 
-def test_on_schema_change_resync_restarts_the_backfill_while_others_stream(pg, pg_url, target, request):
-    if target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: the resynced table's changes fail the whole drain on ClickHouse"))
+def test_on_schema_change_resync_restarts_the_backfill_while_others_stream(pg, pg_url, target):
     pg.execute("CREATE TABLE a (id int PRIMARY KEY, v int)")
     pg.execute("CREATE TABLE b (id int PRIMARY KEY, v int)")
     pg.execute("INSERT INTO a SELECT i, i FROM generate_series(1, 30) i")

@@ -360,6 +360,8 @@ class ClickHouseWarehouse(SqlWarehouse):
     def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
         target = self.table_name(table)
         columns = list(self.stored_columns(table_key(table)))
+        if not columns:  # reset by this drain (on_schema_change: resync): its new backfill copies these changes
+            return
         names = ", ".join(self.ident(c) for c in [*columns, SLICE_COLUMN, VERSION, DELETED])
         if changes.truncated:
             version = self._next_version()
