@@ -33,6 +33,7 @@ CLICKHOUSE_MODULES = {
     "test_progress",
     "test_relation_identity",
     "test_rewrites",
+    "test_schema_changes",
     "test_short_snapshots",
     "test_table_joins_slot",
     "test_toast",

@@ -163,6 +163,10 @@ class ClickHouseWarehouse(SqlWarehouse):
         default = "" if value is None else f" DEFAULT {self.sql_literal(mapping, value)}"
         self.execute(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {column} {mapping.ddl}{default}")
 
+    def alter_column_type(self, table: Table, name: str, ddl: str) -> None:
+        # A widening (evolution.widens): old parts read converted until the mutation rewrites them.
+        self.execute(f"ALTER TABLE {self.table_name(table)} MODIFY COLUMN {self.ident(name)} {ddl}")
+
     def stored_mappings(self, table: Table) -> dict[str, TypeMapping]:
         # A replayed change log is guarded like a drain: a CAST would turn what the type cannot
         # hold (NaN in a Decimal) into NULL instead of failing.
