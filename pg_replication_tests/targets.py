@@ -25,6 +25,7 @@ KINDS = ("duckdb", "postgres", "snowflake", "clickhouse")
 # The test modules that run on ClickHouse; the others skip it (README, ClickHouse: what is covered).
 CLICKHOUSE_MODULES = {
     "test_backfill",
+    "test_capture",
     "test_cdc",
     "test_drain_session",
     "test_errors",
