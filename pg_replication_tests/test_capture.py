@@ -36,9 +36,7 @@ class CaptureHarness(Harness):
         return results
 
 
-def test_every_kind_of_change_arrives(pg, pg_url, target, request):
-    if target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: captured changes are versioned by change id on ClickHouse, below the slices' LSN versions: the slices' older rows win"))
+def test_every_kind_of_change_arrives(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text, n numeric(8,2), at timestamptz)")
     pg.execute("INSERT INTO t SELECT i, 'v' || i, i / 3.0, now() FROM generate_series(1, 500) i")
     h = CaptureHarness(pg_url, target, ["t"])
@@ -59,9 +57,7 @@ def test_every_kind_of_change_arrives(pg, pg_url, target, request):
     assert pg.execute("SELECT count(*) FROM _pg_replication_capture.changes").fetchone() == (0,)  # applied rows are deleted
 
 
-def test_changes_during_the_backfill_wait_in_the_log(pg, pg_url, target, request):
-    if target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: captured changes are versioned by change id on ClickHouse, below the slices' LSN versions: the slices' older rows win"))
+def test_changes_during_the_backfill_wait_in_the_log(pg, pg_url, target):
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pg.execute("INSERT INTO t SELECT i, 'v0' FROM generate_series(1, 3000) i")
     h = CaptureHarness(pg_url, target, ["t"])
@@ -110,9 +106,7 @@ def test_uninstall_removes_everything_and_a_least_privilege_role_drains(pg, pg_u
         pg.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-def test_convergence_under_concurrent_writes(pg, pg_url, target, request):
-    if target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: captured changes are versioned by change id on ClickHouse, below the slices' LSN versions: the slices' older rows win"))
+def test_convergence_under_concurrent_writes(pg, pg_url, target):
     create_writers_table(pg)
     h = CaptureHarness(pg_url, target, ["t"], partitions=4)
 

@@ -306,8 +306,9 @@ class ClickHouseWarehouse(SqlWarehouse):
     # -- CDC --------------------------------------------------------------------------------
 
     def _apply_drain_once(self, decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows) -> dict:
-        # Every attempt of one drain writes the same versions: a replay deduplicates.
-        self._version = target_lsn << VERSION_SHIFT
+        # Every attempt of one drain writes the same versions: a replay deduplicates. A drain of
+        # trigger-captured changes ranks by its snapshot's WAL position (its cursor is a change id).
+        self._version = (getattr(decoded, "snapshot_lsn", 0) or target_lsn) << VERSION_SHIFT
         return super()._apply_drain_once(decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows)
 
     def prepare_table(self, plan, status: str, describe_new) -> dict:
