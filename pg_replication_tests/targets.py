@@ -32,6 +32,7 @@ CLICKHOUSE_MODULES = {
     "test_exactly_once",
     "test_large_transactions",
     "test_progress",
+    "test_reads",
     "test_relation_identity",
     "test_rewrites",
     "test_schema_changes",

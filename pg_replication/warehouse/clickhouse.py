@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import pyarrow as pa
@@ -73,6 +73,15 @@ class ClickHouseWarehouse(SqlWarehouse):
     counts_rows_cheaply = False  # count() under FINAL reads every key
     applies_while_backfilling = True  # changes are versioned above the slices (module docstring)
 
+    # read_batches: ClickHouse types (information_schema's data_type, lower-cased) read exactly
+    arrow_types = {
+        f"nullable({name})": arrow
+        for name, arrow in {
+            "bool": pa.bool_(), "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "uint32": pa.uint32(),
+            "float32": pa.float32(), "float64": pa.float64(), "string": pa.string(),
+        }.items()
+    }  # fmt: skip
+
     def __init__(self, client: ChdbClient | ServerClient, *, read_only: bool = False) -> None:
         self.client = client
         self.errors = client.errors
@@ -89,6 +98,12 @@ class ClickHouseWarehouse(SqlWarehouse):
 
     def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
         return self.client.rows(bind(query, params))
+
+    def stream_rows(self, query: str, batch_rows: int) -> Iterator[Sequence[tuple]]:
+        """ClickHouse's result blocks, cut to ``batch_rows``; reads see each key's latest version (final = 1)."""
+        for rows in self.client.stream_rows(query):
+            for start in range(0, len(rows), batch_rows):
+                yield rows[start : start + batch_rows]
 
     def begin(self) -> None:
         """No transactions in ClickHouse: every write is idempotent instead (module docstring)."""
