@@ -40,6 +40,7 @@ CLICKHOUSE_MODULES = {
     "test_table_joins_slot",
     "test_toast",
     "test_types",
+    "test_warehouses",
 }
 
 
