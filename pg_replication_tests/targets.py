@@ -37,6 +37,7 @@ CLICKHOUSE_MODULES = {
     "test_rewrites",
     "test_schema_changes",
     "test_short_snapshots",
+    "test_strategies",
     "test_table_joins_slot",
     "test_toast",
     "test_types",

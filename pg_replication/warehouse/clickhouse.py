@@ -292,7 +292,9 @@ class ClickHouseWarehouse(SqlWarehouse):
                 [x for key in chunk for x in key],
             )
 
-    def _insert_staged(self, table: Table, mappings: dict[str, TypeMapping], batch: pa.RecordBatch, what: str, first: int, tail: str) -> None:
+    def _insert_staged(
+        self, table: Table, mappings: dict[str, TypeMapping], batch: pa.RecordBatch, what: str, first: int, tail: str, into: str | None = None
+    ) -> None:
         names = list(mappings)
         data = pa.Table.from_arrays([batch.column(n).cast(pa.string()) for n in names], names=[f"c{i}" for i in range(len(names))])
         relation = self.stage("pgr_slice", data)
@@ -303,20 +305,49 @@ class ClickHouseWarehouse(SqlWarehouse):
             select = ", ".join(staging.typed(mappings[n], staged[n]) for n in names)
             columns = ", ".join(self.ident(c) for c in [*names, SLICE_COLUMN, VERSION, DELETED])
             try:
-                self.execute(f"INSERT INTO {self.table_name(table)} ({columns}) SELECT {select}, {tail} FROM {relation}")
+                self.execute(f"INSERT INTO {into or self.table_name(table)} ({columns}) SELECT {select}, {tail} FROM {relation}")
             except self.errors as exc:
                 raise self._refused(table, what, f"rows {first}..{first + batch.num_rows}", exc) from None
         finally:
             self.unstage("pgr_slice")
 
-    def upsert_rows(self, table: Table, batches, watermark):
-        raise WarehouseError(
-            f"{table.display}: the query strategies (append, updated_at, reload) do not write to ClickHouse yet",
-            table=table.display,
-            hint="replicate the table with strategy: cdc (the default), or use another warehouse for it",
-        )
+    # -- query strategies (append, updated_at, reload) ----------------------------------------
 
-    replace_rows = upsert_rows
+    def upsert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """The sync's rows as new versions above every version the table holds, then its
+        watermark. Syncs of a table are serialized (strategies.py's advisory lock) and each reads
+        a newer snapshot than the last, so a later sync's rows win; a sync killed before its
+        watermark is re-read by the next one, whose versions are higher again."""
+        version = self._max_version(table) + 1
+        rows, nbytes = self._insert_rows(table, batches, version, "a sync")
+        self._set_watermark(table, watermark)
+        return SliceResult(rows, nbytes)
+
+    def replace_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """A reload as a swap: the new copy is loaded into a table of the same structure, then
+        ``EXCHANGE TABLES`` (atomic in an Atomic database, chDB's and a server's default) puts it
+        in place, so a reader sees the old rows or the new ones; then the watermark. A reload
+        killed before it is done again by the next sync."""
+        target, copy = self.table_name(table), self.state(f"reload.{table.schema}.{table.name}")
+        self.execute(f"DROP TABLE IF EXISTS {copy}")
+        self.execute(f"CREATE TABLE {copy} AS {target}")
+        try:
+            rows, nbytes = self._insert_rows(table, batches, self._max_version(table) + 1, "a reload", into=copy)
+            self.execute(f"EXCHANGE TABLES {target} AND {copy}")
+        finally:
+            self.execute(f"DROP TABLE IF EXISTS {copy}")
+        self._set_watermark(table, watermark)
+        return SliceResult(rows, nbytes)
+
+    def _insert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], version: int, what: str, into: str | None = None) -> tuple[int, int]:
+        mappings = dict(self.column_mappings(table))
+        rows = nbytes = 0
+        for batch in batches:
+            if batch.num_rows:
+                self._insert_staged(table, mappings, batch, what, rows, f"NULL, {version}, 0", into)
+            rows += batch.num_rows
+            nbytes += batch.nbytes
+        return rows, nbytes
 
     # -- CDC --------------------------------------------------------------------------------
 
