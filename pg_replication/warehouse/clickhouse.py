@@ -37,7 +37,7 @@ from dataclasses import replace
 
 import pyarrow as pa
 
-from pg_replication.errors import BackfillRestartedError, WarehouseError
+from pg_replication.errors import BackfillRestartedError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.recovery import RowReader
@@ -180,6 +180,13 @@ class ClickHouseWarehouse(SqlWarehouse):
 
     def alter_column_type(self, table: Table, name: str, ddl: str) -> None:
         # A widening (evolution.widens): old parts read converted until the mutation rewrites them.
+        if name in table.primary_key:  # ClickHouse refuses to alter a sorting key column
+            raise SchemaChangeError(
+                f"{table.display}: key column {name!r} changed type to {ddl} in the source; "
+                "ClickHouse cannot alter a column of the table's sorting key in place",
+                table=table.display,
+                hint="resync the table (pg-replication resync TABLE, or on_schema_change: resync); its changes wait in its change log",
+            )
         self.execute(f"ALTER TABLE {self.table_name(table)} MODIFY COLUMN {self.ident(name)} {ddl}")
 
     def stored_mappings(self, table: Table) -> dict[str, TypeMapping]:
