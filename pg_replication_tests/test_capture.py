@@ -122,7 +122,7 @@ def test_convergence_under_concurrent_writes(pg, pg_url, target):
     converge(pg, h, interleave)
 
 
-@pytest.mark.parametrize("target", ["duckdb"], indirect=True)
+@pytest.mark.parametrize("target", ["duckdb", "clickhouse"], indirect=True)
 def test_a_table_that_cannot_be_read_keeps_its_changes_and_stops_only_itself(pg, pg_url, target):
     for name in ("a", "b"):
         pg.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
