@@ -23,7 +23,26 @@ from pg_replication.warehouse.postgres import PostgresWarehouse
 
 KINDS = ("duckdb", "postgres", "snowflake", "clickhouse")
 # The test modules that run on ClickHouse; the others skip it (README, ClickHouse: what is covered).
-CLICKHOUSE_MODULES = {"test_backfill", "test_cdc", "test_exactly_once", "test_toast", "test_types"}
+CLICKHOUSE_MODULES = {
+    "test_backfill",
+    "test_capture",
+    "test_cdc",
+    "test_drain_session",
+    "test_errors",
+    "test_exactly_once",
+    "test_large_transactions",
+    "test_progress",
+    "test_reads",
+    "test_relation_identity",
+    "test_rewrites",
+    "test_schema_changes",
+    "test_short_snapshots",
+    "test_strategies",
+    "test_table_joins_slot",
+    "test_toast",
+    "test_types",
+    "test_warehouses",
+}
 
 
 class Target:

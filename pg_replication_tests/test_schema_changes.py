@@ -68,6 +68,16 @@ def test_volatile_default_fails_the_table_loudly(items, pg, ddl):
         assert wh.statuses()["public.items"][0] == "failed"
 
 
+@pytest.mark.parametrize("target", ["clickhouse"], indirect=True)
+def test_a_key_column_widened_fails_the_table_on_clickhouse_naming_the_resync(items, pg):
+    pg.execute("ALTER TABLE items ALTER COLUMN id TYPE bigint")
+    pg.execute("INSERT INTO items VALUES (5000000000, 1, 1, 'k', 'n')")
+    items.reload()
+    (result,) = items.drain_all()
+    outcome = result.tables["public.items"]
+    assert outcome.mode == "failed" and "key column 'id'" in outcome.error and "sorting key" in outcome.error
+
+
 def test_widening_type_changes_are_followed(items, pg):
     pg.execute("ALTER TABLE items ALTER COLUMN qty TYPE bigint, ALTER COLUMN price TYPE numeric(14,4)")
     pg.execute("ALTER TABLE items ALTER COLUMN code TYPE varchar(40)")

@@ -21,6 +21,8 @@ def deployment(target, monkeypatch):
         monkeypatch.setenv("DUCKDB_PATH", str(target.path))
     elif target.kind == "postgres":
         monkeypatch.setenv("WAREHOUSE_POSTGRES_URL", target.url)
+    elif target.kind == "clickhouse":
+        monkeypatch.setenv("CHDB_PATH", str(target.path))
     else:  # fakesnow accepts any account; the connection is made through SnowflakeResource
         # (and MERGE is off: fakesnow cannot run it in a transaction; test_snowflake.py covers it)
         for name, value in {"ACCOUNT": "acme", "USER": "loader", "PASSWORD": "pw-never-shown", "DATABASE": "PGR", "SCHEMA": "PUBLIC"}.items():

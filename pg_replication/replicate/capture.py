@@ -50,6 +50,10 @@ class _Plan:
 class _Captured:
     batches: dict[str, TableBatch]
     plans: dict[str, _Plan]
+    # The source's WAL position once this drain's snapshot is taken: where a warehouse versions
+    # writes by position (ClickHouse), the drain's writes rank by it against slices and other
+    # drains (the drained position here is a change id, not an LSN).
+    snapshot_lsn: int = 0
 
 
 def _staged(table: Table, mapper: Mapper, names: list[str]) -> sql.Composable:
@@ -120,7 +124,10 @@ def drain_captured(
     by_name = {(t.schema, t.name): t for t in tables}
     with connect(conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        if not conn.execute("SELECT pg_try_advisory_xact_lock(hashtext('pg_replication capture drain'))").fetchone()[0]:  # type: ignore[index]
+        locked, snapshot_lsn = conn.execute(  # type: ignore[misc]
+            "SELECT pg_try_advisory_xact_lock(hashtext('pg_replication capture drain')), pg_current_wal_lsn() - '0/0'"
+        ).fetchone()
+        if not locked:
             # An older snapshot committing after a newer one would overwrite newer rows.
             log("another drain of the captured changes is running; this one does nothing")
             return DrainResult(warehouse.drained_lsn(settings.position) or 0)
@@ -133,7 +140,7 @@ def drain_captured(
         grouped: dict[tuple[str, str], list] = defaultdict(list)
         for row in rows:
             grouped[(row[1], row[2])].append(row)
-        captured = _Captured({}, {})
+        captured = _Captured({}, {}, snapshot_lsn=int(snapshot_lsn))
         unread: dict[str, TableOutcome] = {}  # tables whose rows could not be read: changes kept
         kept: set[int] = set()
         for name, changes in grouped.items():

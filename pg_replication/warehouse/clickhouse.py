@@ -18,7 +18,8 @@ and every write is made safe to repeat instead:
   the slices'. A TRUNCATE writes a deleted version of every row and is remembered
   (``_pg_replication.truncations``): a slice below it writes nothing, since every row alive after
   the TRUNCATE arrives as a change above it. A failed table still logs its changes (the engine's
-  change log, appended without folding) and replays them when retried.
+  change log, folded per key by INSERT and DELETE) and replays them, guarded like a drain, when
+  retried.
 - State tables are MergeTree tables with lightweight UPDATE/DELETE. Writers are not locked against
   each other (ClickHouse has no row locks): the Dagster pools serialize drains and slices, as for
   DuckDB, and chDB itself admits one process at a time.
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 
 import pyarrow as pa
 
-from pg_replication.errors import BackfillRestartedError, WarehouseError
+from pg_replication.errors import BackfillRestartedError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.recovery import RowReader
@@ -44,6 +46,7 @@ from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
 from pg_replication.types import TypeMapping
 from pg_replication.warehouse import clickhouse_types, staging
 from pg_replication.warehouse.base import SLICE_COLUMN, STATE_SCHEMA, KeyCheck, Progress, SliceResult
+from pg_replication.warehouse.change_log import COLUMNS, SEGMENT
 from pg_replication.warehouse.clickhouse_client import ChdbClient, ServerClient, bind
 from pg_replication.warehouse.clickhouse_documents import ClickHouseDocuments
 from pg_replication.warehouse.engine import SqlWarehouse, table_key
@@ -72,6 +75,15 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
     counts_rows_cheaply = False  # count() under FINAL reads every key
     applies_while_backfilling = True  # changes are versioned above the slices (module docstring)
 
+    # read_batches: ClickHouse types (information_schema's data_type, lower-cased) read exactly
+    arrow_types = {
+        f"nullable({name})": arrow
+        for name, arrow in {
+            "bool": pa.bool_(), "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "uint32": pa.uint32(),
+            "float32": pa.float32(), "float64": pa.float64(), "string": pa.string(),
+        }.items()
+    }  # fmt: skip
+
     def __init__(self, client: ChdbClient | ServerClient, *, read_only: bool = False) -> None:
         self.client = client
         self.errors = client.errors
@@ -88,6 +100,12 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
 
     def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
         return self.client.rows(bind(query, params))
+
+    def stream_rows(self, query: str, batch_rows: int) -> Iterator[Sequence[tuple]]:
+        """ClickHouse's result blocks, cut to ``batch_rows``; reads see each key's latest version (final = 1)."""
+        for rows in self.client.stream_rows(query):
+            for start in range(0, len(rows), batch_rows):
+                yield rows[start : start + batch_rows]
 
     def begin(self) -> None:
         """No transactions in ClickHouse: every write is idempotent instead (module docstring)."""
@@ -161,6 +179,23 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
         target, column = self.table_name(table), self.ident(name)
         default = "" if value is None else f" DEFAULT {self.sql_literal(mapping, value)}"
         self.execute(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS {column} {mapping.ddl}{default}")
+
+    def alter_column_type(self, table: Table, name: str, ddl: str) -> None:
+        # A widening (evolution.widens): old parts read converted until the mutation rewrites them.
+        if name in table.primary_key:  # ClickHouse refuses to alter a sorting key column
+            raise SchemaChangeError(
+                f"{table.display}: key column {name!r} changed type to {ddl} in the source; "
+                "ClickHouse cannot alter a column of the table's sorting key in place",
+                table=table.display,
+                hint="resync the table (pg-replication resync TABLE, or on_schema_change: resync); its changes wait in its change log",
+            )
+        self.execute(f"ALTER TABLE {self.table_name(table)} MODIFY COLUMN {self.ident(name)} {ddl}")
+
+    def stored_mappings(self, table: Table) -> dict[str, TypeMapping]:
+        # A replayed change log is guarded like a drain: a CAST would turn what the type cannot
+        # hold (NaN in a Decimal) into NULL instead of failing.
+        mappings = super().stored_mappings(table)
+        return {n: replace(m, refuse=clickhouse_types.refusal(m.ddl)) for n, m in mappings.items()}
 
     def row_count(self, table: Table) -> int:
         return int(self.fetchall(f"SELECT count() FROM {self.table_name(table)} FINAL")[0][0])
@@ -266,7 +301,9 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
                 [x for key in chunk for x in key],
             )
 
-    def _insert_staged(self, table: Table, mappings: dict[str, TypeMapping], batch: pa.RecordBatch, what: str, first: int, tail: str) -> None:
+    def _insert_staged(
+        self, table: Table, mappings: dict[str, TypeMapping], batch: pa.RecordBatch, what: str, first: int, tail: str, into: str | None = None
+    ) -> None:
         names = list(mappings)
         data = pa.Table.from_arrays([batch.column(n).cast(pa.string()) for n in names], names=[f"c{i}" for i in range(len(names))])
         relation = self.stage("pgr_slice", data)
@@ -277,26 +314,56 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
             select = ", ".join(staging.typed(mappings[n], staged[n]) for n in names)
             columns = ", ".join(self.ident(c) for c in [*names, SLICE_COLUMN, VERSION, DELETED])
             try:
-                self.execute(f"INSERT INTO {self.table_name(table)} ({columns}) SELECT {select}, {tail} FROM {relation}")
+                self.execute(f"INSERT INTO {into or self.table_name(table)} ({columns}) SELECT {select}, {tail} FROM {relation}")
             except self.errors as exc:
                 raise self._refused(table, what, f"rows {first}..{first + batch.num_rows}", exc) from None
         finally:
             self.unstage("pgr_slice")
 
-    def upsert_rows(self, table: Table, batches, watermark):
-        raise WarehouseError(
-            f"{table.display}: the query strategies (append, updated_at, reload) do not write to ClickHouse yet",
-            table=table.display,
-            hint="replicate the table with strategy: cdc (the default), or use another warehouse for it",
-        )
+    # -- query strategies (append, updated_at, reload) ----------------------------------------
 
-    replace_rows = upsert_rows
+    def upsert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """The sync's rows as new versions above every version the table holds, then its
+        watermark. Syncs of a table are serialized (strategies.py's advisory lock) and each reads
+        a newer snapshot than the last, so a later sync's rows win; a sync killed before its
+        watermark is re-read by the next one, whose versions are higher again."""
+        version = self._max_version(table) + 1
+        rows, nbytes = self._insert_rows(table, batches, version, "a sync")
+        self._set_watermark(table, watermark)
+        return SliceResult(rows, nbytes)
+
+    def replace_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+        """A reload as a swap: the new copy is loaded into a table of the same structure, then
+        ``EXCHANGE TABLES`` (atomic in an Atomic database, chDB's and a server's default) puts it
+        in place, so a reader sees the old rows or the new ones; then the watermark. A reload
+        killed before it is done again by the next sync."""
+        target, copy = self.table_name(table), self.state(f"reload.{table.schema}.{table.name}")
+        self.execute(f"DROP TABLE IF EXISTS {copy}")
+        self.execute(f"CREATE TABLE {copy} AS {target}")
+        try:
+            rows, nbytes = self._insert_rows(table, batches, self._max_version(table) + 1, "a reload", into=copy)
+            self.execute(f"EXCHANGE TABLES {target} AND {copy}")
+        finally:
+            self.execute(f"DROP TABLE IF EXISTS {copy}")
+        self._set_watermark(table, watermark)
+        return SliceResult(rows, nbytes)
+
+    def _insert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], version: int, what: str, into: str | None = None) -> tuple[int, int]:
+        mappings = dict(self.column_mappings(table))
+        rows = nbytes = 0
+        for batch in batches:
+            if batch.num_rows:
+                self._insert_staged(table, mappings, batch, what, rows, f"NULL, {version}, 0", into)
+            rows += batch.num_rows
+            nbytes += batch.nbytes
+        return rows, nbytes
 
     # -- CDC --------------------------------------------------------------------------------
 
     def _apply_drain_once(self, decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows) -> dict:
-        # Every attempt of one drain writes the same versions: a replay deduplicates.
-        self._version = target_lsn << VERSION_SHIFT
+        # Every attempt of one drain writes the same versions: a replay deduplicates. A drain of
+        # trigger-captured changes ranks by its snapshot's WAL position (its cursor is a change id).
+        self._version = (getattr(decoded, "snapshot_lsn", 0) or target_lsn) << VERSION_SHIFT
         return super()._apply_drain_once(decoded, staged, pending, failed_now, failed_sets, target_lsn, slot, failpoint, read_rows)
 
     def prepare_table(self, plan, status: str, describe_new) -> dict:
@@ -313,11 +380,48 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
         return super().replay_log(table, read_rows)
 
     def _fold_log(self, table: Table, columns, into: int, new: int) -> None:
-        """Not folded (ClickHouse has no UPDATE … FROM): each appended segment is replayed in order."""
+        """The engine's fold (``change_log._fold_log``) without UPDATE … FROM, which ClickHouse
+        lacks: ``new``'s rows are rewritten by an INSERT … SELECT over the same join (at a
+        scratch segment), the rows they replace deleted, and the result moved to ``into``."""
+        log = self.state(self.log_name(table))
+        op, unknown, segment, seq = (self.ident(n) for n in (staging.OP, staging.UNKNOWN, SEGMENT, staging.SEQ))
+        width = len(table.primary_key)
+        fills = [self.ident(staging.fill_column(j)) for j in range(width)]
+        # l matched: n keeps some warehouse values and names a row into upserts (as the engine's WHERE)
+        merge = f"(n.{op} = 'U' AND n.{unknown} LIKE '%1%' AND l.{seq} IS NOT NULL)"
+        values, flags = [], []
+        for i, name in enumerate(columns):
+            col = self.ident(name)
+            keeps = f"substr(n.{unknown}, {i + 1}, 1) = '1'"
+            knows = f"(l.{unknown} IS NULL OR substr(l.{unknown}, {i + 1}, 1) <> '1')"
+            values.append(f"if({merge} AND {keeps} AND {knows}, l.{col}, n.{col})")
+            flags.append(f"if({keeps} AND NOT {knows}, '1', '0')")
+        flag = f"if({merge}, {' || '.join(flags) or chr(39) * 2}, n.{unknown})"
+        filled = [f"if({merge}, l.{f}, n.{f})" for f in fills]
+        join = " AND ".join(f"l.{self.ident(k)} = n.{f}" for k, f in zip(table.primary_key, fills))
+        scratch = -2  # below every real segment and RECOVERED_SEGMENT
+        names = [seq, segment, self.ident(COLUMNS), op, unknown, *fills, *(self.ident(c) for c in columns)]
+        self.execute(
+            f"INSERT INTO {log} ({', '.join(names)}) SELECT n.{seq}, {scratch}, n.{self.ident(COLUMNS)}, n.{op}, {flag}, "
+            f"{', '.join([*filled, *values])} FROM {log} AS n "
+            f"LEFT JOIN (SELECT * FROM {log} WHERE {segment} = {int(into)} AND {op} = 'U') AS l ON {join} "
+            f"WHERE n.{segment} = {int(new)}"
+        )
+        keys = ", ".join(self.ident(k) for k in table.primary_key)
+        self.execute(
+            f"DELETE FROM {log} WHERE {segment} = {int(into)} AND {op} <> 'T' AND ({keys}) IN "
+            f"(SELECT {keys} FROM {log} WHERE {segment} = {int(new)} AND {op} <> 'T')"
+        )
+        self.execute(f"DELETE FROM {log} WHERE {segment} = {int(new)}")
+        every = ", ".join(n for n in names if n != segment)
+        self.execute(f"INSERT INTO {log} ({every}, {segment}) SELECT {every}, {int(into)} FROM {log} WHERE {segment} = {scratch}")
+        self.execute(f"DELETE FROM {log} WHERE {segment} = {scratch}")
 
     def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:
         target = self.table_name(table)
         columns = list(self.stored_columns(table_key(table)))
+        if not columns:  # reset by this drain (on_schema_change: resync): its new backfill copies these changes
+            return
         names = ", ".join(self.ident(c) for c in [*columns, SLICE_COLUMN, VERSION, DELETED])
         if changes.truncated:
             version = self._next_version()

@@ -106,6 +106,16 @@ def map_column(column: Column) -> TypeMapping:
     return _base_mapping(t, typmod)
 
 
+def refusal(ddl: str) -> str | None:
+    """The ``refuse`` guard of a stored column's type, from its DDL: values replayed from the
+    change log (staged text, mapped from the stored columns) are guarded as a drain's are."""
+    if ddl.startswith(("Nullable(Date32", "Nullable(DateTime64", "Date32", "DateTime64")):
+        return _OUT_OF_RANGE
+    if ddl.startswith(("Nullable(Decimal(", "Decimal(")):  # money's text is never NaN: guarded all the same
+        return _NOT_A_NUMBER
+    return None
+
+
 def key_ddl(ddl: str) -> str:
     """A key column's type: not Nullable (ClickHouse's sorting key; Postgres keys are NOT NULL)."""
     return ddl[len("Nullable(") : -1] if ddl.startswith("Nullable(") else ddl

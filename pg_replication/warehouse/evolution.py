@@ -30,6 +30,7 @@ DescribeNew = Callable[[list[str]], dict[str, tuple[int | None, str | None]]]
 _INTEGERS = {
     **{"SMALLINT": 0, "INTEGER": 1, "BIGINT": 2, "INT2": 0, "INT4": 1, "INT8": 2},
     **{"NUMBER(5,0)": 0, "NUMBER(10,0)": 1, "NUMBER(19,0)": 2},
+    **{"INT16": 0, "INT32": 1, "INT64": 2},  # ClickHouse
 }
 _DECIMAL = re.compile(r"^(DECIMAL|NUMERIC|NUMBER)\((\d+),\s*(\d+)\)$", re.IGNORECASE)
 _VARCHAR = re.compile(r"^(CHARACTER VARYING|VARCHAR)(\((\d+)\))?$", re.IGNORECASE)
@@ -54,8 +55,10 @@ def widens(old: str, new: str) -> bool:
 
 
 def _plain(ddl: str) -> str:
-    """A Postgres replica's quoted catalog name ("pg_catalog"."int4") as a plain type name."""
-    return ddl.replace('"pg_catalog".', "").replace('"', "").strip()
+    """A Postgres replica's quoted catalog name ("pg_catalog"."int4") as a plain type name, and a
+    ClickHouse Nullable(T) as T (every value column is Nullable there, before and after)."""
+    ddl = ddl.replace('"pg_catalog".', "").replace('"', "").strip()
+    return ddl[len("Nullable(") : -1] if ddl.startswith("Nullable(") and ddl.endswith(")") else ddl
 
 
 class SchemaEvolution:
