@@ -1,0 +1,103 @@
+"""Documents kept fresh by every writer of a tree's tables, not only the drains (README,
+Documents): a backfill slice and a retry rebuild them right after; the drains between backfill
+slices report them; only the sets replication.yaml configures are refreshed. Each compared with a build from scratch and
+with Postgres's own document (test_documents.py's helpers and tree).
+Leaves out: ClickHouse (no documents), strategy triggers in a tree (refused at load)."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from pg_replication.dagster.definitions import build_definitions
+from pg_replication.replicate.operations import retry_table
+from pg_replication_tests.replication import Harness
+from pg_replication_tests.test_documents import (
+    PUBLISHER_DOCS,
+    SCHEMA,
+    TABLES,
+    assert_documents_fresh,
+    rebuilt_documents,
+    resolve,
+    stored_documents,
+)
+
+@pytest.fixture
+def configured_tree(pg, pg_url, write_config, duckdb_path):
+    """The tree backfilled into the DuckDB file replication.yaml names, its set built; returns
+    (harness, set, write): ``write(documents)`` rewrites replication.yaml with those sets."""
+    pg.execute(SCHEMA)
+    pg.execute("CREATE TABLE extra (id int PRIMARY KEY, pad text)")
+    pg.execute("INSERT INTO extra SELECT i, repeat('x', 200) FROM generate_series(1, 4000) i")  # several slices
+
+    def write(documents: list) -> None:
+        write_config({
+            "source": {"slot": "pgr_test", "publication": "pgr_test_pub"}, "tables": [*TABLES, "extra"],
+            "defaults": {"partitions": 1}, "backfill": {"max_snapshot_bytes": "256 KiB"}, "documents": documents,
+        })
+
+    write([PUBLISHER_DOCS])
+    h = Harness(pg_url, duckdb_path, TABLES, partitions=1)
+    h.backfill()
+    dset = resolve(h, pg)
+    with h.target.open() as wh:
+        wh.materialize_documents(dset)
+    return h, dset, write
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: drains refresh every stored set, configured or not")
+def test_a_set_taken_out_of_replication_yaml_is_no_longer_refreshed(configured_tree, pg):
+    h, dset, write = configured_tree
+    before = stored_documents(h, dset)
+    write([])  # the set is gone from the file; its table stays in the warehouse
+    pg.execute("UPDATE author SET name = 'renamed' WHERE id = 2")
+    result = build_definitions().resolve_job_def("postgres_cdc_drain").execute_in_process(raise_on_error=False)
+    assert result.success
+    h.assert_equal(pg, "author")
+    assert stored_documents(h, dset) == before  # as they were: no drain refreshes a set not configured
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: drains between slices record no documents_recomputed")
+def test_a_drain_between_backfill_slices_reports_the_documents_it_refreshed(configured_tree, pg):
+    h, dset, _ = configured_tree
+    pg.execute("UPDATE author SET name = 'renamed' WHERE id = 2")  # publishers 2 and 12: drained between extra's slices
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        assert job.execute_in_process(asset_selection=[dg.AssetKey(["public", "extra"])], partition_key="000", instance=instance).success
+        event = instance.get_latest_materialization_event(dg.AssetKey(["public", "publisher_docs"]))
+    assert event is not None and "between backfill slices" in (event.asset_materialization.description or "")
+    assert event.asset_materialization.metadata["documents_recomputed"].value == 2
+    assert_documents_fresh(h, pg, dset)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: a backfill slice leaves the documents stale")
+@pytest.mark.e2e
+def test_a_partition_materialized_again_rebuilds_the_documents(configured_tree, pg, tmp_path):
+    """What an operator runs, in a fresh process: a table's partition copied again (no drain in
+    between) rewrites rows of the tree; its documents follow."""
+    from pg_replication_tests.operator import dagster_env, materialize, run_cli
+
+    h, dset, _ = configured_tree
+    pg.execute("UPDATE book SET title = 'copied again', publisher_id = 3 WHERE isbn = 'b00001'")  # from publisher 2 to 3
+    out = run_cli(materialize("public/book", "000...000"), dagster_env(tmp_path), tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    h.assert_equal(pg, "book")
+    assert stored_documents(h, dset) == rebuilt_documents(h, dset)
+    assert stored_documents(h, dset)[3]["books"][0]["title"] == "copied again"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: a retry leaves the documents stale")
+def test_a_retry_rebuilds_the_documents_of_its_table(configured_tree, pg):
+    """book fails (DuckDB's DECIMAL refuses NaN), its changes wait in its change log; the cause
+    fixed, a retry replays them outside any drain: the documents follow."""
+    h, dset, _ = configured_tree
+    pg.execute("UPDATE book SET price = 'NaN' WHERE isbn = 'b00001'")
+    (result,) = h.drain_all()
+    assert result.tables["public.book"].mode == "failed"
+    pg.execute("UPDATE book SET price = 7.5, title = 'retried' WHERE isbn = 'b00001'")
+    pg.execute("UPDATE review SET stars = 1 WHERE book_isbn = 'b00001'")  # applied by a drain while book is held
+    h.drain_all()
+    with h.target.open() as wh:
+        retry_table(h.pg_url, wh, h.table("book"))
+    h.assert_equal(pg, "book")
+    assert_documents_fresh(h, pg, dset)
