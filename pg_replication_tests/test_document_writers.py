@@ -45,7 +45,6 @@ def configured_tree(pg, pg_url, write_config, duckdb_path):
     return h, dset, write
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: drains refresh every stored set, configured or not")
 def test_a_set_taken_out_of_replication_yaml_is_no_longer_refreshed(configured_tree, pg):
     h, dset, write = configured_tree
     before = stored_documents(h, dset)
@@ -57,7 +56,6 @@ def test_a_set_taken_out_of_replication_yaml_is_no_longer_refreshed(configured_t
     assert stored_documents(h, dset) == before  # as they were: no drain refreshes a set not configured
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: drains between slices record no documents_recomputed")
 def test_a_drain_between_backfill_slices_reports_the_documents_it_refreshed(configured_tree, pg):
     h, dset, _ = configured_tree
     pg.execute("UPDATE author SET name = 'renamed' WHERE id = 2")  # publishers 2 and 12: drained between extra's slices

@@ -16,13 +16,15 @@ A TRUNCATE of any table of the tree rebuilds the whole set. A set whose refresh 
 tables lack a column it uses) is held, not the drain: the drain is retried without it, its
 documents stay as they were and every drain reports why until the set is built again. A full build waits for the drains
 applying to any table of the tree on the tables' state rows (its first build included, when no
-drain knows the set yet), and drains wait for it there.
+drain knows the set yet), and drains wait for it there. Drains refresh only the sets
+replication.yaml configures (``configured``; None: every stored set).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Collection
 
 from pg_replication.errors import PgReplicationError, is_transient
 from pg_replication.replicate.document_tree import DocumentSet, Node
@@ -192,23 +194,27 @@ class DocumentStore:
         """The sets materialized in this warehouse (each drain keeps them fresh)."""
         return [dset for dset, _ in self._stored_sets()]
 
-    def _stored_sets(self) -> list[tuple[DocumentSet, str | None]]:
-        """Each materialized set, and why drains hold it (None: they keep it fresh)."""
+    def _stored_sets(self, configured: Collection[str] | None = None) -> list[tuple[DocumentSet, str | None]]:
+        """Each materialized set that is ``configured`` (None: every one), and why drains hold
+        it (None: they keep it fresh)."""
         if self.json_functions is None:
             return []
         rows = self.fetchall(f"SELECT definition, error FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
-        return [(DocumentSet.from_json(r[0]), r[1]) for r in rows]
+        found = [(DocumentSet.from_json(r[0]), r[1]) for r in rows]
+        return [f for f in found if configured is None or f[0].name in configured]
 
     def _hold(self, dset: DocumentSet, reason: str) -> None:
         self.execute(f"UPDATE {self.state('documents')} SET error = ?, updated_at = ? WHERE name = ?", [reason, time.time(), dset.name])  # type: ignore[attr-defined]
 
     # -- a drain's refresh ------------------------------------------------------------------
 
-    def document_refresh(self, decoded, staged: dict, failed: dict[str, str] | None = None) -> DocumentRefresh:
+    def document_refresh(
+        self, decoded, staged: dict, failed: dict[str, str] | None = None, configured: Collection[str] | None = None
+    ) -> DocumentRefresh:
         """Inside a drain's transaction, before its changes are applied (see the module docstring).
         ``failed``: set name -> why its refresh failed in an earlier try of this drain (held now).
         Raises DocumentRefreshFailed for a set whose refresh fails (not transiently)."""
-        refresh = DocumentRefresh(self, decoded, staged, failed or {})
+        refresh = DocumentRefresh(self, decoded, staged, failed or {}, configured)
         refresh.before()
         return refresh
 
@@ -216,13 +222,13 @@ class DocumentStore:
 class DocumentRefresh:
     """One drain's refresh of the document sets its changes touch."""
 
-    def __init__(self, wh, decoded, staged: dict, failed: dict[str, str]) -> None:
+    def __init__(self, wh, decoded, staged: dict, failed: dict[str, str], configured: Collection[str] | None = None) -> None:
         self.wh = wh
         self.work: list[tuple[DocumentSet, DocumentSql, list[tuple[tuple, str]] | None]] = []
         self.problems: dict[str, str] = {}  # set name: why the drain left its documents as they were
         changed = set(decoded.batches)
         sets = []
-        for dset, held in wh._stored_sets():
+        for dset, held in wh._stored_sets(configured):
             if not dset.table_keys() & changed:
                 continue
             if dset.name in failed:  # this drain's refresh of it failed: held from now on
