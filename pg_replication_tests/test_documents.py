@@ -428,12 +428,12 @@ def test_configuration_errors_name_what_is_wrong(catalog, pg):
         catalog, pg, child(relationship="many_to_one", children=[])
     )
     assert "author twice" in _problem(catalog, pg, {**PUBLISHER_DOCS, "columns": {"id": "author", "name": "author"}})
-    reload = parse_config({"tables": ["publisher", "author", "review", {"name": "book", "strategy": "reload"}]})
+    captured = parse_config({"tables": ["publisher", "author", "review", {"name": "book", "strategy": "triggers"}]})
     with psycopg.connect(catalog.pg_url) as conn:
         from pg_replication.source.catalog import introspect
 
-        tables = introspect(conn, reload)
-    assert "public.book has strategy reload" in _problem(catalog, pg, PUBLISHER_DOCS, tables)
+        tables = introspect(conn, captured)
+    assert "public.book has strategy triggers" in _problem(catalog, pg, PUBLISHER_DOCS, tables)
     assert "publisher_docs" in _problem(catalog, pg, {**PUBLISHER_DOCS, "root": "public.nope"})  # names the set
 
 

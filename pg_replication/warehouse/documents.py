@@ -16,15 +16,18 @@ A TRUNCATE of any table of the tree rebuilds the whole set. A set whose refresh 
 tables lack a column it uses) is held, not the drain: the drain is retried without it, its
 documents stay as they were and every drain reports why until the set is built again. A full build waits for the drains
 applying to any table of the tree on the tables' state rows (its first build included, when no
-drain knows the set yet), and drains wait for it there. Drains refresh only the sets
-replication.yaml configures (``configured``; None: every stored set).
+drain knows the set yet), and drains wait for it there.
+
+Only the sets replication.yaml configures are refreshed (``configured``; None: every stored
+set). A sync of a query-strategy table refreshes them the same way in its own transaction
+(document_upkeep.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from pg_replication.errors import PgReplicationError, is_transient
 from pg_replication.replicate.document_tree import DocumentSet, Node
@@ -47,12 +50,12 @@ class DocumentRefreshFailed(Exception):
     """A set's refresh failed inside a drain's transaction: the drain rolls back and runs again
     with the set held (``DocumentRefresh(held=...)``)."""
 
-    def __init__(self, dset: DocumentSet, exc: BaseException) -> None:
+    def __init__(self, dset: DocumentSet, exc: BaseException, by: str = "drain") -> None:
         super().__init__(dset.name, exc)
         self.name, self.exc = dset.name, exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         self.reason = (
-            f"documents {dset.name} held: a drain's refresh of them failed ({first}); the drain applied its tables "
+            f"documents {dset.name} held: a {by}'s refresh of them failed ({first}); the {by} applied its tables "
             f"and left these documents as they were; materialize the asset {dset.root.schema}/{dset.name} again to rebuild them"
         )
 
@@ -214,19 +217,30 @@ class DocumentStore:
         """Inside a drain's transaction, before its changes are applied (see the module docstring).
         ``failed``: set name -> why its refresh failed in an earlier try of this drain (held now).
         Raises DocumentRefreshFailed for a set whose refresh fails (not transiently)."""
-        refresh = DocumentRefresh(self, decoded, staged, failed or {}, configured)
+
+        def relations(node: Node) -> list[str] | None:
+            found = [_changed_keys(self, node, changes, decoded.plans[node.table_key].mappings) for changes in staged.get(node.table_key, ())]
+            return None if None in found else found  # type: ignore[return-value]
+
+        refresh = DocumentRefresh(self, set(decoded.batches), relations, failed or {}, configured)
         refresh.before()
         return refresh
 
 
 class DocumentRefresh:
-    """One drain's refresh of the document sets its changes touch."""
+    """One write's refresh of the document sets it touches: a drain's, or a sync's (whose rows
+    are mapped batch by batch as they are written: ``track``).
 
-    def __init__(self, wh, decoded, staged: dict, failed: dict[str, str], configured: Collection[str] | None = None) -> None:
-        self.wh = wh
+    ``relations(node)``: ``SELECT k0, k1, ...`` of the node's table's changed keys, or None
+    when the whole set is to be built again (a TRUNCATE, a reload)."""
+
+    def __init__(
+        self, wh, changed: set[str], relations: Callable[[Node], list[str] | None], failed: dict[str, str],
+        configured: Collection[str] | None = None, by: str = "drain",
+    ) -> None:
+        self.wh, self.by = wh, by
         self.work: list[tuple[DocumentSet, DocumentSql, list[tuple[tuple, str]] | None]] = []
         self.problems: dict[str, str] = {}  # set name: why the drain left its documents as they were
-        changed = set(decoded.batches)
         sets = []
         for dset, held in wh._stored_sets(configured):
             if not dset.table_keys() & changed:
@@ -257,14 +271,11 @@ class DocumentRefresh:
             built = wh._document_sql(dset)
             mapped: list[tuple[tuple, str]] | None = []
             for node, path in dset.paths():
-                for changes in staged.get(node.table_key, ()) if node.table_key in changed else ():
-                    relation = _changed_keys(wh, node, changes, decoded.plans[node.table_key].mappings)
-                    if relation is None:  # a TRUNCATE, or a key column gone from the staged rows
-                        mapped = None
-                        break
-                    mapped.append((path, relation))
-                if mapped is None:
+                found = relations(node) if node.table_key in changed else []
+                if found is None:  # a TRUNCATE, a reload, or a key column gone from the staged rows
+                    mapped = None
                     break
+                mapped += [(path, relation) for relation in found]
             self.work.append((dset, built, mapped))
 
     def _guarded(self, dset: DocumentSet, work) -> None:
@@ -274,7 +285,7 @@ class DocumentRefresh:
         except (*self.wh.errors, PgReplicationError) as exc:
             if is_transient(exc):
                 raise
-            raise DocumentRefreshFailed(dset, exc) from exc
+            raise DocumentRefreshFailed(dset, exc, self.by) from exc
 
     def _map(self, dset: DocumentSet, built: DocumentSql, mapped) -> None:
         for path, relation in mapped or ():
@@ -289,6 +300,15 @@ class DocumentRefresh:
                 self._map(dset, built, mapped)
 
             self._guarded(dset, start)
+
+    def track(self, table_key: str, keys: str) -> None:
+        """Map rows of ``table_key`` (``keys``: ``SELECT k0, k1, ...`` of their primary key) to
+        their roots as the warehouse holds them now: a sync calls it before and after each batch."""
+        for dset, built, mapped in self.work:
+            if mapped is None:
+                continue
+            paths = [(path, keys) for node, path in dset.paths() if node.table_key == table_key]
+            self._guarded(dset, lambda dset=dset, built=built, paths=paths: self._map(dset, built, paths))
 
     def finish(self) -> dict[str, int]:
         """After the changes: recompute, and return documents recomputed per set."""
