@@ -199,13 +199,14 @@ class RetryTableConfig(dg.Config):
 def build_retry_job(config: ReplicationConfig, tables: list[Table], keys: ResourceKeys = ResourceKeys()) -> dg.JobDefinition:
     """Replays a failed table's change log into it (after its cause was fixed) and sets it streaming."""
     name = f"{config.source.name}_retry_table"
+    documents = frozenset(d.name for d in config.documents)  # rebuilt after the replay when they hold the table
 
     @dg.op(name=f"{config.source.name}_replay_change_log", pool=config.source.pool, out={}, required_resource_keys=keys.both)
     def retry(context: dg.OpExecutionContext, config: RetryTableConfig):
         source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         table = find_table(tables, config.table)
         with warehouse.open() as wh:
-            replayed = retry_table(source.conninfo, wh, table)
+            replayed = retry_table(source.conninfo, wh, table, documents, context.log.info)
         context.log.info(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
 
     # In process, like the drain: one step gains nothing from a process of its own (bench/executor.py).

@@ -41,7 +41,7 @@ class TableBackfill:
     stream_tables: tuple[Table, ...]
     asset_key_of: Callable[[Table], dg.AssetKey]
     # The configured document sets and their assets: the drains between slices refresh only
-    # these and report them.
+    # these and report them, and the backfill rebuilds those it leaves stale.
     documents: Mapping[str, dg.AssetKey] = field(default_factory=dict)
 
 
@@ -71,8 +71,11 @@ def run_table_backfill(
             log=context.log.info,
             max_snapshot_bytes=work.max_snapshot_bytes,
             between_slices=between,
+            documents=frozenset(work.documents),
         )
         rows_now = wh.row_count(work.table)
+    for name, count in result.documents.items():  # sets the backfill left stale, built again
+        _report_documents(context, work.documents[name], count, f"built again after the backfill of {work.table.display}")
     # No asset_key: the asset's one spec is implied, whatever key a translator or map_asset_specs gave it.
     return dg.MaterializeResult(metadata=backfill_metadata(result, rows_now))
 

@@ -20,7 +20,9 @@ drain knows the set yet), and drains wait for it there.
 
 Only the sets replication.yaml configures are refreshed (``configured``; None: every stored
 set). A sync of a query-strategy table refreshes them the same way in its own transaction
-(document_upkeep.py).
+(document_upkeep.py); a write outside both (a backfill slice, a retry's replay) marks them
+``stale`` in its transaction and rebuilds them right after; a drain that touches a stale set
+rebuilds it whole.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class DocumentStore:
             # commits before the build reads the tables; a later one waits and then refreshes it.
             for key in sorted(dset.table_keys()):
                 self._lock_state(key)  # type: ignore[attr-defined]
-            values = {"definition": dset.to_json(), "updated_at": time.time(), "error": None}  # built again: no longer held
+            # built again: no longer held, nor stale
+            values = {"definition": dset.to_json(), "updated_at": time.time(), "error": None, "stale": None}
             self._upsert_state("documents", {"name": dset.name}, values)  # type: ignore[attr-defined]
             self.execute(f"DELETE FROM {self.document_table(dset)}")  # type: ignore[attr-defined]
             self.execute(f"INSERT INTO {self.document_table(dset)} {built.select()}")  # type: ignore[attr-defined]
@@ -195,15 +198,15 @@ class DocumentStore:
 
     def document_sets(self) -> list[DocumentSet]:
         """The sets materialized in this warehouse (each drain keeps them fresh)."""
-        return [dset for dset, _ in self._stored_sets()]
+        return [dset for dset, _, _ in self._stored_sets()]
 
-    def _stored_sets(self, configured: Collection[str] | None = None) -> list[tuple[DocumentSet, str | None]]:
-        """Each materialized set that is ``configured`` (None: every one), and why drains hold
-        it (None: they keep it fresh)."""
+    def _stored_sets(self, configured: Collection[str] | None = None) -> list[tuple[DocumentSet, str | None, str | None]]:
+        """Each materialized set that is ``configured`` (None: every one), why drains hold it
+        (None: they keep it fresh) and why it needs a rebuild in full (None: it does not)."""
         if self.json_functions is None:
             return []
-        rows = self.fetchall(f"SELECT definition, error FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
-        found = [(DocumentSet.from_json(r[0]), r[1]) for r in rows]
+        rows = self.fetchall(f"SELECT definition, error, stale FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
+        found = [(DocumentSet.from_json(r[0]), r[1], r[2]) for r in rows]
         return [f for f in found if configured is None or f[0].name in configured]
 
     def _hold(self, dset: DocumentSet, reason: str) -> None:
@@ -241,10 +244,12 @@ class DocumentRefresh:
         self.wh, self.by = wh, by
         self.work: list[tuple[DocumentSet, DocumentSql, list[tuple[tuple, str]] | None]] = []
         self.problems: dict[str, str] = {}  # set name: why the drain left its documents as they were
-        sets = []
-        for dset, held in wh._stored_sets(configured):
+        sets, stale_sets = [], set()
+        for dset, held, stale in wh._stored_sets(configured):
             if not dset.table_keys() & changed:
                 continue
+            if stale:  # a write outside drains left it stale: built again whole
+                stale_sets.add(dset.name)
             if dset.name in failed:  # this drain's refresh of it failed: held from now on
                 wh._hold(dset, failed[dset.name])
                 held = failed[dset.name]
@@ -269,8 +274,8 @@ class DocumentRefresh:
                 wh._hold(dset, self.problems[dset.name])
                 continue
             built = wh._document_sql(dset)
-            mapped: list[tuple[tuple, str]] | None = []
-            for node, path in dset.paths():
+            mapped: list[tuple[tuple, str]] | None = None if dset.name in stale_sets else []
+            for node, path in dset.paths() if mapped is not None else ():
                 found = relations(node) if node.table_key in changed else []
                 if found is None:  # a TRUNCATE, a reload, or a key column gone from the staged rows
                     mapped = None
@@ -295,7 +300,9 @@ class DocumentRefresh:
     def before(self) -> None:
         for dset, built, mapped in self.work:
             def start(dset=dset, built=built, mapped=mapped) -> None:
-                self.wh.execute(f"UPDATE {self.wh.state('documents')} SET updated_at = ? WHERE name = ?", [time.time(), dset.name])
+                # a build in full (mapped None) leaves the set fresh: no longer stale
+                stale = ", stale = NULL" if mapped is None else ""
+                self.wh.execute(f"UPDATE {self.wh.state('documents')} SET updated_at = ?{stale} WHERE name = ?", [time.time(), dset.name])
                 self.wh.execute(f"DELETE FROM {self.wh._keys_table(dset)}")
                 self._map(dset, built, mapped)
 

@@ -92,6 +92,8 @@ class SliceWriter:
                     {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
                 )
                 self._start_streaming_when_complete(table, read_rows)
+                if self.load_state(table).status == "streaming":  # a complete copy: its documents are built again
+                    self.mark_documents_stale(table, f"a backfill slice of {table.display}")  # type: ignore[attr-defined]
         finally:
             relations.close()  # type: ignore[attr-defined]
         if self.load_state(table).status == "streaming":
