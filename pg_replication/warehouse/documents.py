@@ -56,9 +56,11 @@ class DocumentRefreshFailed(Exception):
         super().__init__(dset.name, exc)
         self.name, self.exc = dset.name, exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # a drain is retried without the set at once; a sync fails once, and the next one goes without it
+        then = "the drain applied its tables and left" if by == "drain" else "later syncs and drains leave"
         self.reason = (
-            f"documents {dset.name} held: a {by}'s refresh of them failed ({first}); the {by} applied its tables "
-            f"and left these documents as they were; materialize the asset {dset.root.schema}/{dset.name} again to rebuild them"
+            f"documents {dset.name} held: a {by}'s refresh of them failed ({first}); {then} these documents as they "
+            f"were; materialize the asset {dset.root.schema}/{dset.name} again to rebuild them"
         )
 
 
