@@ -196,7 +196,10 @@ def cmd_resync(args) -> int:
         return EXIT_USAGE
     with open_warehouse(config) as wh:
         resync_table(wh, table)
-    print(f"{table.display}: reset; materialize all its partitions to backfill it again (CDC resumes after)")
+    print(
+        f"{table.display}: reset; materialize all its partitions to backfill it again (CDC resumes after, and the "
+        "document sets holding it are built again when its backfill completes)"
+    )
     from pg_replication.dagster.partition_status import clear_partition_status  # Dagster loads only here
 
     translator = _component(args).get_translator(config) if args.defs else None  # a component's keys carry its prefix
@@ -218,7 +221,7 @@ def cmd_retry(args) -> int:
     if not _confirm(args, f"Retry {table.display}? Its logged changes are applied now (fix what made it fail first)."):
         return EXIT_USAGE
     with open_warehouse(config) as wh:
-        replayed = retry_table(_conninfo(args), wh, table)
+        replayed = retry_table(_conninfo(args), wh, table, frozenset(d.name for d in config.documents), print)
     print(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
     return 0
 

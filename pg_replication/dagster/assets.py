@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from pg_replication.config import ReplicationConfig
+from pg_replication.config import DocumentSetConfig, ReplicationConfig, split_qualified_name
 from pg_replication.dagster.freshness import freshness_policy
 from pg_replication.dagster.resources import PostgresSource, ResourceKeys, WarehouseResource
 from pg_replication.dagster.table_backfill import TableBackfill, run_table_backfill
@@ -97,6 +97,12 @@ class TableAssetTranslator:
         )
 
 
+def document_asset_key(translator: TableAssetTranslator, document: DocumentSetConfig) -> dg.AssetKey:
+    """A document set's asset (documents.py), beside its root table's: ``[prefix..., root schema, set name]``."""
+    schema, _ = split_qualified_name(document.root)
+    return dg.AssetKey([*translator.key_prefix, dagster_name(schema), dagster_name(document.name)])
+
+
 def build_table_asset(
     table: Table,
     config: ReplicationConfig,
@@ -120,6 +126,7 @@ def build_table_asset(
         slot=SlotSettings(config.source.slot, config.source.publication),
         stream_tables=tuple(stream_tables),
         asset_key_of=translator.get_asset_key,
+        documents={d.name: document_asset_key(translator, d) for d in config.documents},
     )
 
     @dg.multi_asset(

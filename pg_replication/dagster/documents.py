@@ -6,19 +6,13 @@ recomputed as a materialization of this asset (jobs.py)."""
 import dagster as dg
 
 from pg_replication.config import DocumentSetConfig, ReplicationConfig, split_qualified_name
-from pg_replication.dagster.assets import TableAssetTranslator, dagster_name
+from pg_replication.dagster.assets import TableAssetTranslator, dagster_name, document_asset_key
 from pg_replication.dagster.resources import PostgresSource, ResourceKeys, WarehouseResource
 from pg_replication.errors import ConfigError
 from pg_replication.replicate.document_tree import resolve_document_sets
 from pg_replication.source.catalog import Table
 from pg_replication.source.foreign_keys import foreign_keys
 from pg_replication.warehouse.connect import table_location
-
-
-def document_asset_key(translator: TableAssetTranslator, document: DocumentSetConfig) -> dg.AssetKey:
-    """Beside its root table's asset: ``[prefix..., root schema, set name]``."""
-    schema, _ = split_qualified_name(document.root)
-    return dg.AssetKey([*translator.key_prefix, dagster_name(schema), dagster_name(document.name)])
 
 
 def _tree_tables(document: DocumentSetConfig) -> list[tuple[str, str]]:

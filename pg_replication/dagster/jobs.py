@@ -4,6 +4,7 @@ table a batch touched) and the retry job (replays a failed table's change log)."
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from dataclasses import replace
 
 import dagster as dg
 from pydantic import Field
@@ -122,7 +123,8 @@ def build_cdc_job(
 ) -> dg.JobDefinition:
     """Drains the slot (tables with strategy cdc) and the trigger change table (strategy triggers)."""
     name = f"{config.source.name}_cdc_drain"
-    settings = DrainSettings(slot=config.source.slot, publication=config.source.publication)
+    configured = frozenset(d.name for d in config.documents)  # drains refresh only these sets
+    settings = DrainSettings(slot=config.source.slot, publication=config.source.publication, documents=configured)
     slot_tables = [t for t in tables if t.strategy == "cdc"]
     captured_tables = [t for t in tables if t.strategy == "triggers"]
     pool = config.source.pool
@@ -133,12 +135,9 @@ def build_cdc_job(
     def drain(context: dg.OpExecutionContext, config: DrainConfig):
         source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         run_seconds = config.run_seconds
-        read = DrainSettings(settings.slot, settings.publication, config.max_changes, config.max_bytes)
+        read = replace(settings, max_changes=config.max_changes, max_bytes=config.max_bytes)
         if run_seconds > 0:  # micro-batches: a short read each, applied as the next is read
-            read = DrainSettings(
-                settings.slot, settings.publication, config.max_changes, config.max_bytes,
-                max_seconds=config.batch_seconds, min_seconds=config.min_batch_seconds,
-            )
+            read = replace(read, max_seconds=config.batch_seconds, min_seconds=config.min_batch_seconds)
         run = drain_run(
             source.conninfo, warehouse.open, slot_tables, captured_tables, read, LoopSettings(run_seconds=run_seconds), context.log.info,
             # A long-lived run holds a DuckDB file only while each of its calls runs (one writer
@@ -200,13 +199,14 @@ class RetryTableConfig(dg.Config):
 def build_retry_job(config: ReplicationConfig, tables: list[Table], keys: ResourceKeys = ResourceKeys()) -> dg.JobDefinition:
     """Replays a failed table's change log into it (after its cause was fixed) and sets it streaming."""
     name = f"{config.source.name}_retry_table"
+    documents = frozenset(d.name for d in config.documents)  # rebuilt after the replay when they hold the table
 
     @dg.op(name=f"{config.source.name}_replay_change_log", pool=config.source.pool, out={}, required_resource_keys=keys.both)
     def retry(context: dg.OpExecutionContext, config: RetryTableConfig):
         source, warehouse = keys.source_of(context), keys.warehouse_of(context)
         table = find_table(tables, config.table)
         with warehouse.open() as wh:
-            replayed = retry_table(source.conninfo, wh, table)
+            replayed = retry_table(source.conninfo, wh, table, documents, context.log.info)
         context.log.info(f"{table.display}: {replayed:,} logged change(s) replayed; streaming again")
 
     # In process, like the drain: one step gains nothing from a process of its own (bench/executor.py).

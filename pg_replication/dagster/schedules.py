@@ -6,7 +6,7 @@ import hashlib
 import dagster as dg
 import psycopg
 
-from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.dagster.assets import TableAssetTranslator, document_asset_key
 from pg_replication.config import QUERY_STRATEGIES, ReplicationConfig
 from pg_replication.errors import PgReplicationError
 from pg_replication.dagster.resources import ResourceKeys
@@ -34,6 +34,8 @@ def sync_metadata(result: SyncResult) -> dict[str, dg.MetadataValue]:
 def _sync_job(
     name: str, cron: str, tables: list[Table], config: ReplicationConfig, translator: TableAssetTranslator, keys: ResourceKeys
 ) -> dg.JobDefinition:
+    documents = {d.name: document_asset_key(translator, d) for d in config.documents}  # refreshed by the syncs
+
     @dg.op(name=f"{name}_tables", pool=config.source.pool, out={}, required_resource_keys=keys.both)
     def sync(context: dg.OpExecutionContext):
         source, warehouse = keys.source_of(context), keys.warehouse_of(context)
@@ -41,7 +43,9 @@ def _sync_job(
         with warehouse.open() as wh:
             for table in tables:
                 try:
-                    result = sync_table(source.conninfo, wh, table, readers=config.source.readers, log=context.log.info)
+                    result = sync_table(
+                        source.conninfo, wh, table, readers=config.source.readers, log=context.log.info, documents=frozenset(documents)
+                    )
                 except (PgReplicationError, psycopg.Error, *wh.errors) as exc:  # one table's trouble stops only that table
                     failed.append(f"{table.display}: {str(exc).strip().splitlines()[0]}")
                     continue
@@ -58,6 +62,11 @@ def _sync_job(
                         **({"dagster/row_count": dg.MetadataValue.int(wh.row_count(table))} if wh.counts_rows_cheaply else {}),
                     },
                 )
+                for name, count in result.documents.items():  # refreshed in the sync's transaction
+                    yield dg.AssetMaterialization(
+                        asset_key=documents[name], description=f"{result.mode} by the {table.strategy} sync of {table.display}: documents refreshed",
+                        metadata={"documents_recomputed": dg.MetadataValue.int(count)},
+                    )
         if failed:
             raise dg.Failure(description=f"{len(failed)} table(s) did not sync (the others did): {'; '.join(failed)}", allow_retries=False)
 

@@ -10,8 +10,8 @@ No Dagster here: the IO managers call ``run_backfill`` and report what it return
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 
 from pg_replication.errors import PlanMismatchError
 from pg_replication.failpoints import failpoint
@@ -42,6 +42,7 @@ class BackfillResult:
     plan_lsn: str
     snapshots: int = 0  # the slices copied, each under its own snapshot
     longest_snapshot_seconds: float = 0.0
+    documents: dict[str, int] = field(default_factory=dict)  # document sets built again after the slices
 
     @property
     def rows_per_second(self) -> float:
@@ -120,11 +121,13 @@ def run_backfill(
     log: Callable[[str], None] = lambda _msg: None,
     max_snapshot_bytes: int | None = None,
     between_slices: Callable[[], None] | None = None,
+    documents: Collection[str] | None = None,
 ) -> BackfillResult:
     """Copy partitions ``slices`` (each one or several snapshot slices, planned once with
     ``max_snapshot_bytes`` of heap at most per slice). ``between_slices`` runs after every slice
     but the last, while nothing of the backfill is open (neither a snapshot nor a warehouse
-    transaction); if it has an ``idle()`` that says it would do nothing, it is skipped."""
+    transaction); if it has an ``idle()`` that says it would do nothing, it is skipped. Then the
+    ``documents`` sets (None: every set built) that a slice left stale are built again."""
     if cdc is not None and table.strategy == "cdc":
         with connect(conninfo) as conn:
             now = relation_identity(conn, cdc.publication, table)
@@ -151,7 +154,8 @@ def run_backfill(
         total_rows += result.rows
         total_bytes += result.bytes
         longest = max(longest, seconds)
-    return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn, len(work), longest)
+    rebuilt = warehouse.rebuild_stale_documents(documents, log)
+    return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn, len(work), longest, rebuilt)
 
 
 def _backfill_slice(

@@ -63,6 +63,9 @@ class DrainSettings:
     # drain_session: a batch read while the one before is applied ends at a commit once that one
     # has committed and the read lasted this long (the one before is reported when this read ends).
     min_seconds: float = 0.25
+    # The document sets replication.yaml configures: drains refresh only these (None: every set
+    # built in the warehouse). A set taken out of the file keeps its table, no longer refreshed.
+    documents: frozenset[str] | None = None
 
 
 @dataclass
@@ -225,6 +228,7 @@ class _Decoded:
     drained_before: int = 0  # the drained position this drain started from
     held_bytes: int = 0  # the most pgoutput bytes held in memory at once
     staged_parts: int = 0  # segments of large streamed transactions written to the warehouse
+    documents: frozenset[str] | None = None  # the document sets to refresh (DrainSettings.documents)
 
 
 def _relation_table(
@@ -565,6 +569,7 @@ def read_batch(
         session.caught_up_at, session.start, streams, session.relations, session.plans, enough,
     )
     decoded.covered, decoded.drained_before = session.covered, session.drained
+    decoded.documents = session.settings.documents
     target = max(session.start, decoded.last_end_lsn or 0, decoded.quiet_lsn)
     result = DrainResult(target, decoded.changes, decoded.transactions, decoded.bytes, decoded.exhausted)
     result.held_bytes, result.staged_parts = decoded.held_bytes, decoded.staged_parts

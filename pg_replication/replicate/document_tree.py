@@ -1,6 +1,6 @@
 """A ``documents:`` set of replication.yaml resolved against the catalog: a tree of tables joined
-along foreign keys, checked (tables replicated by CDC, columns known, no cycle), and stored as
-JSON in the warehouse's state so every drain can keep the documents fresh.
+along foreign keys, checked (tables replicated by CDC or a query strategy, columns known, no cycle), and stored as
+JSON in the warehouse's state so every drain and sync can keep the documents fresh.
 
 A node's lists are ordered by the child table's primary key: a document is a function of the
 rows alone, and two builds of it compare equal.
@@ -11,10 +11,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pg_replication.config import DocumentChild, DocumentSetConfig, split_qualified_name
+from pg_replication.config import QUERY_STRATEGIES, DocumentChild, DocumentSetConfig, split_qualified_name
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Table
 from pg_replication.source.foreign_keys import ForeignKey
+
+
+# The strategies whose writes refresh documents in their own transaction: the drain's, and each
+# sync's (warehouse/document_upkeep.py). Captured changes (triggers) are not proven there yet.
+DOCUMENT_STRATEGIES = ("cdc", *QUERY_STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -125,10 +130,11 @@ class _Resolver:
                 f"{schema}.{table_name} is not a replicated table",
                 hint="add it to tables: (documents are built from the warehouse's copy of each table of the tree)",
             )
-        if table.strategy != "cdc":
+        if table.strategy not in DOCUMENT_STRATEGIES:
             raise self.fail(
                 f"{table.schema}.{table.name} has strategy {table.strategy}: only tables drained from the slot "
-                "(strategy cdc) keep documents fresh, in the drain's transaction",
+                "(strategy cdc) or synced by a query (append, updated_at, reload) keep documents fresh, in the "
+                "transaction of their changes",
                 hint=f"set strategy: cdc for {table.schema}.{table.name}, or leave it out of the document",
             )
         return table

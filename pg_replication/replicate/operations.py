@@ -5,6 +5,8 @@ No Dagster here: the ``pg-replication`` CLI calls these.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 from pg_replication.source.catalog import Table
 from pg_replication.source.connection import connect
 from pg_replication.source.slot import slot_status
@@ -30,16 +32,21 @@ def drop_slot(conninfo: str, warehouse, slot: str) -> bool:
     return existed
 
 
-def retry_table(conninfo: str, warehouse, table: Table) -> int:
+def retry_table(
+    conninfo: str, warehouse, table: Table, documents: Collection[str] | None = None, log: Callable[[str], None] = lambda _m: None
+) -> int:
     """Replay a failed table's change log into it, and set it streaming, in one warehouse
     transaction; returns the changes replayed. The warehouse table first follows the source's
     columns as they are now. If the cause is not fixed, this fails the same way and the table
-    stays failed with its log intact. No re-backfill."""
+    stays failed with its log intact. No re-backfill. Then the ``documents`` sets (replication.yaml's;
+    None: every set built) whose tree holds the table are built again."""
     from pg_replication.source.catalog import describe_new_columns, refresh_table
     from pg_replication.source.recovery import row_reader
 
     with connect(conninfo) as conn:
         table = refresh_table(conn, table)
-        return warehouse.retry_table(
+        replayed = warehouse.retry_table(
             table, lambda names: describe_new_columns(conn, table, names), row_reader(conninfo, table, warehouse.map_column)
         )
+    warehouse.rebuild_stale_documents(documents, log)
+    return replayed

@@ -20,8 +20,8 @@ warehouse transaction. What each strategy sees (README, Strategies):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
 from psycopg import sql
@@ -54,6 +54,8 @@ class SyncResult:
     watermark: Watermark | None = None
     reason: str | None = None
     warning: str | None = None  # append: why it cannot promise to keep every committed row
+    documents: dict[str, int] = field(default_factory=dict)  # documents recomputed per set, in the sync's transaction
+    document_problems: dict[str, str] = field(default_factory=dict)  # set name: why the sync left it as it was
 
 
 def reload_due(table: Table, today: date, mark: Watermark) -> bool:
@@ -75,8 +77,13 @@ def sync_table(
     today: date | None = None,
     readers: int = 2,
     log: Callable[[str], None] = lambda _m: None,
+    documents: Collection[str] | None = None,
 ) -> SyncResult:
-    """One sync of a table with a query strategy; a reload reads with ``readers`` COPY streams."""
+    """One sync of a table with a query strategy; a reload reads with ``readers`` COPY streams.
+    The ``documents`` sets (replication.yaml's; None: every set built) whose tree holds the table
+    are refreshed in the sync's transaction."""
+    # a warehouse that builds no documents (ClickHouse) takes no sets
+    with_sets = {"documents": documents} if getattr(warehouse, "json_functions", None) is not None else {}
     started = time.monotonic()
     entry = table.entry
     assert entry is not None
@@ -108,18 +115,25 @@ def sync_table(
             whole = make_plan(conn, table, 1, "0/0").slices[0]  # CTID ranges, split among the readers
             rows = read_slice(conninfo, table, whole, readers=readers, mapper=warehouse.map_column)
             try:
-                written, mode = warehouse.replace_rows(table, rows, new.to_json()), "reloaded"
+                written, mode = warehouse.replace_rows(table, rows, new.to_json(), **with_sets), "reloaded"
             finally:
                 rows.close()
         elif entry.strategy == "append":
             where, params, new = advance_append(conn, table, mark, still_running)
             rows = read_where(conn, table, where, params, warehouse.map_column)
-            written, mode = warehouse.upsert_rows(table, rows, new.to_json()), "appended"
+            written, mode = warehouse.upsert_rows(table, rows, new.to_json(), **with_sets), "appended"
         else:
             where, params = since_cursor(table, mark.mark, entry.lookback)  # type: ignore[arg-type]
             new = Watermark(cursor_mark(conn, table, where, params, mark.mark), mark.reloaded)  # type: ignore[arg-type]
             rows = read_where(conn, table, where, params, warehouse.map_column)
-            written, mode = warehouse.upsert_rows(table, rows, new.to_json()), "upserted"
-    result = SyncResult(table, mode, written.rows, written.bytes, time.monotonic() - started, new, warning=warning)
+            written, mode = warehouse.upsert_rows(table, rows, new.to_json(), **with_sets), "upserted"
+    result = SyncResult(
+        table, mode, written.rows, written.bytes, time.monotonic() - started, new, warning=warning,
+        documents=getattr(written, "documents", {}), document_problems=getattr(written, "document_problems", {}),
+    )
     log(f"{table.display}: {mode} {result.rows:,} rows in {result.seconds:.2f} s (watermark {new.mark})")
+    for name, count in result.documents.items():
+        log(f"documents {name}: {count:,} recomputed in the sync's transaction")
+    for problem in result.document_problems.values():
+        log(problem)
     return result

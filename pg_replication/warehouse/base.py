@@ -21,7 +21,7 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
@@ -51,6 +51,8 @@ SLICE_COLUMN = "_pg_slice"
 class SliceResult:
     rows: int
     bytes: int
+    documents: dict[str, int] = field(default_factory=dict)  # a sync: documents recomputed per set
+    document_problems: dict[str, str] = field(default_factory=dict)  # a sync: why it left a set as it was
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,7 @@ class ChangeLog:
                     self._store_columns(key, {**self.stored_columns(key), **added})
                 replayed = self.replay_log(table, read_rows)
                 self.set_status(key, "streaming")
+                self.mark_documents_stale(table, f"a retry of {table.display}")  # type: ignore[attr-defined]
         except (*self.errors, PgReplicationError) as exc:
             if isinstance(exc, PgReplicationError) and not isinstance(exc, WarehouseError):
                 raise

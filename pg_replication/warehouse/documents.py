@@ -17,12 +17,19 @@ tables lack a column it uses) is held, not the drain: the drain is retried witho
 documents stay as they were and every drain reports why until the set is built again. A full build waits for the drains
 applying to any table of the tree on the tables' state rows (its first build included, when no
 drain knows the set yet), and drains wait for it there.
+
+Only the sets replication.yaml configures are refreshed (``configured``; None: every stored
+set). A sync of a query-strategy table refreshes them the same way in its own transaction
+(document_upkeep.py); a write outside both (a backfill slice, a retry's replay) marks them
+``stale`` in its transaction and rebuilds them right after; a drain that touches a stale set
+rebuilds it whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Collection
 
 from pg_replication.errors import PgReplicationError, is_transient
 from pg_replication.replicate.document_tree import DocumentSet, Node
@@ -45,13 +52,15 @@ class DocumentRefreshFailed(Exception):
     """A set's refresh failed inside a drain's transaction: the drain rolls back and runs again
     with the set held (``DocumentRefresh(held=...)``)."""
 
-    def __init__(self, dset: DocumentSet, exc: BaseException) -> None:
+    def __init__(self, dset: DocumentSet, exc: BaseException, by: str = "drain") -> None:
         super().__init__(dset.name, exc)
         self.name, self.exc = dset.name, exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # a drain is retried without the set at once; a sync fails once, and the next one goes without it
+        then = "the drain applied its tables and left" if by == "drain" else "later syncs and drains leave"
         self.reason = (
-            f"documents {dset.name} held: a drain's refresh of them failed ({first}); the drain applied its tables "
-            f"and left these documents as they were; materialize the asset {dset.root.schema}/{dset.name} again to rebuild them"
+            f"documents {dset.name} held: a {by}'s refresh of them failed ({first}); {then} these documents as they "
+            f"were; materialize the asset {dset.root.schema}/{dset.name} again to rebuild them"
         )
 
 
@@ -118,7 +127,8 @@ class DocumentStore:
             # commits before the build reads the tables; a later one waits and then refreshes it.
             for key in sorted(dset.table_keys()):
                 self._lock_state(key)  # type: ignore[attr-defined]
-            values = {"definition": dset.to_json(), "updated_at": time.time(), "error": None}  # built again: no longer held
+            # built again: no longer held, nor stale
+            values = {"definition": dset.to_json(), "updated_at": time.time(), "error": None, "stale": None}
             self._upsert_state("documents", {"name": dset.name}, values)  # type: ignore[attr-defined]
             self.execute(f"DELETE FROM {self.document_table(dset)}")  # type: ignore[attr-defined]
             self.execute(f"INSERT INTO {self.document_table(dset)} {built.select()}")  # type: ignore[attr-defined]
@@ -199,41 +209,58 @@ class DocumentStore:
 
     def document_sets(self) -> list[DocumentSet]:
         """The sets materialized in this warehouse (each drain keeps them fresh)."""
-        return [dset for dset, _ in self._stored_sets()]
+        return [dset for dset, _, _ in self._stored_sets()]
 
-    def _stored_sets(self) -> list[tuple[DocumentSet, str | None]]:
-        """Each materialized set, and why drains hold it (None: they keep it fresh)."""
+    def _stored_sets(self, configured: Collection[str] | None = None) -> list[tuple[DocumentSet, str | None, str | None]]:
+        """Each materialized set that is ``configured`` (None: every one), why drains hold it
+        (None: they keep it fresh) and why it needs a rebuild in full (None: it does not)."""
         if not self.builds_documents:
             return []
-        rows = self.fetchall(f"SELECT definition, error FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
-        return [(DocumentSet.from_json(r[0]), r[1]) for r in rows]
+        rows = self.fetchall(f"SELECT definition, error, stale FROM {self.state('documents')} ORDER BY name")  # type: ignore[attr-defined]
+        found = [(DocumentSet.from_json(r[0]), r[1], r[2]) for r in rows]
+        return [f for f in found if configured is None or f[0].name in configured]
 
     def _hold(self, dset: DocumentSet, reason: str) -> None:
         self.execute(f"UPDATE {self.state('documents')} SET error = ?, updated_at = ? WHERE name = ?", [reason, time.time(), dset.name])  # type: ignore[attr-defined]
 
     # -- a drain's refresh ------------------------------------------------------------------
 
-    def document_refresh(self, decoded, staged: dict, failed: dict[str, str] | None = None) -> DocumentRefresh:
+    def document_refresh(
+        self, decoded, staged: dict, failed: dict[str, str] | None = None, configured: Collection[str] | None = None
+    ) -> DocumentRefresh:
         """Inside a drain's transaction, before its changes are applied (see the module docstring).
         ``failed``: set name -> why its refresh failed in an earlier try of this drain (held now).
         Raises DocumentRefreshFailed for a set whose refresh fails (not transiently)."""
-        refresh = DocumentRefresh(self, decoded, staged, failed or {})
+
+        def relations(node: Node) -> list[str] | None:
+            found = [_changed_keys(self, node, changes, decoded.plans[node.table_key].mappings) for changes in staged.get(node.table_key, ())]
+            return None if None in found else found  # type: ignore[return-value]
+
+        refresh = DocumentRefresh(self, set(decoded.batches), relations, failed or {}, configured)
         refresh.before()
         return refresh
 
 
 class DocumentRefresh:
-    """One drain's refresh of the document sets its changes touch."""
+    """One write's refresh of the document sets it touches: a drain's, or a sync's (whose rows
+    are mapped batch by batch as they are written: ``track``).
 
-    def __init__(self, wh, decoded, staged: dict, failed: dict[str, str]) -> None:
-        self.wh = wh
+    ``relations(node)``: ``SELECT k0, k1, ...`` of the node's table's changed keys, or None
+    when the whole set is to be built again (a TRUNCATE, a reload)."""
+
+    def __init__(
+        self, wh, changed: set[str], relations: Callable[[Node], list[str] | None], failed: dict[str, str],
+        configured: Collection[str] | None = None, by: str = "drain",
+    ) -> None:
+        self.wh, self.by = wh, by
         self.work: list[tuple[DocumentSet, DocumentSql, list[tuple[tuple, str]] | None]] = []
         self.problems: dict[str, str] = {}  # set name: why the drain left its documents as they were
-        changed = set(decoded.batches)
-        sets = []
-        for dset, held in wh._stored_sets():
+        sets, stale_sets = [], set()
+        for dset, held, stale in wh._stored_sets(configured):
             if not dset.table_keys() & changed:
                 continue
+            if stale:  # a write outside drains left it stale: built again whole
+                stale_sets.add(dset.name)
             if dset.name in failed:  # this drain's refresh of it failed: held from now on
                 wh._hold(dset, failed[dset.name])
                 held = failed[dset.name]
@@ -258,16 +285,13 @@ class DocumentRefresh:
                 wh._hold(dset, self.problems[dset.name])
                 continue
             built = wh._document_sql(dset)
-            mapped: list[tuple[tuple, str]] | None = []
-            for node, path in dset.paths():
-                for changes in staged.get(node.table_key, ()) if node.table_key in changed else ():
-                    relation = _changed_keys(wh, node, changes, decoded.plans[node.table_key].mappings)
-                    if relation is None:  # a TRUNCATE, or a key column gone from the staged rows
-                        mapped = None
-                        break
-                    mapped.append((path, relation))
-                if mapped is None:
+            mapped: list[tuple[tuple, str]] | None = None if dset.name in stale_sets else []
+            for node, path in dset.paths() if mapped is not None else ():
+                found = relations(node) if node.table_key in changed else []
+                if found is None:  # a TRUNCATE, a reload, or a key column gone from the staged rows
+                    mapped = None
                     break
+                mapped += [(path, relation) for relation in found]
             self.work.append((dset, built, mapped))
 
     def _guarded(self, dset: DocumentSet, work) -> None:
@@ -277,7 +301,7 @@ class DocumentRefresh:
         except (*self.wh.errors, PgReplicationError) as exc:
             if is_transient(exc):
                 raise
-            raise DocumentRefreshFailed(dset, exc) from exc
+            raise DocumentRefreshFailed(dset, exc, self.by) from exc
 
     def _map(self, dset: DocumentSet, built: DocumentSql, mapped) -> None:
         for path, relation in mapped or ():
@@ -287,11 +311,22 @@ class DocumentRefresh:
     def before(self) -> None:
         for dset, built, mapped in self.work:
             def start(dset=dset, built=built, mapped=mapped) -> None:
-                self.wh.execute(f"UPDATE {self.wh.state('documents')} SET updated_at = ? WHERE name = ?", [time.time(), dset.name])
+                # a build in full (mapped None) leaves the set fresh: no longer stale
+                stale = ", stale = NULL" if mapped is None else ""
+                self.wh.execute(f"UPDATE {self.wh.state('documents')} SET updated_at = ?{stale} WHERE name = ?", [time.time(), dset.name])
                 self.wh.execute(f"DELETE FROM {self.wh._keys_table(dset)}")
                 self._map(dset, built, mapped)
 
             self._guarded(dset, start)
+
+    def track(self, table_key: str, keys: str) -> None:
+        """Map rows of ``table_key`` (``keys``: ``SELECT k0, k1, ...`` of their primary key) to
+        their roots as the warehouse holds them now: a sync calls it before and after each batch."""
+        for dset, built, mapped in self.work:
+            if mapped is None:
+                continue
+            paths = [(path, keys) for node, path in dset.paths() if node.table_key == table_key]
+            self._guarded(dset, lambda dset=dset, built=built, paths=paths: self._map(dset, built, paths))
 
     def finish(self) -> dict[str, int]:
         """After the changes: recompute, and return documents recomputed per set."""

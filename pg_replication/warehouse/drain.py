@@ -150,7 +150,8 @@ class DrainApply:
             for key in sorted(decoded.batches):  # sorted: a document build takes them in this order too
                 self._lock_state(key)
             statuses = self.statuses()  # after the locks: a backfill that just completed is seen
-            documents = self.document_refresh(decoded, staged, failed_sets)  # maps the changed rows to their roots, before the changes
+            # maps the changed rows to their roots, before the changes (only the configured sets)
+            documents = self.document_refresh(decoded, staged, failed_sets, getattr(decoded, "documents", None))
             for key, batch in decoded.batches.items():
                 plan = decoded.plans[key]
                 status, error = statuses.get(key, ("backfilling", None))

@@ -6,7 +6,8 @@ one concern a module, mixed into ``SqlWarehouse`` here: the state store (``state
 evolution (``evolution.py``), backfill slices and syncs (``slices.py``), the change log and the
 apply of one segment (``change_log.py``), a drain's apply with per-table isolation
 (``drain.py``), the staging of large streamed transactions (``stream_staging.py``), reading a
-table back as a stream of Arrow batches (``reads.py``), and nested documents (``documents.py``).
+table back as a stream of Arrow batches (``reads.py``), and nested documents (``documents.py``,
+kept fresh by syncs, backfills and retries too: ``document_upkeep.py``).
 
 Every write ends in one transaction that holds the data and the state describing it. What a
 warehouse cannot do inside a transaction happens before it, idempotently: schema changes, change
@@ -32,6 +33,7 @@ from pg_replication.warehouse.base import (
     table_key,
 )
 from pg_replication.warehouse.change_log import ChangeLog
+from pg_replication.warehouse.document_upkeep import DocumentUpkeep
 from pg_replication.warehouse.documents import DocumentStore
 from pg_replication.warehouse.drain import DrainApply
 from pg_replication.warehouse.evolution import DescribeNew, SchemaEvolution
@@ -43,7 +45,9 @@ from pg_replication.warehouse.state import StateStore
 from pg_replication.warehouse.stream_staging import StreamStaging
 
 
-class SqlWarehouse(StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution, StreamStaging, TableReader, DocumentStore):
+class SqlWarehouse(
+    StateStore, SliceWriter, ChangeLog, DrainApply, SchemaEvolution, StreamStaging, TableReader, DocumentStore, DocumentUpkeep
+):
     """The engine; a dialect subclass fills in the hooks marked below."""
 
     name = "sql"

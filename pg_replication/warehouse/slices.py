@@ -5,7 +5,7 @@ backfill replays the change log and starts the table streaming."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import pyarrow as pa
 
@@ -14,6 +14,7 @@ from pg_replication.source.binary_copy import text_column
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
+from pg_replication.warehouse.documents import DocumentRefreshFailed
 from pg_replication.warehouse.base import (
     SLICE_COLUMN,
     KeyCheck,
@@ -91,27 +92,41 @@ class SliceWriter:
                     {"rows": rows, "bytes": nbytes, "seconds": time.monotonic() - started, "copied_at": time.time()},
                 )
                 self._start_streaming_when_complete(table, read_rows)
+                if self.load_state(table).status == "streaming":  # a complete copy: its documents are built again
+                    self.mark_documents_stale(table, f"a backfill slice of {table.display}")  # type: ignore[attr-defined]
         finally:
             relations.close()  # type: ignore[attr-defined]
         if self.load_state(table).status == "streaming":
             self.declare_primary_key(table)
         return SliceResult(rows, nbytes)
 
-    def upsert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+    def upsert_rows(
+        self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None, documents: Collection[str] | None = None
+    ) -> SliceResult:
         """Insert the rows, replacing any with the same key, and store the table's new
-        watermark, in one transaction (the append and updated_at strategies)."""
+        watermark, in one transaction (the append and updated_at strategies), with the
+        ``documents`` sets (None: every one) whose tree holds the table (document_upkeep.py)."""
         relations = self.slice_relations(table, batches)
+        key = table_key(table)
         try:
             with self.transaction():
-                rows, nbytes = self._load_rows(table, self.table_name(table), relations, None, "a sync")
+                refresh = self.sync_document_refresh(table, documents, whole=False)  # type: ignore[attr-defined]
+                track = (lambda keys: refresh.track(key, keys)) if refresh.work else None
+                rows, nbytes = self._load_rows(table, self.table_name(table), relations, None, "a sync", track=track)
                 self._set_watermark(table, watermark)
+                recomputed = refresh.finish()
+        except DocumentRefreshFailed as failure:
+            raise self.sync_failed(table, failure) from failure.exc  # type: ignore[attr-defined]
         finally:
             relations.close()  # type: ignore[attr-defined]
-        return SliceResult(rows, nbytes)
+        return SliceResult(rows, nbytes, recomputed, refresh.problems)
 
-    def replace_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+    def replace_rows(
+        self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None, documents: Collection[str] | None = None
+    ) -> SliceResult:
         """A full refresh: the new copy is loaded beside the table, then swapped in by one
-        transaction, so a reader sees the old rows or the new ones, never a half-loaded table."""
+        transaction, so a reader sees the old rows or the new ones, never a half-loaded table;
+        the ``documents`` sets whose tree holds it are built again whole in that transaction."""
         target, copy = self.table_name(table), self.state(f"reload.{table.schema}.{table.name}")
         self.execute(f"DROP TABLE IF EXISTS {copy}")
         self.execute(f"CREATE TABLE {copy} AS SELECT * FROM {target} WHERE 1 = 0")
@@ -121,13 +136,18 @@ class SliceWriter:
                 rows, nbytes = self._load_rows(table, copy, relations, None, "a reload", evict=None)
             finally:
                 relations.close()  # type: ignore[attr-defined]
-            with self.transaction():
-                self.execute(f"DELETE FROM {target}")
-                self.execute(f"INSERT INTO {target} SELECT * FROM {copy}")
-                self._set_watermark(table, watermark)
+            try:
+                with self.transaction():
+                    refresh = self.sync_document_refresh(table, documents, whole=True)  # type: ignore[attr-defined]
+                    self.execute(f"DELETE FROM {target}")
+                    self.execute(f"INSERT INTO {target} SELECT * FROM {copy}")
+                    self._set_watermark(table, watermark)
+                    recomputed = refresh.finish()
+            except DocumentRefreshFailed as failure:
+                raise self.sync_failed(table, failure) from failure.exc  # type: ignore[attr-defined]
         finally:
             self.execute(f"DROP TABLE IF EXISTS {copy}")
-        return SliceResult(rows, nbytes)
+        return SliceResult(rows, nbytes, recomputed, refresh.problems)
 
     def _set_watermark(self, table: Table, watermark: str | None) -> None:
         self._upsert_state("tables", {"table_key": table_key(table)}, {"watermark": watermark, "updated_at": time.time()})
@@ -146,12 +166,14 @@ class SliceWriter:
         what: str,
         progress: Progress | None = None,
         evict: str | None = "batch",
+        track: Callable[[str], None] | None = None,
     ) -> tuple[int, int]:
         """Insert staged source rows into ``target``. Rows with the same keys may be there already
         (a row an update moved here from another slice's pages is still stored under that slice;
         a re-run slice's previous copy): ``evict="batch"`` deletes them before each batch,
         ``"slice"`` as the dialect's ``slice_eviction`` says (``slice_value`` tells the new rows
-        apart), None for a target that holds none."""
+        apart), None for a target that holds none. ``track``: called with ``SELECT k0, k1, ...``
+        of each batch's keys before the batch is written and after (a sync's document refresh)."""
         mappings = dict(self.column_mappings(table))
         keys = ", ".join(self.ident(k) for k in table.primary_key)
         tag = "NULL" if slice_value is None else str(int(slice_value))
@@ -169,11 +191,16 @@ class SliceWriter:
             if upsert:
                 sets = ", ".join(f"{self.ident(n)} = EXCLUDED.{self.ident(n)}" for n in [*mappings, SLICE_COLUMN])
                 insert += f" ON CONFLICT ({keys}) DO UPDATE SET {sets}"
+            batch_keys = ", ".join(f"{select[k]} AS {self.ident(f'k{i}')}" for i, k in enumerate(table.primary_key))
             try:
+                if track is not None:  # the roots these rows reach before the batch
+                    track(f"SELECT {batch_keys} FROM {relation}")
                 if evict == "batch":
                     staged_keys = ", ".join(select[k] for k in table.primary_key)
                     self.execute(f"DELETE FROM {target} WHERE ({keys}) IN (SELECT {staged_keys} FROM {relation})")
                 self.execute(insert)
+                if track is not None:  # and after it
+                    track(f"SELECT {batch_keys} FROM {relation}")
             except self.errors as exc:
                 where = f"rows {rows}..{rows + batch.num_rows}" if isinstance(batch, pa.RecordBatch) else "its rows"
                 raise self._refused(table, what, where, exc) from None

@@ -40,8 +40,12 @@ class StateStore:
         ),
         "cursor": ((("slot", "text"), ("drained_lsn", "BIGINT"), ("updated_at", "DOUBLE PRECISION")), ("slot",)),
         # document sets kept fresh by every drain (documents.py): the resolved tree as JSON; error:
-        # why drains hold the set (its documents missed a refresh) until it is built again
-        "documents": ((("name", "text"), ("definition", "text"), ("updated_at", "DOUBLE PRECISION"), ("error", "text")), ("name",)),
+        # why drains hold the set (its documents missed a refresh) until it is built again; stale:
+        # why it needs a build in full (a table of its tree rewritten outside a drain)
+        "documents": (
+            (("name", "text"), ("definition", "text"), ("updated_at", "DOUBLE PRECISION"), ("error", "text"), ("stale", "text")),
+            ("name",),
+        ),
         "slices": (
             (("table_key", "text"), ("slice", "INTEGER"), ("rows", "BIGINT"), ("bytes", "BIGINT"),
              ("seconds", "DOUBLE PRECISION"), ("copied_at", "DOUBLE PRECISION")),
