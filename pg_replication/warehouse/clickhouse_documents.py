@@ -145,11 +145,35 @@ class ClickHouseDocumentSql:
         return f"SELECT {keys} FROM {self.table_of(self.dset.root)} r0 WHERE {self._tuple('r0', columns)} IN ({rows})"
 
 
+class ClickHouseDocumentRefresh(DocumentRefresh):
+    """A drain's refresh whose roots outlive a killed attempt (module docstring)."""
+
+    def before(self) -> None:
+        # No emptying of the keys table first: what a killed attempt mapped is still needed.
+        for dset, built, mapped in self.work:
+            self._guarded(dset, lambda dset=dset, built=built, mapped=mapped: self._map(dset, built, mapped))
+
+    def finish(self) -> dict[str, int]:
+        failpoint("before_documents")  # the crash tests kill a drain here: data written, documents not
+        return super().finish()
+
+    def _recompute(self, dset: DocumentSet, built, mapped) -> int:
+        wh = self.wh
+        keys_table = wh._keys_table(dset)
+        if mapped is not None:
+            self._map(dset, built, mapped)
+        # The drain's next version: above its data writes, the same in a replay of it.
+        touched = wh.write_documents(dset, built, wh._next_version(), None if mapped is None else keys_table)
+        wh.execute(f"TRUNCATE TABLE {keys_table}")  # only now: a kill before leaves the roots mapped
+        return touched
+
+
 class ClickHouseDocuments:
     """Mixed into ``ClickHouseWarehouse`` ahead of the engine's ``DocumentStore``."""
 
     builds_documents = True
     document_extra_columns = (VERSION, DELETED)
+    document_refresh_class = ClickHouseDocumentRefresh
 
     def _document_sql(self, dset: DocumentSet) -> ClickHouseDocumentSql:
         nodes = {(self.schema_prefix + n.schema, n.table): (n.schema, n.table) for n, _ in dset.paths()}  # type: ignore[attr-defined]
@@ -208,31 +232,3 @@ class ClickHouseDocuments:
         if roots is None:
             return int(wh.fetchall(f"SELECT count() FROM {table}")[0][0])  # type: ignore[attr-defined]
         return int(wh.fetchall(f"SELECT count() FROM (SELECT DISTINCT {keys} FROM {roots})")[0][0])  # type: ignore[attr-defined]
-
-    def document_refresh(self, decoded, staged: dict, failed: dict[str, str] | None = None) -> DocumentRefresh:
-        refresh = ClickHouseDocumentRefresh(self, decoded, staged, failed or {})
-        refresh.before()
-        return refresh
-
-
-class ClickHouseDocumentRefresh(DocumentRefresh):
-    """A drain's refresh whose roots outlive a killed attempt (module docstring)."""
-
-    def before(self) -> None:
-        # No emptying of the keys table first: what a killed attempt mapped is still needed.
-        for dset, built, mapped in self.work:
-            self._guarded(dset, lambda dset=dset, built=built, mapped=mapped: self._map(dset, built, mapped))
-
-    def finish(self) -> dict[str, int]:
-        failpoint("before_documents")  # the crash tests kill a drain here: data written, documents not
-        return super().finish()
-
-    def _recompute(self, dset: DocumentSet, built, mapped) -> int:
-        wh = self.wh
-        keys_table = wh._keys_table(dset)
-        if mapped is not None:
-            self._map(dset, built, mapped)
-        # The drain's next version: above its data writes, the same in a replay of it.
-        touched = wh.write_documents(dset, built, wh._next_version(), None if mapped is None else keys_table)
-        wh.execute(f"TRUNCATE TABLE {keys_table}")  # only now: a kill before leaves the roots mapped
-        return touched

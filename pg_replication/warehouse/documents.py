@@ -73,6 +73,8 @@ class DocumentStore:
     document_join_indexes = False
     # Columns of the documents table after the root key and ``document`` (ClickHouse: its versions).
     document_extra_columns: tuple[str, ...] = ()
+    # A warehouse's own kind of drain refresh (ClickHouse's outlives a killed drain); None: DocumentRefresh.
+    document_refresh_class: type[DocumentRefresh] | None = None
 
     @property
     def builds_documents(self) -> bool:
@@ -236,7 +238,7 @@ class DocumentStore:
             found = [_changed_keys(self, node, changes, decoded.plans[node.table_key].mappings) for changes in staged.get(node.table_key, ())]
             return None if None in found else found  # type: ignore[return-value]
 
-        refresh = DocumentRefresh(self, set(decoded.batches), relations, failed or {}, configured)
+        refresh = (self.document_refresh_class or DocumentRefresh)(self, set(decoded.batches), relations, failed or {}, configured)
         refresh.before()
         return refresh
 
