@@ -3,7 +3,7 @@ Documents): a sync of a query-strategy table refreshes them in its own transacti
 slice and a retry rebuild them right after; the drains between backfill slices report them; only
 the sets replication.yaml configures are refreshed. Each compared with a build from scratch and
 with Postgres's own document (test_documents.py's helpers and tree).
-Leaves out: ClickHouse (no documents), strategy triggers in a tree (refused at load)."""
+Leaves out: strategy triggers in a tree (refused at load)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ CREATE TRIGGER author_touch BEFORE UPDATE ON author FOR EACH ROW EXECUTE FUNCTIO
 AUTHOR = {"name": "author", "strategy": "updated_at", "cursor": "updated", "lookback": "1 minute"}
 
 
-@pytest.fixture(params=["duckdb", "postgres", "snowflake"])
+@pytest.fixture(params=["duckdb", "postgres", "snowflake", pytest.param("clickhouse", marks=pytest.mark.xfail(strict=True, reason="issue 14: a sync on ClickHouse leaves its documents as they were"))])
 def mixed_tree(request, pg, pg_url, tmp_path: Path, server_url: str):
     """publisher, book and review by CDC, author (a many_to_one grandchild) by updated_at."""
     pg.execute(SCHEMA)
