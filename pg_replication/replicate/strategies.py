@@ -82,8 +82,11 @@ def sync_table(
     """One sync of a table with a query strategy; a reload reads with ``readers`` COPY streams.
     The ``documents`` sets (replication.yaml's; None: every set built) whose tree holds the table
     are refreshed in the sync's transaction."""
-    # a warehouse that builds no documents (ClickHouse) takes no sets
-    with_sets = {"documents": documents} if getattr(warehouse, "json_functions", None) is not None else {}
+    # Documents refreshed in the sync's transaction; a warehouse without transactions (ClickHouse)
+    # marks its sets stale before the write and builds them again, whole, after it.
+    in_transaction = getattr(warehouse, "json_functions", None) is not None
+    after_write = getattr(warehouse, "builds_documents", False) and not in_transaction
+    with_sets = {"documents": documents} if in_transaction else {}
     started = time.monotonic()
     entry = table.entry
     assert entry is not None
@@ -106,6 +109,8 @@ def sync_table(
         lock = sql.SQL("SELECT pg_try_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"pg_replication sync {table.display}"))
         if not conn.execute(lock).fetchone()[0]:  # type: ignore[index]
             return SyncResult(table, "skipped", watermark=mark, reason="another sync of this table is running")
+        if after_write:  # a kill from here on leaves the sets stale: the next writer rebuilds them
+            warehouse.mark_documents_stale(table, f"a sync of {table.display}")  # type: ignore[attr-defined]
         if reload:
             day = today.isoformat() if entry.reload_on is not None else mark.reloaded
             if entry.strategy == "append":  # its floor and candidate stay true: keep them
@@ -127,9 +132,10 @@ def sync_table(
             new = Watermark(cursor_mark(conn, table, where, params, mark.mark), mark.reloaded)  # type: ignore[arg-type]
             rows = read_where(conn, table, where, params, warehouse.map_column)
             written, mode = warehouse.upsert_rows(table, rows, new.to_json(), **with_sets), "upserted"
+    rebuilt = warehouse.rebuild_stale_documents(documents, log) if after_write else {}  # type: ignore[attr-defined]
     result = SyncResult(
         table, mode, written.rows, written.bytes, time.monotonic() - started, new, warning=warning,
-        documents=getattr(written, "documents", {}), document_problems=getattr(written, "document_problems", {}),
+        documents=rebuilt or getattr(written, "documents", {}), document_problems=getattr(written, "document_problems", {}),
     )
     log(f"{table.display}: {mode} {result.rows:,} rows in {result.seconds:.2f} s (watermark {new.mark})")
     for name, count in result.documents.items():
