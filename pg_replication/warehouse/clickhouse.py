@@ -248,6 +248,9 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
             raise PlanStaleError(
                 f"{table.display}: slice {index} was read under a plan another run has replaced", table=table.display, lsn=plan.lsn
             )
+        # Before any row, with no transaction: a kill after the slice is recorded still leaves the
+        # sets holding the table to be built again (the backfill's end, or the next drain, does it).
+        self.mark_documents_stale(table, f"a backfill slice of {table.display}")  # type: ignore[attr-defined]
         base = lsn_to_int((stored or plan).lsn) << VERSION_SHIFT  # type: ignore[union-attr]
         version = self._copy_version(table, index, base)
         superseded = self._truncated_at(table) > version  # every row alive now arrived as a change
