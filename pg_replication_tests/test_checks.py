@@ -212,7 +212,6 @@ def test_a_freshness_window_under_a_minute_is_named():
     assert "freshness_seconds" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: every check key of a group became a copy of the whole group on the component path")
 def test_check_groups_stay_one_definition_each_through_a_components_metadata(pg, write_config, duckdb_path):
     """Every defs.yaml component gets its definitions' metadata updated by Dagster's component tree.
     The checks of 120 tables (groups of 50) must stay three definitions, not one copy of a group
