@@ -29,7 +29,7 @@ from pg_replication.dagster.resources import (
     ResourceKeys,
     WarehouseResource,
 )
-from pg_replication.dagster.load_cache import build_key, cached_build, gc_paused
+from pg_replication.dagster.load_cache import build_key, cached_build, freeze_once, gc_paused
 from pg_replication.dagster.load_catalog import LoadedCatalog, load_catalog
 from pg_replication.dagster.refresh import build_refresh_catalog_job
 from pg_replication.source.catalog import Table, Unavailable
@@ -91,6 +91,7 @@ def build_definitions_from_catalog(
     )
     with gc_paused():
         table_assets, checks = cached_build(key, lambda: _table_definitions(config, catalog, translator, keys))
+    freeze_once()
     assets = [*table_assets]
     assets += build_document_assets(config, tables, translator, keys, set(catalog.unavailable), catalog.outage is not None)
     cdc_job = build_cdc_job(config, tables, translator, keys)

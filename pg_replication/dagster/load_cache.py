@@ -60,4 +60,19 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-__all__ = ["build_key", "cached_build", "gc_paused"]
+_frozen = False
+
+
+def freeze_once() -> None:
+    """Move what the first build made (and all else alive then) out of the collector's sight:
+    those definitions live as long as the process, and every full collection after the build
+    (Dagster's snapshots of 1,000 assets and 3,000 checks) traversed them again, about a quarter
+    of `dagster definitions validate`'s time. Once per process, so a process that builds again
+    and again (a test suite) keeps at most the first build's cycles, never one per build."""
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.freeze()
+
+
+__all__ = ["build_key", "cached_build", "freeze_once", "gc_paused"]
