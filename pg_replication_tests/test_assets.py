@@ -89,3 +89,24 @@ def test_table_name_is_the_warehouse_relation(shop, duckdb_path):
             "WHERE table_schema = 'shop' AND table_name = 'customers'"
         ).fetchone()
     assert spec.metadata["dagster/table_name"] == relation == "warehouse.shop.customers"
+
+
+def test_a_second_build_reuses_the_table_assets_only_when_nothing_changed(shop, pg, write_config, duckdb_path, tmp_path, monkeypatch):
+    """Dagster builds a code location's definitions twice per load: the second build reuses the
+    first one's table assets and checks. Anything they depend on (the environment, the catalog,
+    the configuration) makes a new build, never a stale one."""
+    key = dg.AssetKey(["shop", "customers"])
+
+    def table_asset(defs: dg.Definitions) -> dg.AssetsDefinition:
+        return next(a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and key in a.keys)
+
+    first = table_asset(shop)
+    assert table_asset(build_definitions()) is first
+    monkeypatch.setenv("DUCKDB_PATH", str(tmp_path / "other.duckdb"))  # another warehouse file: another table_name
+    moved = table_asset(build_definitions())
+    assert moved is not first and moved.specs_by_key[key].metadata["dagster/table_name"] == "other.shop.customers"
+    pg.execute("ALTER TABLE shop.customers ADD COLUMN note text")  # the catalog changed
+    columns = table_asset(build_definitions()).specs_by_key[key].metadata["dagster/column_schema"].columns
+    assert [c.name for c in columns][-1] == "note"
+    write_config({"tables": [{"name": "shop.*"}], "defaults": {"partitions": 2}})  # the configuration changed
+    assert len(table_asset(build_definitions()).partitions_def.get_partition_keys()) == 2

@@ -210,3 +210,17 @@ def test_a_freshness_window_under_a_minute_is_named():
     with pytest.raises(ConfigError) as err:  # Dagster would refuse the FreshnessPolicy at load, unnamed
         parse_config({"tables": ["t"], "source": {"freshness_seconds": 30}})
     assert "freshness_seconds" in str(err.value)
+
+
+def test_check_groups_stay_one_definition_each_through_a_components_metadata(pg, write_config, duckdb_path):
+    """Every defs.yaml component gets its definitions' metadata updated by Dagster's component tree.
+    The checks of 120 tables (groups of 50) must stay three definitions, not one copy of a group
+    per check key (what made 1,000 tables take seconds to load), and keep that metadata."""
+    pg.execute("DO $$ BEGIN FOR i IN 1..120 LOOP EXECUTE format('CREATE TABLE g%s (id int PRIMARY KEY)', i); END LOOP; END $$")
+    write_config({"tables": ["g*"]})
+    defs = build_definitions().with_definition_metadata_update(lambda metadata: {**metadata, "origin": "defs.yaml"})
+    repo = defs.get_repository_def()
+    by_key = repo.asset_checks_defs_by_key
+    assert len(by_key) == 120 * 3  # row_count_parity, cdc_freshness, slot_health
+    assert len({id(group) for group in by_key.values()}) == 3
+    assert all(spec.metadata.get("origin") == "defs.yaml" for group in by_key.values() for spec in group.check_specs)

@@ -29,10 +29,11 @@ from pg_replication.dagster.resources import (
     ResourceKeys,
     WarehouseResource,
 )
+from pg_replication.dagster.load_cache import build_key, cached_build, freeze_once, gc_paused
 from pg_replication.dagster.load_catalog import LoadedCatalog, load_catalog
 from pg_replication.dagster.refresh import build_refresh_catalog_job
 from pg_replication.source.catalog import Table, Unavailable
-from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url
+from pg_replication.warehouse.connect import POSTGRES_WAREHOUSE_ENV, postgres_warehouse_url, table_location
 
 
 def build_source_resource(url_env: str = "POSTGRES_URL") -> PostgresSource:
@@ -84,10 +85,14 @@ def build_definitions_from_catalog(
 ) -> dg.Definitions:
     """Everything one source defines, from a catalog already read: no I/O against the source."""
     tables = catalog.tables
-    streamed = [t for t in tables if t.strategy == "cdc"]  # the slot's tables, as the drain job has them
-    assets = [build_table_asset(t, config, translator, streamed, keys) for t in tables]
-    check_unique_keys(assets, tables)
-    assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"], keys) for t in catalog.left_out]
+    key = build_key(
+        config.model_dump_json(), tables, catalog.left_out, catalog.unavailable,
+        type(translator), vars(translator), keys, table_location(config, "schema", "table"),
+    )
+    with gc_paused():
+        table_assets, checks = cached_build(key, lambda: _table_definitions(config, catalog, translator, keys))
+    freeze_once()
+    assets = [*table_assets]
     assets += build_document_assets(config, tables, translator, keys, set(catalog.unavailable), catalog.outage is not None)
     cdc_job = build_cdc_job(config, tables, translator, keys)
     schedules = build_sync_schedules(config, tables, translator, keys)
@@ -96,7 +101,7 @@ def build_definitions_from_catalog(
     retry_job = build_retry_job(config, [t for t in tables if t.strategy in ("cdc", "triggers")], keys)
     return dg.Definitions(
         assets=assets,
-        asset_checks=build_table_checks(tables, config, translator, keys),
+        asset_checks=checks,
         jobs=[cdc_job, *sync_jobs, retry_job, *([refresh_job] if refresh_job else [])],
         schedules=schedules,
         sensors=[
@@ -110,6 +115,19 @@ def build_definitions_from_catalog(
             keys.io_manager: WarehouseIOManager(warehouse=warehouse),
         },
     )
+
+
+def _table_definitions(
+    config: ReplicationConfig, catalog: LoadedCatalog, translator: TableAssetTranslator, keys: ResourceKeys
+) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
+    """One asset per table (those left out keep theirs) and the tables' checks: the part of a
+    build that grows with the tables."""
+    tables = catalog.tables
+    streamed = [t for t in tables if t.strategy == "cdc"]  # the slot's tables, as the drain job has them
+    assets = [build_table_asset(t, config, translator, streamed, keys) for t in tables]
+    check_unique_keys(assets, tables)
+    assets += [_left_out_asset(t, config, translator, catalog.unavailable[f"{t.schema}.{t.name}"], keys) for t in catalog.left_out]
+    return assets, build_table_checks(tables, config, translator, keys)
 
 
 def _left_out_asset(

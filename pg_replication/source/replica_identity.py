@@ -36,9 +36,10 @@ SELECT r.ord, n.nspname, c.relname, c.relreplident,
        (SELECT array_agg(a.attname::text) FROM pg_attribute a
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnotnull)
 FROM unnest(%s::text[]) WITH ORDINALITY AS r(name, ord)
-JOIN pg_class c ON c.relkind = 'r' AND (
-     c.oid = to_regclass(r.name)
-  OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass(r.name)) WHERE isleaf))
+CROSS JOIN LATERAL (  -- joined by oid: `oid = x OR oid IN (...)` scanned pg_class once per table
+  SELECT to_regclass(r.name) AS relid UNION SELECT relid FROM pg_partition_tree(to_regclass(r.name)) WHERE isleaf
+) AS leaf
+JOIN pg_class c ON c.oid = leaf.relid AND c.relkind = 'r'
 JOIN pg_namespace n ON n.oid = c.relnamespace
 ORDER BY r.ord, n.nspname, c.relname
 """
