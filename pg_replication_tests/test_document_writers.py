@@ -221,10 +221,12 @@ def test_a_drain_rebuilds_a_set_left_stale_by_a_run_killed_before_its_rebuild(co
     assert result.tables.documents["publisher_docs"] < 20  # no longer stale: incremental again
 
 
-def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg):
+def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg, request):
     """The engine's path under the CLI test above, on every warehouse: book's slices copied again
     (no drain in between) move a book to another publisher; both documents follow."""
     h = tree
+    if h.target.kind == "clickhouse":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: ClickHouse never clears a set's stale mark: every later drain rebuilds it whole"))
     dset = resolve(h, pg)
     with h.target.open() as wh:
         wh.materialize_documents(dset)
@@ -234,3 +236,8 @@ def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg
     documents = stored_documents(h, dset)
     assert documents == rebuilt_documents(h, dset)
     assert "copied again" in [book["title"] for book in documents[3]["books"]]
+    # Built again, the set is fresh: the next drain recomputes only what it touches.
+    pg.execute("UPDATE review SET stars = 5 WHERE book_isbn = 'b00002'")
+    (result,) = h.drain_all()
+    assert result.tables.documents == {"publisher_docs": 1}
+    assert_documents_fresh(h, pg, dset)
