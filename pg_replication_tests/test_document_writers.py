@@ -221,12 +221,10 @@ def test_a_drain_rebuilds_a_set_left_stale_by_a_run_killed_before_its_rebuild(co
     assert result.tables.documents["publisher_docs"] < 20  # no longer stale: incremental again
 
 
-def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg, request):
+def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg):
     """The engine's path under the CLI test above, on every warehouse: book's slices copied again
     (no drain in between) move a book to another publisher; both documents follow."""
     h = tree
-    if h.target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: ClickHouse never clears a set's stale mark: every later drain rebuilds it whole"))
     dset = resolve(h, pg)
     with h.target.open() as wh:
         wh.materialize_documents(dset)

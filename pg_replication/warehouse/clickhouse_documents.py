@@ -165,6 +165,8 @@ class ClickHouseDocumentRefresh(DocumentRefresh):
         # The drain's next version: above its data writes, the same in a replay of it.
         touched = wh.write_documents(dset, built, wh._next_version(), None if mapped is None else keys_table)
         wh.execute(f"TRUNCATE TABLE {keys_table}")  # only now: a kill before leaves the roots mapped
+        if mapped is None:  # built whole: fresh again, only now that its documents are written
+            wh.execute(f"UPDATE {wh.state('documents')} SET stale = NULL WHERE name = ?", [dset.name])
         return touched
 
 
@@ -213,7 +215,7 @@ class ClickHouseDocuments:
         rows = wh.fetchall(f"SELECT max({ident(VERSION)}) FROM {wh.document_table(dset)} SETTINGS final = 0")  # type: ignore[attr-defined]
         count = self.write_documents(dset, built, int(rows[0][0] or 0) + 1, None)
         # After the documents: a build killed before this line left no set for drains to refresh.
-        wh._upsert_state("documents", {"name": dset.name}, {"definition": dset.to_json(), "updated_at": time.time(), "error": None})  # type: ignore[attr-defined]
+        wh._upsert_state("documents", {"name": dset.name}, {"definition": dset.to_json(), "updated_at": time.time(), "error": None, "stale": None})  # type: ignore[attr-defined]
         return count
 
     def write_documents(self, dset: DocumentSet, built: ClickHouseDocumentSql, version: int, roots: str | None) -> int:
