@@ -220,9 +220,11 @@ class ChangeLog:
                 self._lock_state(key)
                 if added:
                     self._store_columns(key, {**self.stored_columns(key), **added})
+                # Marked before the replay: on a warehouse without transactions (ClickHouse) a
+                # retry killed after it still leaves the sets to be built again.
+                self.mark_documents_stale(table, f"a retry of {table.display}")  # type: ignore[attr-defined]
                 replayed = self.replay_log(table, read_rows)
                 self.set_status(key, "streaming")
-                self.mark_documents_stale(table, f"a retry of {table.display}")  # type: ignore[attr-defined]
         except (*self.errors, PgReplicationError) as exc:
             if isinstance(exc, PgReplicationError) and not isinstance(exc, WarehouseError):
                 raise
