@@ -221,7 +221,7 @@ def test_a_drain_rebuilds_a_set_left_stale_by_a_run_killed_before_its_rebuild(co
     assert result.tables.documents["publisher_docs"] < 20  # no longer stale: incremental again
 
 
-def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg):
+def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg):  # noqa: F811 (the imported fixture)
     """The engine's path under the CLI test above, on every warehouse: book's slices copied again
     (no drain in between) move a book to another publisher; both documents follow."""
     h = tree

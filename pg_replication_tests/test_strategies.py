@@ -135,11 +135,9 @@ def test_append_keeps_a_key_whose_transaction_is_open_across_the_backfill(pg, pg
     h.assert_equal(pg, "events")
 
 
-def test_a_partition_copied_again_repairs_rows_syncs_wrote(pg, pg_url, target, request):
+def test_a_partition_copied_again_repairs_rows_syncs_wrote(pg, pg_url, target):
     """The operator's repair (a partition materialized again) wins over what earlier syncs wrote:
     a row fixed in the source without moving its cursor reaches the warehouse."""
-    if target.kind == "clickhouse":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 14: on ClickHouse a copied-again slice loses to the rows syncs wrote"))
     pg.execute("CREATE TABLE item (id int PRIMARY KEY, name text, updated timestamptz NOT NULL)")
     pg.execute("INSERT INTO item SELECT i, 'n', '2026-01-01' FROM generate_series(1, 20) i")
     h = Harness(pg_url, target, [{"name": "item", "strategy": "updated_at", "cursor": "updated", "lookback": "1 second"}], slot="unused")

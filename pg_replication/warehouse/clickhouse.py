@@ -38,6 +38,7 @@ from dataclasses import replace
 
 import pyarrow as pa
 
+from pg_replication.config import QUERY_STRATEGIES
 from pg_replication.errors import BackfillRestartedError, SchemaChangeError, WarehouseError
 from pg_replication.source.catalog import Column, Table
 from pg_replication.source.pgoutput import lsn_to_int
@@ -253,6 +254,8 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
         self.mark_documents_stale(table, f"a backfill slice of {table.display}")  # type: ignore[attr-defined]
         base = lsn_to_int((stored or plan).lsn) << VERSION_SHIFT  # type: ignore[union-attr]
         version = self._copy_version(table, index, base)
+        if table.strategy in QUERY_STRATEGIES:  # no changes to stay below: above what syncs wrote, read earlier
+            version = max(version, self._max_version(table) + 1)
         superseded = self._truncated_at(table) > version  # every row alive now arrived as a change
         mappings = dict(self.column_mappings(table))
         rows = nbytes = 0
