@@ -72,6 +72,7 @@ def freeze_once() -> None:
     global _frozen
     if not _frozen:
         _frozen = True
+        gc.collect()  # the build ran with collection paused: its garbage cycles go first, not frozen for good
         gc.freeze()
 
 
