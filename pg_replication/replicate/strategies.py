@@ -81,12 +81,8 @@ def sync_table(
 ) -> SyncResult:
     """One sync of a table with a query strategy; a reload reads with ``readers`` COPY streams.
     The ``documents`` sets (replication.yaml's; None: every set built) whose tree holds the table
-    are refreshed in the sync's transaction."""
-    # Documents refreshed in the sync's transaction; a warehouse without transactions (ClickHouse)
-    # marks its sets stale before the write and builds them again, whole, after it.
-    in_transaction = getattr(warehouse, "json_functions", None) is not None
-    after_write = getattr(warehouse, "builds_documents", False) and not in_transaction
-    with_sets = {"documents": documents} if in_transaction else {}
+    are refreshed by the warehouse's write: in the sync's transaction, or (ClickHouse) built again
+    after it."""
     started = time.monotonic()
     entry = table.entry
     assert entry is not None
@@ -109,8 +105,6 @@ def sync_table(
         lock = sql.SQL("SELECT pg_try_advisory_xact_lock(hashtext({}))").format(sql.Literal(f"pg_replication sync {table.display}"))
         if not conn.execute(lock).fetchone()[0]:  # type: ignore[index]
             return SyncResult(table, "skipped", watermark=mark, reason="another sync of this table is running")
-        if after_write:  # a kill from here on leaves the sets stale: the next writer rebuilds them
-            warehouse.mark_documents_stale(table, f"a sync of {table.display}")  # type: ignore[attr-defined]
         if reload:
             day = today.isoformat() if entry.reload_on is not None else mark.reloaded
             if entry.strategy == "append":  # its floor and candidate stay true: keep them
@@ -120,26 +114,25 @@ def sync_table(
             whole = make_plan(conn, table, 1, "0/0").slices[0]  # CTID ranges, split among the readers
             rows = read_slice(conninfo, table, whole, readers=readers, mapper=warehouse.map_column)
             try:
-                written, mode = warehouse.replace_rows(table, rows, new.to_json(), **with_sets), "reloaded"
+                written, mode = warehouse.replace_rows(table, rows, new.to_json(), documents=documents), "reloaded"
             finally:
                 rows.close()
         elif entry.strategy == "append":
             where, params, new = advance_append(conn, table, mark, still_running)
             rows = read_where(conn, table, where, params, warehouse.map_column)
-            written, mode = warehouse.upsert_rows(table, rows, new.to_json(), **with_sets), "appended"
+            written, mode = warehouse.upsert_rows(table, rows, new.to_json(), documents=documents), "appended"
         else:
             where, params = since_cursor(table, mark.mark, entry.lookback)  # type: ignore[arg-type]
             new = Watermark(cursor_mark(conn, table, where, params, mark.mark), mark.reloaded)  # type: ignore[arg-type]
             rows = read_where(conn, table, where, params, warehouse.map_column)
-            written, mode = warehouse.upsert_rows(table, rows, new.to_json(), **with_sets), "upserted"
-    rebuilt = warehouse.rebuild_stale_documents(documents, log) if after_write else {}  # type: ignore[attr-defined]
+            written, mode = warehouse.upsert_rows(table, rows, new.to_json(), documents=documents), "upserted"
     result = SyncResult(
         table, mode, written.rows, written.bytes, time.monotonic() - started, new, warning=warning,
-        documents=rebuilt or getattr(written, "documents", {}), document_problems=getattr(written, "document_problems", {}),
+        documents=written.documents, document_problems=written.document_problems,
     )
     log(f"{table.display}: {mode} {result.rows:,} rows in {result.seconds:.2f} s (watermark {new.mark})")
     for name, count in result.documents.items():
-        log(f"documents {name}: {count:,} recomputed in the sync's transaction")
+        log(f"documents {name}: {count:,} recomputed by the sync")
     for problem in result.document_problems.values():
         log(problem)
     return result

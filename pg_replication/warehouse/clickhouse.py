@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pyarrow as pa
@@ -328,21 +329,42 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
 
     # -- query strategies (append, updated_at, reload) ----------------------------------------
 
-    def upsert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+    def upsert_rows(
+        self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None, documents: Collection[str] | None = None
+    ) -> SliceResult:
         """The sync's rows as new versions above every version the table holds, then its
         watermark. Syncs of a table are serialized (strategies.py's advisory lock) and each reads
         a newer snapshot than the last, so a later sync's rows win; a sync killed before its
-        watermark is re-read by the next one, whose versions are higher again."""
-        version = self._max_version(table) + 1
-        rows, nbytes = self._insert_rows(table, batches, version, "a sync")
-        self._set_watermark(table, watermark)
-        return SliceResult(rows, nbytes)
+        watermark is re-read by the next one, whose versions are higher again. The ``documents``
+        sets holding the table: see ``_documents_around``."""
+        with self._documents_around(table, documents) as rebuilt:
+            version = self._max_version(table) + 1
+            rows, nbytes = self._insert_rows(table, batches, version, "a sync")
+            self._set_watermark(table, watermark)
+        return SliceResult(rows, nbytes, documents=rebuilt)
 
-    def replace_rows(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> SliceResult:
+    def replace_rows(
+        self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None, documents: Collection[str] | None = None
+    ) -> SliceResult:
         """A reload as a swap: the new copy is loaded into a table of the same structure, then
         ``EXCHANGE TABLES`` (atomic in an Atomic database, chDB's and a server's default) puts it
         in place, so a reader sees the old rows or the new ones; then the watermark. A reload
         killed before it is done again by the next sync."""
+        with self._documents_around(table, documents) as rebuilt:
+            rows, nbytes = self._reload(table, batches, watermark)
+        return SliceResult(rows, nbytes, documents=rebuilt)
+
+    @contextmanager
+    def _documents_around(self, table: Table, documents: Collection[str] | None) -> Iterator[dict[str, int]]:
+        """No transaction to refresh a sync's document sets in: they are marked stale before its
+        rows (a kill from then on leaves them to the next writer) and built again, whole, after
+        its watermark; yields the documents built per set, filled on the way out."""
+        self.mark_documents_stale(table, f"a sync of {table.display}")  # type: ignore[attr-defined]
+        rebuilt: dict[str, int] = {}
+        yield rebuilt
+        rebuilt.update(self.rebuild_stale_documents(documents))  # type: ignore[attr-defined]
+
+    def _reload(self, table: Table, batches: Iterable[pa.RecordBatch], watermark: str | None) -> tuple[int, int]:
         target, copy = self.table_name(table), self.state(f"reload.{table.schema}.{table.name}")
         self.execute(f"DROP TABLE IF EXISTS {copy}")
         self.execute(f"CREATE TABLE {copy} AS {target}")
@@ -352,7 +374,7 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
         finally:
             self.execute(f"DROP TABLE IF EXISTS {copy}")
         self._set_watermark(table, watermark)
-        return SliceResult(rows, nbytes)
+        return rows, nbytes
 
     def _insert_rows(self, table: Table, batches: Iterable[pa.RecordBatch], version: int, what: str, into: str | None = None) -> tuple[int, int]:
         mappings = dict(self.column_mappings(table))
