@@ -7,7 +7,6 @@ Leaves out: strategy triggers in a tree (refused at load)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import dagster as dg
@@ -22,12 +21,12 @@ from pg_replication_tests.test_documents import (
     PUBLISHER_DOCS,
     SCHEMA,
     TABLES,
-    _writer,
     assert_documents_fresh,
     rebuilt_documents,
     resolve,
     stored_documents,
     tree,  # noqa: F401 (a fixture: the tree backfilled into each warehouse)
+    while_writing,
 )
 
 # author synced by its cursor column: a trigger sets it on every update (cascades included).
@@ -63,15 +62,11 @@ def test_a_tree_with_an_updated_at_table_stays_fresh_under_drains_and_syncs(mixe
     dset = resolve(h, pg)
     with h.target.open() as wh:
         wh.materialize_documents(dset)
-    errors: list = []
-    writer = threading.Thread(target=_writer, args=(pg_url, 300, 7, errors))
-    writer.start()
-    synced = 0
-    while writer.is_alive():  # drains and syncs interleaved with the writer's transactions
+    def drain_and_sync() -> int:  # interleaved with the writer's transactions
         h.drain_all(max_changes=60)
-        synced += _sync(h, "author").documents.get("publisher_docs", 0)
-    writer.join()
-    assert not errors, errors
+        return _sync(h, "author").documents.get("publisher_docs", 0)
+
+    synced = while_writing(pg_url, 300, 7, drain_and_sync)
     h.drain_all()
     synced += _sync(h, "author").documents.get("publisher_docs", 0)
     for name in ("publisher", "book", "review"):

@@ -196,18 +196,26 @@ def _writer(url: str, ops: int, seed: int, errors: list) -> None:
         errors.append(exc)
 
 
+def while_writing(url: str, ops: int, seed: int, step) -> int:
+    """``step()`` again and again while ``_writer`` runs its ``ops`` transactions; the sum of what
+    it returned (documents recomputed). The writer's errors fail the test."""
+    errors: list = []
+    writer = threading.Thread(target=_writer, args=(url, ops, seed, errors))
+    writer.start()
+    total = 0
+    while writer.is_alive():
+        total += step()
+    writer.join()
+    assert not errors, errors
+    return total
+
+
 def test_documents_stay_fresh_under_a_concurrent_writer(tree, pg, pg_url):
     dset = resolve(tree, pg)
     with tree.target.open() as wh:
         wh.materialize_documents(dset)
-    errors: list = []
-    writer = threading.Thread(target=_writer, args=(pg_url, 400, 14, errors))
-    writer.start()
-    touched = 0
-    while writer.is_alive():  # drains interleaved with the writer's transactions
-        touched += sum(r.tables.documents.get("publisher_docs", 0) for r in tree.drain_all(max_changes=60))
-    writer.join()
-    assert not errors, errors
+    # drains interleaved with the writer's transactions
+    touched = while_writing(pg_url, 400, 14, lambda: sum(r.tables.documents.get("publisher_docs", 0) for r in tree.drain_all(max_changes=60)))
     results = tree.drain_all()
     touched += sum(r.tables.documents.get("publisher_docs", 0) for r in results)
     for name in TABLES:
