@@ -56,6 +56,7 @@ test: setup browser
 
 bench: setup
 	$(BIN)/python bench/backfill.py --rows 2000000
+	$(BIN)/python bench/cdc.py --changes 1000000
 
 clean:
 	-./scripts/local-postgres stop
