@@ -11,7 +11,7 @@ measures in the same run, over the same WAL (a second slot created just before t
   1. the decode limit: ``SELECT count(*) FROM pg_logical_slot_peek_binary_changes(...)``;
   2. Postgres's own streaming client, ``pg_recvlogical`` (C), receiving the same changes into
      /dev/null: a reference, not a limit (it reads each message as it comes, and we read faster
-     over TCP: a 1M-change run took 143-173 k changes/s into DuckDB beside its 115-138 k);
+     over TCP: 1M-change runs took 136-173 k changes/s into DuckDB beside its 116-145 k);
   3. our drain: stream (START_REPLICATION) + decode + fold + apply + commit + slot confirm,
      until caught up: batches of ``--batch`` changes through one replication session, each
      applied while the next is read (``drain_session``), or with ``--per-drain-sessions`` one

@@ -128,8 +128,7 @@ static int wait_readable(CopyReader *self, int ms) {
     int ready;
     struct timespec pause = {0, COALESCE_NS};
     Py_BEGIN_ALLOW_THREADS
-    nanosleep(&pause, NULL); /* EINTR: the poll below returns at once as well */
-    ready = poll(&fd, 1, ms);
+    ready = nanosleep(&pause, NULL) == 0 ? poll(&fd, 1, ms) : -1; /* a signal in the pause: EINTR, below */
     Py_END_ALLOW_THREADS
     if (ready < 0 && errno == EINTR) return 0; /* a signal: back to Python, which handles it */
     return ready < 0 ? -1 : ready > 0;
