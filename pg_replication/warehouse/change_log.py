@@ -90,31 +90,49 @@ class ChangeLog:
         """
         log = self.state(self.log_name(table))
         op, unknown, segment = self.ident(staging.OP), self.ident(staging.UNKNOWN), self.ident(SEGMENT)
-        width = len(table.primary_key)
         sets = []
         flags = []
-        for i, name in enumerate(columns):
-            col = self.ident(name)
-            keeps = f"substr(n.{unknown}, {i + 1}, 1) = '1'"
-            knows = f"(l.{unknown} IS NULL OR substr(l.{unknown}, {i + 1}, 1) <> '1')"
+        for col, keeps, knows in self._fold_terms(columns):
             sets.append(f"{col} = CASE WHEN {keeps} AND {knows} THEN l.{col} ELSE n.{col} END")
             flags.append(f"CASE WHEN {keeps} AND NOT {knows} THEN '1' ELSE '0' END")
         sets.append(f"{unknown} = {' || '.join(flags)}")
-        sets += [f"{self.ident(staging.fill_column(j))} = l.{self.ident(staging.fill_column(j))}" for j in range(width)]
-        join = " AND ".join(
-            f"l.{self.ident(k)} = n.{self.ident(staging.fill_column(j))}" for j, k in enumerate(table.primary_key)
-        )
+        sets += [f"{f} = l.{f}" for f in self._fill_columns(table)]
         self.execute(
             f"UPDATE {log} AS n SET {', '.join(sets)} FROM {log} AS l "
             f"WHERE n.{segment} = {int(new)} AND n.{op} = 'U' AND n.{unknown} LIKE '%1%' "
-            f"AND l.{segment} = {int(into)} AND l.{op} = 'U' AND {join}"
+            f"AND l.{segment} = {int(into)} AND l.{op} = 'U' AND {self._fold_join(table)}"
         )
+        self._drop_replaced(table, log, into, new)
+        self.execute(f"UPDATE {log} SET {segment} = {int(into)} WHERE {segment} = {int(new)}")
+
+    def _fold_terms(self, columns: Sequence[str]) -> list[tuple[str, str, str]]:
+        """Per column of a fold of ``new`` (n) into ``into`` (l): its identifier, "n keeps the
+        warehouse's value" and "l knows the value" (SQL conditions)."""
+        unknown = self.ident(staging.UNKNOWN)
+        return [
+            (
+                self.ident(name),
+                f"substr(n.{unknown}, {i + 1}, 1) = '1'",
+                f"(l.{unknown} IS NULL OR substr(l.{unknown}, {i + 1}, 1) <> '1')",
+            )
+            for i, name in enumerate(columns)
+        ]
+
+    def _fill_columns(self, table: Table) -> list[str]:
+        return [self.ident(staging.fill_column(j)) for j in range(len(table.primary_key))]
+
+    def _fold_join(self, table: Table) -> str:
+        """l is the row n's fill key names."""
+        return " AND ".join(f"l.{self.ident(k)} = n.{f}" for k, f in zip(table.primary_key, self._fill_columns(table)))
+
+    def _drop_replaced(self, table: Table, log: str, into: int, new: int) -> None:
+        """The rows of ``into`` whose key ``new`` writes or deletes go: ``new``'s row is the last word."""
+        segment, op = self.ident(SEGMENT), self.ident(staging.OP)
         keys = ", ".join(self.ident(k) for k in table.primary_key)
         self.execute(
             f"DELETE FROM {log} WHERE {segment} = {int(into)} AND {op} <> 'T' AND ({keys}) IN "
             f"(SELECT {keys} FROM {log} WHERE {segment} = {int(new)} AND {op} <> 'T')"
         )
-        self.execute(f"UPDATE {log} SET {segment} = {int(into)} WHERE {segment} = {int(new)}")
 
     def replay_log(self, table: Table, read_rows: RowReader | None = None) -> int:
         """Apply every logged segment in order, then empty the log. Returns the rows replayed."""

@@ -413,33 +413,24 @@ class ClickHouseWarehouse(ClickHouseDocuments, SqlWarehouse):
         scratch segment), the rows they replace deleted, and the result moved to ``into``."""
         log = self.state(self.log_name(table))
         op, unknown, segment, seq = (self.ident(n) for n in (staging.OP, staging.UNKNOWN, SEGMENT, staging.SEQ))
-        width = len(table.primary_key)
-        fills = [self.ident(staging.fill_column(j)) for j in range(width)]
+        fills = self._fill_columns(table)
         # l matched: n keeps some warehouse values and names a row into upserts (as the engine's WHERE)
         merge = f"(n.{op} = 'U' AND n.{unknown} LIKE '%1%' AND l.{seq} IS NOT NULL)"
         values, flags = [], []
-        for i, name in enumerate(columns):
-            col = self.ident(name)
-            keeps = f"substr(n.{unknown}, {i + 1}, 1) = '1'"
-            knows = f"(l.{unknown} IS NULL OR substr(l.{unknown}, {i + 1}, 1) <> '1')"
+        for col, keeps, knows in self._fold_terms(columns):
             values.append(f"if({merge} AND {keeps} AND {knows}, l.{col}, n.{col})")
             flags.append(f"if({keeps} AND NOT {knows}, '1', '0')")
         flag = f"if({merge}, {' || '.join(flags) or chr(39) * 2}, n.{unknown})"
         filled = [f"if({merge}, l.{f}, n.{f})" for f in fills]
-        join = " AND ".join(f"l.{self.ident(k)} = n.{f}" for k, f in zip(table.primary_key, fills))
         scratch = -2  # below every real segment and RECOVERED_SEGMENT
         names = [seq, segment, self.ident(COLUMNS), op, unknown, *fills, *(self.ident(c) for c in columns)]
         self.execute(
             f"INSERT INTO {log} ({', '.join(names)}) SELECT n.{seq}, {scratch}, n.{self.ident(COLUMNS)}, n.{op}, {flag}, "
             f"{', '.join([*filled, *values])} FROM {log} AS n "
-            f"LEFT JOIN (SELECT * FROM {log} WHERE {segment} = {int(into)} AND {op} = 'U') AS l ON {join} "
+            f"LEFT JOIN (SELECT * FROM {log} WHERE {segment} = {int(into)} AND {op} = 'U') AS l ON {self._fold_join(table)} "
             f"WHERE n.{segment} = {int(new)}"
         )
-        keys = ", ".join(self.ident(k) for k in table.primary_key)
-        self.execute(
-            f"DELETE FROM {log} WHERE {segment} = {int(into)} AND {op} <> 'T' AND ({keys}) IN "
-            f"(SELECT {keys} FROM {log} WHERE {segment} = {int(new)} AND {op} <> 'T')"
-        )
+        self._drop_replaced(table, log, into, new)
         self.execute(f"DELETE FROM {log} WHERE {segment} = {int(new)}")
         every = ", ".join(n for n in names if n != segment)
         self.execute(f"INSERT INTO {log} ({every}, {segment}) SELECT {every}, {int(into)} FROM {log} WHERE {segment} = {scratch}")
