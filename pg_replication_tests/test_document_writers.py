@@ -22,6 +22,7 @@ from pg_replication_tests.test_documents import (
     SCHEMA,
     TABLES,
     assert_documents_fresh,
+    build_documents,
     rebuilt_documents,
     resolve,
     stored_documents,
@@ -60,8 +61,7 @@ def test_a_tree_with_an_updated_at_table_stays_fresh_under_drains_and_syncs(mixe
     NULL: updated_at sees no deletes, and its orphaned rows are in no document)."""
     h = mixed_tree
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     def drain_and_sync() -> int:  # interleaved with the writer's transactions
         h.drain_all(max_changes=60)
         return _sync(h, "author").documents.get("publisher_docs", 0)
@@ -79,8 +79,7 @@ def test_a_tree_with_an_updated_at_table_stays_fresh_under_drains_and_syncs(mixe
 def test_a_sync_recomputes_the_documents_its_rows_reach_and_a_reload_all(mixed_tree, pg):
     h = mixed_tree
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     pg.execute("UPDATE author SET name = 'renamed' WHERE id = 2")  # author 2 wrote books of publishers 2 and 12
     _sync(h, "author")  # the first sync reads every row of the backfill's last cursor value again
     pg.execute("UPDATE author SET name = 'renamed twice' WHERE id = 2")
@@ -111,8 +110,7 @@ def test_the_sync_job_reports_the_documents_it_refreshed(pg, pg_url, write_confi
     h = Harness(pg_url, duckdb_path, tables, partitions=1)
     h.backfill()
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     pg.execute("UPDATE author SET name = 'renamed' WHERE id = 2")
     (job,) = [j for j in build_definitions().resolve_all_job_defs() if "_sync_" in j.name]
     result = job.execute_in_process()
@@ -140,8 +138,7 @@ def configured_tree(pg, pg_url, write_config, duckdb_path):
     h = Harness(pg_url, duckdb_path, TABLES, partitions=1)
     h.backfill()
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     return h, dset, write
 
 
@@ -221,8 +218,7 @@ def test_a_slice_copied_again_rebuilds_the_documents_on_every_warehouse(tree, pg
     (no drain in between) move a book to another publisher; both documents follow."""
     h = tree
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     pg.execute("UPDATE book SET title = 'copied again', publisher_id = 3 WHERE isbn = 'b00001'")
     h.backfill("book")
     h.assert_equal(pg, "book")

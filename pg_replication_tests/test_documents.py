@@ -108,6 +108,12 @@ def resolve(h: Harness, pg: psycopg.Connection, raw: dict = PUBLISHER_DOCS) -> D
     return dset
 
 
+def build_documents(h: Harness, dset: DocumentSet) -> int:
+    """Build ``dset`` whole in ``h``'s warehouse; the documents written."""
+    with h.target.open() as wh:
+        return wh.materialize_documents(dset)
+
+
 def parsed(value):
     return json.loads(value) if isinstance(value, str) else value
 
@@ -136,8 +142,7 @@ def assert_documents_fresh(h: Harness, pg: psycopg.Connection, dset: DocumentSet
 
 def test_full_build_equals_the_document_postgres_builds(tree, pg):
     dset = resolve(tree, pg)
-    with tree.target.open() as wh:
-        assert wh.materialize_documents(dset) == 20
+    assert build_documents(tree, dset) == 20
     assert_documents_fresh(tree, pg, dset)
     doc = stored_documents(tree, dset)[1]
     book = doc["books"][0]
@@ -212,8 +217,7 @@ def while_writing(url: str, ops: int, seed: int, step) -> int:
 
 def test_documents_stay_fresh_under_a_concurrent_writer(tree, pg, pg_url):
     dset = resolve(tree, pg)
-    with tree.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(tree, dset)
     # drains interleaved with the writer's transactions
     touched = while_writing(pg_url, 400, 14, lambda: sum(r.tables.documents.get("publisher_docs", 0) for r in tree.drain_all(max_changes=60)))
     results = tree.drain_all()
@@ -226,8 +230,7 @@ def test_documents_stay_fresh_under_a_concurrent_writer(tree, pg, pg_url):
 
 def test_a_drain_recomputes_only_the_documents_it_touched(tree, pg):
     dset = resolve(tree, pg)
-    with tree.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(tree, dset)
     pg.execute("UPDATE review SET stars = 5 WHERE book_isbn = 'b00001'")  # book 1 is publisher 2's
     pg.execute("UPDATE author SET name = 'renamed' WHERE id = 2")  # author 2 wrote books of publishers 2 and 12
     (result,) = tree.drain_all()
@@ -254,8 +257,7 @@ def test_a_clickhouse_drain_killed_before_its_position_replays_to_fresh_document
 
     h = clickhouse_tree
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     pg.execute("UPDATE book SET publisher_id = 3 WHERE isbn = 'b00001'")  # from publisher 2 to 3
     pg.execute("UPDATE review SET book_isbn = 'b00002' WHERE book_isbn = 'b00005'")  # publisher 6's reviews to publisher 3's book
     pg.execute("DELETE FROM book WHERE isbn = 'b00007'")  # publisher 8's
@@ -327,8 +329,7 @@ def test_clickhouse_renders_values_as_postgres_json_does_where_it_can_tell(pg, p
 def test_a_column_gone_from_the_tree_holds_the_documents_not_the_drain(duckdb_tree, pg):
     h = duckdb_tree
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     pg.execute("ALTER TABLE author RENAME COLUMN name TO full_name")  # the warehouse follows it
     pg.execute("UPDATE author SET full_name = 'renamed' WHERE id = 2")
     pg.execute("UPDATE book SET title = 'changed' WHERE isbn = 'b00001'")
@@ -342,8 +343,7 @@ def test_a_column_gone_from_the_tree_holds_the_documents_not_the_drain(duckdb_tr
         PUBLISHER_DOCS["children"][0]["children"][1],
     ]}]}
     dset = resolve(h, pg, fixed)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     assert stored_documents(h, dset) == rebuilt_documents(h, dset)
     assert stored_documents(h, dset)[2]["books"][0] == {
         "isbn": "b00001", "title": "changed", "price": 1.25, "author": {"id": 2, "name": "renamed"},
@@ -394,8 +394,7 @@ def test_the_first_build_waits_for_a_drain_in_flight(replica_tree, pg, tmp_path,
     _until(lambda: (gates / "mid_apply.paused").exists() or not drain.is_alive(), "the drain to pause mid-apply")
 
     def build() -> None:
-        with h.target.open() as wh:
-            wh.materialize_documents(dset)
+        build_documents(h, dset)
 
     builder = _in_thread(build, errors)
     _until(lambda: not builder.is_alive() or _waits_on_a_lock(h), "the build to finish or wait for the drain")
@@ -414,8 +413,7 @@ def test_a_failed_refresh_holds_the_set_not_the_drain(replica_tree, pg):
     built again, which recreates its tables with the root key's new type."""
     h = replica_tree
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     pg.execute("ALTER TABLE publisher ALTER id TYPE bigint")
     pg.execute("INSERT INTO publisher VALUES (3000000000, 'big')")
     pg.execute("UPDATE book SET title = 'changed' WHERE isbn = 'b00001'")
@@ -430,8 +428,7 @@ def test_a_failed_refresh_holds_the_set_not_the_drain(replica_tree, pg):
     (result,) = h.drain_all()  # held: later drains leave the set alone and say why
     assert result.tables.documents == {} and "publisher_docs" in result.tables.document_problems
     h.assert_equal(pg, "author")
-    with h.target.open() as wh:
-        assert wh.materialize_documents(dset) == 21
+    assert build_documents(h, dset) == 21
     assert_documents_fresh(h, pg, dset)
     pg.execute("UPDATE publisher SET name = 'big, renamed' WHERE id = 3000000000")
     (result,) = h.drain_all()
@@ -447,8 +444,7 @@ def test_a_rebuild_after_the_root_key_is_retyped_and_backfilled_again_follows_th
 
     h = duckdb_tree
     dset = resolve(h, pg)
-    with h.target.open() as wh:
-        wh.materialize_documents(dset)
+    build_documents(h, dset)
     pg.execute("ALTER TABLE publisher ALTER id TYPE bigint")
     h.reload()
     pg.execute("UPDATE publisher SET name = 'after the retype' WHERE id = 1")
@@ -458,8 +454,7 @@ def test_a_rebuild_after_the_root_key_is_retyped_and_backfilled_again_follows_th
         resync_table(wh, h.table("publisher"))
     h.backfill("publisher")
     assert stored_documents(h, dset) == rebuilt_documents(h, dset)  # the backfill's last slice built them again
-    with h.target.open() as wh:
-        assert wh.materialize_documents(dset) == 20
+    assert build_documents(h, dset) == 20
     pg.execute("INSERT INTO publisher VALUES (3000000000, 'big')")
     pg.execute("UPDATE book SET publisher_id = NULL WHERE isbn = 'b00001'")
     (result,) = h.drain_all()
