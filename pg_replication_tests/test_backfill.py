@@ -165,7 +165,6 @@ def test_new_source_column_is_added(pg, pg_url, target):
     assert target.rows(_table(pg_url, "t"), ["id", "note"]) == [(1, "hi")]
 
 
-@pytest.mark.xfail(strict=True, reason="DuckDB keeps every batch of a slice until its transaction commits")
 def test_a_duckdb_slice_holds_a_few_batches_not_the_whole_slice(pg, pg_url, duckdb_path):
     """The memory a slice's copy takes in the warehouse process is that of the batches in flight,
     not of the slice: at 10M rows each slice kept hundreds of MiB until its commit."""

@@ -50,6 +50,7 @@ class DuckDBWarehouse(SqlWarehouse):
 
     def __init__(self, conn: duckdb.DuckDBPyConnection, *, read_only: bool = False) -> None:
         self.conn = conn
+        self._batch: pa.RecordBatch | None = None  # see stage_batch
         super().__init__(read_only=read_only)
 
     def _ensure_state_tables(self) -> None:
@@ -64,9 +65,11 @@ class DuckDBWarehouse(SqlWarehouse):
                 self.execute(f"ALTER TABLE {q(STATE_SCHEMA, table)} ALTER COLUMN {q(column)} TYPE DOUBLE USING epoch({q(column)})")
 
     def execute(self, query: str, params: Sequence = ()) -> None:
+        pgr_batch = self._batch  # noqa: F841 -- the relation of that name in ``query`` (see stage_batch)
         self.conn.execute(query, list(params) or None)
 
     def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
+        pgr_batch = self._batch  # noqa: F841 -- as in execute
         # Always fetch everything: DuckDB 2 refuses the next statement while a result is open.
         return self.conn.execute(query, list(params) or None).fetchall()
 
@@ -89,16 +92,24 @@ class DuckDBWarehouse(SqlWarehouse):
     def unstage(self, name: str) -> None:
         self.conn.unregister(name)
 
+    def stage_batch(self, batch: pa.RecordBatch) -> str:
+        """One slice batch as relation ``pgr_batch``, found by DuckDB's replacement scan in the
+        frame of ``execute`` and ``fetchall``. Not registered: a registered view is a catalog
+        entry, and the transaction keeps each replaced one, with its batch, until it ends (a
+        slice's every batch, hundreds of MiB)."""
+        self._batch = batch
+        return q("pgr_batch")
+
     def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
         mappings = dict(self.column_mappings(table))
         keys = [q(k) for k in table.primary_key]
         try:
             for batch in batches:
-                relation = self.stage("pgr_batch", batch)  # type: ignore[arg-type]
+                relation = self.stage_batch(batch)
                 self._refuse_unheld(table, relation, self._guarded(mappings, batch.schema), keys, mappings)
                 yield relation, batch
         finally:
-            self.unstage("pgr_batch")
+            self._batch = None
 
     @staticmethod
     def _guarded(mappings: dict[str, TypeMapping], staged: pa.Schema) -> dict[str, str]:
