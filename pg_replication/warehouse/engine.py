@@ -136,10 +136,6 @@ class SqlWarehouse(
         """DDL before a transaction that replays the table's change log (``retry_table``); most
         dialects need none."""
 
-    def declare_primary_key(self, table: Table) -> None:
-        """Called after each slice commit once the backfill is complete (the default declares
-        the key in ``create_table``'s place: nothing to do)."""
-
     def schema_of(self, table: Table) -> str:
         return self.schema_prefix + table.schema
 

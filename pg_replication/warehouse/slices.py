@@ -96,8 +96,6 @@ class SliceWriter:
                     self.mark_documents_stale(table, f"a backfill slice of {table.display}")  # type: ignore[attr-defined]
         finally:
             relations.close()  # type: ignore[attr-defined]
-        if self.load_state(table).status == "streaming":
-            self.declare_primary_key(table)
         return SliceResult(rows, nbytes)
 
     def upsert_rows(
