@@ -81,7 +81,7 @@ def _as_text(mapping: TypeMapping, expr: sql.Composable) -> sql.Composable:
     """The value's text as its output function prints it (as COPY's text formats do). A bare
     column goes through format(): some casts to text differ from the output function (inet adds
     /32, char(n) drops its padding, bool prints 'true')."""
-    if mapping.select != "{0}":
+    if mapping.select != "{0}" or mapping.text_cast:
         return sql.SQL("({})::text").format(expr)  # expressions made for the text path (to_json, …)
     # num_nulls, not IS NULL: a composite whose fields are all NULL is IS NULL, yet a value '(,,)'.
     return sql.SQL("CASE WHEN num_nulls({0}) = 0 THEN format('%s', {0}) END").format(expr)
