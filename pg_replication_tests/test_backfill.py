@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import duckdb
+import psycopg
 import pyarrow as pa
 import pytest
 
@@ -12,7 +13,7 @@ from pg_replication.errors import PlanMismatchError
 from pg_replication.source.catalog import introspect
 from pg_replication.source.connection import connect
 from pg_replication.source.binary_copy import read_columns, staged_schema
-from pg_replication.source.snapshot import column_mappings, make_plan
+from pg_replication.source.snapshot import FRESH_COLUMN, BackfillPlan, SliceReader, column_mappings, fresh_horizon, make_plan
 from pg_replication.warehouse.base import SLICE_COLUMN
 from pg_replication.warehouse.duckdb import DuckDBWarehouse
 
@@ -188,3 +189,27 @@ def test_a_duckdb_slice_holds_a_few_batches_not_the_whole_slice(pg, pg_url, duck
         wh.write_slice(table, 0, slice_batches())
         assert wh.row_count(table) == rows_per_batch * batches
     assert max(in_use) < 4 * batch_bytes, f"{max(in_use) / batch_bytes:.0f} batches held at once"
+
+
+def test_a_slice_marks_the_rows_written_after_its_plan(pg, pg_url):
+    """Only a row version written after the plan can repeat a key another slice copied: the reader
+    marks those, so a slice's first copy evicts by their keys alone (and does nothing without
+    any). A transaction still open when the plan was made counts as after it."""
+    pg.execute("CREATE TABLE marked (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO marked SELECT i, 'old' FROM generate_series(1, 3000) i")
+    table = _table(pg_url, "marked")
+    with psycopg.connect(pg_url) as open_before_the_plan:
+        open_before_the_plan.execute("INSERT INTO marked VALUES (6000, 'open at the plan')")
+        with connect(pg_url) as conn:
+            plan = make_plan(conn, table, 1, "0/0", fresh_before=fresh_horizon(conn, table))
+        open_before_the_plan.commit()
+    pg.execute("UPDATE marked SET v = 'new' WHERE id % 500 = 0")
+    pg.execute("INSERT INTO marked VALUES (5000, 'inserted')")
+    reader = SliceReader(pg_url, table, plan.slices[0], plan=plan, mark_fresh=True)
+    try:
+        marks = {i: fresh for b in reader for i, fresh in zip(b.column("id").to_pylist(), b.column(FRESH_COLUMN).to_pylist())}
+    finally:
+        reader.close()
+    assert len(marks) == 3002
+    assert {i for i, fresh in marks.items() if fresh} == {500, 1000, 1500, 2000, 2500, 3000, 5000, 6000}
+    assert BackfillPlan.from_json(plan.to_json()) == plan  # stored with the plan

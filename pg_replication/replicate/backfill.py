@@ -23,7 +23,9 @@ from pg_replication.source.relation_identity import relation_identity
 from pg_replication.source.inflight import wait_for_writers
 from pg_replication.source.pgoutput import lsn_to_int
 from pg_replication.source.slot import add_to_publication, ensure_slot
-from pg_replication.source.snapshot import BackfillPlan, PlanStaleError, SliceReader, keys_in_source, make_plan, replan
+from pg_replication.source.snapshot import (
+    BackfillPlan, PlanStaleError, SliceReader, fresh_horizon, keys_in_source, make_plan, replan,
+)
 from pg_replication.source.triggers import require_capture
 from pg_replication.source.watermarks import Watermark, initial_mark
 from pg_replication.types import SESSION_OPTIONS
@@ -73,6 +75,8 @@ def ensure_plan(
         strategy = table.strategy
         identity = None
         with connect(conninfo, options=SESSION_OPTIONS) as conn:
+            # First: every row version older than this is seen by the key check below.
+            fresh_before = fresh_horizon(conn, table)
             check_declared_key(conn, table)  # reads the table: once, here, not at load
             if cdc is not None and strategy == "cdc":
                 # Publication first: decoding reads the catalog as of each change, and a slot
@@ -89,7 +93,7 @@ def ensure_plan(
                 identity = {"relation_oid": now.oid, "publication_member": now.member, "covered_lsn": lsn_to_int(lsn)}
             # Read before the pages are counted: every row the slices might miss is past it.
             mark = Watermark(initial_mark(conn, table)).to_json()
-            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn, max_snapshot_bytes), mark, identity)
+            plan = warehouse.save_plan(table, make_plan(conn, table, partitions, lsn, max_snapshot_bytes, fresh_before), mark, identity)
     if plan.partitions != partitions:
         raise PlanMismatchError(
             f"{table.display}: the stored backfill plan has {plan.partitions} partitions "
@@ -216,7 +220,7 @@ def _copy_slice(
         try:
             reader = SliceReader(
                 conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit,
-                mapper=warehouse.map_column, plan=plan,
+                mapper=warehouse.map_column, plan=plan, mark_fresh=warehouse.evicts_fresh_rows,
             )
             return write(reader, plan), plan
         except PlanStaleError as stale:

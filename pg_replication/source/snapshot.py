@@ -63,6 +63,11 @@ class Segment:
         return parts
 
 
+# The staged column a slice read with ``fresh_before`` carries: true for a row version written by
+# a transaction that had not ended when the plan was made (see BackfillPlan).
+FRESH_COLUMN = "_pgr fresh"
+
+
 class PlanStaleError(PgReplicationError):
     """The relation's file changed since the plan was made (a rewrite): its pages moved."""
 
@@ -78,12 +83,19 @@ class BackfillPlan:
     ``slices`` are the snapshot slices, in page order; ``owners[i]`` is the partition of slice i
     (non-decreasing, every partition owns at least one); empty for plans stored by an earlier
     version, where slice i is partition i. ``filenodes`` holds (schema, relation, relfilenode) of
-    every leaf the pages were counted in; empty for plans stored by an earlier version (not checked)."""
+    every leaf the pages were counted in; empty for plans stored by an earlier version (not checked).
+
+    ``fresh_before`` is a transaction ID (32 bits, as ``xmin`` shows it) before which every
+    transaction had ended when the plan was made. A row version whose ``xmin`` precedes it has
+    been its key's live version since before the plan, so no slice can have copied another
+    version of that key: only rows written later need evicting from other slices. None for plans
+    of an earlier version and after a re-plan (a rewrite moves rows and keeps their xmin)."""
 
     lsn: str
     slices: tuple[tuple[Segment, ...], ...]
     filenodes: tuple[tuple[str, str, int], ...] = ()
     owners: tuple[int, ...] = ()
+    fresh_before: int | None = None
 
     @property
     def partitions(self) -> int:
@@ -103,6 +115,8 @@ class BackfillPlan:
         }
         if self.owners:
             data["owners"] = list(self.owners)
+        if self.fresh_before is not None:
+            data["fresh_before"] = self.fresh_before
         return json.dumps(data)
 
     @classmethod
@@ -113,6 +127,7 @@ class BackfillPlan:
             tuple(tuple(Segment(*seg) for seg in sl) for sl in data["slices"]),
             tuple((s, r, int(f)) for s, r, f in data.get("filenodes", ())),
             tuple(int(o) for o in data.get("owners", ())),
+            data.get("fresh_before"),
         )
 
     def stale_because(self, conn: psycopg.Connection, leaves: Sequence[tuple[str, str]]) -> str | None:
@@ -161,12 +176,34 @@ def _layout(conn: psycopg.Connection, table: Table) -> tuple[tuple[tuple[str, st
     return filenodes, pages
 
 
+def fresh_horizon(conn: psycopg.Connection, table: Table) -> int | None:
+    """A plan's ``fresh_before``: the oldest transaction still running, read before anything else
+    of the plan. None when a leaf is not a heap table (whose ``xmin`` is known to mean this)."""
+    leaves = [sql.Identifier(s, r).as_string(conn) for s, r in table.leaves]
+    row = conn.execute(
+        "SELECT bool_and(a.amname = 'heap') FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
+        "WHERE c.oid = ANY(%s::regclass[])",
+        (leaves,),
+    ).fetchone()
+    if not leaves or not row or not row[0]:
+        return None
+    return int(conn.execute("SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296").fetchone()[0])  # type: ignore[index]
+
+
+def fresh_mark(fresh_before: int) -> sql.Composable:
+    """FRESH_COLUMN's expression: a version written at or after ``fresh_before``. age() compares
+    modulo 2^32 as Postgres does; a version older than 2^31 transactions counts as fresh (one
+    eviction too many, never one missed), frozen and bootstrap ones as old."""
+    return sql.SQL("age(xmin) <= age({}::xid)").format(sql.Literal(str(fresh_before)))
+
+
 def make_plan(
-    conn: psycopg.Connection, table: Table, partitions: int, lsn: str, max_bytes: int | None = None
+    conn: psycopg.Connection, table: Table, partitions: int, lsn: str, max_bytes: int | None = None,
+    fresh_before: int | None = None,
 ) -> BackfillPlan:
     """Cut the table's pages (over all its leaf partitions) into ``partitions`` contiguous
     partitions, and each of those into slices of at most ``max_bytes`` of heap (one slice per
-    partition when None)."""
+    partition when None). ``fresh_before``: see BackfillPlan (fresh_horizon)."""
     filenodes, pages = _layout(conn, table)
     max_pages = max(1, max_bytes // block_size(conn)) if max_bytes else None
     slices: list[tuple[Segment, ...]] = []
@@ -175,7 +212,7 @@ def make_plan(
         pieces = _short_slices(segments, pages, max_pages)
         slices += pieces
         owners += [partition] * len(pieces)
-    return BackfillPlan(lsn, tuple(slices), filenodes, tuple(owners))
+    return BackfillPlan(lsn, tuple(slices), filenodes, tuple(owners), fresh_before)
 
 
 def replan(conn: psycopg.Connection, table: Table, stale: BackfillPlan, only: Sequence[int]) -> BackfillPlan:
@@ -240,9 +277,15 @@ def column_mappings(table: Table, mapper: Mapper = map_column) -> list[tuple[str
     return [(c.name, mapper(c)) for c in table.columns]
 
 
-def binary_query(columns: list[binary_copy.ReadColumn], segment: Segment, limit: int | None) -> sql.Composed:
-    """The SELECT the binary reader copies: one segment's pages (see binary_copy)."""
-    return piece_query(binary_copy.select_list(columns), segment, limit)
+def binary_query(
+    columns: list[binary_copy.ReadColumn], segment: Segment, limit: int | None, fresh_before: int | None = None
+) -> sql.Composed:
+    """The SELECT the binary reader copies: one segment's pages (see binary_copy), with
+    FRESH_COLUMN last when ``fresh_before`` is given."""
+    select = binary_copy.select_list(columns)
+    if fresh_before is not None:
+        select = sql.SQL("{}, {}").format(select, fresh_mark(fresh_before))
+    return piece_query(select, segment, limit)
 
 
 def piece_query(select_list: sql.Composable, segment: Segment, limit: int | None) -> sql.Composed:
@@ -285,12 +328,17 @@ class SliceReader:
         row_limit: int | None = None,
         mapper: Mapper = map_column,
         plan: BackfillPlan | None = None,
+        mark_fresh: bool = False,
     ) -> None:
         """``plan``: the plan ``segments`` come from; its files are checked in this snapshot
-        (PlanStaleError when a leaf was rewritten) and kept from rewrites until ``close()``."""
+        (PlanStaleError when a leaf was rewritten) and kept from rewrites until ``close()``.
+        ``mark_fresh``: the batches carry FRESH_COLUMN when the plan knows its ``fresh_before``."""
         self.conninfo, self.table, self.mapper = conninfo, table, mapper
         self.columns = binary_copy.read_columns(column_mappings(table, mapper))
         self.schema = binary_copy.staged_schema(self.columns)
+        self.fresh_before = plan.fresh_before if mark_fresh and plan is not None else None
+        if self.fresh_before is not None:
+            self.schema = self.schema.append(pa.field(FRESH_COLUMN, pa.bool_()))
         self.check_lock = threading.Lock()
         self.locked_leaves: list[tuple[str, str]] = []
         self.coordinator = connect(conninfo, autocommit=False, options=SESSION_OPTIONS)
@@ -385,7 +433,7 @@ class SliceReader:
                         piece = self.work.get_nowait()
                     except queue.Empty:
                         break
-                    query = binary_query(self.columns, piece, self.per_piece_limit)
+                    query = binary_query(self.columns, piece, self.per_piece_limit, self.fresh_before)
                     for batch in binary_copy.read_batches(conn, query, self.schema, self.stop.is_set):
                         self._put(batch)
                 if self.stop.is_set():  # a cancelled read: the connection is not reused

@@ -69,6 +69,7 @@ KeyCheck = Callable[[list[tuple]], set[tuple]]  # which of these primary keys th
 
 class Warehouse(Protocol):
     name: str
+    evicts_fresh_rows: bool  # slices are read with source.snapshot.FRESH_COLUMN (see SliceWriter)
 
     def ensure_table(self, table: Table, describe_new: DescribeNew = ...) -> None:
         """Create the table, or follow the source's columns; ``describe_new(names)`` reads, for

@@ -47,6 +47,7 @@ class DuckDBWarehouse(SqlWarehouse):
     errors = (duckdb.Error,)
     json_functions = DUCKDB_JSON
     text_type = "VARCHAR"
+    evicts_fresh_rows = True
 
     def __init__(self, conn: duckdb.DuckDBPyConnection, *, read_only: bool = False) -> None:
         self.conn = conn

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pg_replication.errors import BackfillRestartedError, WarehouseError
 from pg_replication.source.binary_copy import text_column
 from pg_replication.source.catalog import Table
 from pg_replication.source.recovery import RowReader
-from pg_replication.source.snapshot import BackfillPlan, PlanStaleError
+from pg_replication.source.snapshot import FRESH_COLUMN, BackfillPlan, PlanStaleError
 from pg_replication.warehouse.documents import DocumentRefreshFailed
 from pg_replication.warehouse.base import (
     SLICE_COLUMN,
@@ -31,6 +33,9 @@ class SliceWriter:
     # batches are in, in one statement; "before" each batch (a table whose declared key the
     # warehouse enforces at once: fakesnow); "upsert" by INSERT … ON CONFLICT (key).
     slice_eviction = "after"
+    # With "after": read slices with FRESH_COLUMN, so a first copy evicts only the rows written
+    # after the plan, and none (no work at all) when it read none (see _load_rows).
+    evicts_fresh_rows = False
 
     def write_slice(
         self,
@@ -69,7 +74,9 @@ class SliceWriter:
                 if held:
                     self.execute(f"UPDATE {target} SET {slice_column} = ? WHERE {slice_column} = ?", [previous, index])
                 evict = "slice" if parallel or held or self.fetchall(f"SELECT 1 FROM {target} LIMIT 1") else None
-                rows, nbytes = self._load_rows(table, target, relations, index, f"slice {index}", progress, evict)
+                rows, nbytes = self._load_rows(
+                    table, target, relations, index, f"slice {index}", progress, evict, fresh_only=not held
+                )
                 if parallel:
                     self._lock_state(table_key(table))  # the slice that completes the backfill sees every other
                 stored = self.load_state(table).plan
@@ -165,13 +172,16 @@ class SliceWriter:
         progress: Progress | None = None,
         evict: str | None = "batch",
         track: Callable[[str], None] | None = None,
+        fresh_only: bool = False,
     ) -> tuple[int, int]:
         """Insert staged source rows into ``target``. Rows with the same keys may be there already
         (a row an update moved here from another slice's pages is still stored under that slice;
         a re-run slice's previous copy): ``evict="batch"`` deletes them before each batch,
         ``"slice"`` as the dialect's ``slice_eviction`` says (``slice_value`` tells the new rows
         apart), None for a target that holds none. ``track``: called with ``SELECT k0, k1, ...``
-        of each batch's keys before the batch is written and after (a sync's document refresh)."""
+        of each batch's keys before the batch is written and after (a sync's document refresh).
+        ``fresh_only``: a slice's first copy; where its batches carry FRESH_COLUMN, "after"
+        evicts only the keys of rows written after the plan (see BackfillPlan.fresh_before)."""
         mappings = dict(self.column_mappings(table))
         keys = ", ".join(self.ident(k) for k in table.primary_key)
         tag = "NULL" if slice_value is None else str(int(slice_value))
@@ -179,6 +189,8 @@ class SliceWriter:
         if mode == "before":
             evict = "batch"
         upsert = mode == "upsert"
+        after = evict == "slice" and not upsert
+        fresh = _FreshKeys(self) if fresh_only and after else None
         rows = nbytes = 0
         for relation, batch in relations:
             # A batch; or the schema of one relation holding the whole slice (counted below).
@@ -199,6 +211,8 @@ class SliceWriter:
                 self.execute(insert)
                 if track is not None:  # and after it
                     track(f"SELECT {batch_keys} FROM {relation}")
+                if fresh is not None:
+                    fresh.add(batch, relation, batch_keys)
             except self.errors as exc:
                 where = f"rows {rows}..{rows + batch.num_rows}" if isinstance(batch, pa.RecordBatch) else "its rows"
                 raise self._refused(table, what, where, exc) from None
@@ -209,13 +223,17 @@ class SliceWriter:
                 rows += int(self.fetchall(f"SELECT count(*) FROM {relation}")[0][0])
             if progress is not None:
                 progress(rows, nbytes)
-        if evict == "slice" and not upsert:
-            slice_column = self.ident(SLICE_COLUMN)
+        slice_column = self.ident(SLICE_COLUMN)
+        candidates = f"SELECT {keys} FROM {target} WHERE {slice_column} = {tag}"  # every key the slice holds
+        if fresh is not None and fresh.marked:
+            candidates = fresh.keys(len(table.primary_key))
+        if after and candidates is not None:
             try:
                 self.execute(
-                    f"DELETE FROM {target} WHERE ({slice_column} IS NULL OR {slice_column} <> {tag}) AND ({keys}) IN "
-                    f"(SELECT {keys} FROM {target} WHERE {slice_column} = {tag})"
+                    f"DELETE FROM {target} WHERE ({slice_column} IS NULL OR {slice_column} <> {tag}) AND ({keys}) IN ({candidates})"
                 )
+                if fresh is not None:
+                    fresh.drop()
             except self.errors as exc:
                 raise self._refused(table, what, "the eviction of rows it replaces", exc) from None
         return rows, nbytes
@@ -270,3 +288,36 @@ class SliceWriter:
             return
         self.replay_log(table, read_rows)
         self.set_status(table_key(table), "streaming")
+
+
+class _FreshKeys:
+    """The keys of a slice's rows written after its plan (FRESH_COLUMN), gathered while its
+    batches load: on a first copy, the only rows other slices may also hold (BackfillPlan)."""
+
+    def __init__(self, warehouse: Any) -> None:  # the SqlWarehouse loading the slice
+        self.warehouse = warehouse
+        self.marked = False  # the batches carry the mark
+        self.table: str | None = None  # created at the first fresh row
+
+    def add(self, batch: pa.RecordBatch | pa.Schema | None, relation: str, batch_keys: str) -> None:
+        self.marked = isinstance(batch, pa.RecordBatch) and FRESH_COLUMN in batch.schema.names
+        if not self.marked or not pc.any(batch.column(FRESH_COLUMN)).as_py():
+            return
+        wh = self.warehouse
+        fresh = f"SELECT {batch_keys} FROM {relation} WHERE {wh.ident(FRESH_COLUMN)}"
+        if self.table is None:
+            self.table = wh.ident("pgr_fresh_keys")
+            wh.execute(f"CREATE TEMP TABLE {self.table} AS {fresh}")
+        else:
+            wh.execute(f"INSERT INTO {self.table} {fresh}")
+
+    def keys(self, width: int) -> str | None:
+        """A SELECT of the fresh keys (k0, k1, ...), None when no row was fresh."""
+        if self.table is None:
+            return None
+        return f"SELECT {', '.join(self.warehouse.ident(f'k{i}') for i in range(width))} FROM {self.table}"
+
+    def drop(self) -> None:
+        if self.table is not None:
+            self.warehouse.execute(f"DROP TABLE {self.table}")
+            self.table = None
