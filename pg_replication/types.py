@@ -49,6 +49,8 @@ class TypeMapping:
     native: pa.DataType | None = None
     native_type: str | None = None
     native_guard: str | None = None
+    # The expression read natively when it is not ``select`` (whose text the companion keeps).
+    native_select: str | None = None
     # True when the type's cast to text is its output function (no cast of its own in pg_cast),
     # so the reader selects ``::text``, which costs the source less than format().
     text_cast: bool = False
@@ -199,6 +201,13 @@ def _base_mapping(t: PgType, typmod: int) -> TypeMapping:
     return TypeMapping(pa.string(), "VARCHAR", fallback=True)
 
 
+# Array elements whose binary form the driver decodes exactly into an Arrow list.
+_BINARY_LIST_ELEMENTS = {
+    "int2": pa.int16(), "int4": pa.int32(), "int8": pa.int64(), "bool": pa.bool_(), "text": pa.string(),
+    "varchar": pa.string(),
+}
+_LIST_GUARD = "cardinality({0}) = 0 OR (array_ndims({0}) = 1 AND array_lower({0}, 1) = 1)"
+
 _ELEMENT_JSON_KIND = {"int2": "int", "int4": "int", "int8": "int", "float4": "float", "float8": "float", "bool": "bool"}
 
 
@@ -208,13 +217,23 @@ def _array_mapping(element: PgType, typmod: int, ndims: int) -> TypeMapping:
     native = elem.kind != "enum" and elem.schema == "pg_catalog" and elem.name in _JSON_NATIVE_ELEMENTS
     if native:  # to_json writes numbers, booleans and JSON as themselves
         target = TYPE_TABLE[elem.name].ddl
-        return TypeMapping(
+        mapping = TypeMapping(
             pa.string(),
             f"{target}{dims}",
             load=f"CAST(CAST({{0}} AS JSON) AS {target}{dims})",
             select="to_json({0})",
             from_text=array_to_json(_ELEMENT_JSON_KIND.get(elem.name, "text")),
         )
+        if elem.name in _BINARY_LIST_ELEMENTS and ndims <= 1:
+            # The backfill reads a one-dimensional array starting at 1 as an Arrow list, which
+            # costs the source and DuckDB less than to_json and a JSON cast; the driver refuses
+            # other lower bounds and flattens more dimensions, so those keep the to_json text.
+            element_type = _BINARY_LIST_ELEMENTS[elem.name]
+            return replace(
+                mapping, native=pa.list_(element_type), native_type=f"pg_catalog.{elem.name}[]", native_guard=_LIST_GUARD,
+                native_select="{0}",
+            )
+        return mapping
     as_strings = array_to_json("text")
     if elem.kind == "enum":
         return TypeMapping(

@@ -276,9 +276,9 @@ CORPUS: list[CorpusColumn] = [
     CorpusColumn("c_lsn", "pg_lsn", ["'16/B374D848'"], pg_canon=_OUTPUT_TEXT),  # no mapping: text fallback
     # Snowflake ARRAYs hold to_json's form: numbers, booleans and JSON as themselves, other
     # elements as their Postgres text (parsed back here into the values psycopg returns).
-    CorpusColumn("a_int4", "int4[]", ["ARRAY[1, NULL, -3]", "'{}'", "ARRAY[NULL]::int4[]"], snowflake=_sf_array()),
+    CorpusColumn("a_int4", "int4[]", ["ARRAY[1, NULL, -3]", "'{}'", "ARRAY[NULL]::int4[]", "'[0:1]={7,8}'"], snowflake=_sf_array()),
     CorpusColumn("a_int8_2d", "int8[][]", ["ARRAY[[1, 2], [3, NULL]]", "'{}'"], snowflake=_sf_array()),
-    CorpusColumn("a_text", "text[]", ["ARRAY['a', NULL, '', 'ü \"q\" ,', 'NULL']", "'{}'"], snowflake=_sf_array()),
+    CorpusColumn("a_text", "text[]", ["ARRAY['a', NULL, '', 'ü \"q\" ,', 'NULL']", "'{}'", "'[2:3]={x,y}'"], snowflake=_sf_array()),
     CorpusColumn("a_float8", "float8[]", ["ARRAY['NaN', 'Infinity', '-Infinity', 0.1]::float8[]"], normalize=_float, snowflake=_sf_array(_json_float, _float)),
     CorpusColumn("a_bool", "bool[]", ["ARRAY[true, false, NULL]"], snowflake=_sf_array()),
     CorpusColumn("a_numeric", "numeric(10,2)[]", ["ARRAY[1.50, -99999999.99, NULL]"], snowflake=_sf_array(Decimal)),

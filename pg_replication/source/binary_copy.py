@@ -57,15 +57,20 @@ class ReadColumn:
         expr = self.mapping.select_sql(self.name)
         if self.typed is None:
             return [_as_text(self.mapping, expr)]
+        text = expr  # the text companion's expression: the text path's, unless read as below
         if self.mapping.native is not None and self.mapping.native_type is not None:
+            if self.mapping.native_select is not None:
+                expr = sql.SQL(self.mapping.native_select).format(sql.Identifier(self.name))  # type: ignore[arg-type]
             expr = sql.SQL("({})::{}").format(expr, sql.SQL(self.mapping.native_type))  # type: ignore[arg-type]
+            if self.mapping.native_select is None:
+                text = expr
         guard = self.mapping.native_guard
         if guard is None:
             return [expr]
         ok = sql.SQL(guard).format(sql.Identifier(self.name))  # type: ignore[arg-type]
         return [
             sql.SQL("CASE WHEN {} THEN {} END").format(ok, expr),
-            sql.SQL("CASE WHEN NOT ({}) THEN {} END").format(ok, _as_text(self.mapping, expr)),
+            sql.SQL("CASE WHEN NOT ({}) THEN {} END").format(ok, _as_text(self.mapping, text)),
         ]
 
     def fields(self) -> list[pa.Field]:
