@@ -57,13 +57,13 @@ class ReadColumn:
         expr = self.mapping.select_sql(self.name)
         if self.typed is None:
             return [_as_text(self.mapping, expr)]
-        text = expr  # the text companion's expression: the text path's, unless read as below
+        native_select = self.mapping.native_select
         if self.mapping.native is not None and self.mapping.native_type is not None:
-            if self.mapping.native_select is not None:
-                expr = sql.SQL(self.mapping.native_select).format(sql.Identifier(self.name))  # type: ignore[arg-type]
-            expr = sql.SQL("({})::{}").format(expr, sql.SQL(self.mapping.native_type))  # type: ignore[arg-type]
-            if self.mapping.native_select is None:
-                text = expr
+            read = expr if native_select is None else sql.SQL(native_select).format(sql.Identifier(self.name))  # type: ignore[arg-type]
+            expr = sql.SQL("({})::{}").format(read, sql.SQL(self.mapping.native_type))  # type: ignore[arg-type]
+        # The text companion prints the value read, or the text path's expression where the native
+        # read is another (an array read as a list, printed by to_json).
+        text = expr if native_select is None else self.mapping.select_sql(self.name)
         guard = self.mapping.native_guard
         if guard is None:
             return [expr]
