@@ -122,7 +122,8 @@ class ChangeLog:
         return [self.ident(staging.fill_column(j)) for j in range(len(table.primary_key))]
 
     def _fold_join(self, table: Table) -> str:
-        """l is the row n's fill key names."""
+        """The join of a row of ``into`` (l) to the row of ``new`` (n) that fills its values: l's key
+        equals n's fill columns."""
         return " AND ".join(f"l.{self.ident(k)} = n.{f}" for k, f in zip(table.primary_key, self._fill_columns(table)))
 
     def _drop_replaced(self, table: Table, log: str, into: int, new: int) -> None:

@@ -66,13 +66,15 @@ class DuckDBWarehouse(SqlWarehouse):
                 self.execute(f"ALTER TABLE {q(STATE_SCHEMA, table)} ALTER COLUMN {q(column)} TYPE DOUBLE USING epoch({q(column)})")
 
     def execute(self, query: str, params: Sequence = ()) -> None:
-        pgr_batch = self._batch  # noqa: F841 -- the relation of that name in ``query`` (see stage_batch)
-        self.conn.execute(query, list(params) or None)
+        self._run(query, params)
 
     def fetchall(self, query: str, params: Sequence = ()) -> list[tuple]:
-        pgr_batch = self._batch  # noqa: F841 -- as in execute
         # Always fetch everything: DuckDB 2 refuses the next statement while a result is open.
-        return self.conn.execute(query, list(params) or None).fetchall()
+        return self._run(query, params).fetchall()
+
+    def _run(self, query: str, params: Sequence) -> duckdb.DuckDBPyConnection:
+        pgr_batch = self._batch  # noqa: F841 -- the relation of that name in ``query`` (see stage_batch)
+        return self.conn.execute(query, list(params) or None)
 
     def begin(self) -> None:
         self.conn.execute("BEGIN TRANSACTION")
@@ -95,9 +97,9 @@ class DuckDBWarehouse(SqlWarehouse):
 
     def stage_batch(self, batch: pa.RecordBatch) -> str:
         """One slice batch as relation ``pgr_batch``, found by DuckDB's replacement scan in the
-        frame of ``execute`` and ``fetchall``. Not registered: a registered view is a catalog
-        entry, and the transaction keeps each replaced one, with its batch, until it ends (a
-        slice's every batch, hundreds of MiB)."""
+        frame of ``_run`` (under ``execute`` and ``fetchall``). Not registered: a registered view
+        is a catalog entry, and the transaction keeps each replaced one, with its batch, until it
+        ends (a slice's every batch, hundreds of MiB)."""
         self._batch = batch
         return q("pgr_batch")
 
