@@ -4,7 +4,7 @@ committed on its own, so the source's xmin horizon is held only while one slice 
 
 Proves: the plan cuts each partition into slices of at most that many heap pages, every page in
 exactly one slice, the table's open end on the last; between two slices the backfill holds no
-snapshot on the source; short slices interleaved with drains, a partition re-run and a backfill
+snapshot on the source but, into DuckDB, the next slice's (opened early), newer at every slice; short slices interleaved with drains, a partition re-run and a backfill
 killed between two of its slices, while a writer inserts, updates (moving rows between pages),
 deletes, truncates and adds a column, end with the warehouse equal to the source row for row;
 replication.yaml refuses a size below one page, naming the key.
@@ -17,14 +17,16 @@ import os
 import subprocess
 import sys
 
+import duckdb
 import pytest
 
 from pg_replication.replicate.backfill import run_backfill
 from pg_replication.config import parse_config
-from pg_replication.errors import BackfillRestartedError, ConfigError
+from pg_replication.errors import BackfillRestartedError, ConfigError, WarehouseError
 from pg_replication.source.connection import connect
 from pg_replication.source.snapshot import block_size, make_plan, relation_pages
 from pg_replication_tests.replication import Harness
+from pg_replication.warehouse.duckdb import DuckDBWarehouse
 from pg_replication_tests.test_backfill import _table
 from pg_replication_tests.test_exactly_once import ROOT, converge, crash_or_drain, create_writers_table
 
@@ -56,26 +58,63 @@ def test_plan_cuts_partitions_into_short_slices(pg, pg_url):
     assert BackfillPlan.from_json(old.to_json()).partitions == 2 and old.slices_of(1) == [1]
 
 
-def test_no_snapshot_is_held_between_slices(pg, pg_url, target):
+def test_between_slices_no_snapshot_outlives_its_slice(pg, pg_url, target):
+    """Between two slices the backfill holds no snapshot, or (into a warehouse it writes alone)
+    only the next slice's, opened once the slice before was read: each is newer than the last,
+    so the source's xmin horizon moves on at every slice."""
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+    pg.execute("CREATE TABLE tick (n int)")
     pg.execute("INSERT INTO t SELECT i, repeat('x', 300) FROM generate_series(1, 3000) i")
     table = _table(pg_url, "t")
-    held: list[list] = []
+    held: list[set[int]] = []
 
-    def between() -> None:  # sessions other than ours that pin the xmin horizon with a snapshot
+    def between() -> None:  # the horizons our sessions pin with a snapshot, then a new xid
         held.append(
-            pg.execute(
-                "SELECT pid, state, backend_xmin::text FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL "
-                "AND backend_type = 'client backend'"
-            ).fetchall()
+            {
+                int(xmin)
+                for (xmin,) in pg.execute(
+                    "SELECT backend_xmin::text FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND backend_type = 'client backend'"
+                )
+            }
         )
+        pg.execute("INSERT INTO tick VALUES (1)")  # a later snapshot has a later horizon
 
     with target.open() as wh:
         result = run_backfill(pg_url, wh, table, range(2), partitions=2, max_snapshot_bytes=16 * PAGE, between_slices=between)
+        early = wh.sole_writer
     assert result.snapshots >= 6 and len(held) == result.snapshots - 1
-    assert held == [[]] * len(held)
+    if early:
+        assert all(len(h) == 1 for h in held), held  # the next slice's, and nothing else
+        horizons = [h.pop() for h in held]
+        assert horizons == sorted(set(horizons)), horizons  # a new one at every slice
+    else:
+        assert held == [set()] * len(held)
+    assert not pg.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_xmin IS NOT NULL AND backend_type = 'client backend'"
+    ).fetchall()
     assert sorted(target.rows(table, ["id", "pad"])) == sorted(pg.execute("SELECT id, pad FROM t").fetchall())
+
+
+def test_a_failed_backfill_leaves_no_snapshot_open(pg, pg_url, duckdb_path):
+    """A slice the warehouse refuses ends the backfill with no snapshot left on the source (not
+    even the next slice's, opened early), and the slices before it stay copied."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, at timestamp, pad text)")
+    pg.execute(
+        "INSERT INTO t SELECT i, CASE WHEN i = 1500 THEN '294270-01-01' ELSE '2024-01-01' END::timestamp, "
+        "repeat('x', 300) FROM generate_series(1, 3000) i"
+    )
+    table = _table(pg_url, "t")
+    with duckdb.connect(str(duckdb_path)) as conn:
+        wh = DuckDBWarehouse(conn)
+        with pytest.raises(WarehouseError, match="294270"):
+            run_backfill(pg_url, wh, table, range(2), partitions=2, max_snapshot_bytes=16 * PAGE)
+        assert 0 in wh.load_state(table).slices_done
+    assert not pg.execute(
+        "SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_xmin IS NOT NULL AND backend_type = 'client backend'"
+    ).fetchall()
 
 
 CRASHING_BACKFILL = """

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from pg_replication.errors import PlanMismatchError
 from pg_replication.failpoints import failpoint
+from pg_replication.replicate.next_slice import NextSlice
 from pg_replication.source.catalog import Table, describe_new_columns, refresh_table
 from pg_replication.source.connection import connect
 from pg_replication.source.recovery import row_reader
@@ -129,8 +130,9 @@ def run_backfill(
 ) -> BackfillResult:
     """Copy partitions ``slices`` (each one or several snapshot slices, planned once with
     ``max_snapshot_bytes`` of heap at most per slice). ``between_slices`` runs after every slice
-    but the last, while nothing of the backfill is open (neither a snapshot nor a warehouse
-    transaction); if it has an ``idle()`` that says it would do nothing, it is skipped. Then the
+    but the last, with no warehouse transaction open and no snapshot but the next slice's
+    (opened early into a ``sole_writer`` warehouse: next_slice.py); if it has an ``idle()`` that
+    says it would do nothing, it is skipped. Then the
     ``documents`` sets (None: every set built) that a slice left stale are built again."""
     if cdc is not None and table.strategy == "cdc":
         with connect(conninfo) as conn:
@@ -146,18 +148,28 @@ def run_backfill(
     # Slices keep their partition across re-plans (replan), so this list stays valid.
     work = [(partition, index) for partition in slices for index in plan.slices_of(partition)]
     longest = 0.0
-    for done, (partition, index) in enumerate(work):
-        if done and between_slices is not None:
-            idle = getattr(between_slices, "idle", None)
-            if idle is None or not idle():
-                between_slices()
-        table, plan, result, seconds = _backfill_slice(
-            conninfo, warehouse, table, plan, partition, index, readers, per_slice_limit, log,
-            name_slices=len(work) != len(slices),
+    next_slice = NextSlice(
+        lambda table, plan, index: SliceReader(
+            conninfo, table, plan.slices[index], readers=readers, row_limit=per_slice_limit,
+            mapper=warehouse.map_column, plan=plan, mark_fresh=warehouse.evicts_fresh_rows,
         )
-        total_rows += result.rows
-        total_bytes += result.bytes
-        longest = max(longest, seconds)
+    )
+    try:
+        for done, (partition, index) in enumerate(work):
+            if done and between_slices is not None:
+                idle = getattr(between_slices, "idle", None)
+                if idle is None or not idle():
+                    between_slices()
+            following = work[done + 1][1] if done + 1 < len(work) and warehouse.sole_writer else None
+            table, plan, result, seconds = _backfill_slice(
+                conninfo, warehouse, table, plan, partition, index, per_slice_limit, log,
+                name_slices=len(work) != len(slices), next_slice=next_slice, following=following,
+            )
+            total_rows += result.rows
+            total_bytes += result.bytes
+            longest = max(longest, seconds)
+    finally:
+        next_slice.close()
     rebuilt = warehouse.rebuild_stale_documents(documents, log)
     return BackfillResult(total_rows, total_bytes, time.monotonic() - started, tuple(slices), plan.lsn, len(work), longest, rebuilt)
 
@@ -169,12 +181,15 @@ def _backfill_slice(
     plan: BackfillPlan,
     partition: int,
     index: int,
-    readers: int,
     per_slice_limit: int | None,
     log: Callable[[str], None],
     name_slices: bool,
+    next_slice: NextSlice,
+    following: int | None,
 ) -> tuple[Table, BackfillPlan, SliceResult, float]:
-    """Copy one slice; returns the table and plan as they are after it, its result and seconds."""
+    """Copy one slice; returns the table and plan as they are after it, its result and the
+    seconds its snapshot lived. ``following``: the slice after it, opened early (NextSlice)
+    when its copy is a first one."""
     slice_started = last_report = time.monotonic()
     name = f"slice {index} (partition {partition})" if name_slices else f"slice {index}"
 
@@ -191,14 +206,21 @@ def _backfill_slice(
         warehouse.reopen_for_rerun(table, index)
     still_in_source = keys_in_source(conninfo, table)
     read_rows = row_reader(conninfo, table, warehouse.map_column)
-    result, plan = _copy_slice(
-        conninfo, warehouse, table, plan, index, readers, per_slice_limit, log,
-        lambda reader, plan: warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows, plan),
-    )
+    if following is not None:
+        state = warehouse.load_state(table)
+        if following in state.slices_done or state.status == "streaming":
+            following = None  # a re-run: its snapshot waits for reopen_for_rerun
+
+    def write(reader: SliceReader, plan: BackfillPlan) -> SliceResult:
+        if following is not None:
+            reader.when_drained(next_slice.opener(table, plan, following))
+        return warehouse.write_slice(table, index, reader, progress, still_in_source, read_rows, plan)
+
+    result, plan, snapshot_seconds = _copy_slice(conninfo, warehouse, table, plan, index, log, write, next_slice)
     failpoint("after_slice")
     seconds = time.monotonic() - slice_started
     log(f"{table.display} {name} done: {result.rows:,} rows in {seconds:.1f} s")
-    return table, plan, result, seconds
+    return table, plan, result, snapshot_seconds
 
 
 def _copy_slice(
@@ -207,22 +229,22 @@ def _copy_slice(
     table: Table,
     plan: BackfillPlan,
     index: int,
-    readers: int,
-    row_limit: int | None,
     log: Callable[[str], None],
     write: Callable[[SliceReader, BackfillPlan], SliceResult],
-) -> tuple[SliceResult, BackfillPlan]:
+    next_slice: NextSlice,
+) -> tuple[SliceResult, BackfillPlan, float]:
     """Copy slice ``index`` under ``plan``: its readers check the files the plan was cut from.
     After a rewrite (found at open or by a reader under its lock), or when another run re-planned
-    meanwhile, re-plan and copy again."""
+    meanwhile, re-plan and copy again. Returns the result, the plan, and how long the snapshot
+    copied from lived (opened early by the slice before, it lived longer than this call)."""
     for attempt in range(REPLAN_ATTEMPTS):
         reader = None
         try:
-            reader = SliceReader(
-                conninfo, table, plan.slices[index], readers=readers, row_limit=row_limit,
-                mapper=warehouse.map_column, plan=plan, mark_fresh=warehouse.evicts_fresh_rows,
-            )
-            return write(reader, plan), plan
+            reader = next_slice.take(table, plan, index)
+            if reader is None:
+                reader = next_slice.open_reader(table, plan, index)
+            result = write(reader, plan)
+            return result, plan, time.monotonic() - reader.opened_at
         except PlanStaleError as stale:
             if attempt == REPLAN_ATTEMPTS - 1:
                 raise

@@ -29,6 +29,7 @@ import json
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -342,6 +343,7 @@ class SliceReader:
         self.check_lock = threading.Lock()
         self.locked_leaves: list[tuple[str, str]] = []
         self.coordinator = connect(conninfo, autocommit=False, options=SESSION_OPTIONS)
+        self.opened_at = time.monotonic()  # the snapshot lives from here until close()
         try:
             self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             self.snapshot = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
@@ -367,7 +369,10 @@ class SliceReader:
             threading.Thread(target=self._read, name=f"pgr-reader-{i}", daemon=True)
             for i in range(min(readers, max(1, len(pieces))))
         ]
-        self.started = False  # the readers start when the batches are first asked for
+        self.started = False  # the readers start when the batches are first asked for (or start())
+        self._on_drained: Callable[[], None] | None = None  # see when_drained
+        self._readers_done = 0
+        self._failed = self._drained = False
 
     def binary_copies(self, select: Callable[[str, TypeMapping], sql.Composable]) -> Iterator[Iterator[bytes]]:
         """The slice as raw ``COPY … (FORMAT binary)`` output, one chunk iterator per piece (a
@@ -442,13 +447,34 @@ class SliceReader:
             pass
         except BaseException as exc:  # forwarded to the consumer, which re-raises it
             done.error = exc
+        action = None
+        with self.check_lock:
+            self._readers_done += 1
+            self._failed = self._failed or done.error is not None
+            if self._readers_done == len(self.threads) and not self._failed and not self.stop.is_set():
+                self._drained, action = True, self._on_drained
+        if action is not None:
+            _quietly(action)
         self._put(done)
 
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
+    def when_drained(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the source has sent the whole slice (by the last reader to finish,
+        or now if that was before), not after an error or a stop. What it raises is dropped."""
+        with self.check_lock:
+            if not self._drained:
+                self._on_drained = action
+                return
+        _quietly(action)
+
+    def start(self) -> None:
+        """Start the readers (before the batches are asked for: they fill the queue meanwhile)."""
         if not self.started:
             self.started = True
             for t in self.threads:
                 t.start()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        self.start()
         finished = 0
         while finished < len(self.threads):
             item = self.out.get()
@@ -466,6 +492,13 @@ class SliceReader:
                 t.join(timeout=30)
         self.coordinator.rollback()
         self.coordinator.close()
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except Exception:  # the next slice opens its own reader, and meets the cause there
+        pass
 
 
 def read_slice(

@@ -70,6 +70,9 @@ KeyCheck = Callable[[list[tuple]], set[tuple]]  # which of these primary keys th
 class Warehouse(Protocol):
     name: str
     evicts_fresh_rows: bool  # slices are read with source.snapshot.FRESH_COLUMN (see SliceWriter)
+    # While it is open, no other run writes to it (a DuckDB file has one write connection): a
+    # backfill may open its next slice early (replicate/next_slice.py).
+    sole_writer: bool
 
     def ensure_table(self, table: Table, describe_new: DescribeNew = ...) -> None:
         """Create the table, or follow the source's columns; ``describe_new(names)`` reads, for

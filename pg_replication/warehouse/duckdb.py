@@ -48,6 +48,7 @@ class DuckDBWarehouse(SqlWarehouse):
     json_functions = DUCKDB_JSON
     text_type = "VARCHAR"
     evicts_fresh_rows = True
+    sole_writer = True  # the file's one read-write connection
 
     def __init__(self, conn: duckdb.DuckDBPyConnection, *, read_only: bool = False) -> None:
         self.conn = conn

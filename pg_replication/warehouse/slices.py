@@ -36,6 +36,7 @@ class SliceWriter:
     # With "after": read slices with FRESH_COLUMN, so a first copy evicts only the rows written
     # after the plan, and none (no work at all) when it read none (see _load_rows).
     evicts_fresh_rows = False
+    sole_writer = False  # see Warehouse.sole_writer
 
     def write_slice(
         self,
