@@ -3,8 +3,8 @@
 A slice's readers are done with the source before the warehouse is done with their rows: the
 last batches wait in the queue, then the eviction, the commit and the state rows follow. Opening
 the next slice's reader then (its snapshot exported, its COPY streams started) lets the source
-work through that tail instead of idling, and the next slice starts with batches ready: at 2M
-rows in 4 slices the gap between two slices went from 0.8–1.1 s to 0.3 s (bench/backfill.py).
+work through that tail instead of idling, and the next slice starts with batches ready (in the
+2M-row run each slice had waited 0.5–1.3 s for its first; README, Benchmarks).
 
 Only for a slice whose copy is a first one (a re-run must reopen its slice before its snapshot,
 see ``Warehouse.reopen_for_rerun``), into a warehouse whose open connection is the only writer
