@@ -71,15 +71,7 @@ def test_between_slices_no_snapshot_outlives_its_slice(pg, pg_url, target):
     held: list[set[int]] = []
 
     def between() -> None:  # the horizons our sessions pin with a snapshot, then a new xid
-        held.append(
-            {
-                int(xmin)
-                for (xmin,) in pg.execute(
-                    "SELECT backend_xmin::text FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND backend_type = 'client backend'"
-                )
-            }
-        )
+        held.append(_snapshots_held(pg))
         pg.execute("INSERT INTO tick VALUES (1)")  # a later snapshot has a later horizon
 
     with target.open() as wh:
@@ -114,12 +106,15 @@ def test_a_failed_backfill_leaves_no_snapshot_open(pg, pg_url, duckdb_path):
     wait_for(lambda: not _snapshots_held(pg), "the failed backfill's sessions to hold no snapshot", 60)
 
 
-def _snapshots_held(pg) -> list[tuple]:
-    """Other sessions of the test database that pin the xmin horizon with a snapshot."""
-    return pg.execute(
-        "SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        "AND backend_xmin IS NOT NULL AND backend_type = 'client backend'"
-    ).fetchall()
+def _snapshots_held(pg) -> set[int]:
+    """The xmin horizons other sessions of the test database pin with a snapshot."""
+    return {
+        int(xmin)
+        for (xmin,) in pg.execute(
+            "SELECT backend_xmin::text FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL AND backend_type = 'client backend'"
+        )
+    }
 
 
 CRASHING_BACKFILL = """

@@ -49,8 +49,7 @@ class NextSlice:
     def take(self, table: Table, plan: BackfillPlan, index: int) -> SliceReader | None:
         """The reader opened early for this slice, as the table and plan are now; None (and the
         early one closed) when it was opened for another, or before the table or plan changed."""
-        with self._lock:
-            ready, self._ready = self._ready, None
+        ready = self._pop()
         if ready is None:
             return None
         if ready[:3] == (table, plan, index):
@@ -59,7 +58,11 @@ class NextSlice:
         return None
 
     def close(self) -> None:
-        with self._lock:
-            ready, self._ready = self._ready, None
+        ready = self._pop()
         if ready is not None:
             ready[3].close()
+
+    def _pop(self) -> tuple[Table, BackfillPlan, int, SliceReader] | None:
+        with self._lock:
+            ready, self._ready = self._ready, None
+        return ready
