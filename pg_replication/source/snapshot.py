@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -359,6 +360,7 @@ class SliceReader:
         except BaseException:
             self.coordinator.close()
             raise
+        self.pieces = tuple(pieces)
         self.work: queue.SimpleQueue[Segment] = queue.SimpleQueue()
         for piece in pieces:
             self.work.put(piece)
@@ -370,6 +372,7 @@ class SliceReader:
             for i in range(min(readers, max(1, len(pieces))))
         ]
         self.started = False  # the readers start when the batches are first asked for (or start())
+        self.raw = False  # read as binary COPY output instead (claim_raw)
         self._on_drained: Callable[[], None] | None = None  # see when_drained
         self._readers_done = 0
         self._failed = self._drained = False
@@ -379,25 +382,39 @@ class SliceReader:
         complete binary COPY file each), read in one session of the snapshot, instead of the
         batches: for a target that takes Postgres's binary format itself. ``select(name,
         mapping)`` is each column's expression (its type decides the binary form)."""
-        if self.started:
+        self.claim_raw()
+        with self.session() as conn:
+            for piece in self.pieces:
+                with conn.cursor().copy(self.binary_copy_of(piece, select)) as copy:
+                    yield iter(copy)
+
+    def claim_raw(self) -> None:
+        """Before the slice is read raw (binary COPY output, as many times as needed): the batch
+        readers then never start, and after them no raw read can."""
+        if self.started and not self.raw:
             raise RuntimeError("the slice is already being read as batches")
-        self.started = True
-        columns = [(c.name, c.mapping) for c in self.columns]
+        self.started = self.raw = True
+
+    def binary_copy_of(
+        self, piece: Segment, select: Callable[[str, TypeMapping], sql.Composable], *extra: sql.Composable
+    ) -> sql.Composed:
+        """``COPY (…) TO STDOUT (FORMAT binary)`` of one piece: each column as ``select(name,
+        mapping)`` (its type decides the binary form), then the ``extra`` expressions."""
+        exprs = [select(c.name, c.mapping) for c in self.columns] + list(extra)
+        query = piece_query(sql.SQL(", ").join(exprs), piece, self.per_piece_limit)
+        return sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)
+
+    @contextmanager
+    def session(self) -> Iterator[psycopg.Connection]:
+        """A new source session in the slice's snapshot, holding the plan's locks (and its files
+        checked once they are held), until the block ends."""
         with connect(self.conninfo, autocommit=False, options=SESSION_OPTIONS) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
             if self.plan is not None and self.locked_leaves:
                 conn.execute(self._lock_leaves())
                 self._check_files(conn, self.plan)
-            select_list = sql.SQL(", ").join(select(name, mapping) for name, mapping in columns)
-            while True:
-                try:
-                    piece = self.work.get_nowait()
-                except queue.Empty:
-                    return
-                query = piece_query(select_list, piece, self.per_piece_limit)
-                with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)) as copy:
-                    yield iter(copy)
+            yield conn
 
     def _lock_leaves(self) -> sql.Composed:
         """What each reading session runs before it reads: no rewrite until it is done."""

@@ -56,6 +56,15 @@ class SliceResult:
 
 
 @dataclass(frozen=True)
+class Written:
+    """In place of a staged relation (slice_relations): rows the dialect wrote into the target
+    table itself, tagged with the slice's number."""
+
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class TableState:
     table_key: str
     plan: BackfillPlan | None

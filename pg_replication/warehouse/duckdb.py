@@ -104,7 +104,9 @@ class DuckDBWarehouse(SqlWarehouse):
         self._batch = batch
         return q("pgr_batch")
 
-    def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+    def slice_relations(
+        self, table: Table, batches: Iterable[pa.RecordBatch], slice_value: int | None = None
+    ) -> Iterator[tuple[str, pa.RecordBatch | None]]:
         mappings = dict(self.column_mappings(table))
         keys = [q(k) for k in table.primary_key]
         try:

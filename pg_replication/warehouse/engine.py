@@ -29,6 +29,7 @@ from pg_replication.types import TypeMapping, map_column
 from pg_replication.warehouse.base import (
     SLICE_COLUMN,
     STATE_SCHEMA,
+    Written,
     quote,
     table_key,
 )
@@ -94,14 +95,16 @@ class SqlWarehouse(
         raise NotImplementedError
 
     def slice_relations(
-        self, table: Table, batches: Iterable[pa.RecordBatch]
-    ) -> Iterator[tuple[str, pa.RecordBatch | pa.Schema | None]]:
+        self, table: Table, batches: Iterable[pa.RecordBatch], slice_value: int | None = None
+    ) -> Iterator[tuple[str | None, pa.RecordBatch | pa.Schema | Written | None]]:
         """The slice's rows as relations of source-named columns, and the batch each holds; when
         one relation holds all of them, its columns' schema (staged like the batches: natively
         read columns typed, see binary_copy) or None (each column the warehouse column's type or
         its text). Called before the slice's transaction
         begins; iterated inside it. A generator stages lazily, inside the transaction: a dialect
-        that cannot stage there (Snowflake) must stage everything when called."""
+        that cannot stage there (Snowflake) must stage everything when called. ``slice_value``:
+        the slice's number, where the dialect may write the rows into the target table itself: it
+        then yields ``(None, Written)``, only where none of their keys was in the table yet."""
         raise NotImplementedError
 
     def apply_changes(self, table: Table, changes: StagedChanges, mappings: dict[str, TypeMapping]) -> None:

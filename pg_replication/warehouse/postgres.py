@@ -3,8 +3,10 @@
 Types are kept 1:1 (``numeric(12,2)`` stays ``numeric(12,2)``, arrays stay arrays); enums become
 ``text`` and domains their base type, because the replica cannot assume the source's type
 definitions. Values travel as Postgres's own text output and are parsed by the same input
-functions on the other side, so nothing is approximated. Slices arrive by COPY into a staging
-table; change batches are applied with one MERGE per segment. Tables carry their primary key
+functions on the other side, so nothing is approximated. A slice's first copy arrives by one
+binary COPY into the table itself; a slice whose keys are there already (a re-run, rows moved
+between slices) by COPY into a staging table and an upsert; change batches are applied with one
+MERGE per segment. Tables carry their primary key
 from the start: the replica is meant to be queried, and MERGE and the eviction of moved rows
 look rows up by key.
 
@@ -26,11 +28,12 @@ from psycopg import sql
 
 from pg_replication.errors import ConfigError
 from pg_replication.source.catalog import Column, PgType, Table
+from pg_replication.source.merged_copy import HEADER, TRAILER, MergedTuples
 from pg_replication.source.recovery import RowReader
 from pg_replication.source.snapshot import SliceReader
 from pg_replication.types import SESSION_OPTIONS, TypeMapping, numeric_typmod
 from pg_replication.warehouse import staging
-from pg_replication.warehouse.base import SLICE_COLUMN
+from pg_replication.warehouse.base import SLICE_COLUMN, Written
 from pg_replication.warehouse.document_sql import POSTGRES_JSON
 from pg_replication.warehouse.engine import SqlWarehouse
 from pg_replication.warehouse.staging import StagedChanges
@@ -179,8 +182,15 @@ class PostgresWarehouse(SqlWarehouse):
     def unstage(self, name: str) -> None:
         self.execute(f"DROP TABLE IF EXISTS pg_temp.{self.ident(name)}")
 
-    def slice_relations(self, table: Table, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch | None]]:
+    def slice_relations(
+        self, table: Table, batches: Iterable[pa.RecordBatch], slice_value: int | None = None
+    ) -> Iterator[tuple[str | None, pa.RecordBatch | Written | None]]:
         if isinstance(batches, SliceReader) and self._binary_compatible(batches.coordinator, table):
+            if slice_value is not None:
+                written = self._copy_into_table(table, batches, slice_value)
+                if written is not None:
+                    yield None, written
+                    return
             yield from self._binary_slice_relations(table, batches)
             return
         relation = None
@@ -209,6 +219,38 @@ class PostgresWarehouse(SqlWarehouse):
             {"d": ddls},
         ).fetchone()
         return bool(row and row[0])
+
+    def _copy_into_table(self, table: Table, reader: SliceReader, slice_value: int) -> Written | None:
+        """The slice written straight into the replica table by one binary COPY (inside the
+        slice's transaction), its rows read by two sessions of the snapshot at once. None, with
+        nothing written, where a key was already there (a row an update moved from another
+        slice's pages; a re-run slice's first rows): those slices take the staging table and
+        the upsert."""
+        names = [*(name for name, _ in self.column_mappings(table)), SLICE_COLUMN]
+        copy_in = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+            sql.SQL(self.table_name(table)), sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+        tuples = MergedTuples(reader, _replica_select, sql.SQL("{}::integer").format(sql.Literal(slice_value)))
+        nbytes = 0
+        self.execute("SAVEPOINT pgr_direct_copy")
+        try:
+            with self.conn.cursor() as cursor:
+                with cursor.copy(copy_in) as copy:
+                    copy.write(HEADER)
+                    for block in tuples:
+                        copy.write(block)
+                        nbytes += len(block)
+                    copy.write(TRAILER)
+        except psycopg.Error:
+            # A key already there, in the common case. libpq may report the server's error only
+            # as a failed send mid-stream, so any error falls back: the staging path meets a
+            # real refusal (or a source error) again and reports it as it always did.
+            self.execute("ROLLBACK TO SAVEPOINT pgr_direct_copy")
+            return None
+        finally:
+            tuples.close()
+        self.execute("RELEASE SAVEPOINT pgr_direct_copy")
+        return Written(tuples.rows, nbytes)
 
     def _binary_slice_relations(self, table: Table, reader: SliceReader) -> Iterator[tuple[str, None]]:
         """The slice moved binary to binary: each piece's ``COPY … TO STDOUT (FORMAT binary)``

@@ -22,6 +22,7 @@ from pg_replication.warehouse.base import (
     KeyCheck,
     Progress,
     SliceResult,
+    Written,
     table_key,
 )
 
@@ -56,7 +57,7 @@ class SliceWriter:
         target = self.table_name(table)
         previous = -1 - index  # rows this slice wrote before, until the new copy replaces them
         started = time.monotonic()
-        relations = self.slice_relations(table, batches)
+        relations = self.slice_relations(table, batches, slice_value=index)
         try:
             with self.transaction():
                 # Slices of one table copy in parallel only where the warehouse enforces the key
@@ -194,6 +195,11 @@ class SliceWriter:
         fresh = _FreshKeys(self) if fresh_only and after else None
         rows = nbytes = 0
         for relation, batch in relations:
+            if isinstance(batch, Written):  # the dialect wrote them into the target itself
+                rows, nbytes = rows + batch.rows, nbytes + batch.bytes
+                if progress is not None:
+                    progress(rows, nbytes)
+                continue
             # A batch; or the schema of one relation holding the whole slice (counted below).
             staged = batch if isinstance(batch, pa.Schema) else batch.schema if batch is not None else None
             select = self._staged_loads(mappings, staged)

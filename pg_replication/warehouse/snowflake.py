@@ -197,7 +197,7 @@ class SnowflakeWarehouse(SqlWarehouse):
         self._ddl(f"DROP TABLE IF EXISTS {self._stage_name(name)}")
 
     def slice_relations(
-        self, table: Table, batches: Iterable[pa.RecordBatch]
+        self, table: Table, batches: Iterable[pa.RecordBatch], slice_value: int | None = None
     ) -> Iterator[tuple[str, pa.RecordBatch | pa.Schema | None]]:
         """Stages the whole slice now (the engine calls this before BEGIN; Snowflake cannot
         stage inside a transaction) as typed Parquet: natively read columns keep their types
