@@ -5,7 +5,8 @@ ends equal to the source value by value.
 Proves: both partitions' write transactions are open at once (each waits, after its first batch
 is in the table, until the other has got as far: a slice that had to wait for the other's commit
 never meets it), while rows moved between pages and were deleted after the plan; the backfill
-then completes and streams. The multi-run backfill itself is Dagster's (a run per partition,
+then completes and streams. Again with each slice read by its real reader, as one binary COPY
+into the table each, started together. The multi-run backfill itself is Dagster's (a run per partition,
 `max_partitions_per_run: 1`, as many at once as the source pool admits: README, Operations).
 Leaves out: Snowflake (fakesnow runs in the test process on one DuckDB) and DuckDB (one writer).
 """
@@ -52,7 +53,11 @@ class Rendezvous:
         return self.warehouse.write_slice(table, index, then_meet(), *args, **kwargs)
 
 
-def test_two_partitions_copy_at_once_into_the_replica(pg, pg_url, replica):
+@pytest.mark.parametrize("meet", [True, False], ids=["staged_batches_meet", "one_copy_each"])
+def test_two_partitions_copy_at_once_into_the_replica(pg, pg_url, replica, meet):
+    """``meet``: each slice's batches wait for the other's first (the staged path: a generator of
+    batches is not a slice reader); otherwise each slice is one COPY into the table, started
+    together."""
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, v numeric(12,2), pad text, at timestamptz)")
     pg.execute(
         "INSERT INTO t SELECT i, i / 7.0, repeat('p', i % 300), timestamptz '2024-01-01' + i * interval '1 minute' "
@@ -62,18 +67,18 @@ def test_two_partitions_copy_at_once_into_the_replica(pg, pg_url, replica):
     h.backfill(slices=[2])  # plans the table; the last partition is copied first, alone
     pg.execute("UPDATE t SET pad = pad || 'moved' WHERE id % 97 = 0")  # new versions on other pages
     pg.execute("DELETE FROM t WHERE id % 101 = 0")
-    meet, errors = threading.Barrier(2), []
+    meeting, errors = threading.Barrier(2), []
 
     def copy(partition: int) -> None:
         try:
             with replica.open() as wh:
                 run_backfill(
-                    pg_url, Rendezvous(wh, meet), h.table("t"), [partition], partitions=3,
+                    pg_url, Rendezvous(wh, meeting) if meet else wh, h.table("t"), [partition], partitions=3,
                     cdc=SlotSettings(h.settings.slot, h.settings.publication),
                 )
         except BaseException as exc:  # reported below, after the other run ended too
             errors.append(exc)
-            meet.abort()
+            meeting.abort()
 
     runs = [threading.Thread(target=copy, args=(p,)) for p in (0, 1)]
     for run in runs:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 from psycopg import sql
 
-from pg_replication.source.snapshot import SliceReader
+from pg_replication.source.snapshot import SliceReader, put_unless_stopped
 from pg_replication.types import TypeMapping
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
@@ -95,37 +95,35 @@ class MergedTuples:
 
     def _forward(self, messages: Iterator) -> None:
         block: list = []
-        size = rows = 0
+        size = 0
         first = True
         for message in messages:
             if first:
                 message = _after_header(message)
                 first = False
-            if message == TRAILER:
+                if not message:  # the header alone
+                    continue
+            length = len(message)
+            # A tuple starts with its field count (at least 1 here); the trailer is that count -1.
+            if length <= 2 or message[0] == 0xFF:
+                if bytes(message) != TRAILER:
+                    raise ValueError(f"binary COPY: a message of {length} bytes where a tuple was expected")
                 continue
-            if len(message) < 2 or message[:2] == TRAILER:
-                raise ValueError(f"binary COPY: a message of {len(message)} bytes where a tuple was expected")
             block.append(message)
-            size += len(message)
-            rows += 1
+            size += length
             if size >= _BLOCK_BYTES:
-                self._hand_over(block, rows)
-                block, size, rows = [], 0, 0
+                self._hand_over(block)
+                block, size = [], 0
         if block:
-            self._hand_over(block, rows)
+            self._hand_over(block)
 
-    def _hand_over(self, block: list, rows: int) -> None:
+    def _hand_over(self, block: list) -> None:
         if self.stop.is_set():
             raise _Stopped()
-        self._put((b"".join(block), rows))
+        self._put((b"".join(block), len(block)))
 
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+    def _put(self, item: object) -> None:
+        put_unless_stopped(self.out, item, self.stop)
 
 
 def _after_header(message) -> memoryview:

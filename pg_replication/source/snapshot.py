@@ -433,12 +433,7 @@ class SliceReader:
             raise PlanStaleError(f"{self.table.display}: {reason}", table=self.table.display, lsn=plan.lsn)
 
     def _put(self, item: pa.RecordBatch | _Done) -> None:
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        put_unless_stopped(self.out, item, self.stop)
 
     def _read(self) -> None:
         done = _Done()
@@ -491,6 +486,8 @@ class SliceReader:
                 t.start()
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
+        if self.raw:
+            raise RuntimeError("the slice is being read as binary COPY output, not as batches")
         self.start()
         finished = 0
         while finished < len(self.threads):
@@ -509,6 +506,16 @@ class SliceReader:
                 t.join(timeout=30)
         self.coordinator.rollback()
         self.coordinator.close()
+
+
+def put_unless_stopped(out: queue.Queue, item: object, stop: threading.Event) -> None:
+    """Put ``item`` once ``out`` has room, or drop it once ``stop`` is set (its consumer is gone)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
 
 
 def _quietly(action: Callable[[], None]) -> None:

@@ -18,6 +18,7 @@ staging table) hashes the whole replica table for every segment and spills the h
 from __future__ import annotations
 
 import io
+import select
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -80,6 +81,16 @@ def _replica_select(name: str, mapping: TypeMapping) -> sql.Composable:
     """A source column as the replica column's type (a no-op where they are the same type; an
     enum, a composite or an unknown type as its text), for the binary copy."""
     return sql.SQL("{}::{}").format(sql.Identifier(name), sql.SQL(mapping.ddl))  # type: ignore[arg-type]
+
+
+class _RefusedMidway(Exception):
+    """The replica answered during a COPY into it: with an error (libpq reads it only at the end)."""
+
+
+def _answered(conn: psycopg.Connection) -> bool:
+    """Whether the server has sent something during a COPY FROM STDIN, which only an error does:
+    the copy stops there instead of streaming the rest of the slice for nothing."""
+    return bool(select.select([conn.pgconn.socket], [], [], 0)[0])
 
 
 def _qmarks_to_pyformat(query: str) -> str:
@@ -222,15 +233,16 @@ class PostgresWarehouse(SqlWarehouse):
 
     def _copy_into_table(self, table: Table, reader: SliceReader, slice_value: int) -> Written | None:
         """The slice written straight into the replica table by one binary COPY (inside the
-        slice's transaction), its rows read by two sessions of the snapshot at once. None, with
-        nothing written, where a key was already there (a row an update moved from another
-        slice's pages; a re-run slice's first rows): those slices take the staging table and
-        the upsert."""
+        slice's transaction), its rows read by the reader's sessions of the snapshot at once.
+        None, with nothing written, where a key was already there (a row an update moved from
+        another slice's pages; a re-run slice's first rows) or another run's slice deadlocked
+        with it: those slices take the staging table and the upsert."""
         names = [*(name for name, _ in self.column_mappings(table)), SLICE_COLUMN]
         copy_in = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
             sql.SQL(self.table_name(table)), sql.SQL(", ").join(map(sql.Identifier, names))
         )
-        tuples = MergedTuples(reader, _replica_select, sql.SQL("{}::integer").format(sql.Literal(slice_value)))
+        slice_number = sql.SQL("{}::integer").format(sql.Literal(slice_value))
+        tuples = MergedTuples(reader, _replica_select, slice_number, sessions=len(reader.threads))
         nbytes = 0
         self.execute("SAVEPOINT pgr_direct_copy")
         try:
@@ -238,13 +250,13 @@ class PostgresWarehouse(SqlWarehouse):
                 with cursor.copy(copy_in) as copy:
                     copy.write(HEADER)
                     for block in tuples:
+                        if _answered(self.conn):
+                            raise _RefusedMidway()
                         copy.write(block)
                         nbytes += len(block)
                     copy.write(TRAILER)
-        except psycopg.Error:
-            # A key already there, in the common case. libpq may report the server's error only
-            # as a failed send mid-stream, so any error falls back: the staging path meets a
-            # real refusal (or a source error) again and reports it as it always did.
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected, _RefusedMidway):
+            # Another cause of a refusal meets the staging path again, which reports it.
             self.execute("ROLLBACK TO SAVEPOINT pgr_direct_copy")
             return None
         finally:
