@@ -6,13 +6,15 @@ Proves: both partitions' write transactions are open at once (each waits, after 
 is in the table, until the other has got as far: a slice that had to wait for the other's commit
 never meets it), while rows moved between pages and were deleted after the plan; the backfill
 then completes and streams. Again with each slice read by its real reader, as one binary COPY
-into the table each, started together. The multi-run backfill itself is Dagster's (a run per partition,
-`max_partitions_per_run: 1`, as many at once as the source pool admits: README, Operations).
+into the table each, started together. The multi-run backfill itself is Dagster's (a run per
+partition, `max_partitions_per_run: 1`, as many at once as the source pool admits: README,
+Operations).
 Leaves out: Snowflake (fakesnow runs in the test process on one DuckDB) and DuckDB (one writer).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -91,3 +93,18 @@ def test_two_partitions_copy_at_once_into_the_replica(pg, pg_url, replica, meet)
     h.assert_equal(pg, "t")
     with replica.open() as wh:
         assert wh.statuses()["public.t"][0] == "streaming"
+
+
+def test_a_process_with_many_open_files_copies_into_the_replica(pg, pg_url, replica):
+    """A run worker or test process may hold more than 1024 descriptors, where select() cannot
+    watch the replica's socket: the copy into the table must not depend on it."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pg.execute("INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 5000) i")
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        h = Harness(pg_url, replica, ["t"], partitions=2, slot="pgr_many_files")
+        h.backfill()
+    finally:
+        for fd in held:
+            os.close(fd)
+    h.assert_equal(pg, "t")
