@@ -6,9 +6,8 @@ definitions. Values travel as Postgres's own text output and are parsed by the s
 functions on the other side, so nothing is approximated. A slice's first copy arrives by one
 binary COPY into the table itself; a slice whose keys are there already (a re-run, rows moved
 between slices) by COPY into a staging table and an upsert; change batches are applied with one
-MERGE per segment. Tables carry their primary key
-from the start: the replica is meant to be queried, and MERGE and the eviction of moved rows
-look rows up by key.
+MERGE per segment. Tables carry their primary key from the start: the replica is meant to be
+queried, and MERGE and the eviction of moved rows look rows up by key.
 
 A segment is applied with index lookups only (``_plans_by_key``): its cost follows the number of
 changes, never the size of the table. Left to itself, the planner (no statistics on a fresh
@@ -88,9 +87,12 @@ class _RefusedMidway(Exception):
 
 
 def _answered(conn: psycopg.Connection) -> bool:
-    """Whether the server has sent something during a COPY FROM STDIN, which only an error does:
-    the copy stops there instead of streaming the rest of the slice for nothing."""
-    return bool(select.select([conn.pgconn.socket], [], [], 0)[0])
+    """Whether the server has sent something during a COPY FROM STDIN: an error, in practice (any
+    other message would only send the slice the slower way). The copy stops there instead of
+    streaming the rest of the slice for nothing."""
+    poller = select.poll()  # not select(): a process with many files has descriptors past its 1024
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _qmarks_to_pyformat(query: str) -> str:
