@@ -55,7 +55,7 @@ def two_tables(pg, write_config, duckdb_path, tmp_path):
         pg.execute(f"INSERT INTO {name} SELECT i, 'v0' FROM generate_series(1, 500) i")
     write_config({"source": {"slot": "pgr_iso", "publication": "pgr_iso"}, "tables": ["a", "t"], "defaults": {"partitions": 1}})
     env = dagster_env(tmp_path)
-    for args in (operator.materialize("public/a", "000...000"), operator.materialize("public/t", "000...000"), operator.drain()):
+    for args in (operator.materialize("public/a,public/t", "000...000"), operator.drain()):
         _ok(run_cli(args, env, tmp_path))
     return env
 
