@@ -8,11 +8,18 @@ fresh DuckDB file and DAGSTER_HOME, measured alternately in the same run: the sy
 retry job as shipped (in-process executor), and the same jobs with
 Dagster's multiprocess executor (what they ran with before: a process per step, which loads the
 code location again before the step starts). Prints the median wall time of each and the ratio.
+
+Then a table asset's backfill with `dagster asset materialize` (the table's step and its checks
+step), as shipped (step processes forked from a server that has imported Dagster and the engine,
+pg_replication/dagster/executor.py) and with each step spawned (Dagster's default start method):
+the median wall time and the CPU the whole machine spent (from /proc/stat: run it on a quiet
+machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -22,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import yaml
 from psycopg import sql
@@ -63,6 +71,24 @@ def _execute(module: str, job: str, env: dict, cwd: Path, config: Path | None = 
     if done.returncode != 0:
         raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
     return seconds
+
+
+def _machine_cpu_seconds() -> float:
+    """user + nice + system + irq + softirq of every CPU since boot (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / os.sysconf("SC_CLK_TCK")
+
+
+def _materialize(select: str, partitions: str, env: dict, cwd: Path, run_config: dict) -> tuple[float, float]:
+    """Wall and machine CPU seconds of one `dagster asset materialize`."""
+    args = [str(BIN / "dagster"), "asset", "materialize", "-m", "pg_replication.dagster.definitions",
+            "--select", select, "--partition-range", partitions, "--config-json", json.dumps(run_config)]
+    cpu, started = _machine_cpu_seconds(), time.monotonic()
+    done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    seconds, cpu = time.monotonic() - started, _machine_cpu_seconds() - cpu
+    if done.returncode != 0:
+        raise SystemExit(f"materialize {select} failed:\n{done.stderr[-3000:]}")
+    return seconds, cpu
 
 
 def main() -> None:
@@ -115,6 +141,16 @@ def main() -> None:
             inproc = statistics.median(times[(job, "in process")])
             multi = statistics.median(times[(job, "process per step")])
             print(f"  {job:<28} in process {inproc:6.2f} s   process per step {multi:6.2f} s   ratio {inproc / multi:.2f}")
+        keys = build_definitions().resolve_assets_def(dg.AssetKey(["public", "exec_cdc"])).partitions_def.get_partition_keys()
+        spawned = {"execution": {"config": {"multiprocess": {"start_method": {"spawn": {}}}}}}
+        runs: dict[str, list[tuple[float, float]]] = {}
+        for _ in range(args.repeats):
+            for label, run_config in (("forked from a server", {}), ("spawned", spawned)):
+                runs.setdefault(label, []).append(_materialize("public/exec_cdc", f"{keys[0]}...{keys[-1]}", env, work, run_config))
+        print(f"`dagster asset materialize` of one table and its checks, median of {args.repeats} (alternating):")
+        for label, measured in runs.items():
+            wall, cpu = statistics.median(m[0] for m in measured), statistics.median(m[1] for m in measured)
+            print(f"  steps {label:<22} {wall:6.2f} s   machine CPU {cpu:6.2f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

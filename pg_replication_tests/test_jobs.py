@@ -1,9 +1,14 @@
 """The CDC drain job through Dagster: micro-batch materializations with their metadata."""
 
+import os
+import subprocess
+import sys
+
 import dagster as dg
 import pytest
 
 from pg_replication.dagster.definitions import build_definitions
+from pg_replication.dagster.executor import PRELOADED, _fork_steps_from_a_server, table_executor
 
 
 @pytest.fixture
@@ -103,6 +108,39 @@ def test_one_step_jobs_run_in_process(pg, write_config, duckdb_path):
     assert len(one_step) == 3
     for name in one_step:
         assert defs.resolve_job_def(name).executor_def.name == dg.in_process_executor.name
+
+
+def test_table_runs_fork_their_steps_from_a_server_unless_the_run_says_otherwise(pg, write_config, duckdb_path):
+    """A table's backfill and its checks are steps of their own; they fork from a server that has
+    imported Dagster and the engine (bench/executor.py measures the spawn it saves), and a run
+    that names a start method, or asks to run in process, gets what it asked for."""
+    pg.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    write_config({"tables": ["a"]})
+    job = build_definitions().resolve_implicit_global_asset_job_def()
+    assert job.executor_def is table_executor
+    forked = _fork_steps_from_a_server({"multiprocess": {"max_concurrent": 2}})["multiprocess"]
+    assert forked["max_concurrent"] == 2 and set(forked["start_method"]) == {"forkserver"}
+    assert "pg_replication.dagster.assets" in forked["start_method"]["forkserver"]["preload_modules"]
+    spawned = {"multiprocess": {"start_method": {"spawn": {}}}}
+    assert _fork_steps_from_a_server(spawned) == spawned
+    assert _fork_steps_from_a_server({"in_process": {}}) == {"in_process": {}}
+
+
+FORK_SAFETY = """
+import importlib, os, sys, threading
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+links = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+print(threading.active_count(), sum(link.startswith("socket:") for link in links))
+"""
+
+
+def test_the_preloaded_modules_start_no_thread_and_open_no_socket(pg_url):
+    """What makes forking the steps safe: importing the preloaded modules in a fresh interpreter
+    leaves one thread and no socket (a connection or a thread would be shared by every step)."""
+    out = subprocess.run([sys.executable, "-c", FORK_SAFETY, *PRELOADED], env=os.environ, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1", "0"], out.stdout
 
 
 def test_a_caught_up_drain_materializes_quiet_streaming_tables_once_per_half_window(pg, write_config, duckdb_path):

@@ -16,6 +16,7 @@ from dagster_duckdb import DuckDBResource
 from pg_replication.dagster.automation import build_automation_sensor
 from pg_replication.dagster.checks import build_table_checks
 from pg_replication.dagster.documents import build_document_assets
+from pg_replication.dagster.executor import table_executor
 from pg_replication.config import ReplicationConfig, load_config
 from pg_replication.dagster.jobs import build_cdc_job, build_retry_job
 from pg_replication.dagster.notifications import build_notification_sensors
@@ -104,6 +105,7 @@ def build_definitions_from_catalog(
         asset_checks=checks,
         jobs=[cdc_job, *sync_jobs, retry_job, *([refresh_job] if refresh_job else [])],
         schedules=schedules,
+        executor=table_executor,
         sensors=[
             build_cdc_sensor(config, cdc_job, tables, catalog.warnings(), keys, translator),
             *build_notification_sensors(config, [cdc_job, *sync_jobs]),
