@@ -10,6 +10,8 @@ catalog) still loads in each step.
 
 from __future__ import annotations
 
+import multiprocessing
+
 import dagster as dg
 
 PRELOADED = (
@@ -28,8 +30,8 @@ PRELOADED = (
 def _fork_steps_from_a_server(config: dict) -> dict:
     """Run config as given, with a start method where a multiprocess run names none."""
     steps = config.get("multiprocess")
-    if steps is None or steps.get("start_method"):
-        return config
+    if steps is None or steps.get("start_method") or "forkserver" not in multiprocessing.get_all_start_methods():
+        return config  # Windows has no forkserver: Dagster's default there
     return {"multiprocess": {**steps, "start_method": {"forkserver": {"preload_modules": list(PRELOADED)}}}}
 
 
