@@ -7,7 +7,10 @@ import sys
 import dagster as dg
 import pytest
 
-from pg_replication.dagster.definitions import build_definitions
+from pg_replication.config import load_config
+from pg_replication.dagster.assets import TableAssetTranslator
+from pg_replication.dagster.definitions import build_definitions, build_definitions_from_catalog
+from pg_replication.dagster.load_catalog import load_catalog
 from pg_replication.dagster.executor import PRELOADED, _fork_steps_from_a_server, table_executor
 
 
@@ -113,11 +116,17 @@ def test_one_step_jobs_run_in_process(pg, write_config, duckdb_path):
 def test_table_runs_fork_their_steps_from_a_server_unless_the_run_says_otherwise(pg, write_config, duckdb_path):
     """A table's backfill and its checks are steps of their own; they fork from a server that has
     imported Dagster and the engine (bench/executor.py measures the spawn it saves), and a run
-    that names a start method, or asks to run in process, gets what it asked for."""
+    that names a start method, or asks to run in process, gets what it asked for. A component
+    sets no executor, so a project that sets its own still loads."""
     pg.execute("CREATE TABLE a (id int PRIMARY KEY)")
     write_config({"tables": ["a"]})
     job = build_definitions().resolve_implicit_global_asset_job_def()
     assert job.executor_def is table_executor
+    # A component's definitions set none: its project's own executor is the one Dagster takes.
+    config = load_config()
+    tables = build_definitions_from_catalog(config, load_catalog(config), TableAssetTranslator(config))
+    project = dg.Definitions.merge(tables, dg.Definitions(executor=dg.in_process_executor))
+    assert project.resolve_implicit_global_asset_job_def().executor_def is dg.in_process_executor
     forked = _fork_steps_from_a_server({"multiprocess": {"max_concurrent": 2}})["multiprocess"]
     assert forked["max_concurrent"] == 2 and set(forked["start_method"]) == {"forkserver"}
     assert "pg_replication.dagster.assets" in forked["start_method"]["forkserver"]["preload_modules"]

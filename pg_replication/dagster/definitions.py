@@ -68,11 +68,12 @@ def build_definitions(
     translator_class: type[TableAssetTranslator] = TableAssetTranslator,
 ) -> dg.Definitions:
     """The simple path: replication.yaml, the source's catalog read at load (the last snapshot
-    when the source is down), the plain resource keys."""
+    when the source is down), the plain resource keys, and the table assets' executor (a
+    component leaves the executor to its project: Dagster refuses two in one project)."""
     config = config or load_config()
     catalog = load_catalog(config)  # never fails for one table, nor for a source that is down
     return build_definitions_from_catalog(
-        config, catalog, translator_class(config), refresh_job=build_refresh_catalog_job(config)
+        config, catalog, translator_class(config), refresh_job=build_refresh_catalog_job(config), executor=table_executor
     )
 
 
@@ -83,6 +84,7 @@ def build_definitions_from_catalog(
     keys: ResourceKeys = ResourceKeys(),
     source_url_env: str = "POSTGRES_URL",
     refresh_job: dg.JobDefinition | None = None,
+    executor: dg.ExecutorDefinition | None = None,
 ) -> dg.Definitions:
     """Everything one source defines, from a catalog already read: no I/O against the source."""
     tables = catalog.tables
@@ -105,7 +107,7 @@ def build_definitions_from_catalog(
         asset_checks=checks,
         jobs=[cdc_job, *sync_jobs, retry_job, *([refresh_job] if refresh_job else [])],
         schedules=schedules,
-        executor=table_executor,
+        executor=executor,
         sensors=[
             build_cdc_sensor(config, cdc_job, tables, catalog.warnings(), keys, translator),
             *build_notification_sensors(config, [cdc_job, *sync_jobs]),

@@ -1,9 +1,10 @@
-"""The table assets' executor: Dagster's default (a process per step, or in process when a run
-asks), its step processes forked from a server that has already imported Dagster and the engine.
+"""The table assets' executor in the code location `pg_replication.dagster.definitions`: Dagster's
+default (a process per step, or in process when a run asks), its step processes forked from a
+server that has already imported Dagster and the engine.
 
-A spawned step imports all of it again before it loads the code location: about 4 CPU-seconds a
-step, paid by every table a backfill run copies and by the checks step after it
-(bench/executor.py measures both). The preloaded modules open no connection and start no thread
+A spawned step imports all of it again before it loads the code location (about 3 CPU-seconds
+here), paid by every table a backfill run copies and by the checks step after it
+(bench/executor.py measures a run of both). The preloaded modules open no connection and start no thread
 when imported, so forking after them is safe; the code location itself (which reads the source's
 catalog) still loads in each step.
 """
