@@ -4,9 +4,9 @@ server that has already imported Dagster and the engine.
 
 A spawned step imports all of it again before it loads the code location (about 3 CPU-seconds
 here), paid by every table a backfill run copies and by the checks step after it
-(bench/executor.py measures a run of both). The preloaded modules open no connection and start no thread
-when imported, so forking after them is safe; the code location itself (which reads the source's
-catalog) still loads in each step.
+(bench/executor.py measures a run of both). The preloaded modules open no connection and start
+no thread when imported, so forking after them is safe; the code location itself (which reads
+the source's catalog) still loads in each step.
 """
 
 from __future__ import annotations
