@@ -63,32 +63,31 @@ defs = _with_a_process_per_step()
 '''
 
 
-def _execute(module: str, job: str, env: dict, cwd: Path, config: Path | None = None) -> float:
-    args = [str(BIN / "dagster"), "job", "execute", "-m", module, "-j", job] + (["-c", str(config)] if config else [])
-    started = time.monotonic()
-    done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
-    seconds = time.monotonic() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
-    return seconds
-
-
 def _machine_cpu_seconds() -> float:
     """user + nice + system + irq + softirq of every CPU since boot (/proc/stat)."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / os.sysconf("SC_CLK_TCK")
 
 
-def _materialize(select: str, partitions: str, env: dict, cwd: Path, run_config: dict) -> tuple[float, float]:
-    """Wall and machine CPU seconds of one `dagster asset materialize`."""
-    args = [str(BIN / "dagster"), "asset", "materialize", "-m", "pg_replication.dagster.definitions",
-            "--select", select, "--partition-range", partitions, "--config-json", json.dumps(run_config)]
+def _timed(args: list[str], what: str, env: dict, cwd: Path) -> tuple[float, float]:
+    """Wall and machine CPU seconds of one `dagster` command; its error ends the benchmark."""
     cpu, started = _machine_cpu_seconds(), time.monotonic()
-    done = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([str(BIN / "dagster"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     seconds, cpu = time.monotonic() - started, _machine_cpu_seconds() - cpu
     if done.returncode != 0:
-        raise SystemExit(f"materialize {select} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
     return seconds, cpu
+
+
+def _execute(module: str, job: str, env: dict, cwd: Path, config: Path | None = None) -> float:
+    args = ["job", "execute", "-m", module, "-j", job] + (["-c", str(config)] if config else [])
+    return _timed(args, job, env, cwd)[0]
+
+
+def _materialize(select: str, partitions: str, env: dict, cwd: Path, run_config: dict) -> tuple[float, float]:
+    args = ["asset", "materialize", "-m", "pg_replication.dagster.definitions",
+            "--select", select, "--partition-range", partitions, "--config-json", json.dumps(run_config)]
+    return _timed(args, f"materialize {select}", env, cwd)
 
 
 def main() -> None:
