@@ -10,8 +10,8 @@ import pytest
 from pg_replication.config import load_config
 from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.dagster.definitions import build_definitions, build_definitions_from_catalog
-from pg_replication.dagster.load_catalog import load_catalog
 from pg_replication.dagster.executor import PRELOADED, _fork_steps_from_a_server, table_executor
+from pg_replication.dagster.load_catalog import load_catalog
 
 
 @pytest.fixture
