@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pg_replication_tests import cli_server
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -25,8 +27,9 @@ def dagster_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    """One command of the venv (``dagster``, ``pg-replication``); generous deadline for a loaded box."""
-    return subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    """One command of the venv (``dagster``, ``dg``, ``pg-replication``) in a fresh process, forked
+    from a server that has imported Dagster (cli_server.py); generous deadline for a loaded box."""
+    return cli_server.run(args, env, cwd, timeout=600)
 
 
 def materialize(select: str, partitions: str) -> list[str]:
