@@ -8,7 +8,8 @@ environment, working directory, Python path and arguments) that parses its comma
 the instance and imports and loads the code location afresh, as when an operator types it. The
 preloaded modules open no connection and start no thread when imported (checked by
 test_jobs.py::test_the_preloaded_modules_start_no_thread_and_open_no_socket), so forking after
-them is safe.
+them is safe. What a fork cannot take afresh is the interpreter's own start-up: its flags and
+the `PYTHON*` variables other than PYTHONPATH are the server's (no test sets one).
 
 One server per test process, started at its first command and gone with the process: it takes a
 request per connection on a Unix socket and forks a waiter, which forks the command, sends its
