@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,8 +127,9 @@ def _serve(path: str, modules: list[str]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # waiters are reaped by the kernel
     while True:
         readable, _, _ = select.select([listener, sys.stdin], [], [])
-        if sys.stdin in readable:
-            return  # the test process is gone
+        if sys.stdin in readable:  # the test process is gone
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+            return
         conn, _ = listener.accept()
         if os.fork() == 0:
             listener.close()
