@@ -2,13 +2,12 @@
 server that has already imported Dagster and the drivers, not pg_replication.
 
 A `dagster` command spends about 5 of its 6-7 CPU-seconds importing Dagster, its storage and the
-drivers before it reads its command line, and the suite runs hundreds of them on two cores.
+drivers before it reads its command line, and the suite runs about a hundred on two cores.
 Forked after those imports, each command is still a new process of its own (its own session,
 environment, working directory, Python path and arguments) that parses its command line, opens
 the instance and imports and loads the code location afresh, as when an operator types it. The
 preloaded modules open no connection and start no thread when imported (checked by
-test_jobs.py::test_the_preloaded_modules_start_no_thread_and_open_no_socket), so forking after
-them is safe. What a fork cannot take afresh is the interpreter's own start-up: its flags and
+test_cli_server.py), so forking after them is safe. What a fork cannot take afresh is the interpreter's own start-up: its flags and
 the `PYTHON*` variables other than PYTHONPATH are the server's (no test sets one).
 
 One server per test process, started at its first command and gone with the process: it takes a
@@ -177,6 +176,8 @@ def _become(request: dict) -> None:
         runpy.run_path(sys.argv[0], run_name="__main__")  # as `python script` runs it
     except SystemExit as done:
         status = done.code
+        if isinstance(status, str):
+            print(status, file=sys.stderr)  # as the interpreter does with sys.exit("message")
     except BaseException:
         traceback.print_exc()
         status = 1
@@ -185,6 +186,7 @@ def _become(request: dict) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(status if isinstance(status, int) else (0 if status is None else 1))
+
 
 if __name__ == "__main__":
     _serve(sys.argv[2], sys.argv[3:])
