@@ -50,7 +50,9 @@ dev: setup
 # The suite runs in PYTEST_WORKERS parallel processes, each on a Postgres server of its own (ports
 # PGR_PORT, PGR_PORT+1, ...: pg_replication_tests/servers.py), taking two tests at a time so that
 # the slowest, handed out first (conftest.py), spread over them; PYTEST_WORKERS=0: one process.
-PYTEST_WORKERS ?= 3
+# Four on two cores: many tests wait on Dagster's daemon and clocks (freshness windows, run
+# monitoring), and a fourth worker uses the cores meanwhile.
+PYTEST_WORKERS ?= 4
 test: setup browser
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist load --maxschedchunk 2 $(PYTEST_ARGS)
 
