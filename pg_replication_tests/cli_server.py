@@ -6,9 +6,10 @@ drivers before it reads its command line, and the suite runs about a hundred on 
 Forked after those imports, each command is still a new process of its own (its own session,
 environment, working directory, Python path and arguments) that parses its command line, opens
 the instance and imports and loads the code location afresh, as when an operator types it. The
-preloaded modules open no connection and start no thread when imported (checked by
-test_cli_server.py), so forking after them is safe. What a fork cannot take afresh is the interpreter's own start-up: its flags and
-the `PYTHON*` variables other than PYTHONPATH are the server's (no test sets one).
+preloaded modules open no connection and start no thread when imported (checked in
+test_jobs.py beside the table executor's), so forking after them is safe. What a fork cannot
+take afresh is the interpreter's own start-up: its flags and the `PYTHON*` variables other than
+PYTHONPATH are the server's (no test sets one).
 
 One server per test process, started at its first command and gone with the process: it takes a
 request per connection on a Unix socket and forks a waiter, which forks the command, sends its
@@ -87,14 +88,16 @@ def _fresh_sys_path(pythonpath: str | None) -> list[str]:
     return json.loads(probe.stdout)
 
 
-_servers: dict[int, str] = {}
+# This process's server and its socket, by pid (a test process forked from another starts its
+# own); the server exits when its stdin closes, so the Popen is kept as long as the process lives.
+_servers: dict[int, tuple[subprocess.Popen, str]] = {}
 
 
 def _server() -> str:
-    """The socket of this process's server (a test process forked from another starts its own)."""
+    """The socket of this process's server, started at its first command."""
     if os.getpid() not in _servers:
         path = tempfile.mkdtemp(prefix="pgr-cli-server-") + "/socket"
-        server = subprocess.Popen(  # it exits when its stdin closes: with this process
+        server = subprocess.Popen(
             [sys.executable, "-c", SERVE, __file__, path, *PRELOADED],
             stdin=subprocess.PIPE, cwd="/", start_new_session=True,
         )
@@ -103,14 +106,12 @@ def _server() -> str:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the CLI fork server did not start (exit status {server.poll()})")
             time.sleep(0.05)
-        _servers[os.getpid()] = path
-        _keep.append(server)
-    return _servers[os.getpid()]
+        _servers[os.getpid()] = (server, path)
+    return _servers[os.getpid()][1]
 
 
 # By path, not as a module of the test package, which the commands must not find loaded.
 SERVE = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
-_keep: list[subprocess.Popen] = []  # their stdin pipes stay open as long as this process lives
 
 
 def _serve(path: str, modules: list[str]) -> None:

@@ -6,16 +6,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pg_replication_tests import cli_server
+from pg_replication_tests.cli_server import BIN
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def dagster_env(tmp_path: Path) -> dict[str, str]:

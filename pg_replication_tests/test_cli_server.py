@@ -1,7 +1,8 @@
 """The suite's commands are forked from a server that has imported Dagster (cli_server.py): each
 must still be what an operator gets from a fresh `python script`: the same arguments, Python path,
 environment, working directory, `__main__`, exit status and output, with no module of ours loaded
-before the command imports it; a command past its deadline is killed with all it started."""
+before the command imports it; a command past its deadline is killed with all it started.
+The server's modules are checked for fork safety beside the table executor's, in test_jobs.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import pytest
 
 from pg_replication_tests import cli_server
 from pg_replication_tests.operator import wait_for
-from pg_replication_tests.test_jobs import FORK_SAFETY
 
 PROBE = """
 import json, os, sys, threading
@@ -81,9 +81,3 @@ def _gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
 
-
-def test_the_servers_modules_start_no_thread_and_open_no_socket():
-    """What makes forking the commands safe (as for the table executor's steps)."""
-    out = subprocess.run([sys.executable, "-c", FORK_SAFETY, *cli_server.PRELOADED], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["1", "0"], out.stdout

@@ -12,6 +12,7 @@ from pg_replication.dagster.assets import TableAssetTranslator
 from pg_replication.dagster.definitions import build_definitions, build_definitions_from_catalog
 from pg_replication.dagster.executor import PRELOADED, _fork_steps_from_a_server, table_executor
 from pg_replication.dagster.load_catalog import load_catalog
+from pg_replication_tests import cli_server
 
 
 @pytest.fixture
@@ -144,10 +145,12 @@ print(threading.active_count(), sum(link.startswith("socket:") for link in links
 """
 
 
-def test_the_preloaded_modules_start_no_thread_and_open_no_socket(pg_url):
-    """What makes forking the steps safe: importing the preloaded modules in a fresh interpreter
-    leaves one thread and no socket (a connection or a thread would be shared by every step)."""
-    out = subprocess.run([sys.executable, "-c", FORK_SAFETY, *PRELOADED], env=os.environ, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("preloaded", [PRELOADED, cli_server.PRELOADED], ids=["table_executor", "tests_cli_server"])
+def test_the_preloaded_modules_start_no_thread_and_open_no_socket(pg_url, preloaded):
+    """What makes forking the steps (and the suite's commands, cli_server.py) safe: importing the
+    preloaded modules in a fresh interpreter leaves one thread and no socket (a connection or a
+    thread would be shared by every forked process)."""
+    out = subprocess.run([sys.executable, "-c", FORK_SAFETY, *preloaded], env=os.environ, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["1", "0"], out.stdout
 
